@@ -1,0 +1,67 @@
+"""Vanilla greedy decoding on any engine of the contract (DESIGN.md §3).
+
+One token = embed + run_layers over all layers for one row + final. It stops after an EOS token
+(which is part of the output, as in HF `generate`) or after `max_new_tokens`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt_tokens: list[int]
+    tokens: list[int]  # generated ids, EOS included when it ended the generation
+    seconds: float  # wall time from the start of prefill to the last token
+    decode_seconds: float  # wall time after the first token (what ms/token measures)
+    stats: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ms_per_token(self) -> float:
+        n = len(self.tokens) - 1  # the first token comes from prefill
+        return 1e3 * self.decode_seconds / n if n > 0 else float("nan")
+
+
+def check_request(engine, prompt_tokens: Sequence[int], max_new_tokens: int) -> list[int]:
+    """The checks every decoding method makes before it touches the cache."""
+    prompt = [int(t) for t in prompt_tokens]
+    if not prompt:
+        raise ValueError("empty prompt: give at least one token")
+    vocab = engine.cfg.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if len(prompt) + max_new_tokens > engine.max_seq:
+        raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} is longer than the "
+                         f"context (max_seq={engine.max_seq})")
+    return prompt
+
+
+def generate_vanilla(engine, prompt_tokens: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = (),
+                     on_token: Callable[[int], None] | None = None) -> Generation:
+    prompt = check_request(engine, prompt_tokens, max_new_tokens)
+    eos = set(eos_ids)
+    L = engine.n_layers
+    t0 = time.perf_counter()
+    engine.prefill(prompt)
+    pos = len(prompt) - 1
+    token = engine.final(pos, pos)[0]
+    tokens = [token]
+    t1 = time.perf_counter()
+    if on_token:
+        on_token(token)
+    while token not in eos and len(tokens) < max_new_tokens:
+        pos += 1
+        engine.embed(pos, token)
+        engine.run_layers(pos, pos, 0, L)
+        token = engine.final(pos, pos)[0]
+        tokens.append(token)
+        if on_token:
+            on_token(token)
+    t2 = time.perf_counter()
+    return Generation(prompt_tokens=prompt, tokens=tokens, seconds=t2 - t0, decode_seconds=t2 - t1,
+                      stats={"layer_steps": (len(tokens) - 1) * L, "vanilla_layer_steps": (len(tokens) - 1) * L})

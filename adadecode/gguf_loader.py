@@ -1,0 +1,166 @@
+"""Read a llama GGUF file (via the `gguf` package): config, weights dequantised to bf16, and the tokenizer.
+
+GGUF stores the Q and K projections with their rows permuted for llama.cpp's interleaved RoPE; they
+are permuted back to the HF (rotate-half) layout here, so every engine sees HF-layout weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, LlamaConfig
+from .weights import LAYER_HF_NAMES
+
+GGUF_LAYER_NAMES = {  # our short name -> GGUF name inside "blk.{layer}."
+    "attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight",
+    "wo": "attn_output.weight", "mlp_norm": "ffn_norm.weight", "w_gate": "ffn_gate.weight",
+    "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+}
+
+
+def _reader(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError/IndexError/struct errors on damaged files
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _field(reader, key: str, path: Path, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: GGUF metadata lacks '{key}'")
+    return f.contents()
+
+
+def gguf_config(reader, path: Path) -> LlamaConfig:
+    arch = _field(reader, "general.architecture", path)
+    if arch != "llama":
+        raise ConfigError(f"{path}: GGUF field 'general.architecture' is {arch!r}; only 'llama' is supported")
+    if reader.fields.get("llama.expert_count") is not None and _field(reader, "llama.expert_count", path):
+        raise ConfigError(f"{path}: GGUF field 'llama.expert_count' is set; mixture-of-experts models are not supported")
+    names = {t.name for t in reader.tensors}
+    n_layers = int(_field(reader, "llama.block_count", path))
+    d = int(_field(reader, "llama.embedding_length", path))
+    n_heads = int(_field(reader, "llama.attention.head_count", path))
+    vocab = int(_field(reader, "llama.vocab_size", path, default=len(reader.fields["tokenizer.ggml.tokens"].data)))
+    hf = {
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", path, default=n_heads)),
+        "head_dim": int(_field(reader, "llama.rope.dimension_count", path, default=d // n_heads)),
+        "intermediate_size": int(_field(reader, "llama.feed_forward_length", path)),
+        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", path)),
+        "rope_theta": float(_field(reader, "llama.rope.freq_base", path, default=10000.0)),
+        "max_position_embeddings": int(_field(reader, "llama.context_length", path)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", path, default=-1)),
+        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id", path, default=-1)),
+    }
+    if any(n.endswith(".bias") for n in names):
+        raise ConfigError(f"{path}: GGUF holds bias tensors; biases are not supported")
+    for k in ("bos_token_id", "eos_token_id"):
+        if hf[k] < 0:
+            hf[k] = None
+    if "rope_freqs.weight" in names:
+        raise ConfigError(f"{path}: GGUF carries 'rope_freqs.weight' (Llama-3 rope scaling); load the HF checkpoint instead")
+    return LlamaConfig.from_hf(hf, source=f"{path} (GGUF metadata)")
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row interleave of Q/K, back to HF's rotate-half layout."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
+    """-> (LlamaConfig, HF-named state dict in `dtype`, metadata dict for the tokenizer)."""
+    import gguf
+
+    path = Path(path)
+    reader = _reader(path)
+    cfg = gguf_config(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = tensors.get(name)
+        if t is None:
+            raise ValueError(f"{path}: GGUF lacks tensor '{name}'")
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        if arr.shape != shape:
+            raise ValueError(f"{path}: tensor '{name}' has shape {arr.shape}, config wants {shape}")
+        return torch.from_numpy(arr.copy())
+
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"attn_norm": (cfg.d,), "wq": (q, cfg.d), "wk": (kv, cfg.d), "wv": (kv, cfg.d), "wo": (cfg.d, q),
+              "mlp_norm": (cfg.d,), "w_gate": (cfg.ffn_dim, cfg.d), "w_up": (cfg.ffn_dim, cfg.d),
+              "w_down": (cfg.d, cfg.ffn_dim)}
+    state = {"model.embed_tokens.weight": get("token_embd.weight", (cfg.vocab_size, cfg.d)).to(dtype),
+             "model.norm.weight": get("output_norm.weight", (cfg.d,)).to(dtype)}
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = get("output.weight", (cfg.vocab_size, cfg.d)).to(dtype)
+    for i in range(cfg.n_layers):
+        for short, gname in GGUF_LAYER_NAMES.items():
+            w = get(f"blk.{i}.{gname}", shapes[short])
+            if short == "wq":
+                w = _unpermute(w, cfg.n_heads)
+            elif short == "wk":
+                w = _unpermute(w, cfg.n_kv_heads)
+            state[f"model.layers.{i}.{LAYER_HF_NAMES[short]}"] = w.to(dtype)
+
+    meta = {k: reader.fields[k].contents() for k in (
+        "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
+        "tokenizer.ggml.add_bos_token") if k in reader.fields}
+    return cfg, state, meta
+
+
+def gguf_tokenizer_files(meta: dict, path: Path) -> tuple[str, dict]:
+    """Build HF `tokenizer.json` text and a `tokenizer_config.json` dict from GGUF tokenizer metadata.
+
+    Supports the byte-level BPE ('gpt2') tokenizers of Llama-3 / SmolLM-style models.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ConfigError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                               byte_fallback=False))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # digits one at a time, then GPT-2's split (llama.cpp's 'smollm' pre-tokenizer)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("llama-bpe", "llama3"):
+        split = Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(split, behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in ("default", "gpt2"):
+        tok.pre_tokenizer = byte_level
+    else:
+        raise ConfigError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported (smollm, llama-bpe, gpt2)")
+    tok.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    tok.add_special_tokens(special)
+
+    def name(key):
+        i = meta.get(key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    tok_cfg = {"bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
+               "unk_token": name("tokenizer.ggml.unknown_token_id"), "pad_token": name("tokenizer.ggml.padding_token_id"),
+               "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+               "chat_template": meta.get("tokenizer.chat_template")}
+    return tok.to_str(), tok_cfg

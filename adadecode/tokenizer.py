@@ -1,0 +1,100 @@
+"""Tokenizer: an HF `tokenizer.json` (via `tokenizers`) plus what `tokenizer_config.json` adds:
+BOS/EOS, whether to prepend BOS, and the chat template (rendered with jinja2 as transformers does)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_json: str, config: dict | None = None, source: str = "tokenizer.json"):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self.tok = HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:
+            raise ValueError(f"{source}: not a valid tokenizer.json ({e})") from None
+        self.config = dict(config or {})
+        self.source = source
+
+        def tok_id(key):
+            v = self.config.get(key)
+            if isinstance(v, dict):
+                v = v.get("content")
+            return None if v is None else self.tok.token_to_id(v)
+
+        self.bos_id = tok_id("bos_token")
+        self.eos_id = tok_id("eos_token")
+        self.add_bos = bool(self.config.get("add_bos_token", False))
+        self.chat_template = self.config.get("chat_template")
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise FileNotFoundError(f"{tj}: missing (the checkpoint needs a tokenizer.json)")
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        if isinstance(cfg.get("chat_template"), list):  # a list of named templates: take the default one
+            cfg["chat_template"] = next((t["template"] for t in cfg["chat_template"] if t.get("name") == "default"), None)
+        tmpl = path / "chat_template.jinja"
+        if cfg.get("chat_template") is None and tmpl.is_file():
+            cfg["chat_template"] = tmpl.read_text()
+        return cls(tj.read_text(), cfg, source=str(tj))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError(f"{self.source}: the tokenizer has no chat template (tokenizer_config.json 'chat_template')")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise jinja2.exceptions.TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+
+        def special(key):
+            v = self.config.get(key)
+            return v.get("content") if isinstance(v, dict) else (v or "")
+
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=special("bos_token"), eos_token=special("eos_token"))
+
+    def encode_chat(self, user_text: str) -> list[int]:
+        text = self.apply_chat_template([{"role": "user", "content": user_text}])
+        bos = self.config.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        # the template already wrote BOS where the model wants it
+        return self.encode(text, add_special=not (bos and text.startswith(bos)))
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece

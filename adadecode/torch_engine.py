@@ -1,0 +1,226 @@
+"""TorchEngine: a textbook Llama forward in PyTorch behind the engine contract (DESIGN.md §3).
+
+It is the oracle: CI runs the whole product on it, and the CUDA engine is compared against it.
+
+State of one sequence:
+  k_cache[layer], v_cache[layer]  [max_seq, n_kv_heads, head_dim]   valid below kv_len[layer]
+  rows                            [max_rows, d]  residual stream of the rows in flight, slot = pos % max_rows
+
+Batch invariance (DESIGN.md §4): `run_layers` computes every row on its own (matrix-vector products,
+one attention per row), so a row's bits never depend on which other rows share the call. `prefill`
+is batched for speed; its rows are the prompt, the same for every decoding method.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import LlamaConfig
+from .weights import LlamaWeights
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse rotary frequencies in fp32, computed the way HF transformers computes them (Llama-3 scaling too)."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class EngineError(RuntimeError):
+    """A call that breaks the engine contract (wrong depth, non-contiguous rows, dead cache entries...)."""
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, max_seq: int | None = None, max_rows: int = 16):
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.w = weights.to(device=self.device, dtype=dtype)
+        self.max_seq = min(cfg.max_position, 4096) if max_seq is None else int(max_seq)
+        if not 1 <= self.max_seq <= cfg.max_position:
+            raise ValueError(f"max_seq={self.max_seq} must be in 1..{cfg.max_position} (the model's max_position_embeddings)")
+        self.max_rows = int(max_rows)
+        self.n_layers = cfg.n_layers
+        shape = (self.max_seq, cfg.n_kv_heads, cfg.head_dim)
+        try:
+            self.k_cache = [torch.empty(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layers)]
+            self.v_cache = [torch.empty(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layers)]
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            gib = 2 * cfg.n_layers * self.max_seq * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize / 2**30
+            raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads "
+                              f"x head_dim {cfg.head_dim} ({gib:.2f} GiB, {dtype}) does not fit on {self.device}: {e}") from None
+        self.kv_len = [0] * cfg.n_layers
+        self.rows = torch.zeros(self.max_rows, cfg.d, device=self.device, dtype=dtype)
+        self.row_pos = [-1] * self.max_rows
+        self.row_depth = [-1] * self.max_rows
+        self.heads: list = []
+        t = torch.arange(self.max_seq, dtype=torch.float32)
+        freqs = torch.outer(t, rope_inv_freq(cfg))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(self.device, dtype)
+        self.sin = emb.sin().to(self.device, dtype)
+
+    # ---- the forward pass -------------------------------------------------------------------------------------
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, batched: bool) -> torch.Tensor:
+        if batched:
+            return x @ w.T
+        return torch.cat([r[None] @ w.T for r in x])  # one row at a time: bits independent of the other rows
+
+    def _attend(self, q: torch.Tensor, layer: int, pos: torch.Tensor) -> torch.Tensor:
+        """q [R, n_heads, head_dim] at positions `pos` against the cache 0..pos[-1], causal. -> [R, n_heads*head_dim]"""
+        cfg = self.cfg
+        end = int(pos[-1]) + 1
+        k = self.k_cache[layer][:end].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # [T, n_heads, hd]
+        v = self.v_cache[layer][:end].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+        scores = torch.einsum("rhd,thd->hrt", q, k) * cfg.head_dim ** -0.5
+        mask = torch.arange(end, device=self.device)[None, :] > pos[:, None].to(self.device)  # [R, T]
+        scores = scores.masked_fill(mask[None], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.einsum("hrt,thd->rhd", probs, v).reshape(len(pos), -1)
+
+    def _layer(self, layer: int, h: torch.Tensor, pos0: int, batched: bool) -> torch.Tensor:
+        """One decoder layer over rows at positions pos0.. ; appends their K/V to the cache."""
+        cfg, lw = self.cfg, self.w.layers[layer]
+        R = h.shape[0]
+        pos = torch.arange(pos0, pos0 + R)
+        x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
+        q = self._linear(x, lw.wq, batched).view(R, cfg.n_heads, cfg.head_dim)
+        k = self._linear(x, lw.wk, batched).view(R, cfg.n_kv_heads, cfg.head_dim)
+        v = self._linear(x, lw.wv, batched).view(R, cfg.n_kv_heads, cfg.head_dim)
+        cos, sin = self.cos[pos0:pos0 + R, None, :], self.sin[pos0:pos0 + R, None, :]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        self.k_cache[layer][pos0:pos0 + R] = k
+        self.v_cache[layer][pos0:pos0 + R] = v
+        if batched:
+            attn = self._attend(q, layer, pos)
+        else:
+            attn = torch.cat([self._attend(q[r:r + 1], layer, pos[r:r + 1]) for r in range(R)])
+        h = h + self._linear(attn, lw.wo, batched)
+        x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
+        gate, up = self._linear(x, lw.w_gate, batched), self._linear(x, lw.w_up, batched)
+        return h + self._linear(F.silu(gate) * up, lw.w_down, batched)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, self.w.norm, self.cfg.rms_norm_eps)
+        return (x @ self.w.lm_head.T).float()
+
+    # ---- the contract -----------------------------------------------------------------------------------------
+    def _check_tokens(self, tokens) -> list[int]:
+        tokens = [int(t) for t in tokens]
+        bad = [t for t in tokens if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        return tokens
+
+    def prefill(self, tokens) -> None:
+        """Full forward over the prompt: fills every layer's KV for 0..n-1 and leaves row n-1 at depth L."""
+        tokens = self._check_tokens(tokens)
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("empty prompt: prefill needs at least one token")
+        if n > self.max_seq:
+            raise ValueError(f"prompt of {n} tokens is longer than the context (max_seq={self.max_seq})")
+        self.truncate(0)
+        h = self.w.embed[torch.tensor(tokens, device=self.device)]
+        for layer in range(self.n_layers):
+            h = self._layer(layer, h, 0, batched=True)
+            self.kv_len[layer] = n
+        self._set_row(n - 1, h[-1], self.n_layers)
+
+    def _set_row(self, pos: int, h: torch.Tensor, depth: int) -> None:
+        slot = pos % self.max_rows
+        self.rows[slot] = h
+        self.row_pos[slot], self.row_depth[slot] = pos, depth
+
+    def _row_slot(self, pos: int, depth: int | None = None) -> int:
+        slot = pos % self.max_rows
+        if self.row_pos[slot] != pos:
+            raise EngineError(f"row {pos} is not in flight (embed it first, or it was overwritten by row {self.row_pos[slot]})")
+        if depth is not None and self.row_depth[slot] != depth:
+            raise EngineError(f"row {pos} is at depth {self.row_depth[slot]}, expected {depth}")
+        return slot
+
+    def embed(self, pos: int, token: int) -> None:
+        """Start row `pos` at depth 0 with the embedding of `token`."""
+        (token,) = self._check_tokens([token])
+        if not 0 <= pos < self.max_seq:
+            raise ValueError(f"position {pos} is past the context (max_seq={self.max_seq})")
+        self._set_row(pos, self.w.embed[token], 0)
+
+    def run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int) -> None:
+        """Layers [l0, l1) for the contiguous rows first_pos..last_pos, all at depth l0, causal into the cache."""
+        if not 0 <= l0 < l1 <= self.n_layers:
+            raise EngineError(f"layers [{l0}, {l1}) outside 0..{self.n_layers}")
+        n = last_pos - first_pos + 1
+        if not 1 <= n <= self.max_rows:
+            raise EngineError(f"rows {first_pos}..{last_pos}: 1..{self.max_rows} rows per call")
+        slots = [self._row_slot(p, l0) for p in range(first_pos, last_pos + 1)]
+        for layer in range(l0, l1):
+            if self.kv_len[layer] < first_pos:
+                raise EngineError(f"layer {layer}: cache holds 0..{self.kv_len[layer] - 1}, row {first_pos} needs 0..{first_pos - 1}")
+        h = self.rows[slots]
+        for layer in range(l0, l1):
+            h = self._layer(layer, h, first_pos, batched=False)
+            self.kv_len[layer] = last_pos + 1  # entries past the last row were computed from a dead state
+        for s, p, row in zip(slots, range(first_pos, last_pos + 1), h):
+            self.rows[s] = row
+            self.row_depth[s] = l1
+
+    def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
+        """fp32 logits [rows, vocab] of rows at depth L (final norm + LM head)."""
+        slots = [self._row_slot(p, self.n_layers) for p in range(first_pos, last_pos + 1)]
+        logits = torch.cat([self._logits(self.rows[s][None]) for s in slots])
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
+        return logits
+
+    def final(self, first_pos: int, last_pos: int) -> list[int]:
+        """Greedy tokens of rows at depth L; ties go to the lowest token id."""
+        return self.final_logits(first_pos, last_pos).argmax(dim=-1).tolist()
+
+    def set_heads(self, heads) -> None:
+        """Intermediate heads (adadecode.heads.Head), indexed by `head_index` in `head()`."""
+        self.heads = [h.to(self.device, self.dtype) for h in heads]
+
+    def head(self, pos: int, head_index: int) -> tuple[int, float]:
+        """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer."""
+        hd = self.heads[head_index]
+        slot = self._row_slot(pos, hd.layer)
+        x = rms_norm(self.rows[slot][None], self.w.norm, self.cfg.rms_norm_eps)
+        probs, token_ids = hd.probs(x, self.w.lm_head)
+        if not torch.isfinite(probs).all():
+            raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
+        i = int(probs[0, : len(token_ids)].argmax())
+        return int(token_ids[i]), float(probs[0, i])
+
+    def hidden(self, pos: int) -> torch.Tensor:
+        """The residual stream of row `pos` (a copy), for tests."""
+        return self.rows[self._row_slot(pos)].clone()
+
+    def truncate(self, length: int) -> None:
+        """Roll back: cache entries at positions >= length are dead, and so are rows there."""
+        self.kv_len = [min(n, length) for n in self.kv_len]
+        for s, p in enumerate(self.row_pos):
+            if p >= length:
+                self.row_pos[s], self.row_depth[s] = -1, -1

@@ -1,0 +1,105 @@
+"""LlamaWeights: the tensors of a Llama model under short names, and the map from HF checkpoint names.
+
+Linear weights keep the HF layout `[out_features, in_features]`; y = x @ W^T.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+
+from .config import LlamaConfig
+
+
+@dataclasses.dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [d]
+    wq: torch.Tensor  # [n_heads * head_dim, d]
+    wk: torch.Tensor  # [n_kv_heads * head_dim, d]
+    wv: torch.Tensor  # [n_kv_heads * head_dim, d]
+    wo: torch.Tensor  # [d, n_heads * head_dim]
+    mlp_norm: torch.Tensor  # [d]
+    w_gate: torch.Tensor  # [ffn_dim, d]
+    w_up: torch.Tensor  # [ffn_dim, d]
+    w_down: torch.Tensor  # [d, ffn_dim]
+
+
+# short name -> HF name inside "model.layers.{layer}."
+LAYER_HF_NAMES = {
+    "attn_norm": "input_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+}
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name a checkpoint of this config must hold, with its shape."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    layer = {"attn_norm": (cfg.d,), "wq": (q, cfg.d), "wk": (kv, cfg.d), "wv": (kv, cfg.d), "wo": (cfg.d, q),
+             "mlp_norm": (cfg.d,), "w_gate": (cfg.ffn_dim, cfg.d), "w_up": (cfg.ffn_dim, cfg.d),
+             "w_down": (cfg.d, cfg.ffn_dim)}
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.d), "model.norm.weight": (cfg.d,)}
+    for i in range(cfg.n_layers):
+        for short, hf in LAYER_HF_NAMES.items():
+            out[f"model.layers.{i}.{hf}"] = layer[short]
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, cfg.d)
+    return out
+
+
+@dataclasses.dataclass
+class LlamaWeights:
+    embed: torch.Tensor  # [vocab, d]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [d]
+    lm_head: torch.Tensor  # [vocab, d]; the same tensor as `embed` when embeddings are tied
+
+    @classmethod
+    def from_hf_state(cls, cfg: LlamaConfig, state: dict[str, torch.Tensor]) -> "LlamaWeights":
+        embed = state["model.embed_tokens.weight"]
+        layers = [LayerWeights(**{s: state[f"model.layers.{i}.{hf}"] for s, hf in LAYER_HF_NAMES.items()})
+                  for i in range(cfg.n_layers)]
+        lm_head = embed if cfg.tie_word_embeddings else state["lm_head.weight"]
+        return cls(embed=embed, layers=layers, norm=state["model.norm.weight"], lm_head=lm_head)
+
+    def to_hf_state(self, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+        state = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        for i, lw in enumerate(self.layers):
+            for s, hf in LAYER_HF_NAMES.items():
+                state[f"model.layers.{i}.{hf}"] = getattr(lw, s)
+        if not cfg.tie_word_embeddings:
+            state["lm_head.weight"] = self.lm_head
+        return state
+
+    def to(self, device=None, dtype=None) -> "LlamaWeights":
+        def mv(t):
+            return t.to(device=device, dtype=dtype)
+        embed = mv(self.embed)
+        tied = self.lm_head is self.embed
+        return LlamaWeights(
+            embed=embed, layers=[LayerWeights(**{f.name: mv(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
+                                 for lw in self.layers],
+            norm=mv(self.norm), lm_head=embed if tied else mv(self.lm_head))
+
+    def fingerprint(self, cfg: LlamaConfig) -> str:
+        """A short hash that names this model: its config and a sample of every tensor's bytes.
+
+        Sampling (a fixed stride through each tensor) keeps it cheap for 8B models while any real
+        difference in a checkpoint (other training, other quantisation) changes it.
+        """
+        h = hashlib.sha256(cfg.fingerprint_text().encode())
+        for name, t in sorted(self.to_hf_state(cfg).items()):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            sample = flat[::step].to(torch.float32).cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(sample.numpy().tobytes())
+        return h.hexdigest()[:16]

@@ -1,0 +1,89 @@
+"""Builds the package `adadecode` and, where a CUDA build of torch and nvcc are present, the extension
+`adadecode_cuda` from csrc/ (kernels in csrc/kernels/*.cu, bindings in csrc/bindings/*.cpp).
+
+Without nvcc or a CUDA build of torch the package installs as pure Python; asking for the CUDA engine
+then raises an error that says what is missing. ADADECODE_REQUIRE_CUDA=1 makes a failed build fatal.
+"""
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def cuda_home() -> str | None:
+    """The toolkit root. `nvcc` on PATH may be a wrapper script that execs the real one: follow it."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    nvcc = os.path.realpath(nvcc)
+    try:
+        head = Path(nvcc).read_bytes()[:4096]
+    except OSError:
+        head = b""
+    if head.startswith(b"#!"):
+        m = re.search(rb"exec\s+(\S+/bin/nvcc)", head)
+        if m:
+            nvcc = os.path.realpath(m.group(1).decode())
+    return str(Path(nvcc).parent.parent)
+
+
+def extension_sources() -> list[str]:
+    # The one source list: CMakeLists.txt globs the same folders.
+    kernels = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "kernels").glob("*.cu"))
+    bindings = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "bindings").glob("*.cpp"))
+    return kernels + bindings
+
+
+def cuda_extensions():
+    home = cuda_home()
+    require = os.environ.get("ADADECODE_REQUIRE_CUDA") == "1"
+    try:
+        import torch
+    except ImportError:
+        why = "torch is not installed in the build environment"
+        torch = None
+    else:
+        why = None if torch.version.cuda else f"torch {torch.__version__} is a CPU-only build"
+    if why is None and (home is None or not Path(home, "bin", "nvcc").exists()):
+        why = "nvcc was not found (set CUDA_HOME to the CUDA toolkit root)"
+    if why:
+        if require:
+            sys.exit(f"adadecode_cuda cannot be built: {why}")
+        print(f"warning: building adadecode without adadecode_cuda: {why}", file=sys.stderr)
+        return [], {}
+    os.environ["CUDA_HOME"] = home
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to detect: build for the H100
+    ext = CUDAExtension(
+        name="adadecode_cuda",
+        sources=extension_sources(),
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+                            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="adadecode",
+    version="0.1.0",
+    description="AdaDecode: exact early-exit greedy decoding for Llama-family models, on custom CUDA kernels",
+    packages=find_packages(include=["adadecode", "adadecode.*"]),
+    package_data={"adadecode": ["data/*"]},
+    python_requires=">=3.10",
+    install_requires=["torch", "numpy", "safetensors", "tokenizers", "gguf", "jinja2", "tqdm"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["adadecode=adadecode.cli:main"]},
+)
