@@ -134,8 +134,10 @@ def gguf_tokenizer_files(meta: dict, path: Path) -> tuple[str, dict]:
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ConfigError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
-    tokens = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ConfigError(f"{path}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
                                byte_fallback=False))
     pre = meta.get("tokenizer.ggml.pre", "default")

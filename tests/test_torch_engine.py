@@ -1,0 +1,176 @@
+"""TorchEngine against transformers' LlamaForCausalLM (the oracle), and the engine contract itself."""
+import pytest
+import torch
+
+from adadecode.config import LlamaConfig
+from adadecode.torch_engine import EngineError, TorchEngine
+
+from conftest import random_weights, tiny_hf_config
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+CONFIGS = {
+    "gqa-untied": tiny_hf_config(),
+    "gqa-tied": tiny_hf_config(tie_word_embeddings=True, num_key_value_heads=3),
+    "mha-llama3-rope": tiny_hf_config(num_key_value_heads=6, rope_scaling=LLAMA3, rope_theta=500000.0),
+    "mqa-headdim": tiny_hf_config(num_key_value_heads=1, head_dim=16, num_hidden_layers=3),
+}
+
+
+def hf_logits(hf_cfg: dict, cfg: LlamaConfig, weights, tokens) -> torch.Tensor:
+    import transformers
+
+    conf = transformers.LlamaConfig(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
+    conf._attn_implementation = "eager"
+    model = transformers.LlamaForCausalLM(conf).eval()
+    missing, unexpected = model.load_state_dict(weights.to_hf_state(cfg), strict=False)
+    assert not unexpected and all(m == "lm_head.weight" for m in missing)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float()
+
+
+def decode_logits(engine: TorchEngine, tokens) -> torch.Tensor:
+    """Logits at every position, one row at a time (the decode path), after prefilling the first token."""
+    engine.prefill(tokens[:1])
+    out = [engine.final_logits(0, 0)]
+    for p in range(1, len(tokens)):
+        engine.embed(p, tokens[p])
+        engine.run_layers(p, p, 0, engine.n_layers)
+        out.append(engine.final_logits(p, p))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_transformers(name):
+    hf_cfg = CONFIGS[name]
+    cfg = LlamaConfig.from_hf(hf_cfg)
+    weights = random_weights(cfg, seed=hash(name) % 1000)
+    tokens = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = hf_logits(hf_cfg, cfg, weights, tokens)
+    engine = TorchEngine(cfg, weights, max_seq=64)
+    got = decode_logits(engine, tokens)
+    assert torch.isfinite(got).all()
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 1e-5, f"{name}: relative error {rel:.2e} (decode path)"
+    engine.prefill(tokens)
+    last = engine.final_logits(len(tokens) - 1, len(tokens) - 1)
+    assert ((last - ref[-1:]).norm() / ref[-1].norm()) < 1e-5, "prefill path"
+
+
+def test_run_layers_in_pieces_is_bitwise_one_call(tiny):
+    cfg, weights = tiny
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, cfg.vocab_size, (9,), generator=g).tolist()
+    new = torch.randint(0, cfg.vocab_size, (5,), generator=g).tolist()
+    L = cfg.n_layers
+
+    def start():
+        e = TorchEngine(cfg, weights, max_seq=32)
+        e.prefill(prompt)
+        for i, t in enumerate(new):
+            e.embed(len(prompt) + i, t)
+        return e
+
+    first, last = len(prompt), len(prompt) + len(new) - 1
+    whole = start()
+    whole.run_layers(first, last, 0, L)
+    ref = whole.final_logits(first, last)
+
+    rows_split = start()  # rows split across calls: each chunk after the one before it, all layers
+    for a, b in [(first, first + 1), (first + 2, first + 2), (first + 3, last)]:
+        rows_split.run_layers(a, b, 0, L)
+    assert torch.equal(rows_split.final_logits(first, last), ref)
+
+    layers_split = start()  # layers split across calls, all rows each time
+    for l0, l1 in [(0, 1), (1, 3), (3, L)]:
+        layers_split.run_layers(first, last, l0, l1)
+    assert torch.equal(layers_split.final_logits(first, last), ref)
+
+    staircase = start()  # an AdaDecode-like schedule: deeper rows first, rows join at depth boundaries
+    staircase.run_layers(first, first + 2, 0, 2)
+    staircase.run_layers(first, first + 1, 2, 3)
+    staircase.run_layers(first + 3, last, 0, 2)
+    staircase.run_layers(first + 2, last, 2, 3)
+    staircase.run_layers(first, last, 3, L)
+    assert torch.equal(staircase.final_logits(first, last), ref)
+    for layer in range(L):
+        assert torch.equal(staircase.k_cache[layer][: last + 1], whole.k_cache[layer][: last + 1])
+        assert torch.equal(staircase.v_cache[layer][: last + 1], whole.v_cache[layer][: last + 1])
+
+    # and close to a batched full forward over the same tokens (prefill's path)
+    full = TorchEngine(cfg, weights, max_seq=32)
+    full.prefill(prompt + new)
+    assert torch.allclose(full.final_logits(last, last), ref[-1:], rtol=1e-5, atol=1e-5)
+
+
+def test_truncate_and_rerun_is_bitwise_never_having_run(tiny):
+    cfg, weights = tiny
+    prompt = [5, 17, 33, 2, 8]
+    clean = TorchEngine(cfg, weights, max_seq=32)
+    clean.prefill(prompt)
+    clean.embed(5, 40)
+    clean.run_layers(5, 5, 0, cfg.n_layers)
+    ref = clean.final_logits(5, 5)
+
+    e = TorchEngine(cfg, weights, max_seq=32)
+    e.prefill(prompt)
+    for p, t in [(5, 11), (6, 12), (7, 13)]:  # a wrong continuation...
+        e.embed(p, t)
+        e.run_layers(p, p, 0, cfg.n_layers)
+    e.truncate(5)  # ...rolled back
+    e.embed(5, 40)
+    e.run_layers(5, 5, 0, cfg.n_layers)
+    assert torch.equal(e.final_logits(5, 5), ref)
+    for layer in range(cfg.n_layers):
+        assert torch.equal(e.k_cache[layer][:6], clean.k_cache[layer][:6])
+
+
+def test_contract_violations_are_refused(tiny):
+    cfg, weights = tiny
+    e = TorchEngine(cfg, weights, max_seq=32, max_rows=4)
+    e.prefill([1, 2, 3])
+    e.embed(3, 4)
+    with pytest.raises(EngineError, match="depth"):
+        e.run_layers(3, 3, 1, 2)  # row 3 is at depth 0
+    with pytest.raises(EngineError, match="not in flight"):
+        e.run_layers(4, 4, 0, 1)
+    with pytest.raises(EngineError, match="depth"):
+        e.final(3, 3)  # not at depth L yet
+    e.embed(5, 4)
+    with pytest.raises(EngineError, match="cache holds"):
+        e.run_layers(5, 5, 0, 1)  # position 4 was never computed
+    with pytest.raises(EngineError, match="rows per call"):
+        e.run_layers(3, 9, 0, 1)
+    e.truncate(3)
+    with pytest.raises(EngineError, match="not in flight"):
+        e.run_layers(3, 3, 0, 1)
+
+
+def test_identity_head_is_the_logit_lens(tiny):
+    from adadecode.heads import Head
+    from adadecode.torch_engine import rms_norm
+
+    cfg, weights = tiny
+    e = TorchEngine(cfg, weights, max_seq=32)
+    e.set_heads([Head.identity(2, cfg.d)])
+    e.prefill([3, 4, 5])
+    e.embed(3, 6)
+    e.run_layers(3, 3, 0, 2)
+    token, conf = e.head(3, 0)
+    lens = (rms_norm(e.hidden(3), weights.norm, cfg.rms_norm_eps) @ weights.lm_head.T).float()
+    assert token == int(lens.argmax())
+    assert conf == pytest.approx(float(torch.softmax(lens, -1).max()), rel=1e-6)
+
+
+def test_argmax_ties_go_to_lowest_index(tiny):
+    cfg, _ = tiny
+    w = random_weights(cfg)
+    w.lm_head[:] = 0
+    e = TorchEngine(cfg, w, max_seq=8)
+    e.prefill([1, 2])
+    x = e.hidden(1)
+    e.w.lm_head[7] = torch.sign(x)  # a row aligned with h (any positive logit), copied to token 3
+    e.w.lm_head[3] = e.w.lm_head[7]  # tokens 3 and 7 tie for the maximum: the lowest id wins
+    logits = e.final_logits(1, 1)[0]
+    assert logits[3] == logits[7] == logits.max()
+    assert e.final(1, 1) == [3]
