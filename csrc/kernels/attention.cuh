@@ -1,0 +1,35 @@
+// Decode attention: R new rows at contiguous positions p_r = *first_pos + r (r = 0..R-1) against the layer's
+// KV cache, causal (row r sees cache positions 0..p_r, which includes the rows before it in this launch:
+// rope_append_kv has written their K/V), GQA (query head h reads KV head h / (H / Hkv), as HF's
+// repeat_interleave), split over the sequence with a log-sum-exp merge.
+//
+//   out[r, h, :] = sum_{t <= p_r} softmax_t(q[r,h] . k[t, h/G] / sqrt(hd)) v[t, h/G]
+//
+// Arithmetic: fp32 throughout (scores, softmax, P.V), the result rounded to bf16 once. (HF eager rounds the
+// scores and the probabilities to bf16 along the way; SDPA kernels do not: we follow the fp32 path.)
+//
+// Shapes: q rows of a [R, q_stride] bf16 buffer, head h at q + r*q_stride + h*hd (the rotated q part of the
+// fused qkv buffer: q_stride = (H + 2 Hkv) hd; or a plain [R, H*hd] buffer: q_stride = H*hd);
+// k_cache, v_cache [max_seq, Hkv, hd] bf16; out [R, H*hd] bf16; first_pos: device int32.
+// max_ctx: host-side upper bound on *first_pos + R (the cache capacity when the launch is captured in a graph):
+// it sizes the grid and the workspace. A row with p_r >= max_ctx gets NaN.
+// workspace: fp32, attention_workspace_floats(R, H, hd, max_ctx) floats, 16-byte aligned.
+// Constraints: hd in {64, 128}; H % Hkv == 0; q_stride % 8 == 0; pointers 16-byte aligned.
+//
+// Split: positions are cut into fixed chunks of kAttnChunk = 128 (chunk c = [128c, 128c + 128)); a row's
+// partial for chunk c is computed from positions <= p_r only, in a fixed order, and the merge walks the
+// chunks 0..p_r/128 in order. Nothing depends on R or on the row's index: batch invariant bit for bit.
+#pragma once
+#include "common.cuh"
+
+namespace adadecode {
+
+constexpr int kAttnChunk = 128;
+
+size_t attention_workspace_floats(int R, int n_heads, int head_dim, int max_ctx);
+
+cudaError_t attention(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_cache,
+                      const __nv_bfloat16* v_cache, const int32_t* first_pos, __nv_bfloat16* out, float* workspace,
+                      int R, int n_heads, int n_kv_heads, int head_dim, int max_ctx, cudaStream_t stream);
+
+}  // namespace adadecode

@@ -1,0 +1,91 @@
+#include "rope_kv.cuh"
+
+namespace adadecode {
+namespace {
+
+constexpr int kThreads = 128;
+
+__device__ __forceinline__ float bmul(float a, float b) { return bf16_round(a * b); }
+
+// One block per row. Work item = (head among q/k heads, 8-wide slice of the first half), or a 16-byte chunk of v.
+__global__ void __launch_bounds__(kThreads) rope_append_kv_kernel(__nv_bfloat16* __restrict__ qkv,
+                                                                  __nv_bfloat16* __restrict__ k_cache,
+                                                                  __nv_bfloat16* __restrict__ v_cache,
+                                                                  const float* __restrict__ cos_tab,
+                                                                  const float* __restrict__ sin_tab,
+                                                                  const int32_t* __restrict__ first_pos, int n_heads,
+                                                                  int n_kv_heads, int hd, int max_seq) {
+  const int r = blockIdx.x;
+  const int pos = *first_pos + r;
+  const int half = hd / 2, slices = half / 8;
+  const int width = (n_heads + 2 * n_kv_heads) * hd;
+  __nv_bfloat16* row = qkv + static_cast<int64_t>(r) * width;
+  const bool ok = pos >= 0 && pos < max_seq;
+  const int n_rot = (n_heads + n_kv_heads) * slices;
+  const int n_v = n_kv_heads * hd / 8;
+
+  for (int item = threadIdx.x; item < n_rot + n_v; item += kThreads) {
+    if (item >= n_rot) {  // v: plain copy into the cache
+      const int j = item - n_rot;
+      if (ok) {
+        const uint4 v = *reinterpret_cast<const uint4*>(row + (n_heads + n_kv_heads) * hd + j * 8);
+        *reinterpret_cast<uint4*>(v_cache + static_cast<int64_t>(pos) * n_kv_heads * hd + j * 8) = v;
+      }
+      continue;
+    }
+    const int head = item / slices, i0 = (item % slices) * 8;
+    __nv_bfloat16* src = row + head * hd;
+    if (!ok) {
+      if (head < n_heads) {
+        const uint4 nan = make_uint4(0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u);
+        *reinterpret_cast<uint4*>(src + i0) = nan;
+        *reinterpret_cast<uint4*>(src + half + i0) = nan;
+      }
+      continue;
+    }
+    float a[8], b[8], c[8], s[8];
+    unpack8(*reinterpret_cast<const uint4*>(src + i0), a);
+    unpack8(*reinterpret_cast<const uint4*>(src + half + i0), b);
+    const float4* ct = reinterpret_cast<const float4*>(cos_tab + static_cast<int64_t>(pos) * half + i0);
+    const float4* st = reinterpret_cast<const float4*>(sin_tab + static_cast<int64_t>(pos) * half + i0);
+    const float4 c0 = __ldg(ct), c1 = __ldg(ct + 1), s0 = __ldg(st), s1 = __ldg(st + 1);
+    const float cc[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+    const float ss[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      c[e] = bf16_round(cc[e]);
+      s[e] = bf16_round(ss[e]);
+    }
+    bf16x8 lo, hi;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float l0 = bmul(a[2 * e], c[2 * e]) - bmul(b[2 * e], s[2 * e]);
+      const float l1 = bmul(a[2 * e + 1], c[2 * e + 1]) - bmul(b[2 * e + 1], s[2 * e + 1]);
+      const float h0 = bmul(b[2 * e], c[2 * e]) + bmul(a[2 * e], s[2 * e]);
+      const float h1 = bmul(b[2 * e + 1], c[2 * e + 1]) + bmul(a[2 * e + 1], s[2 * e + 1]);
+      lo.v[e] = __floats2bfloat162_rn(l0, l1);
+      hi.v[e] = __floats2bfloat162_rn(h0, h1);
+    }
+    __nv_bfloat16* dst = src;
+    if (head >= n_heads)
+      dst = k_cache + (static_cast<int64_t>(pos) * n_kv_heads + (head - n_heads)) * hd;
+    *reinterpret_cast<bf16x8*>(dst + i0) = lo;
+    *reinterpret_cast<bf16x8*>(dst + half + i0) = hi;
+  }
+}
+
+}  // namespace
+
+cudaError_t rope_append_kv(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const float* cos_tab,
+                           const float* sin_tab, const int32_t* first_pos, int R, int n_heads, int n_kv_heads,
+                           int head_dim, int max_seq, cudaStream_t stream) {
+  if (R < 1 || n_heads < 1 || n_kv_heads < 1 || head_dim < 16 || head_dim % 16 != 0 || max_seq < 1)
+    return cudaErrorInvalidValue;
+  if (!aligned16(qkv) || !aligned16(k_cache) || !aligned16(v_cache) || !aligned16(cos_tab) || !aligned16(sin_tab))
+    return cudaErrorInvalidValue;
+  rope_append_kv_kernel<<<R, kThreads, 0, stream>>>(qkv, k_cache, v_cache, cos_tab, sin_tab, first_pos, n_heads,
+                                                    n_kv_heads, head_dim, max_seq);
+  return launch_status();
+}
+
+}  // namespace adadecode
