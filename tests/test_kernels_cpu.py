@@ -1,0 +1,59 @@
+"""CPU-runnable checks of the extension's surface: it imports without a GPU and exposes every op with the
+documented signature (argument names, order and defaults). The kernels themselves are tested in
+test_kernels_gpu.py."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+torch = pytest.importorskip("torch")  # loads libc10/libtorch, which the extension links against
+adadecode_cuda = pytest.importorskip(
+    "adadecode_cuda", reason="adadecode_cuda is not built here (pip install -e . with nvcc and a CUDA build of torch)")
+
+# op -> the argument list as pybind11 renders it (names in order; "=None"/"=False" marks a default).
+SIGNATURES = {
+    "add_rmsnorm": ["residual", "delta", "weight", "out", "eps"],
+    "embedding": ["tokens", "table", "out"],
+    "skinny_gemm": ["x", "w", "out", "residual=None", "w_up=None"],
+    "gemm_tc": ["x", "w", "out", "residual=None", "w_up=None"],
+    "linear": ["x", "w", "out", "residual=None", "w_up=None"],
+    "rope_append_kv": ["qkv", "k_cache", "v_cache", "cos", "sin", "first_pos", "n_heads", "n_kv_heads"],
+    "attention_workspace_floats": ["R", "n_heads", "head_dim", "max_ctx"],
+    "attention": ["q", "k_cache", "v_cache", "first_pos", "out", "n_heads", "max_ctx", "workspace=None"],
+    "lm_head_workspace_floats": ["R", "n"],
+    "lm_head_argmax": ["x", "w", "token", "max_prob", "lse=None", "vocab_subset=None", "w_rest=None",
+                       "round_bf16=False", "workspace=None"],
+}
+
+
+def _args(op) -> list[str]:
+    first = op.__doc__.splitlines()[0]
+    inner = first[first.index("(") + 1: first.rindex(")")]
+    out = []
+    for a in re.split(r",\s*(?![^\[]*\])", inner):  # split on commas outside Optional[...] brackets
+        name = a.split(":")[0].strip()
+        default = a.split("=")[1].strip() if "=" in a else None
+        out.append(name if default is None else f"{name}={default}")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_op_signature(name):
+    op = getattr(adadecode_cuda, name, None)
+    assert op is not None, f"adadecode_cuda has no op {name}"
+    assert _args(op) == SIGNATURES[name], f"{name}: {op.__doc__.splitlines()[0]}"
+
+
+def test_workspace_sizes():
+    # attention: R * H * ceil(max_ctx / 128) * (hd + 2) floats; lm head: ceil(n / 64) * R * 4 floats.
+    assert adadecode_cuda.attention_workspace_floats(1, 32, 128, 4096) == 32 * 32 * 130
+    assert adadecode_cuda.attention_workspace_floats(3, 9, 64, 129) == 3 * 9 * 2 * 66
+    assert adadecode_cuda.lm_head_workspace_floats(16, 128256) == 2004 * 16 * 4
+    assert adadecode_cuda.lm_head_workspace_floats(1, 65) == 2 * 4
+
+
+def test_cpu_tensors_are_rejected_with_a_clear_error():
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        adadecode_cuda.skinny_gemm(x, torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.bfloat16))
