@@ -52,8 +52,13 @@ def main(argv=None) -> int:
     g.add_argument("--device", default=None, help="torch engine: cpu or cuda (default: cuda where available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="torch engine precision")
     g.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: enough for the request)")
+    from .train_heads import add_arguments as _train_heads_arguments
+    _train_heads_arguments(sub.add_parser("train-heads", help="train intermediate heads on the model's own greedy continuations"))
     args = p.parse_args(argv)
     try:
+        if args.command == "train-heads":
+            from .train_heads import main as _train_heads_main
+            return _train_heads_main(args)
         return _generate(args)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)

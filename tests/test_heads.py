@@ -1,0 +1,236 @@
+"""Heads (DESIGN.md §5): the logit lens, head files and their refusals, the batched generator, training,
+and the schedule simulator. Tiny random models, CPU, fast."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adadecode.config import LlamaConfig
+from adadecode.decode import generate_vanilla
+from adadecode.heads import Head, HeadFileError, heads_path, load_heads, save_heads
+from adadecode.loader import Model
+from adadecode.torch_engine import TorchEngine, rms_norm
+from adadecode import train_heads as th
+
+from conftest import random_weights, tiny_hf_config
+
+
+def tiny_model(seed=0, **over) -> Model:
+    cfg = LlamaConfig.from_hf(tiny_hf_config(**over))
+    return Model(cfg=cfg, weights=random_weights(cfg, seed=seed), tokenizer=None, source=f"tiny-{seed}")
+
+
+def rand_prompts(n, vocab, seed=0, prefix=(5, 7, 9)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        k = 2 + int(torch.randint(0, 7, (1,), generator=g))
+        out.append(list(prefix) + torch.randint(3, vocab, (k,), generator=g).tolist())
+    return out
+
+
+# ---- the logit lens ---------------------------------------------------------------------------------------------
+def test_identity_head_is_exactly_the_logit_lens():
+    m = tiny_model()
+    eng = TorchEngine(m.cfg, m.weights, max_seq=32)
+    eng.set_heads([Head.identity(2, m.cfg.d), Head.identity(2, m.cfg.d, vocab=torch.tensor([3, 10, 50]))])
+    eng.prefill([1, 4, 5])
+    eng.embed(3, 8)
+    eng.run_layers(3, 3, 0, 2)
+    x = rms_norm(eng.hidden(3)[None], m.weights.norm, m.cfg.rms_norm_eps)
+    lens = x @ m.weights.lm_head.T
+    full = Head.identity(2, m.cfg.d)
+    assert torch.equal(full.logits(x, m.weights.lm_head), lens.float())
+    tok, conf = eng.head(3, 0)
+    assert tok == int(lens.argmax()) and conf == pytest.approx(float(torch.softmax(lens, -1).max()), rel=1e-6)
+    sub = Head.identity(2, m.cfg.d, vocab=torch.tensor([3, 10, 50]))
+    lg = sub.logits(x, m.weights.lm_head)
+    assert torch.equal(lg[:, :3], (x @ m.weights.lm_head[[3, 10, 50]].T).float()) and float(lg[0, 3]) == 0.0  # rest logit w_rest = 0
+
+
+# ---- head files -------------------------------------------------------------------------------------------------
+def trained_like_heads(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = m.cfg.d
+    h1 = Head(layer=1, T=torch.eye(d) + 0.05 * torch.randn(d, d, generator=g))
+    vocab = torch.tensor([2, 3, 7, 40, 96])
+    h2 = Head(layer=3, T=torch.eye(d) + 0.05 * torch.randn(d, d, generator=g), vocab=vocab, w_rest=torch.randn(d, generator=g))
+    return [h1, h2]
+
+
+def test_head_file_round_trip(tmp_path):
+    m = tiny_model()
+    heads = trained_like_heads(m)
+    f = tmp_path / "h.safetensors"
+    save_heads(f, heads, m, {"gamma": 0.8, "description": "unit test", "training": {"epochs": 2}})
+    got, meta = load_heads(str(f), m)
+    assert [h.layer for h in got] == [1, 3]
+    for a, b in zip(heads, got):
+        assert torch.equal(b.T, a.T.half().float())  # T is stored as fp16, bit for bit
+        assert (a.vocab is None and b.vocab is None) or torch.equal(a.vocab, b.vocab)
+        assert (a.w_rest is None and b.w_rest is None) or torch.equal(a.w_rest, b.w_rest)
+    assert meta["gamma"] == 0.8 and meta["layers"] == [1, 3] and meta["description"] == "unit test"
+    assert meta["model_fingerprint"] == m.fingerprint and meta["training"] == {"epochs": 2}
+    # saving what was loaded is bitwise stable
+    f2 = tmp_path / "h2.safetensors"
+    save_heads(f2, got, m, {"gamma": 0.8, "description": "unit test"})
+    again, _ = load_heads(f2, m)
+    assert all(torch.equal(a.T, b.T) for a, b in zip(got, again))
+
+
+def test_refuses_heads_of_another_model(tmp_path):
+    m, other = tiny_model(seed=0), tiny_model(seed=1)
+    f = tmp_path / "h.safetensors"
+    save_heads(f, trained_like_heads(m), m, {"gamma": 0.8, "description": "x"})
+    with pytest.raises(HeadFileError) as e:
+        load_heads(f, other)
+    msg = str(e.value)
+    assert str(f) in msg and m.fingerprint in msg and other.fingerprint in msg and "another model" in msg
+
+
+def test_refuses_corrupt_file(tmp_path):
+    m = tiny_model()
+    f = tmp_path / "bad.safetensors"
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + bytes(range(200)))
+    with pytest.raises(HeadFileError, match=str(f).replace(".", r"\.") + ".*corrupt or truncated"):
+        load_heads(f, m)
+
+
+def test_refuses_truncated_file(tmp_path):
+    m = tiny_model()
+    f = tmp_path / "h.safetensors"
+    save_heads(f, trained_like_heads(m), m, {"gamma": 0.8, "description": "x"})
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HeadFileError, match="truncated"):
+        load_heads(f, m)
+
+
+def test_refuses_missing_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    m = tiny_model()
+    f = tmp_path / "h.safetensors"
+    save_file({"head.0.T": torch.eye(m.cfg.d).half()}, str(f),
+              metadata={"format": "adadecode-heads", "format_version": "1", "model_fingerprint": m.fingerprint,
+                        "d": str(m.cfg.d), "layers": "[2]", "description": "x"})  # no gamma
+    with pytest.raises(HeadFileError, match=r"lacks \['gamma'\]"):
+        load_heads(f, m)
+    save_file({"head.0.T": torch.eye(m.cfg.d).half()}, str(f))  # plain safetensors, not a head file
+    with pytest.raises(HeadFileError, match="not an adadecode head file"):
+        load_heads(f, m)
+
+
+def test_refuses_missing_file_and_unknown_default(tmp_path):
+    m = tiny_model()
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_heads(tmp_path / "nope.safetensors", m)
+    with pytest.raises(ValueError, match="default:code"):
+        heads_path("default:poetry")
+
+
+def test_default_spec_names_the_shipped_files():
+    assert heads_path("default") == heads_path("default:general")
+    assert heads_path("default:code").name.endswith("code.safetensors")
+
+
+# ---- the batched generator -----------------------------------------------------------------------------------------
+def test_batched_generator_equals_generate_vanilla():
+    m = tiny_model()
+    prompts = rand_prompts(5, m.cfg.vocab_size) + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    fwd = th.BatchedForward(m.cfg, m.weights)
+    outs, cap = th.generate_batched(fwd, prompts, 12, eos_ids=[2], batch_size=4, capture_layers=[2])
+    eng = TorchEngine(m.cfg, m.weights, max_seq=64)
+    for p, o in zip(prompts, outs):
+        assert o == generate_vanilla(eng, p, 12, eos_ids=[2]).tokens
+    # the captured rows: one per fed generated token, in (prompt, step) order; y is the next greedy token
+    assert len(cap.y) == sum(len(o) - 1 for o in outs)
+    assert cap.y.tolist() == [t for o in outs for t in o[1:]]
+    # capture = the teacher-forced hidden state at layer 2 (checked on one row against the engine)
+    i, s = int(cap.seq[3]), int(cap.step[3])
+    seq = prompts[i] + outs[i][:s + 1]
+    eng.prefill(seq[:-1])
+    pos = len(seq) - 1
+    eng.embed(pos, seq[-1])
+    eng.run_layers(pos, pos, 0, 2)
+    want = rms_norm(eng.hidden(pos)[None], m.weights.norm, m.cfg.rms_norm_eps)[0]
+    torch.testing.assert_close(cap.x[2][3].float(), want, atol=2e-3, rtol=2e-3)  # stored as fp16
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [24, 0])
+def test_training_lowers_heldout_kl(k):
+    m = tiny_model()
+    prompts = rand_prompts(24, m.cfg.vocab_size, seed=3)
+    fwd = th.BatchedForward(m.cfg, m.weights)
+    conts, cap = th.generate_batched(fwd, prompts, 16, eos_ids=[], batch_size=12, capture_layers=[2])
+    data = {"prompts": prompts, "conts": conts, "cap": cap, "key": {"max_new_tokens": 16}, "seconds": 0.0}
+    out = th.train_pipeline(m, data, [2], vocab_k=k, heldout_frac=0.25, epochs=6, lr=3e-3, batch=64,
+                            log=lambda s: None, progress=False)
+    h = out["results"]["per_head"][0]
+    assert h["heldout_kl"] < 0.8 * h["identity_kl"], h
+    assert (out["vocab"] is None) == (k == 0)
+    best = out["results"]["recommended"]
+    assert best["layers"] == [2] and best["ideal_speedup"] >= 1.0 - 1e-9
+
+
+def test_build_vocab_and_collapse_target():
+    v = th.build_vocab([[5, 5, 6, 7], [7, 7, 9]], 2, 97)
+    assert v.tolist() == [5, 7]
+    assert th.build_vocab([[1]], 0, 97) is None
+    tp = torch.tensor([[0.5, 0.3, 0.1]])
+    ti = torch.tensor([[7, 8, 5]])
+    tgt = th.collapse_target(tp, ti, v, 97)
+    torch.testing.assert_close(tgt, torch.tensor([[0.1, 0.5, 0.4]]))  # ids 5, 7, then rest = 0.3 + tail 0.1
+
+
+# ---- the simulator ---------------------------------------------------------------------------------------------
+def trace(rows):
+    """rows: per row, per head: '.' not confident, 'c' confident and correct, 'w' confident and wrong."""
+    conf = torch.tensor([[ch != "." for ch in r] for r in rows], dtype=torch.float32)
+    corr = torch.tensor([[ch == "c" for ch in r] for r in rows])
+    return conf, corr
+
+
+def test_simulator_no_exits_is_vanilla():
+    conf, corr = trace(["..", "..", ".."])
+    s = th.simulate(conf, corr, [10, 20], 0.5, 30)
+    assert s["steps"] == s["vanilla_steps"] == 90 and s["head_evals"] == 6
+
+
+def test_simulator_correct_exits():
+    # row 0 exits at 10, row 1 at 20, row 2 runs to 30 (carrying both to 30): 10 + 20 + 30
+    conf, corr = trace(["c.", ".c", ".."])
+    assert th.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 60
+    # the last rows exit early: flushed to L from the shallowest pending depth: 10 + 10 + (30 - 10)
+    conf, corr = trace(["c.", "c."])
+    assert th.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 40
+
+
+def test_simulator_rollback_and_max_pending():
+    # row 0 exits wrongly at 10; garbage row 1 (confident like the trace row 1) exits at 20; garbage row 2 runs
+    # to 30 and reveals the error: 10 + 20 + 30. Then row 1 again (exits at 20), row 2 runs to 30.
+    conf, corr = trace(["w.", ".c", ".."])
+    s = th.simulate(conf, corr, [10, 20], 0.5, 30)
+    assert s["steps"] == 10 + 20 + 30 + 20 + 30 and s["wrong"] == 1
+    # max_pending=1: a second early exit must wait for verification
+    conf, corr = trace(["c.", "c.", "c."])
+    assert th.simulate(conf, corr, [10, 20], 0.5, 30, max_pending=1)["steps"] == 10 + 30 + 10 + 20
+    res = th.simulate_set([trace(["c.", "..", ".."])], [10, 20], 0.5, 30)
+    assert res["ideal_speedup"] == pytest.approx(90 / 70)
+
+
+def test_parse_layers():
+    assert th.parse_layers("18,20-22, 26") == [18, 20, 21, 22, 26]
+
+
+# ---- shipped heads ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["default", "default:code", "default:general"])
+def test_shipped_heads_load_for_the_default_model(spec, default_model):
+    if not heads_path(spec).is_file():
+        pytest.skip(f"{heads_path(spec)} not shipped in this checkout")
+    heads, meta = load_heads(spec, default_model)
+    assert heads and 0 < meta["gamma"] < 1 and meta["layers"] == [h.layer for h in heads]
+    assert all(1 <= h.layer < default_model.cfg.n_layers for h in heads)
+    assert meta["description"]
