@@ -1,8 +1,16 @@
 """Shared fixtures: tiny random Llama models (any config), the default model, and the `gpu` marker."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Decode-sized ops (one row, a few heads) are far slower with two intra-op threads on a loaded 2-core
+# machine (each op waits for the busy core); one thread keeps the suite's time steady. Subprocesses
+# (the CLI tests) inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from adadecode.config import LlamaConfig
 from adadecode.weights import LlamaWeights, expected_shapes
