@@ -415,7 +415,7 @@ def exit_table(conf: torch.Tensor, correct: torch.Tensor, gammas=GAMMAS) -> list
         ex = conf > g
         n_ex = int(ex.sum())
         out.append({"gamma": g, "exit_rate": n_ex / max(1, conf.numel()),
-                    "accuracy": float(correct[ex].float().mean()) if n_ex else float("nan"),
+                    "accuracy": float(correct[ex].float().mean()) if n_ex else None,
                     "exits": n_ex, "tokens": conf.numel()})
     return out
 

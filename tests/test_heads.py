@@ -234,3 +234,39 @@ def test_shipped_heads_load_for_the_default_model(spec, default_model):
     assert heads and 0 < meta["gamma"] < 1 and meta["layers"] == [h.layer for h in heads]
     assert all(1 <= h.layer < default_model.cfg.n_layers for h in heads)
     assert meta["description"]
+
+
+class _StubTokenizer:
+    eos_id = None
+
+    def encode(self, text):
+        return [1] + [3 + (ord(c) % 90) for c in text]
+
+    def encode_chat(self, text):
+        return [1, 5, 7] + self.encode(text)[1:]
+
+
+def test_cli_train_heads_end_to_end(tmp_path, monkeypatch, capsys):
+    import adadecode.loader
+    from adadecode.cli import main
+
+    m = tiny_model()
+    m.tokenizer = _StubTokenizer()
+    monkeypatch.setattr(adadecode.loader, "load_model", lambda spec: m)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([f"prompt number {i} says {'ab' * (i % 5)}" for i in range(10)]))
+    out, res = tmp_path / "h.safetensors", tmp_path / "r.json"
+    rc = main(["train-heads", "--model", "tiny", "--layers", "1-3", "--prompts", str(prompts), "--out", str(out),
+               "--max-new-tokens", "8", "--vocab", "30", "--epochs", "1", "--results", str(res), "--max-heads", "2",
+               "--data-cache", str(tmp_path / "cache.pt")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "recommended: layers" in text
+    heads, meta = load_heads(out, m)
+    r = json.loads(res.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert meta["layers"] == r["recommended"]["layers"] and meta["gamma"] == r["recommended"]["gamma"]
+    assert len(r["per_head"]) == 3 and "prompts" in meta["description"]
+    # a second run reuses the generated data
+    rc = main(["train-heads", "--model", "tiny", "--layers", "2", "--prompts", str(prompts), "--out", str(out),
+               "--max-new-tokens", "8", "--vocab", "30", "--epochs", "1", "--data-cache", str(tmp_path / "cache.pt")])
+    assert rc == 0 and "reusing generated data" in capsys.readouterr().out
