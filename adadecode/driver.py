@@ -1,0 +1,242 @@
+"""AdaDecode and a LayerSkip-style baseline on any engine of the contract (DESIGN.md §1 and §3).
+
+Both are exact: every token they output is the greedy token of the full model, so the output equals
+`decode.generate_vanilla`'s on the same engine (the engine must be batch-invariant, DESIGN.md §4).
+
+The schedule (`_speculate`, shared by both methods)
+---------------------------------------------------
+The rows in flight are the contiguous positions `first..front`. Row `first`'s input token is verified;
+rows `first+1..front` were started with *guesses* (early tokens, unverified): the guess emitted at row
+`p` is the model's early prediction of the token after position `p`, i.e. row `p+1`'s input. Row
+`front` is the frontier. Depths never increase with position.
+
+* Frontier at depth `d` == the layer of a head, and an exit is allowed (fewer than `max_pending`
+  guesses pending, and the budget leaves room for it): ask the head. Confident (`confidence > gamma`)
+  -> the head's token is the guess for position `front+1`; row `front` stays at depth `d` (its
+  remaining layers are deferred) and the guess is embedded at `front+1`, depth 0: the new frontier.
+* Otherwise advance: the rows at the frontier's depth `d` are a contiguous suffix `s..front`; run them
+  in one `run_layers(s, front, d, stop)` where `stop` is the next head layer (only while an exit is
+  allowed), the depth of row `s-1` (where it joins the batch), or `L`, whichever comes first.
+* Frontier at depth `L`: so is every row in flight. `final(first, front)` verifies the guesses in
+  order: the final token of row `q` is the verified token after `q`; equal to the guess at row `q`
+  -> accepted, go on; different -> rejected: the final token replaces it, `truncate(q+1)` drops every
+  later row and KV entry, and decoding goes on from the corrected token at `q+1`. When every guess
+  holds, the frontier's final token is one more verified token.
+* Output, EOS and `max_new_tokens` are those of vanilla decoding: tokens are output (and `on_token`
+  called) only once verified, in order; generation stops after a verified EOS or the
+  `max_new_tokens`-th token. An early EOS is a guess like any other. No exit is taken whose next row
+  could never produce an output token (verified tokens + pending guesses + 1 must fit the budget).
+
+LayerSkip (`generate_layerskip`) is the same schedule with one head that always exits and
+`max_pending = k`: draft k tokens from layer `l`, then the (k+1)-th row runs layers `[0, l)` and all
+k+1 rows run `[l, L)` together, reusing the drafts' KV below `l`, and `final` verifies the drafts.
+
+Statistics (`Generation.stats`)
+-------------------------------
+tokens                 generated tokens (len(Generation.tokens))
+early                  early exits taken (guesses emitted) = accepted + rejected + discarded
+accepted / rejected    guesses confirmed / refuted by `final` (at most one rejection per verification)
+discarded              guesses dropped unverified (after a rejection, or after the last output token)
+frontier_tokens        verified tokens that were no guess (the frontier's final token after a fully
+                       accepted verification); tokens == 1 + accepted + rejected + frontier_tokens
+exit_layer_hist        {layer: early exits there}; accepted_layer_hist / rejected_layer_hist likewise
+layer_steps            sum over `run_layers` calls of (l1 - l0): decoder-layer launches, whatever the
+                       number of rows in them (batch-1 decode is bound by reading the weights, so a
+                       layer over a few rows costs about one layer over one row)
+vanilla_layer_steps    (tokens - 1) * L: what vanilla decoding runs for the same tokens (the first token
+                       comes from prefill in both); ideal_speedup = vanilla_layer_steps / layer_steps
+row_layer_steps        sum over `run_layers` calls of rows * (l1 - l0)
+rows_per_step          {rows: layer steps run with that many rows}; its values sum to layer_steps
+run_layers_calls, head_calls, verify_calls (`final` calls after the prefill's)
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from typing import Callable, Sequence
+
+from .decode import Generation, check_request
+
+
+def _engine_heads(engine, heads):
+    if heads is not None:
+        heads = list(heads)
+        engine.set_heads(heads)
+        return heads
+    heads = getattr(engine, "heads", None)
+    if not heads:
+        raise ValueError("no intermediate heads: pass heads=... or call engine.set_heads(...) first")
+    return list(heads)
+
+
+def _check_pending(engine, max_pending: int, what: str = "max_pending") -> int:
+    if isinstance(max_pending, bool) or int(max_pending) != max_pending or max_pending < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {max_pending!r}")
+    max_pending = int(max_pending)
+    max_rows = getattr(engine, "max_rows", None)
+    if max_rows is not None and max_pending + 1 > max_rows:
+        raise ValueError(f"{what}={max_pending} needs {max_pending + 1} rows in flight, but the engine holds "
+                         f"max_rows={max_rows}; lower {what} or build the engine with max_rows >= {max_pending + 1}")
+    return max_pending
+
+
+def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *,
+                       gamma: float | Sequence[float] = 0.75, eos_ids: Sequence[int] = (), max_pending: int = 5,
+                       heads=None, on_token: Callable[[int], None] | None = None) -> Generation:
+    """AdaDecode greedy decoding: exact, with early exits at every head whose confidence exceeds `gamma`.
+
+    heads: the intermediate heads (set on the engine with `set_heads`); None uses the engine's own.
+    gamma: one threshold, or one per head (a head is confident when its confidence > gamma).
+    max_pending: most early tokens awaiting verification (the engine needs max_rows >= max_pending + 1).
+    on_token: called with each verified token, in order.
+    """
+    prompt = check_request(engine, prompt_tokens, max_new_tokens)
+    max_pending = _check_pending(engine, max_pending)
+    heads = _engine_heads(engine, heads)
+    if isinstance(gamma, (int, float)):
+        gammas = [float(gamma)] * len(heads)
+    else:
+        gammas = [float(g) for g in gamma]
+        if len(gammas) != len(heads):
+            raise ValueError(f"gamma has {len(gammas)} values for {len(heads)} heads")
+    if any(math.isnan(g) for g in gammas):
+        raise ValueError(f"gamma must be a number, got {gamma!r}")
+    return _speculate(engine, prompt, max_new_tokens, heads=heads, active=range(len(heads)), gammas=gammas,
+                      max_pending=max_pending, eos_ids=eos_ids, on_token=on_token, method="adadecode")
+
+
+def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *, head_index: int = -1,
+                       k: int = 4, eos_ids: Sequence[int] = (), heads=None,
+                       on_token: Callable[[int], None] | None = None) -> Generation:
+    """LayerSkip-style self-speculative decoding: draft up to `k` tokens with the head `head_index` (no
+    confidence threshold), then verify them with the remaining layers, reusing the drafts' KV. Exact."""
+    prompt = check_request(engine, prompt_tokens, max_new_tokens)
+    k = _check_pending(engine, k, "k")
+    heads = _engine_heads(engine, heads)
+    if not -len(heads) <= head_index < len(heads):
+        raise ValueError(f"head_index {head_index} is out of range for {len(heads)} heads")
+    head_index %= len(heads)
+    gammas = [-math.inf] * len(heads)
+    return _speculate(engine, prompt, max_new_tokens, heads=heads, active=[head_index], gammas=gammas,
+                      max_pending=k, eos_ids=eos_ids, on_token=on_token, method="layerskip")
+
+
+def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active, gammas, max_pending, eos_ids,
+               on_token, method) -> Generation:
+    L = engine.n_layers
+    head_at: dict[int, int] = {}  # layer -> head index
+    for i in active:
+        layer = int(heads[i].layer)
+        if not 0 <= layer < L:
+            raise ValueError(f"head {i} is at layer {layer}; heads must sit at layers 0..{L - 1} of this {L}-layer model")
+        if layer in head_at:
+            raise ValueError(f"heads {head_at[layer]} and {i} are both at layer {layer}; give one head per layer")
+        head_at[layer] = i
+    head_layers = sorted(head_at)
+    eos = set(int(e) for e in eos_ids)
+    M = max_new_tokens
+
+    st = dict(early=0, accepted=0, rejected=0, discarded=0, frontier_tokens=0, layer_steps=0, row_layer_steps=0,
+              run_layers_calls=0, head_calls=0, verify_calls=0)
+    exit_hist, acc_hist, rej_hist, rows_hist = Counter(), Counter(), Counter(), Counter()
+
+    t0 = time.perf_counter()
+    engine.prefill(prompt)
+    n = len(prompt)
+    tokens = [engine.final(n - 1, n - 1)[0]]
+    t1 = time.perf_counter()
+    if on_token:
+        on_token(tokens[0])
+    done = tokens[0] in eos or len(tokens) >= M
+
+    # rows in flight: positions first..front; depth[i] is row first+i's depth; guess[i] (and guess_layer[i])
+    # the early token emitted at row first+i, i.e. row first+i+1's input
+    first = front = n
+    depth: list[int] = []
+    guess: list[int] = []
+    guess_layer: list[int] = []
+    if not done:
+        engine.embed(front, tokens[-1])
+        depth.append(0)
+
+    while not done:
+        d = depth[-1]
+        if d == L:  # every row in flight is at depth L: verify the guesses in order
+            fin = engine.final(first, front)
+            st["verify_calls"] += 1
+            for i, f in enumerate(fin):
+                q = first + i
+                tokens.append(f)
+                if on_token:
+                    on_token(f)
+                wrong = False
+                if i < len(guess):
+                    if f == guess[i]:
+                        st["accepted"] += 1
+                        acc_hist[guess_layer[i]] += 1
+                    else:
+                        wrong = True
+                        st["rejected"] += 1
+                        rej_hist[guess_layer[i]] += 1
+                else:
+                    st["frontier_tokens"] += 1
+                stop = f in eos or len(tokens) >= M
+                if wrong or stop or i == len(guess):
+                    st["discarded"] += max(0, len(guess) - i - 1)
+                    engine.truncate(q + 1)  # keeps exactly what vanilla decoding would have in the cache
+                    if stop:
+                        done = True
+                    else:
+                        first = front = q + 1
+                        engine.embed(front, f)
+                        depth, guess, guess_layer = [0], [], []
+                    break
+            continue
+
+        pending = len(guess)
+        # an exit here creates row front+1, which is only worth running if it can yield an output token:
+        # tokens so far + pending guesses + the new guess + the new frontier's token must fit the budget
+        can_exit = pending < max_pending and len(tokens) + pending + 2 <= M and front + 1 < engine.max_seq
+        if can_exit and d in head_at:
+            hi = head_at[d]
+            tok, conf = engine.head(front, hi)
+            st["head_calls"] += 1
+            if conf > gammas[hi]:
+                st["early"] += 1
+                exit_hist[d] += 1
+                guess.append(int(tok))
+                guess_layer.append(d)
+                front += 1
+                engine.embed(front, int(tok))
+                depth.append(0)
+                continue
+
+        # advance the rows at the frontier's depth (a contiguous suffix) to the next stop
+        s = len(depth) - 1
+        while s > 0 and depth[s - 1] == d:
+            s -= 1
+        stop = depth[s - 1] if s > 0 else L
+        if can_exit:
+            nxt = next((h for h in head_layers if h > d), L)
+            stop = min(stop, nxt)
+        engine.run_layers(first + s, front, d, stop)
+        rows = len(depth) - s
+        st["run_layers_calls"] += 1
+        st["layer_steps"] += stop - d
+        st["row_layer_steps"] += rows * (stop - d)
+        rows_hist[rows] += stop - d
+        for i in range(s, len(depth)):
+            depth[i] = stop
+
+    t2 = time.perf_counter()
+    st["tokens"] = len(tokens)
+    st["vanilla_layer_steps"] = (len(tokens) - 1) * L
+    st["ideal_speedup"] = st["vanilla_layer_steps"] / st["layer_steps"] if st["layer_steps"] else 1.0
+    st["exit_layer_hist"] = dict(sorted(exit_hist.items()))
+    st["accepted_layer_hist"] = dict(sorted(acc_hist.items()))
+    st["rejected_layer_hist"] = dict(sorted(rej_hist.items()))
+    st["rows_per_step"] = dict(sorted(rows_hist.items()))
+    st["method"] = method
+    st["max_pending"] = max_pending
+    return Generation(prompt_tokens=prompt, tokens=tokens, seconds=t2 - t0, decode_seconds=t2 - t1, stats=st)
