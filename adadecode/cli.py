@@ -18,7 +18,8 @@ def _generate(args) -> int:
         raise SystemExit(f"error: {model.source} has no tokenizer.json; cannot encode a text prompt")
     prompt = tok.encode_chat(args.prompt) if args.chat else tok.encode(args.prompt)
     engine = make_engine(model, args.engine, device=args.device, dtype=args.dtype,
-                         max_seq=args.max_seq or min(model.cfg.max_position, max(4096, len(prompt) + args.max_new_tokens)))
+                         max_seq=args.max_seq or min(model.cfg.max_position, max(4096, len(prompt) + args.max_new_tokens)),
+                         max_rows=max(16, args.max_pending + 1, args.k + 1))  # rows in flight: pending tokens + 1
     on_token = None
     if not args.json:
         stream = StreamDecoder(tok)
@@ -27,16 +28,67 @@ def _generate(args) -> int:
             sys.stdout.write(stream.push(t))
             sys.stdout.flush()
 
-    gen = generate_vanilla(engine, prompt, args.max_new_tokens, eos_ids=model.eos_ids, on_token=on_token)
+    extra = {}
+    if args.method == "vanilla":
+        gen = generate_vanilla(engine, prompt, args.max_new_tokens, eos_ids=model.eos_ids, on_token=on_token)
+        gen.stats = {"tokens": len(gen.tokens), "early": 0, "accepted": 0, "rejected": 0, **gen.stats}
+    else:
+        gen, extra = _generate_early_exit(args, model, engine, prompt, on_token)
     if args.json:
         out = {"prompt_tokens": gen.prompt_tokens, "tokens": gen.tokens, "text": tok.decode(gen.tokens),
-               "ms_per_token": gen.ms_per_token, "engine": engine.name, "method": "vanilla",
-               "model": model.source, "stats": gen.stats}
+               "ms_per_token": gen.ms_per_token, "engine": engine.name, "method": args.method,
+               "model": model.source, **extra, "stats": gen.stats}
         print(json.dumps(out))
     else:
         sys.stdout.write("\n")
-        print(f"[{len(gen.tokens)} tokens, {gen.ms_per_token:.2f} ms/token, engine {engine.name}]", file=sys.stderr)
+        line = f"[{len(gen.tokens)} tokens, {gen.ms_per_token:.2f} ms/token, engine {engine.name}, {args.method}"
+        if args.method != "vanilla":
+            st = gen.stats
+            line += (f": {st['early']} early, {st['accepted']} accepted, {st['rejected']} rejected, "
+                     f"{st['layer_steps']}/{st['vanilla_layer_steps']} layer steps")
+        print(line + "]", file=sys.stderr)
     return 0
+
+
+DEFAULT_GAMMA = 0.75  # adadecode's threshold when neither --gamma nor the heads file gives one
+
+
+def _generate_early_exit(args, model, engine, prompt, on_token):
+    """AdaDecode or LayerSkip: load the heads (`adadecode.heads.load_heads`), run the driver."""
+    from . import heads as heads_mod
+    from .driver import generate_adadecode, generate_layerskip
+
+    load_heads = getattr(heads_mod, "load_heads", None)
+    if load_heads is None:
+        raise RuntimeError(f"--method {args.method} needs heads, and this build has no heads loader "
+                           f"(adadecode.heads.load_heads)")
+    heads, meta = load_heads(args.heads, model)
+    meta = meta or {}
+    heads = list(heads)
+    if not heads:
+        raise ValueError(f"--heads {args.heads}: no heads in it")
+    engine.set_heads(heads)
+    layers = [h.layer for h in heads]
+    if args.method == "adadecode":
+        if args.gamma is not None:
+            gamma = args.gamma
+        else:
+            gamma = meta.get("gamma", DEFAULT_GAMMA)
+        if not isinstance(gamma, (int, float, list, tuple)):
+            raise ValueError(f"--heads {args.heads}: recommended gamma {gamma!r} is not a number")
+        gen = generate_adadecode(engine, prompt, args.max_new_tokens, gamma=gamma, eos_ids=model.eos_ids,
+                                 max_pending=args.max_pending, on_token=on_token)
+        return gen, {"heads": args.heads, "head_layers": layers, "gamma": gamma, "max_pending": args.max_pending}
+    if args.head_layer is None:
+        index = max(range(len(heads)), key=lambda i: layers[i])  # the deepest head: the most accurate drafts
+    elif args.head_layer in layers:
+        index = layers.index(args.head_layer)
+    else:
+        raise ValueError(f"--head-layer {args.head_layer}: the heads sit at layers {layers}")
+    gen = generate_layerskip(engine, prompt, args.max_new_tokens, head_index=index, k=args.k,
+                             eos_ids=model.eos_ids, on_token=on_token)
+    return gen, {"heads": args.heads, "head_layers": layers, "head_layer": layers[index], "k": args.k}
+
 
 
 def main(argv=None) -> int:
@@ -52,6 +104,16 @@ def main(argv=None) -> int:
     g.add_argument("--device", default=None, help="torch engine: cpu or cuda (default: cuda where available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="torch engine precision")
     g.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: enough for the request)")
+    g.add_argument("--method", default="vanilla", choices=["vanilla", "adadecode", "layerskip"],
+                   help="vanilla greedy, AdaDecode early exits, or the LayerSkip-style baseline (all exact)")
+    g.add_argument("--heads", default="default",
+                   help="adadecode/layerskip: a heads file, or 'default' / 'default:code' (the default model's shipped heads)")
+    g.add_argument("--gamma", type=float, default=None,
+                   help=f"adadecode: exit when a head's confidence > GAMMA (default: the heads file's, else {DEFAULT_GAMMA})")
+    g.add_argument("--max-pending", type=int, default=5, help="adadecode: most early tokens awaiting verification")
+    g.add_argument("--k", type=int, default=4, help="layerskip: tokens drafted per verification")
+    g.add_argument("--head-layer", type=int, default=None,
+                   help="layerskip: the layer of the drafting head (default: the deepest head)")
     from .train_heads import add_arguments as _train_heads_arguments
     _train_heads_arguments(sub.add_parser("train-heads", help="train intermediate heads on the model's own greedy continuations"))
     args = p.parse_args(argv)
