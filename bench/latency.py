@@ -1,10 +1,26 @@
-"""End-to-end decoding latency on one model: ms/token of vanilla greedy decoding per engine.
+"""End-to-end decoding latency: AdaDecode against vanilla decoding and its peers, in one run.
 
-    python bench/latency.py [--model default|PATH] [--engine auto|cuda|torch] [--prompts N] [--max-new-tokens 64]
+    python bench/latency.py [--model default|PATH] [--heads default|FILE] [--prompts code|general|FILE]
+                            [--n-prompts 8] [--max-new-tokens 256] [--methods a,b,...] [--no-replay]
 
-Without a GPU it runs the torch reference engine on the CPU and says so: those numbers are not
-representative of the product. Results go to bench/results/latency-<date>.json with the device,
-versions, command and date.
+Methods, on the same prompts and model:
+  hf-eager       transformers `generate`, eager attention (bf16 on the GPU, fp32 on the CPU)
+  hf-compile     transformers `generate` with a static cache under torch.compile (GPU only)
+  torch-graph    gpt-fast style: the torch reference forward with its decode step in a CUDA graph
+  vanilla        the engine (CudaEngine where it can run, else TorchEngine), vanilla greedy decoding
+  adadecode      the same engine, AdaDecode with the heads
+  layerskip      the same engine, LayerSkip-style drafting from the deepest head
+Per method: ms/token (median over prompts), tokens/s, speedup over the engine's vanilla, % of the
+bandwidth floor (GPU: bytes read per token over a device copy measured in this run), token parity
+with vanilla (AdaDecode and LayerSkip must be 100%: anything else is a bug and fails the run),
+early-exit rate, acceptance, mean exit layer, ideal layer-step speedup.
+
+Trace replay (GPU): AdaDecode's recorded schedule of every prompt is replayed on a Llama-3.1-8B shape
+with random weights (layers scaled to its depth) against a vanilla replay of the same token count;
+the realized speedup is compared with the ideal layer-step speedup of the scaled trace.
+
+Without a GPU the torch reference engine runs on the CPU and the numbers are not representative.
+JSON and PNG plots go to bench/results/ with the device, versions, command and date.
 """
 from __future__ import annotations
 
@@ -14,6 +30,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,67 +38,351 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adadecode.decode import generate_vanilla  # noqa: E402
+from adadecode.config import LlamaConfig  # noqa: E402
+from adadecode.decode import Generation, generate_vanilla  # noqa: E402
+from adadecode.driver import generate_adadecode, generate_layerskip  # noqa: E402
 from adadecode.engines import cuda_unavailable_reason, make_engine  # noqa: E402
+from adadecode.heads import Head, load_heads  # noqa: E402
 from adadecode.loader import load_model  # noqa: E402
+from adadecode.prompts import load_prompts  # noqa: E402
+from adadecode.trace import RecordingEngine, Trace, replay  # noqa: E402
 
-PROMPTS = [
-    "Write a Python function that reverses a string.",
-    "Explain what a hash table is in two sentences.",
-    "Write a haiku about the sea.",
-    "What are the three states of matter?",
-    "Write a Python function that checks whether a number is prime.",
-    "Give me three tips for writing clear emails.",
-    "Write a SQL query that counts the rows of a table named users.",
-    "Why is the sky blue?",
-]
+ALL_METHODS = ["hf-eager", "hf-compile", "torch-graph", "vanilla", "adadecode", "layerskip"]
+EXACT = ("adadecode", "layerskip")
+LLAMA_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False}
 
 
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth() -> float | None:
+    """Device-to-device copy, bytes read + written per second (median of 20 after warm-up)."""
+    if not torch.cuda.is_available():
+        return None
+    n = 1 << 28  # 512 MiB of bf16
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(25):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        if i >= 5:
+            times.append(s.elapsed_time(e) / 1e3)
+    return 2 * a.numel() * a.element_size() / statistics.median(times)
+
+
+def bytes_per_token(cfg: LlamaConfig, context: float) -> float:
+    """The fewest bytes one vanilla decode step reads: every weight once (bf16) and the KV cache to `context`."""
+    per_layer = cfg.d * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.d \
+        + 3 * cfg.d * cfg.ffn_dim + 2 * cfg.d
+    weights = cfg.n_layers * per_layer + cfg.vocab_size * cfg.d + cfg.d + cfg.d  # layers, LM head, final norm, embed row
+    kv = 2 * cfg.n_layers * context * cfg.n_kv_heads * cfg.head_dim
+    return 2.0 * (weights + kv)
+
+
+# ---- methods -----------------------------------------------------------------------------------------------------
+class HFMethod:
+    """transformers generate, timed as (time for N tokens - time for the first) / (N - 1)."""
+
+    def __init__(self, model, compile_: bool):
+        from transformers import LlamaForCausalLM
+
+        from adadecode.loader import default_model_dir
+
+        src = model.source
+        path = default_model_dir() if src.startswith("default") else Path(src)
+        if not path.is_dir():
+            raise RuntimeError(f"{src} is not an HF checkpoint directory")
+        gpu = torch.cuda.is_available()
+        if compile_ and not gpu:
+            raise RuntimeError("static cache + torch.compile is only timed on the GPU")
+        self.device = "cuda" if gpu else "cpu"
+        self.hf = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16 if gpu else torch.float32,
+                                                   attn_implementation="eager").to(self.device).eval()
+        self.kwargs = {}
+        if compile_:
+            self.hf.forward = torch.compile(self.hf.forward, mode="reduce-overhead", fullgraph=True)
+            self.kwargs = {"cache_implementation": "static"}
+        self.eos = list(model.eos_ids)
+
+    def __call__(self, prompt, n) -> Generation:
+        ids = torch.tensor([prompt], device=self.device)
+        common = dict(do_sample=False, eos_token_id=self.eos, pad_token_id=self.eos[0], **self.kwargs)
+        with torch.no_grad():
+            sync()
+            t0 = time.perf_counter()
+            self.hf.generate(ids, max_new_tokens=1, **common)
+            sync()
+            t1 = time.perf_counter()
+            out = self.hf.generate(ids, max_new_tokens=n, **common)
+            sync()
+            t2 = time.perf_counter()
+        tokens = out[0, len(prompt):].tolist()
+        return Generation(prompt_tokens=list(prompt), tokens=tokens, seconds=t2 - t1,
+                          decode_seconds=max(t2 - t1 - (t1 - t0), 1e-9))
+
+
+def summarize(name: str, gens: list[Generation], ref: list[Generation] | None, n_layers: int) -> dict:
+    ms = [g.ms_per_token for g in gens if g.ms_per_token == g.ms_per_token]
+    row = {"method": name, "ms_per_token": statistics.median(ms) if ms else float("nan"),
+           "tokens": sum(len(g.tokens) for g in gens), "per_prompt_ms": ms}
+    row["tokens_per_s"] = 1e3 / row["ms_per_token"] if ms else float("nan")
+    if ref is not None:
+        same = sum(g.tokens == r.tokens for g, r in zip(gens, ref))
+        agree = sum(a == b for g, r in zip(gens, ref) for a, b in zip(g.tokens, r.tokens))
+        row["parity_prompts"] = same / len(gens)
+        row["parity_tokens"] = agree / max(1, sum(len(r.tokens) for r in ref))
+    st = [g.stats for g in gens if "early" in g.stats]
+    if st:
+        toks, acc = sum(s["tokens"] for s in st), sum(s["accepted"] for s in st)
+        verified = acc + sum(s["rejected"] for s in st)
+        row["early_exit_rate"] = acc / max(1, toks)  # share of output tokens that came from an early exit
+        row["early_per_token"] = sum(s["early"] for s in st) / max(1, toks)  # exits taken, wrong ones included
+        row["acceptance"] = acc / max(1, verified)  # of the early tokens verified, the share confirmed
+        hist: dict[int, int] = {}
+        for s in st:
+            for layer, c in s["exit_layer_hist"].items():
+                hist[int(layer)] = hist.get(int(layer), 0) + c
+        row["exit_layer_hist"] = dict(sorted(hist.items()))
+        row["mean_exit_layer"] = sum(k * v for k, v in hist.items()) / max(1, sum(hist.values())) if hist else None
+        row["ideal_layer_step_speedup"] = sum(s["vanilla_layer_steps"] for s in st) / max(1, sum(s["layer_steps"] for s in st))
+    return row
+
+
+def random_8b_engine(max_seq: int):
+    """A CudaEngine of the Llama-3.1-8B shape with random bf16 weights made on the GPU."""
+    from adadecode.weights import LlamaWeights, expected_shapes
+
+    cfg = LlamaConfig.from_hf(LLAMA_8B)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    state = {}
+    for name, shape in expected_shapes(cfg).items():
+        t = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
+        state[name] = t * (1.0 / shape[-1] ** 0.5) if len(shape) == 2 and "embed" not in name else t
+    weights = LlamaWeights.from_hf_state(cfg, state)
+    return make_engine(type("M", (), {"cfg": cfg, "weights": weights})(), "cuda", max_seq=max_seq, max_rows=16), cfg
+
+
+def trace_replay(traces: list[Trace], max_seq: int) -> dict:
+    engine, cfg = random_8b_engine(max_seq)
+    rows = []
+    for tr in traces:
+        ada, van = tr.scaled(cfg.n_layers), tr.vanilla().scaled(cfg.n_layers)
+        engine.set_heads([Head.identity(layer, cfg.d).to("cuda", torch.bfloat16) for layer in ada.head_layers])
+        times = {}
+        for name, t in (("vanilla", van), ("adadecode", ada), ("vanilla2", van), ("adadecode2", ada)):
+            prefill = [c for c in t.calls if c[0] == "prefill"][0]
+            engine.prefill(prefill[1][0])
+            rest = Trace(t.n_layers, t.head_layers, [c for c in t.calls if c[0] != "prefill"], t.meta)
+            sync()
+            t0 = time.perf_counter()
+            replay(engine, rest, skip_prefill=True)
+            sync()
+            times[name] = time.perf_counter() - t0
+        realized = min(times["vanilla"], times["vanilla2"]) / min(times["adadecode"], times["adadecode2"])
+        ideal = van.layer_steps / max(1, ada.layer_steps)
+        rows.append({"ideal": ideal, "realized": realized, "ratio": realized / ideal})
+    return {"shape": "Llama-3.1-8B (random bf16 weights)", "per_prompt": rows,
+            "ideal_speedup": statistics.median(r["ideal"] for r in rows),
+            "realized_speedup": statistics.median(r["realized"] for r in rows),
+            "realized_over_ideal": statistics.median(r["ratio"] for r in rows)}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["methods"] if r.get("speedup") == r.get("speedup") and "speedup" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    ax.bar([r["method"] for r in rows], [r["speedup"] for r in rows], color="tab:blue")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel("speedup over engine vanilla (ms/token ratio)")
+    ax.set_title(f"{result['model']}\n{result['device']}", fontsize=9)
+    ax.tick_params(axis="x", rotation=30)
+    ada = next((r for r in result["methods"] if r["method"] == "adadecode"), None)
+    ax = axes[1]
+    if ada and ada.get("exit_layer_hist"):
+        h = ada["exit_layer_hist"]
+        ax.bar([int(k) for k in h], list(h.values()), color="tab:green")
+        ax.set_xlabel("exit layer")
+        ax.set_ylabel("early exits")
+        ax.set_title(f"AdaDecode exits: rate {ada['early_exit_rate']:.0%}, acceptance {ada['acceptance']:.0%}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--engine", default="auto", choices=["auto", "cuda", "torch"])
-    p.add_argument("--prompts", type=int, default=4, help="how many of the built-in chat prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--heads", default=None, help="head file or default[:code|:general] (default: matches --prompts)")
+    p.add_argument("--prompts", default="code", help="code, general or a file (JSON list / one prompt per line)")
+    p.add_argument("--n-prompts", type=int, default=None, help="default: 8 on a GPU, 2 on the CPU")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 on a GPU, 32 on the CPU")
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--max-pending", type=int, default=5)
+    p.add_argument("--k", type=int, default=4, help="LayerSkip draft length")
+    p.add_argument("--no-replay", action="store_true", help="skip the 8B-shape trace replay")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    from tqdm import tqdm
+
+    gpu = torch.cuda.is_available()
+    n_prompts = args.n_prompts or (8 if gpu else 2)
+    max_new = args.max_new_tokens or (256 if gpu else 32)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(ALL_METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {ALL_METHODS}")
+    if not gpu:
+        print(f"note: no GPU ({cuda_unavailable_reason()}); the torch reference engine runs on the CPU. "
+              f"These numbers are NOT representative of the CUDA engine.", file=sys.stderr)
 
     model = load_model(args.model)
-    engine = make_engine(model, args.engine, max_seq=1024)
-    gpu = torch.cuda.is_available()
-    if not gpu:
-        print(f"note: no GPU ({cuda_unavailable_reason()}); running the torch reference engine on the CPU. "
-              f"These numbers are NOT representative of the CUDA engine.", file=sys.stderr)
     tok = model.tokenizer
-    prompts = [tok.encode_chat(t) for t in PROMPTS[: args.prompts]]
-    generate_vanilla(engine, prompts[0], 4, eos_ids=model.eos_ids)  # warm-up
+    heads_spec = args.heads or (f"default:{args.prompts}" if args.prompts in ("code", "general") else "default")
+    heads, meta = load_heads(heads_spec, model)
+    gamma = args.gamma if args.gamma is not None else float(meta.get("gamma", 0.75))
+    texts = load_prompts(args.prompts)
+    held = (meta.get("training") or {}).get("heldout_prompt_indices") if isinstance(meta.get("training"), dict) else None
+    if held and args.prompts in str(meta.get("description", "")):
+        texts = [texts[i] for i in held if i < len(texts)]  # evaluate on prompts the heads never saw
+    prompts = [tok.encode_chat(t) for t in texts[:n_prompts]]
+    max_seq = max(len(x) for x in prompts) + max_new + 8
+    engine = make_engine(model, "auto", max_seq=max_seq, max_rows=max(16, args.max_pending + 1, args.k + 1))
+    engine.set_heads(heads)
+    eos = model.eos_ids
+
+    runners = {
+        "vanilla": lambda x, n: generate_vanilla(engine, x, n, eos_ids=eos),
+        "adadecode": lambda x, n: generate_adadecode(engine, x, n, gamma=gamma, eos_ids=eos, max_pending=args.max_pending),
+        "layerskip": lambda x, n: generate_layerskip(engine, x, n, k=args.k, eos_ids=eos),
+    }
+    skipped = {}
+    for name, build in (("hf-eager", lambda: HFMethod(model, False)), ("hf-compile", lambda: HFMethod(model, True)),
+                        ("torch-graph", None)):
+        if name not in methods:
+            continue
+        try:
+            if name == "torch-graph":
+                from adadecode.graphed import GraphedDecoder
+                from adadecode.torch_engine import TorchEngine
+
+                dec = GraphedDecoder(TorchEngine(model.cfg, model.weights, device="cuda" if gpu else "cpu",
+                                                 dtype=torch.bfloat16 if gpu else torch.float32, max_seq=max_seq))
+                runners[name] = lambda x, n, d=dec: d.generate(x, n, eos_ids=eos)
+            else:
+                runners[name] = build()
+        except Exception as e:  # a baseline that cannot run on the installed versions is reported, not fatal
+            skipped[name] = f"{type(e).__name__}: {e}"
+    order = [m for m in ["vanilla"] + methods if m in runners]
+    order = list(dict.fromkeys(order))
+
+    gens: dict[str, list[Generation]] = {m: [] for m in order}
+    traces: list[Trace] = []
+    for m in order:  # warm-up: graphs, compilation, allocator
+        try:
+            runners[m](prompts[0], min(8, max_new))
+        except Exception as e:
+            skipped[m] = f"{type(e).__name__}: {e}"
+    order = [m for m in order if m not in skipped]
+    bar = tqdm(total=len(order) * len(prompts), desc="decoding", file=sys.stderr)
+    for m in order:
+        for x in prompts:
+            try:
+                gens[m].append(runners[m](x, max_new))
+            except Exception as e:
+                if m in EXACT or m == "vanilla":
+                    raise
+                skipped[m] = f"{type(e).__name__}: {e}"
+                break
+            bar.update(1)
+    bar.close()
+    order = [m for m in order if m not in skipped]
+    if gpu and not args.no_replay and "adadecode" in order:
+        for x in prompts:  # record each prompt's schedule (the decisions replayed on the 8B shape)
+            rec = RecordingEngine(engine)
+            g = generate_adadecode(rec, x, max_new, gamma=gamma, eos_ids=eos, max_pending=args.max_pending)
+            traces.append(Trace(n_layers=model.cfg.n_layers, head_layers=[h.layer for h in heads], calls=rec.calls,
+                                meta={"tokens": len(g.tokens)}))
+
+    bw = copy_bandwidth()
+    ref = gens["vanilla"]
     rows = []
-    for text, ids in zip(PROMPTS, prompts):
-        gen = generate_vanilla(engine, ids, args.max_new_tokens, eos_ids=model.eos_ids)
-        rows.append({"prompt": text, "prompt_tokens": len(ids), "new_tokens": len(gen.tokens),
-                     "ms_per_token": gen.ms_per_token})
-        print(f"{gen.ms_per_token:9.2f} ms/token  {len(gen.tokens):4d} tokens  {text[:50]}")
-    med = statistics.median(r["ms_per_token"] for r in rows)
-    print(f"\nvanilla, engine {engine.name} ({getattr(engine, 'dtype', '')}), {device_name()}: "
-          f"median {med:.2f} ms/token, {1e3 / med:.1f} tokens/s")
+    for m in order:
+        row = summarize(m, gens[m], None if m == "vanilla" else ref, model.cfg.n_layers)
+        row["speedup"] = statistics.median(r.ms_per_token for r in ref) / row["ms_per_token"]
+        if bw:
+            ctx = statistics.mean(len(x) + len(g.tokens) / 2 for x, g in zip(prompts, gens[m]))
+            row["pct_bandwidth_floor"] = 100 * bytes_per_token(model.cfg, ctx) / bw / (row["ms_per_token"] / 1e3)
+        rows.append(row)
+    bugs = [r["method"] for r in rows if r["method"] in EXACT and r.get("parity_prompts") != 1.0]
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    result = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+    result = {"command": " ".join(["python bench/latency.py"] + (argv if argv is not None else sys.argv[1:])),
               "date": now.isoformat(timespec="seconds"), "device": device_name(), "representative": gpu,
-              "engine": engine.name, "dtype": str(getattr(engine, "dtype", "")), "model": model.source,
-              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
-              "methods": {"vanilla": {"median_ms_per_token": med, "per_prompt": rows}}}
+              "engine": engine.name, "model": model.source, "heads": heads_spec, "head_layers": [h.layer for h in heads],
+              "gamma": gamma, "max_pending": args.max_pending, "prompts": args.prompts, "n_prompts": len(prompts),
+              "max_new_tokens": max_new, "copy_bandwidth_GBps": bw / 1e9 if bw else None,
+              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                           "transformers": __import__("transformers").__version__},
+              "methods": rows, "skipped": skipped}
+    if traces:
+        try:
+            result["trace_replay"] = trace_replay(traces, max_seq=max_seq)
+        except Exception as e:
+            result["trace_replay"] = {"error": f"{type(e).__name__}: {e}"}
+
+    print(f"\n{result['model']} | {result['device']} | engine {engine.name} | heads {heads_spec} "
+          f"{result['head_layers']} gamma {gamma} | {len(prompts)} prompts x {max_new} tokens ({args.prompts})")
+    print(f"{'method':<12} {'ms/tok':>9} {'tok/s':>8} {'speedup':>8} {'%floor':>7} {'parity':>7} {'exit':>6} "
+          f"{'accept':>7} {'exit L':>7} {'ideal':>6}")
+    for r in rows:
+        def f(key, fmt, scale=1.0):
+            return fmt % (scale * r[key]) if r.get(key) is not None else "-"
+
+        print(f"{r['method']:<12} {r['ms_per_token']:9.3f} {r['tokens_per_s']:8.1f} {r['speedup']:8.2f} "
+              f"{f('pct_bandwidth_floor', '%.0f%%'):>7} {f('parity_prompts', '%.0f%%', 100):>7} "
+              f"{f('early_exit_rate', '%.2f'):>6} {f('acceptance', '%.2f'):>7} {f('mean_exit_layer', '%.1f'):>7} "
+              f"{f('ideal_layer_step_speedup', '%.2f'):>6}")
+    for m, why in skipped.items():
+        print(f"{m:<12} not run: {why}")
+    if "trace_replay" in result:
+        tr = result["trace_replay"]
+        if "error" in tr:
+            print(f"trace replay: failed: {tr['error']}")
+        else:
+            print(f"trace replay on {tr['shape']}: ideal {tr['ideal_speedup']:.2f}x, realized {tr['realized_speedup']:.2f}x "
+                  f"({100 * tr['realized_over_ideal']:.0f}% of ideal; target >= 90%)")
+    if not gpu:
+        print("(CPU run of the torch reference engine: not representative of the CUDA engine)")
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = out / f"latency-{'gpu' if gpu else 'cpu'}-{now:%Y-%m-%d}.json"
-    name.write_text(json.dumps(result, indent=2))
-    print(f"wrote {name.relative_to(ROOT) if name.is_relative_to(ROOT) else name}")
+    stem = out / f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in ('code', 'general') else 'custom'}-{now:%Y-%m-%d}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(result, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and .png")
+    if bugs:
+        print(f"BUG: {bugs} did not reproduce vanilla's tokens on every prompt", file=sys.stderr)
+        return 1
     return 0
 
 
