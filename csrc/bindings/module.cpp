@@ -228,10 +228,12 @@ void lm_head_argmax(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max
 
 }  // namespace
 
-void register_engine(pybind11::module_& m);  // csrc/bindings/engine.cpp: adadecode_cuda.Engine
+// csrc/bindings/engine.cpp: adadecode_cuda.Engine. Weak, so that a tree without the engine runtime still
+// builds and imports the kernel ops.
+void register_engine(pybind11::module_& m) __attribute__((weak));
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  register_engine(m);
+  if (register_engine) register_engine(m);
   m.doc() = "adadecode CUDA kernels (torch bindings over csrc/kernels; every op writes into caller tensors)";
   m.def("add_rmsnorm", &add_rmsnorm, "residual += delta; out = RMSNorm(residual) * weight (bf16, in place)",
         py::arg("residual"), py::arg("delta"), py::arg("weight"), py::arg("out"), py::arg("eps"));

@@ -8,9 +8,29 @@ constexpr int kThreads = 128;  // == CH: thread t owns position t of the chunk w
 constexpr int kMaxQ = 128;     // queries (rows x heads of one KV group) per block
 static_assert(kThreads == CH, "scoring maps one thread to one position");
 
+// cp.async (sm_80+); older targets (a CMake default arch) fall back to a plain 16-byte copy.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_k() {  // all but the most recent group (V)
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 1;\n" ::);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 0;\n" ::);
+#endif
 }
 
 inline int rows_per_block(int G) {
@@ -19,7 +39,7 @@ inline int rows_per_block(int G) {
 }
 
 template <int HD>
-constexpr size_t kv_smem_bytes() { return 2 * size_t(CH) * (HD + 8) * sizeof(__nv_bfloat16); }
+__host__ __device__ constexpr size_t kv_smem_bytes() { return 2 * size_t(CH) * (HD + 8) * sizeof(__nv_bfloat16); }
 
 // grid: (chunks, Hkv, row groups). Writes, for every row r of the group with 128c <= p_r and every head h of
 // the KV group: part_o[r, h, c, :] (unnormalised P.V), part_ml[r, h, c] = (max, sum) in log2 units.
@@ -49,13 +69,17 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
   const int nvalid = min(CH, p_last - t0 + 1);
   const int64_t kv_row = static_cast<int64_t>(n_kv_heads) * HD;
 
+  // Two copy groups: K (needed first), then V (in flight while the scores are computed).
   for (int idx = tid; idx < nvalid * NV; idx += kThreads) {
     const int t = idx / NV, j = idx % NV;
-    const int64_t g = (t0 + t) * kv_row + kh * HD + j * 8;
-    cp_async16(Ks + t * LDK + j * 8, k_cache + g);
-    cp_async16(Vs + t * LDK + j * 8, v_cache + g);
+    cp_async16(Ks + t * LDK + j * 8, k_cache + (t0 + t) * kv_row + kh * HD + j * 8);
   }
-  asm volatile("cp.async.commit_group;\n" ::);
+  cp_async_commit();
+  for (int idx = tid; idx < nvalid * NV; idx += kThreads) {
+    const int t = idx / NV, j = idx % NV;
+    cp_async16(Vs + t * LDK + j * 8, v_cache + (t0 + t) * kv_row + kh * HD + j * 8);
+  }
+  cp_async_commit();
   for (int idx = tid; idx < Q * NV; idx += kThreads) {
     const int qi = idx / NV, j = idx % NV;
     const int r = r_begin + qi / G, h = kh * G + qi % G;
@@ -65,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
     dst[0] = make_float4(f[0] * qscale, f[1] * qscale, f[2] * qscale, f[3] * qscale);
     dst[1] = make_float4(f[4] * qscale, f[5] * qscale, f[6] * qscale, f[7] * qscale);
   }
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  cp_async_wait_k();
   __syncthreads();
 
   // Scores: thread tid <-> position t0 + tid; S[qi][t] = q.k (log2 units), -inf where t > p_r.
@@ -146,6 +170,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
       reinterpret_cast<float2*>(part_ml)[o] = make_float2(m, l);
     }
   }
+  cp_async_wait_all();
   __syncthreads();
 
   // P.V: NV threads per query, 8 dims each; positions in increasing order, only those <= p_r.

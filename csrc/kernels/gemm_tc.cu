@@ -12,6 +12,14 @@ using namespace nvcuda;
 constexpr int BM = 128, BN = 128, BK = 32, LDS = BK + 8;  // smem row stride 80 B: wmma needs 32 B-aligned fragments
 constexpr int kThreads = 256;                               // 8 warps: 2 (M) x 4 (N), 64 x 32 per warp
 
+// bf16 wmma and cp.async need sm_80+. Compiled for an older target (a CMake default arch), the kernel traps.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define ADA_TC_OK 1
+#else
+#define ADA_TC_OK 0
+#endif
+
+#if ADA_TC_OK
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;  // src-size 0: zero fill
@@ -20,6 +28,7 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+#endif
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 
@@ -30,6 +39,9 @@ __global__ void __launch_bounds__(kThreads) gemm_tc_kernel(const __nv_bfloat16* 
                                                            const __nv_bfloat16* __restrict__ w_up,
                                                            const __nv_bfloat16* residual, __nv_bfloat16* out, int M,
                                                            int N, int K) {
+#if !ADA_TC_OK
+  __trap();
+#else
   constexpr int OUT_N = GATEUP ? BN / 2 : BN;
   __shared__ __align__(128) __nv_bfloat16 As[2][BM * LDS];
   __shared__ __align__(128) __nv_bfloat16 Bs[2][BN * LDS];
@@ -133,6 +145,7 @@ __global__ void __launch_bounds__(kThreads) gemm_tc_kernel(const __nv_bfloat16* 
       __syncwarp();
     }
   }
+#endif  // ADA_TC_OK
 }
 
 }  // namespace
