@@ -1,5 +1,6 @@
 """Builds the package `adadecode` and, where a CUDA build of torch and nvcc are present, the extension
-`adadecode_cuda` from csrc/ (kernels in csrc/kernels/*.cu, bindings in csrc/bindings/*.cpp).
+`adadecode_cuda` from csrc/ (kernels in csrc/kernels/*.cu, the engine runtime in csrc/runtime/*.cu, bindings
+in csrc/bindings/*.cpp).
 
 Without nvcc or a CUDA build of torch the package installs as pure Python; asking for the CUDA engine
 then raises an error that says what is missing. ADADECODE_REQUIRE_CUDA=1 makes a failed build fatal.
@@ -37,8 +38,9 @@ def cuda_home() -> str | None:
 def extension_sources() -> list[str]:
     # The one source list: CMakeLists.txt globs the same folders.
     kernels = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "kernels").glob("*.cu"))
+    runtime = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "runtime").glob("*.cu"))
     bindings = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "bindings").glob("*.cpp"))
-    return kernels + bindings
+    return kernels + runtime + bindings
 
 
 def cuda_extensions():

@@ -1,0 +1,491 @@
+// The CUDA engine runtime (see engine.h for the contract and the graph strategy).
+#include "engine.h"
+
+#include <cstdio>
+#include <sstream>
+
+#include "../kernels/add_rmsnorm.cuh"
+#include "../kernels/attention.cuh"
+#include "../kernels/embedding.cuh"
+#include "../kernels/gemm_tc.cuh"
+#include "../kernels/lm_head.cuh"
+#include "../kernels/rope_kv.cuh"
+#include "../kernels/skinny_gemm.cuh"
+
+namespace adadecode::rt {
+namespace {
+
+[[noreturn]] void throw_cuda(cudaError_t e, const char* expr, const char* file, int line) {
+  std::ostringstream s;
+  s << "CUDA engine: " << expr << " failed: " << cudaGetErrorName(e) << " (" << cudaGetErrorString(e) << ") at "
+    << file << ":" << line;
+  throw std::runtime_error(s.str());
+}
+
+#define RT_CHECK(expr)                                                  \
+  do {                                                                  \
+    const cudaError_t rt_err_ = (expr);                                 \
+    if (rt_err_ != cudaSuccess) throw_cuda(rt_err_, #expr, __FILE__, __LINE__); \
+  } while (0)
+
+std::string gib(size_t bytes) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.3f GiB", static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0));
+  return buf;
+}
+
+constexpr size_t kAlign = 256;
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Rows r = 0..gridDim.x-1: dst[r] = ring[(first + r) % max_rows] (nvec 16-byte vectors per row). Block 0 also
+// publishes first to *pos_out (when given) for the captured graph that follows.
+__global__ void gather_rows_kernel(const uint4* __restrict__ ring, int max_rows, int first, int nvec,
+                                   uint4* __restrict__ dst, int32_t* __restrict__ pos_out) {
+  const int r = blockIdx.x;
+  const uint4* src = ring + static_cast<size_t>((first + r) % max_rows) * nvec;
+  uint4* out = dst + static_cast<size_t>(r) * nvec;
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) out[i] = src[i];
+  if (pos_out != nullptr && r == 0 && threadIdx.x == 0) *pos_out = first;
+}
+
+// Rows r = 0..gridDim.x-1: ring[(*first_pos + r) % max_rows] = src[r].
+__global__ void scatter_rows_kernel(const uint4* __restrict__ src, const int32_t* __restrict__ first_pos,
+                                    int max_rows, int nvec, uint4* __restrict__ ring) {
+  const int r = blockIdx.x;
+  uint4* dst = ring + static_cast<size_t>((*first_pos + r) % max_rows) * nvec;
+  const uint4* in = src + static_cast<size_t>(r) * nvec;
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) dst[i] = in[i];
+}
+
+constexpr int kCopyThreads = 128;
+
+// Attention workspace: decode (max_rows rows against up to max_seq positions) or a prefill chunk against up to
+// kPrefillCtxBudget positions; longer prefill contexts run the chunk's attention in row groups that fit.
+constexpr int kPrefillCtxBudget = 8192;
+size_t attention_ws_floats(const ModelDims& m, int max_seq, int max_rows, int chunk) {
+  const size_t dec = adadecode::attention_workspace_floats(max_rows, m.n_heads, m.head_dim, max_seq);
+  const size_t pre = adadecode::attention_workspace_floats(chunk, m.n_heads, m.head_dim,
+                                                           max_seq < kPrefillCtxBudget ? max_seq : kPrefillCtxBudget);
+  return dec > pre ? dec : pre;
+}
+
+struct Layout {  // byte offsets of the workspace buffers inside the arena
+  size_t ring, hw, hx, xn, z, qkv, attn, act, attn_ws, lm_ws, pos, iota, tokens, out, total;
+};
+
+Layout layout(const ModelDims& m, int max_seq, int max_rows, int chunk) {
+  const size_t P = static_cast<size_t>(max_rows > chunk ? max_rows : chunk);
+  const size_t qkv_n = static_cast<size_t>(m.n_heads + 2 * m.n_kv_heads) * m.head_dim;
+  const size_t attn_floats = attention_ws_floats(m, max_seq, max_rows, chunk);
+  const size_t lm_floats = adadecode::lm_head_workspace_floats(max_rows, m.vocab);
+  Layout L{};
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off += align_up(bytes);
+    return at;
+  };
+  L.ring = take(static_cast<size_t>(max_rows) * m.d * sizeof(bf16));
+  L.hw = take(P * m.d * sizeof(bf16));
+  L.hx = take(static_cast<size_t>(max_rows) * m.d * sizeof(bf16));
+  L.xn = take(P * m.d * sizeof(bf16));
+  L.z = take(static_cast<size_t>(max_rows) * m.d * sizeof(bf16));
+  L.qkv = take(P * qkv_n * sizeof(bf16));
+  L.attn = take(P * m.n_heads * m.head_dim * sizeof(bf16));
+  L.act = take(P * m.ffn * sizeof(bf16));
+  L.attn_ws = take(attn_floats * sizeof(float));
+  L.lm_ws = take(lm_floats * sizeof(float));
+  L.pos = take(sizeof(int32_t));
+  L.iota = take(static_cast<size_t>(max_seq) * sizeof(int32_t));
+  L.tokens = take(static_cast<size_t>(max_seq) * sizeof(int32_t));
+  L.out = take(2 * static_cast<size_t>(max_rows) * sizeof(int32_t));
+  L.total = off;
+  return L;
+}
+
+__global__ void iota_kernel(int32_t* p, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) p[i] = i;
+}
+
+}  // namespace
+
+size_t kv_cache_bytes(const ModelDims& m, int max_seq) {
+  return 2 * static_cast<size_t>(m.n_layers) * max_seq * m.n_kv_heads * m.head_dim * sizeof(bf16);
+}
+
+size_t workspace_bytes(const ModelDims& m, int max_seq, int max_rows, int chunk) {
+  return layout(m, max_seq, max_rows, chunk).total;
+}
+
+Engine::Engine(const ModelDims& dims, WeightPtrs weights, int max_seq, int max_rows, int prefill_chunk, int device)
+    : dims_(dims), w_(std::move(weights)), max_seq_(max_seq), max_rows_(max_rows), chunk_(prefill_chunk),
+      device_(device) {
+  const ModelDims& m = dims_;
+  auto bad = [](const std::string& s) { throw std::invalid_argument("CUDA engine: " + s); };
+  if (m.n_layers < 1 || m.d < 8 || m.n_heads < 1 || m.n_kv_heads < 1 || m.ffn < 8 || m.vocab < 1)
+    bad("model dimensions must be positive");
+  if (m.d % 8 != 0) bad("hidden size " + std::to_string(m.d) + " must be a multiple of 8");
+  if (m.ffn % 8 != 0) bad("intermediate size " + std::to_string(m.ffn) + " must be a multiple of 8");
+  if (m.head_dim != 64 && m.head_dim != 128) bad("head_dim " + std::to_string(m.head_dim) + " is not 64 or 128");
+  if (m.n_heads % m.n_kv_heads != 0 || m.n_heads / m.n_kv_heads > 128)
+    bad("n_heads " + std::to_string(m.n_heads) + " must be a multiple (at most 128x) of n_kv_heads " +
+        std::to_string(m.n_kv_heads));
+  if (max_rows < 1 || max_rows > kMaxRows)
+    bad("max_rows " + std::to_string(max_rows) + " must be in 1.." + std::to_string(kMaxRows) +
+        " (the batch-invariant skinny GEMM takes at most 16 rows)");
+  if (max_seq < 1) bad("max_seq must be >= 1");
+  if (prefill_chunk < 1) bad("prefill_chunk must be >= 1");
+  if (static_cast<int>(w_.layers.size()) != m.n_layers)
+    bad("got weights of " + std::to_string(w_.layers.size()) + " layers, expected " + std::to_string(m.n_layers));
+  auto need = [&](const void* p, const std::string& name) {
+    if (p == nullptr) bad(name + " is missing");
+    if (!aligned16(p)) bad(name + " is not 16-byte aligned");
+  };
+  need(w_.embed, "embed");
+  need(w_.norm, "norm");
+  need(w_.lm_head, "lm_head");
+  need(w_.cos, "cos table");
+  need(w_.sin, "sin table");
+  for (int l = 0; l < m.n_layers; ++l) {
+    const LayerPtrs& L = w_.layers[l];
+    const std::string p = "layer " + std::to_string(l) + " ";
+    need(L.attn_norm, p + "attn_norm");
+    need(L.wqkv, p + "wqkv");
+    need(L.wo, p + "wo");
+    need(L.mlp_norm, p + "mlp_norm");
+    need(L.w_gate, p + "w_gate");
+    need(L.w_up, p + "w_up");
+    need(L.w_down, p + "w_down");
+  }
+  qkv_n_ = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim;
+  layer_kv_elems_ = static_cast<size_t>(max_seq) * m.n_kv_heads * m.head_dim;
+  kv_bytes_ = kv_cache_bytes(m, max_seq);
+  const Layout lay = layout(m, max_seq, max_rows, prefill_chunk);
+  ws_bytes_ = lay.total;
+  attn_ws_floats_ = attention_ws_floats(m, max_seq, max_rows, prefill_chunk);
+
+  RT_CHECK(cudaSetDevice(device_));
+  try {
+    auto oom = [&](const char* what, size_t bytes, cudaError_t e) {
+      size_t free_b = 0, total_b = 0;
+      cudaGetLastError();
+      cudaMemGetInfo(&free_b, &total_b);
+      std::ostringstream s;
+      s << "CUDA engine: " << what << " of " << gib(bytes) << " does not fit on CUDA device " << device_ << ": KV cache of max_seq="
+        << max_seq << " x " << m.n_layers << " layers x " << m.n_kv_heads << " kv heads x head_dim " << m.head_dim
+        << " = " << gib(kv_bytes_) << " (bf16) + workspace for max_rows=" << max_rows << ", prefill chunk "
+        << prefill_chunk << " = " << gib(ws_bytes_) << "; " << gib(free_b) << " free of " << gib(total_b) << " ("
+        << cudaGetErrorString(e) << ")";
+      throw OutOfMemory(s.str());
+    };
+    size_t free_b = 0, total_b = 0;
+    RT_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (kv_bytes_ + ws_bytes_ > free_b) oom("KV cache and workspace", kv_bytes_ + ws_bytes_, cudaErrorMemoryAllocation);
+    cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&kv_), kv_bytes_);
+    if (e != cudaSuccess) {
+      kv_ = nullptr;
+      oom("KV cache", kv_bytes_, e);
+    }
+    e = cudaMalloc(reinterpret_cast<void**>(&arena_), ws_bytes_);
+    if (e != cudaSuccess) {
+      arena_ = nullptr;
+      oom("workspace", ws_bytes_, e);
+    }
+    e = cudaMallocHost(reinterpret_cast<void**>(&h_out_), 2 * static_cast<size_t>(max_rows) * sizeof(int32_t));
+    if (e != cudaSuccess) {
+      h_out_ = nullptr;
+      cudaGetLastError();
+      throw OutOfMemory(std::string("CUDA engine: pinned host buffer of ") +
+                        std::to_string(2 * max_rows * sizeof(int32_t)) + " bytes: " + cudaGetErrorString(e));
+    }
+    RT_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+
+    ring_ = reinterpret_cast<bf16*>(arena_ + lay.ring);
+    hw_ = reinterpret_cast<bf16*>(arena_ + lay.hw);
+    hx_ = reinterpret_cast<bf16*>(arena_ + lay.hx);
+    xn_ = reinterpret_cast<bf16*>(arena_ + lay.xn);
+    z_ = reinterpret_cast<bf16*>(arena_ + lay.z);
+    qkv_ = reinterpret_cast<bf16*>(arena_ + lay.qkv);
+    attn_ = reinterpret_cast<bf16*>(arena_ + lay.attn);
+    act_ = reinterpret_cast<bf16*>(arena_ + lay.act);
+    attn_ws_ = reinterpret_cast<float*>(arena_ + lay.attn_ws);
+    lm_ws_ = reinterpret_cast<float*>(arena_ + lay.lm_ws);
+    d_pos_ = reinterpret_cast<int32_t*>(arena_ + lay.pos);
+    d_iota_ = reinterpret_cast<int32_t*>(arena_ + lay.iota);
+    d_tokens_ = reinterpret_cast<int32_t*>(arena_ + lay.tokens);
+    d_out_ = reinterpret_cast<int32_t*>(arena_ + lay.out);
+
+    // Defined contents everywhere (the cache past a sequence's length is never read, but zeros make any slip
+    // reproducible), positions 0..max_seq-1 for the prefill chunks.
+    RT_CHECK(cudaMemsetAsync(kv_, 0, kv_bytes_, stream_));
+    RT_CHECK(cudaMemsetAsync(arena_, 0, ws_bytes_, stream_));
+    iota_kernel<<<(max_seq + 255) / 256, 256, 0, stream_>>>(d_iota_, max_seq);
+    RT_CHECK(cudaGetLastError());
+    RT_CHECK(cudaStreamSynchronize(stream_));
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+Engine::~Engine() { release(); }
+
+void Engine::release() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  free_graphs(layer_graphs_);
+  free_graphs(final_graphs_);
+  free_graphs(head_graphs_);
+  if (kv_) cudaFree(kv_);
+  if (arena_) cudaFree(arena_);
+  if (h_out_) cudaFreeHost(h_out_);
+  if (stream_) cudaStreamDestroy(stream_);
+  kv_ = nullptr;
+  arena_ = nullptr;
+  h_out_ = nullptr;
+  stream_ = nullptr;
+  cudaGetLastError();
+}
+
+void Engine::free_graphs(std::map<Key, Graph>& m) {
+  for (auto& kv : m)
+    if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
+  m.clear();
+}
+
+void Engine::check_rows(const char* what, int first, int last) const {
+  const int R = last - first + 1;
+  if (first < 0 || last >= max_seq_ || R < 1 || R > max_rows_) {
+    std::ostringstream s;
+    s << "CUDA engine: " << what << ": rows " << first << ".." << last << " must be 1.." << max_rows_
+      << " rows inside 0.." << max_seq_ - 1;
+    throw std::out_of_range(s.str());
+  }
+}
+
+void Engine::gather(int first, int R, bf16* dst, int32_t* pos_out) {
+  gather_rows_kernel<<<R, kCopyThreads, 0, stream_>>>(reinterpret_cast<const uint4*>(ring_), max_rows_, first,
+                                                       dims_.d / 8, reinterpret_cast<uint4*>(dst), pos_out);
+  RT_CHECK(cudaGetLastError());
+}
+
+// Layers [l0, l1) over rows hw_[0..R) at positions *pos + r. Every launch on stream_, nothing else: capturable.
+void Engine::enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int max_ctx) {
+  const ModelDims& m = dims_;
+  const int d = m.d, H = m.n_heads, Hkv = m.n_kv_heads, hd = m.head_dim, qn = H * hd;
+  cudaStream_t s = stream_;
+  for (int l = l0; l < l1; ++l) {
+    const LayerPtrs& L = w_.layers[l];
+    RT_CHECK(adadecode::add_rmsnorm(hw_, nullptr, L.attn_norm, xn_, R, d, m.eps, s));
+    RT_CHECK(adadecode::linear(xn_, L.wqkv, nullptr, nullptr, qkv_, R, qkv_n_, d, s));
+    RT_CHECK(adadecode::rope_append_kv(qkv_, k_cache(l), v_cache(l), w_.cos, w_.sin, pos, R, H, Hkv, hd, max_seq_, s));
+    // Rows [r0, r0 + n) per attention launch, n bounded by the workspace (decode: all R rows in one launch).
+    for (int r0 = 0; r0 < R;) {
+      int n = R - r0;
+      while (n > 1 && adadecode::attention_workspace_floats(n, H, hd, max_ctx) > attn_ws_floats_) n = (n + 1) / 2;
+      RT_CHECK(adadecode::attention(qkv_ + static_cast<size_t>(r0) * qkv_n_, qkv_n_, k_cache(l), v_cache(l), pos + r0,
+                                    attn_ + static_cast<size_t>(r0) * qn, attn_ws_, n, H, Hkv, hd, max_ctx, s));
+      r0 += n;
+    }
+    RT_CHECK(adadecode::linear(attn_, L.wo, nullptr, hw_, hw_, R, d, qn, s));  // h += o_proj(attn), in place
+    RT_CHECK(adadecode::add_rmsnorm(hw_, nullptr, L.mlp_norm, xn_, R, d, m.eps, s));
+    RT_CHECK(adadecode::linear(xn_, L.w_gate, L.w_up, nullptr, act_, R, m.ffn, d, s));  // silu(gate) * up
+    RT_CHECK(adadecode::linear(act_, L.w_down, nullptr, hw_, hw_, R, d, m.ffn, s));   // h += down(act)
+  }
+}
+
+void Engine::enqueue_layers(int R, int l0, int l1) {
+  enqueue_layer_body(R, l0, l1, d_pos_, max_seq_);
+  scatter_rows_kernel<<<R, kCopyThreads, 0, stream_>>>(reinterpret_cast<const uint4*>(hw_), d_pos_, max_rows_,
+                                                        dims_.d / 8, reinterpret_cast<uint4*>(ring_));
+  RT_CHECK(cudaGetLastError());
+}
+
+void Engine::enqueue_readback() {
+  RT_CHECK(cudaMemcpyAsync(h_out_, d_out_, 2 * static_cast<size_t>(max_rows_) * sizeof(int32_t),
+                           cudaMemcpyDeviceToHost, stream_));
+}
+
+void Engine::enqueue_final(int R) {
+  const ModelDims& m = dims_;
+  RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, xn_, R, m.d, m.eps, stream_));
+  RT_CHECK(adadecode::lm_head_argmax(xn_, w_.lm_head, nullptr, m.vocab, nullptr, d_out_,
+                                     reinterpret_cast<float*>(d_out_ + max_rows_), nullptr, lm_ws_, R, m.d,
+                                     /*round_bf16=*/true, stream_));
+  enqueue_readback();
+}
+
+void Engine::enqueue_head(int i) {
+  const ModelDims& m = dims_;
+  const HeadPtrs& h = heads_.at(i);
+  RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, xn_, 1, m.d, m.eps, stream_));
+  RT_CHECK(adadecode::skinny_gemm(xn_, h.T, nullptr, nullptr, z_, 1, m.d, m.d, stream_));
+  RT_CHECK(adadecode::lm_head_argmax(z_, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_out_,
+                                     reinterpret_cast<float*>(d_out_ + max_rows_), nullptr, lm_ws_, 1, m.d,
+                                     /*round_bf16=*/true, stream_));
+  enqueue_readback();
+}
+
+template <typename F>
+cudaGraphExec_t Engine::capture(F&& body, const std::string& what) {
+  // Nothing of an earlier call may still be pending when the capture starts (it would not be part of the
+  // graph anyway; the sync makes errors of the eager first run surface here, named).
+  RT_CHECK(cudaStreamSynchronize(stream_));
+  RT_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  try {
+    body();
+  } catch (...) {
+    cudaGraph_t g = nullptr;
+    cudaStreamEndCapture(stream_, &g);
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    throw;
+  }
+  cudaGraph_t g = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream_, &g);
+  if (end != cudaSuccess) {
+    if (g) cudaGraphDestroy(g);
+    throw_cuda(end, ("cudaStreamEndCapture (" + what + ")").c_str(), __FILE__, __LINE__);
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, g, 0);
+  cudaGraphDestroy(g);
+  if (inst != cudaSuccess) throw_cuda(inst, ("cudaGraphInstantiate (" + what + ")").c_str(), __FILE__, __LINE__);
+  return exec;
+}
+
+// Replays the graph of `key` from `cache`, or, on the first call of that key, runs `body` eagerly (which also
+// performs any one-time initialisation a kernel launcher does outside of capture) and captures it for later.
+template <typename F>
+void Engine::run_cached(std::map<Key, Graph>& cache, const Key& key, F&& body, const std::string& what) {
+  if (!use_graphs_) {
+    body();
+    return;
+  }
+  auto it = cache.find(key);
+  if (it != cache.end()) {
+    RT_CHECK(cudaGraphLaunch(it->second.exec, stream_));
+    return;
+  }
+  body();
+  if (cache.size() >= kMaxGraphsPerCache) free_graphs(cache);  // bounded: a pathological key sequence re-captures
+  cache[key] = Graph{capture(body, what)};
+}
+
+void Engine::prefill(const int32_t* tokens, int n) {
+  const ModelDims& m = dims_;
+  if (n < 1 || n > max_seq_) {
+    throw std::out_of_range("CUDA engine: prefill of " + std::to_string(n) + " tokens: need 1.." +
+                            std::to_string(max_seq_) + " (max_seq)");
+  }
+  for (int i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= m.vocab)
+      throw std::out_of_range("CUDA engine: token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+  RT_CHECK(cudaSetDevice(device_));
+  RT_CHECK(cudaMemcpyAsync(d_tokens_, tokens, static_cast<size_t>(n) * sizeof(int32_t), cudaMemcpyHostToDevice,
+                           stream_));
+  int s = 0, mrows = 0;
+  for (; s < n; s += chunk_) {
+    mrows = n - s < chunk_ ? n - s : chunk_;
+    RT_CHECK(adadecode::embedding(d_tokens_ + s, w_.embed, hw_, mrows, m.d, m.vocab, stream_));
+    enqueue_layer_body(mrows, 0, m.n_layers, d_iota_ + s, s + mrows);
+  }
+  s -= chunk_;  // start of the last chunk
+  RT_CHECK(cudaMemcpyAsync(ring_row(n - 1), hw_ + static_cast<size_t>(n - 1 - s) * m.d, m.d * sizeof(bf16),
+                           cudaMemcpyDeviceToDevice, stream_));
+  RT_CHECK(cudaStreamSynchronize(stream_));  // `tokens` (pageable) is read by then; errors surface here
+}
+
+void Engine::embed(int pos, int token) {
+  if (pos < 0 || pos >= max_seq_)
+    throw std::out_of_range("CUDA engine: embed at position " + std::to_string(pos) + " outside 0.." +
+                            std::to_string(max_seq_ - 1));
+  if (token < 0 || token >= dims_.vocab)
+    throw std::out_of_range("CUDA engine: token id " + std::to_string(token) + " is outside the vocabulary");
+  RT_CHECK(cudaMemcpyAsync(ring_row(pos), w_.embed + static_cast<size_t>(token) * dims_.d, dims_.d * sizeof(bf16),
+                           cudaMemcpyDeviceToDevice, stream_));
+}
+
+void Engine::run_layers(int first, int last, int l0, int l1) {
+  check_rows("run_layers", first, last);
+  if (l0 < 0 || l0 >= l1 || l1 > dims_.n_layers)
+    throw std::out_of_range("CUDA engine: run_layers: layers [" + std::to_string(l0) + ", " + std::to_string(l1) +
+                            ") outside 0.." + std::to_string(dims_.n_layers));
+  const int R = last - first + 1;
+  gather(first, R, hw_, d_pos_);
+  run_cached(layer_graphs_, Key{R, l0, l1}, [&] { enqueue_layers(R, l0, l1); },
+             "run_layers R=" + std::to_string(R) + " layers [" + std::to_string(l0) + ", " + std::to_string(l1) + ")");
+}
+
+void Engine::final_tokens(int first, int last, int32_t* tokens, float* probs) {
+  check_rows("final", first, last);
+  const int R = last - first + 1;
+  gather(first, R, hx_, nullptr);
+  run_cached(final_graphs_, Key{R, 0, 0}, [&] { enqueue_final(R); }, "final R=" + std::to_string(R));
+  RT_CHECK(cudaStreamSynchronize(stream_));
+  for (int r = 0; r < R; ++r) {
+    tokens[r] = h_out_[r];
+    std::memcpy(&probs[r], &h_out_[max_rows_ + r], sizeof(float));
+  }
+}
+
+void Engine::final_normed(int first, int last, bf16* dst) {
+  check_rows("final_normed", first, last);
+  const int R = last - first + 1;
+  gather(first, R, hx_, nullptr);
+  RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, dst, R, dims_.d, dims_.eps, stream_));
+  RT_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void Engine::set_heads(std::vector<HeadPtrs> heads) {
+  for (size_t i = 0; i < heads.size(); ++i) {
+    const HeadPtrs& h = heads[i];
+    const std::string p = "CUDA engine: head " + std::to_string(i) + ": ";
+    if (h.layer < 0 || h.layer > dims_.n_layers) throw std::invalid_argument(p + "layer outside 0..L");
+    if (h.T == nullptr || !aligned16(h.T)) throw std::invalid_argument(p + "T missing or not 16-byte aligned");
+    if (h.w_rest != nullptr && !aligned16(h.w_rest)) throw std::invalid_argument(p + "w_rest not 16-byte aligned");
+    if (h.vocab == nullptr ? h.n_vocab != dims_.vocab : (h.n_vocab < 1 || h.n_vocab > dims_.vocab))
+      throw std::invalid_argument(p + "vocabulary of " + std::to_string(h.n_vocab) + " ids, model vocab " +
+                                  std::to_string(dims_.vocab));
+  }
+  RT_CHECK(cudaStreamSynchronize(stream_));  // graphs of the old heads may still run
+  free_graphs(head_graphs_);
+  heads_ = std::move(heads);
+}
+
+std::pair<int32_t, float> Engine::head(int pos, int i) {
+  if (i < 0 || i >= static_cast<int>(heads_.size()))
+    throw std::out_of_range("CUDA engine: head index " + std::to_string(i) + " outside 0.." +
+                            std::to_string(static_cast<int>(heads_.size()) - 1));
+  check_rows("head", pos, pos);
+  gather(pos, 1, hx_, nullptr);
+  run_cached(head_graphs_, Key{i, 0, 0}, [&] { enqueue_head(i); }, "head " + std::to_string(i));
+  RT_CHECK(cudaStreamSynchronize(stream_));
+  float p;
+  std::memcpy(&p, &h_out_[max_rows_], sizeof(float));
+  return {h_out_[0], p};
+}
+
+void Engine::copy_row(int pos, bf16* dst) {
+  check_rows("hidden", pos, pos);
+  RT_CHECK(cudaMemcpyAsync(dst, ring_row(pos), dims_.d * sizeof(bf16), cudaMemcpyDeviceToDevice, stream_));
+  RT_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void Engine::copy_kv(int layer, int length, bf16* k_dst, bf16* v_dst) {
+  if (layer < 0 || layer >= dims_.n_layers || length < 0 || length > max_seq_)
+    throw std::out_of_range("CUDA engine: kv of layer " + std::to_string(layer) + ", length " +
+                            std::to_string(length) + " is outside the cache");
+  const size_t bytes = static_cast<size_t>(length) * dims_.n_kv_heads * dims_.head_dim * sizeof(bf16);
+  if (bytes) {
+    RT_CHECK(cudaMemcpyAsync(k_dst, k_cache(layer), bytes, cudaMemcpyDeviceToDevice, stream_));
+    RT_CHECK(cudaMemcpyAsync(v_dst, v_cache(layer), bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
+  RT_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void Engine::synchronize() { RT_CHECK(cudaStreamSynchronize(stream_)); }
+
+}  // namespace adadecode::rt

@@ -1,0 +1,183 @@
+// The CUDA engine runtime: the engine contract of DESIGN.md §3 on the kernels of csrc/kernels.
+// Torch-free: it holds raw device pointers (weights are owned by the caller, e.g. the torch binding in
+// csrc/bindings/engine.cpp, and must outlive the Engine), allocates its own KV cache and workspace once,
+// and runs everything on one dedicated non-blocking stream.
+//
+// State of one sequence:
+//   kv cache      layer l: K at kv + (2l) * S*Hkv*hd, V at kv + (2l+1) * S*Hkv*hd, each [S = max_seq, Hkv, hd] bf16
+//   ring          [max_rows, d] bf16: the residual stream of the rows in flight, slot = pos % max_rows
+// Host-side bookkeeping (which rows are live, their depth, the valid cache length) is the caller's job (the
+// Python CudaEngine mirrors TorchEngine's checks); this layer only checks what keeps memory accesses in bounds.
+//
+// Graphs: run_layers(first, last, l0, l1) = one by-value "gather" launch (copies the R rows from the ring into
+// the contiguous work buffer and writes first_pos to a device int32) + one replay of a CUDA graph captured
+// once per (R, l0, l1): the layers [l0, l1) over the work buffer (positions read from the device int32) and a
+// final scatter back into the ring. final(first, last) and head(pos, i) likewise: a gather launch + a graph per
+// R (final) or per head (head) that ends with one device-to-host copy of (token, max_prob) into pinned memory.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace adadecode::rt {
+
+using bf16 = __nv_bfloat16;
+
+// A device allocation that does not fit: the binding turns it into a Python MemoryError.
+struct OutOfMemory : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct ModelDims {
+  int n_layers = 0, d = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, vocab = 0;
+  float eps = 1e-5f;
+};
+
+// Non-owning device pointers, all bf16 row-major in the HF [out, in] layout, 16-byte aligned.
+struct LayerPtrs {
+  const bf16* attn_norm = nullptr;  // [d]
+  const bf16* wqkv = nullptr;       // [(H + 2 Hkv) hd, d]: q rows, then k rows, then v rows
+  const bf16* wo = nullptr;         // [d, H hd]
+  const bf16* mlp_norm = nullptr;   // [d]
+  const bf16* w_gate = nullptr;     // [ffn, d]
+  const bf16* w_up = nullptr;       // [ffn, d]
+  const bf16* w_down = nullptr;     // [d, ffn]
+};
+
+struct WeightPtrs {
+  const bf16* embed = nullptr;    // [vocab, d]
+  const bf16* norm = nullptr;     // [d]
+  const bf16* lm_head = nullptr;  // [vocab, d] (may equal embed)
+  const float* cos = nullptr;     // [max_seq, hd/2] fp32
+  const float* sin = nullptr;     // [max_seq, hd/2] fp32
+  std::vector<LayerPtrs> layers;
+};
+
+struct HeadPtrs {
+  int layer = 0;
+  const bf16* T = nullptr;          // [d, d]
+  const int32_t* vocab = nullptr;   // [n_vocab] sorted ids, or nullptr (full vocabulary)
+  int n_vocab = 0;                  // K, or the model's vocab when vocab == nullptr
+  const bf16* w_rest = nullptr;     // [d] or nullptr
+};
+
+// The skinny GEMM (batch invariant) takes at most 16 rows: more rows per call would go to the tensor cores.
+constexpr int kMaxRows = 16;
+// Graphs kept per cache (layers / final / heads) before the cache is emptied and re-filled on demand.
+constexpr size_t kMaxGraphsPerCache = 4096;
+
+class Engine {
+ public:
+  // device: the CUDA device of the weights. prefill_chunk: rows per prefill step (bounds the workspace).
+  Engine(const ModelDims& dims, WeightPtrs weights, int max_seq, int max_rows, int prefill_chunk, int device);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Full forward over tokens[0..n) (host ids, already checked to be in the vocabulary) through the tensor-core
+  // path in chunks of prefill_chunk rows; fills every layer's cache 0..n-1 and leaves the hidden state of row
+  // n-1 (depth L) in its ring slot. Synchronous.
+  void prefill(const int32_t* tokens, int n);
+  // Ring slot of pos <- embedding row of token (a device-to-device copy; asynchronous).
+  void embed(int pos, int token);
+  // Layers [l0, l1) for rows first..last (their hidden states in the ring), causal into the cache. Async.
+  void run_layers(int first, int last, int l0, int l1);
+  // Greedy tokens and their probabilities of rows first..last (final norm + LM head, bf16-rounded logits,
+  // lowest id on ties). tokens/probs: host arrays of last - first + 1. Synchronous. A non-finite row gives
+  // token -1 and prob NaN (the caller raises).
+  void final_tokens(int first, int last, int32_t* tokens, float* probs);
+  // The final-normed rows first..last into dst (device, [R, d] bf16), for logits in tests. Synchronous.
+  void final_normed(int first, int last, bf16* dst);
+  void set_heads(std::vector<HeadPtrs> heads);
+  // (token, max_prob) of head i on row pos. Synchronous.
+  std::pair<int32_t, float> head(int pos, int i);
+  // Ring row of pos into dst (device, [d] bf16). Synchronous.
+  void copy_row(int pos, bf16* dst);
+  // K and V of positions 0..length-1 of a layer into k_dst, v_dst (device, [length, Hkv, hd] bf16). Synchronous.
+  void copy_kv(int layer, int length, bf16* k_dst, bf16* v_dst);
+  void synchronize();
+  // Graphs on (default) or every call launched eagerly (same kernels, same arguments: the same bits).
+  void set_use_graphs(bool on) { use_graphs_ = on; }
+  bool use_graphs() const { return use_graphs_; }
+
+  int n_graphs() const { return static_cast<int>(layer_graphs_.size() + final_graphs_.size() + head_graphs_.size()); }
+  size_t kv_bytes() const { return kv_bytes_; }
+  size_t workspace_bytes() const { return ws_bytes_; }
+  cudaStream_t stream() const { return stream_; }
+  const ModelDims& dims() const { return dims_; }
+  int max_seq() const { return max_seq_; }
+  int max_rows() const { return max_rows_; }
+
+ private:
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+  };
+  using Key = std::tuple<int, int, int>;  // (R, l0, l1) / (R, 0, 0) / (head, 0, 0)
+
+  bf16* k_cache(int l) const { return kv_ + static_cast<size_t>(2 * l) * layer_kv_elems_; }
+  bf16* v_cache(int l) const { return kv_ + static_cast<size_t>(2 * l + 1) * layer_kv_elems_; }
+  bf16* ring_row(int pos) const { return ring_ + static_cast<size_t>(pos % max_rows_) * dims_.d; }
+
+  void check_rows(const char* what, int first, int last) const;
+  // Layers [l0, l1) over hw_[0..R) at positions *pos + r (device int32); attention grid sized for max_ctx.
+  void enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int max_ctx);
+  void enqueue_layers(int R, int l0, int l1);  // captured: layer body at *d_pos_ + scatter back to the ring
+  void enqueue_final(int R);                   // captured: norm + lm head + read-back copy
+  void enqueue_head(int i);                    // captured: norm + T + lm head + read-back copy
+  void enqueue_readback();
+  void gather(int first, int R, bf16* dst, int32_t* pos_out);
+  template <typename F>
+  cudaGraphExec_t capture(F&& body, const std::string& what);
+  template <typename F>
+  void run_cached(std::map<Key, Graph>& cache, const Key& key, F&& body, const std::string& what);
+  void free_graphs(std::map<Key, Graph>& m);
+  void release();
+
+  ModelDims dims_;
+  WeightPtrs w_;
+  int max_seq_, max_rows_, chunk_, device_;
+  int qkv_n_;  // (H + 2 Hkv) hd
+  size_t layer_kv_elems_ = 0;
+  size_t attn_ws_floats_ = 0;
+  size_t kv_bytes_ = 0, ws_bytes_ = 0;
+  bool use_graphs_ = true;
+  cudaStream_t stream_ = nullptr;
+
+  // device memory
+  bf16* kv_ = nullptr;     // all layers' K and V
+  char* arena_ = nullptr;  // the workspace below, one allocation
+  bf16* ring_ = nullptr;   // [max_rows, d]
+  bf16* hw_ = nullptr;     // [max(max_rows, chunk), d]: rows being run (decode) / the prefill chunk
+  bf16* hx_ = nullptr;     // [max_rows, d]: rows gathered for final / head
+  bf16* xn_ = nullptr;     // [max(max_rows, chunk), d]: normed activations
+  bf16* z_ = nullptr;      // [max_rows, d]: head transform output
+  bf16* qkv_ = nullptr;    // [max(max_rows, chunk), qkv_n]
+  bf16* attn_ = nullptr;   // [max(max_rows, chunk), H hd]
+  bf16* act_ = nullptr;    // [max(max_rows, chunk), ffn]
+  float* attn_ws_ = nullptr;
+  float* lm_ws_ = nullptr;
+  int32_t* d_pos_ = nullptr;    // first_pos of the current run_layers (read by the captured graphs)
+  int32_t* d_iota_ = nullptr;   // [max_seq] 0..max_seq-1: first_pos pointers for the prefill chunks
+  int32_t* d_tokens_ = nullptr; // [max_seq] prompt ids
+  int32_t* d_out_ = nullptr;    // [2 * max_rows]: token ids, then max_prob bit patterns
+  int32_t* h_out_ = nullptr;    // pinned mirror of d_out_
+
+  std::map<Key, Graph> layer_graphs_;
+  std::map<Key, Graph> final_graphs_;  // key (R, 0, 0)
+  std::map<Key, Graph> head_graphs_;   // key (i, 0, 0)
+  std::vector<HeadPtrs> heads_;
+};
+
+// Bytes of the KV cache and of the workspace an Engine of these sizes allocates (for error messages / tests).
+size_t kv_cache_bytes(const ModelDims& dims, int max_seq);
+size_t workspace_bytes(const ModelDims& dims, int max_seq, int max_rows, int prefill_chunk);
+
+}  // namespace adadecode::rt
