@@ -1,0 +1,293 @@
+"""CudaEngine: the engine contract (DESIGN.md §3) on the CUDA kernels, through the C++ runtime of adadecode_cuda.
+
+The same Python API and semantics as TorchEngine (the oracle): prefill, embed, run_layers, head, final,
+final_logits, set_heads, truncate, hidden. The host-side bookkeeping (which rows are in flight, at which depth,
+how much of each layer's cache is valid) and the contract checks live here, with TorchEngine's messages; the
+compute runs in `adadecode_cuda.Engine` (csrc/runtime/engine.cu):
+
+* weights go to the GPU once, in bf16 (q/k/v fused into one [q; k; v] matrix per layer); one KV cache and one
+  workspace are allocated for `max_seq` up front (MemoryError naming the sizes when they do not fit);
+* `run_layers` is one replay of a CUDA graph captured per (rows, l0, l1), the positions in device memory;
+* `final` and `head` read back only their (token, confidence) pairs;
+* `prefill` runs the tensor-core GEMMs in chunks of `prefill_chunk` rows.
+
+Batch invariance (DESIGN.md §4): every kernel of `run_layers` computes a row's bits independently of the other
+rows of the call (skinny GEMM for <= 16 rows, split-sequence attention with fixed chunks), so `max_rows` is at
+most 16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import LlamaConfig
+from .torch_engine import EngineError, rope_inv_freq
+from .weights import LlamaWeights
+
+MAX_ROWS = 16  # the batch-invariant skinny GEMM takes at most 16 rows
+
+
+def _dev(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`t` on `device` in `dtype`, contiguous and 16-byte aligned (what the kernels read with 16-byte loads)."""
+    t = t.detach().to(device=device, dtype=dtype).contiguous()
+    if t.data_ptr() % 16:
+        t = t.clone()
+    return t
+
+
+def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [max_seq, head_dim/2], computed exactly as TorchEngine computes its tables (before the cast)."""
+    t = torch.arange(max_seq, dtype=torch.float32)
+    freqs = torch.outer(t, rope_inv_freq(cfg))
+    emb = torch.cat((freqs, freqs), dim=-1)  # the same tensor TorchEngine takes cos/sin of: the same bits
+    half = cfg.head_dim // 2
+    return emb.cos()[:, :half].contiguous(), emb.sin()[:, :half].contiguous()
+
+
+def check_supported(cfg: LlamaConfig, max_rows: int) -> None:
+    """The shapes the kernels take; a clear ValueError naming the field otherwise."""
+    if cfg.head_dim not in (64, 128):
+        raise ValueError(f"the CUDA engine supports head_dim 64 or 128, this model has {cfg.head_dim}")
+    if cfg.d % 8:
+        raise ValueError(f"the CUDA engine needs hidden_size % 8 == 0, this model has {cfg.d}")
+    if cfg.ffn_dim % 8:
+        raise ValueError(f"the CUDA engine needs intermediate_size % 8 == 0, this model has {cfg.ffn_dim}")
+    if cfg.n_heads // cfg.n_kv_heads > 128:
+        raise ValueError(f"the CUDA engine supports at most 128 query heads per KV head, this model has "
+                         f"{cfg.n_heads // cfg.n_kv_heads}")
+    if not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS:
+        raise ValueError(f"max_rows={max_rows!r} must be an integer in 1..{MAX_ROWS} for the CUDA engine "
+                         f"(its batch-invariant skinny GEMM takes at most {MAX_ROWS} rows)")
+
+
+class CudaEngine:
+    name = "cuda"
+    dtype = torch.bfloat16
+
+    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, max_seq: int | None = None, max_rows: int = 16,
+                 prefill_chunk: int = 256, device: str | torch.device | None = None):
+        try:
+            import adadecode_cuda
+        except ImportError as e:
+            raise RuntimeError(f"the CUDA engine cannot run: the extension adadecode_cuda does not load ({e})") from None
+        if not hasattr(adadecode_cuda, "Engine"):
+            raise RuntimeError("the CUDA engine cannot run: this build of adadecode_cuda has no Engine "
+                               "(rebuild: pip install --no-build-isolation -e .)")
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"the CUDA engine cannot run: no CUDA GPU is visible to torch {torch.__version__}")
+        self.cfg = cfg
+        self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
+        if self.device.type != "cuda":
+            raise ValueError(f"the CUDA engine runs on a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device(f"cuda:{torch.cuda.current_device()}")
+        self.max_seq = min(cfg.max_position, 4096) if max_seq is None else int(max_seq)
+        if not 1 <= self.max_seq <= cfg.max_position:
+            raise ValueError(f"max_seq={self.max_seq} must be in 1..{cfg.max_position} (the model's max_position_embeddings)")
+        check_supported(cfg, max_rows)
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        self.max_rows = int(max_rows)
+        self.n_layers = cfg.n_layers
+
+        dev = self.device
+        with torch.cuda.device(dev):
+            embed = _dev(weights.embed, dev)
+            lm_head = embed if weights.lm_head is weights.embed else _dev(weights.lm_head, dev)
+            norm = _dev(weights.norm, dev)
+            layers = []
+            for lw in weights.layers:  # one layer at a time: the peak is one extra fused qkv
+                wqkv = _dev(torch.cat([_dev(lw.wq, dev), _dev(lw.wk, dev), _dev(lw.wv, dev)], dim=0), dev)
+                layers.append([_dev(lw.attn_norm, dev), wqkv, _dev(lw.wo, dev), _dev(lw.mlp_norm, dev),
+                               _dev(lw.w_gate, dev), _dev(lw.w_up, dev), _dev(lw.w_down, dev)])
+            cos, sin = rope_tables(cfg, self.max_seq)
+            cos, sin = _dev(cos, dev, torch.float32), _dev(sin, dev, torch.float32)
+            self._embed, self._lm_head, self._norm = embed, lm_head, norm
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()  # the runtime allocates with cudaMalloc, outside torch's cache
+            self._eng = adadecode_cuda.Engine(
+                n_layers=cfg.n_layers, d=cfg.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                head_dim=cfg.head_dim, ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps),
+                embed=embed, norm=norm, lm_head=lm_head, layers=layers, cos=cos, sin=sin, max_seq=self.max_seq,
+                max_rows=self.max_rows, prefill_chunk=prefill_chunk)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self.kv_len = [0] * self.cfg.n_layers
+        self.row_pos = [-1] * self.max_rows
+        self.row_depth = [-1] * self.max_rows
+        self.heads: list = []
+
+    @classmethod
+    def _with_backend(cls, cfg: LlamaConfig, backend, *, max_seq: int, max_rows: int = 16,
+                      device: str = "cpu") -> "CudaEngine":
+        """The host-side contract over any object with adadecode_cuda.Engine's methods (tests without a GPU)."""
+        e = cls.__new__(cls)
+        e.cfg, e.max_seq, e.max_rows, e.n_layers = cfg, int(max_seq), int(max_rows), cfg.n_layers
+        e.device, e._eng, e._lm_head = torch.device(device), backend, None
+        e._init_state()
+        return e
+
+    # ---- sizes and switches -------------------------------------------------------------------------------------
+    @property
+    def kv_bytes(self) -> int:
+        return self._eng.kv_bytes
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self._eng.workspace_bytes
+
+    @property
+    def n_graphs(self) -> int:
+        """CUDA graphs captured so far (run_layers per (rows, l0, l1), final per rows, head per head)."""
+        return self._eng.n_graphs
+
+    @property
+    def use_graphs(self) -> bool:
+        return self._eng.use_graphs
+
+    @use_graphs.setter
+    def use_graphs(self, on: bool) -> None:
+        """False launches every kernel eagerly (same kernels and arguments as the graphs: the same bits)."""
+        self._eng.use_graphs = bool(on)
+
+    def synchronize(self) -> None:
+        self._eng.synchronize()
+
+    # ---- the contract (checks and messages as TorchEngine) -----------------------------------------------------
+    def _check_tokens(self, tokens) -> list[int]:
+        tokens = [int(t) for t in tokens]
+        bad = [t for t in tokens if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        return tokens
+
+    def prefill(self, tokens) -> None:
+        """Full forward over the prompt: fills every layer's KV for 0..n-1 and leaves row n-1 at depth L."""
+        tokens = self._check_tokens(tokens)
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("empty prompt: prefill needs at least one token")
+        if n > self.max_seq:
+            raise ValueError(f"prompt of {n} tokens is longer than the context (max_seq={self.max_seq})")
+        self.truncate(0)
+        self._eng.prefill(tokens)
+        self.kv_len = [n] * self.n_layers
+        self._set_row(n - 1, self.n_layers)
+
+    def _set_row(self, pos: int, depth: int) -> None:
+        slot = pos % self.max_rows
+        self.row_pos[slot], self.row_depth[slot] = pos, depth
+
+    def _row_slot(self, pos: int, depth: int | None = None) -> int:
+        slot = pos % self.max_rows
+        if self.row_pos[slot] != pos:
+            raise EngineError(f"row {pos} is not in flight (embed it first, or it was overwritten by row {self.row_pos[slot]})")
+        if depth is not None and self.row_depth[slot] != depth:
+            raise EngineError(f"row {pos} is at depth {self.row_depth[slot]}, expected {depth}")
+        return slot
+
+    def embed(self, pos: int, token: int) -> None:
+        """Start row `pos` at depth 0 with the embedding of `token`."""
+        (token,) = self._check_tokens([token])
+        if not 0 <= pos < self.max_seq:
+            raise ValueError(f"position {pos} is past the context (max_seq={self.max_seq})")
+        self._eng.embed(pos, token)
+        self._set_row(pos, 0)
+
+    def run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int) -> None:
+        """Layers [l0, l1) for the contiguous rows first_pos..last_pos, all at depth l0, causal into the cache."""
+        if not 0 <= l0 < l1 <= self.n_layers:
+            raise EngineError(f"layers [{l0}, {l1}) outside 0..{self.n_layers}")
+        n = last_pos - first_pos + 1
+        if not 1 <= n <= self.max_rows:
+            raise EngineError(f"rows {first_pos}..{last_pos}: 1..{self.max_rows} rows per call")
+        slots = [self._row_slot(p, l0) for p in range(first_pos, last_pos + 1)]
+        for layer in range(l0, l1):
+            if self.kv_len[layer] < first_pos:
+                raise EngineError(f"layer {layer}: cache holds 0..{self.kv_len[layer] - 1}, row {first_pos} needs 0..{first_pos - 1}")
+        self._eng.run_layers(first_pos, last_pos, l0, l1)
+        for layer in range(l0, l1):
+            self.kv_len[layer] = last_pos + 1  # entries past the last row were computed from a dead state
+        for s in slots:
+            self.row_depth[s] = l1
+
+    def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
+        """fp32 logits [rows, vocab] of rows at depth L (final norm on the GPU kernels, LM head by torch)."""
+        for p in range(first_pos, last_pos + 1):
+            self._row_slot(p, self.n_layers)
+        x = self._eng.final_normed(first_pos, last_pos)
+        logits = (x @ self._lm_head.T).float()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
+        return logits
+
+    def final(self, first_pos: int, last_pos: int) -> list[int]:
+        """Greedy tokens of rows at depth L; ties go to the lowest token id."""
+        for p in range(first_pos, last_pos + 1):
+            self._row_slot(p, self.n_layers)
+        tokens, probs = self._eng.final(first_pos, last_pos)
+        if not all(math.isfinite(p) for p in probs) or min(tokens) < 0:
+            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
+        return tokens
+
+    def set_heads(self, heads) -> None:
+        """Intermediate heads (adadecode.heads.Head), indexed by `head_index` in `head()`."""
+        heads = list(heads)
+        d, vocab = self.cfg.d, self.cfg.vocab_size
+        dev = self.device
+        on_device, specs = [], []
+        for i, h in enumerate(heads):
+            if not 0 <= int(h.layer) <= self.n_layers:
+                raise ValueError(f"head {i}: layer {h.layer} is outside 0..{self.n_layers}")
+            if tuple(h.T.shape) != (d, d):
+                raise ValueError(f"head {i}: T has shape {tuple(h.T.shape)}, expected ({d}, {d})")
+            ids = None
+            if h.vocab is not None:
+                v = h.vocab.detach().reshape(-1).to("cpu", torch.int64)
+                if v.numel() == 0 or int(v.min()) < 0 or int(v.max()) >= vocab:
+                    raise ValueError(f"head {i}: vocabulary subset must hold 1..{vocab} ids in 0..{vocab - 1}")
+                if v.numel() > 1 and not bool((v[1:] > v[:-1]).all()):
+                    raise ValueError(f"head {i}: vocabulary subset must be sorted ascending without repeats")
+                ids = _dev(v, dev, torch.int32)
+            w_rest = None
+            if h.w_rest is not None:
+                if h.vocab is None:
+                    raise ValueError(f"head {i}: w_rest is given without a vocabulary subset")
+                if tuple(h.w_rest.shape) != (d,):
+                    raise ValueError(f"head {i}: w_rest has shape {tuple(h.w_rest.shape)}, expected ({d},)")
+                w_rest = _dev(h.w_rest, dev)
+            T = _dev(h.T, dev)
+            on_device.append(h.to(dev, torch.bfloat16))
+            specs.append((int(h.layer), T, ids, w_rest))
+        self._eng.set_heads(specs)
+        self.heads = on_device
+
+    def head(self, pos: int, head_index: int) -> tuple[int, float]:
+        """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer."""
+        hd = self.heads[head_index]
+        head_index = range(len(self.heads))[head_index]  # a negative index as a list takes it
+        self._row_slot(pos, hd.layer)
+        token, prob = self._eng.head(pos, head_index)
+        if not math.isfinite(prob) or token < 0:
+            raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
+        return int(token), float(prob)
+
+    def hidden(self, pos: int) -> torch.Tensor:
+        """The residual stream of row `pos` (a copy), for tests."""
+        self._row_slot(pos)
+        return self._eng.hidden(pos)
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V [kv_len, n_kv_heads, head_dim] of `layer` (its valid cache entries), for tests."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
+        return self._eng.kv(layer, self.kv_len[layer])
+
+    def truncate(self, length: int) -> None:
+        """Roll back: cache entries at positions >= length are dead, and so are rows there."""
+        self.kv_len = [min(n, length) for n in self.kv_len]
+        for s, p in enumerate(self.row_pos):
+            if p >= length:
+                self.row_pos[s], self.row_depth[s] = -1, -1
