@@ -1,0 +1,173 @@
+"""Vanilla greedy decoding latency of the CUDA engine (issue 4): ms/token at contexts 128 and 2048 for
+
+* SmolLM2-135M-Instruct, the default model (target <= 0.25 ms/token; HF transformers eager: about 91 ms on an H100);
+* a Llama-3.1-8B shape with random bf16 weights generated on the GPU (d 4096, 32 layers, 32/8 heads, ffn 14336,
+  vocab 128256; target >= 85% of the device-to-device copy bandwidth measured in the same run).
+
+    python bench/engine_latency.py [--models smol,8b] [--contexts 128,2048] [--new-tokens 128] [--repeats 3]
+
+ms/token is what `generate_vanilla` measures (wall time per token after the first, Python loop included: one
+graph replay for the layers, one for the LM head, one small read-back per token). Bytes per token count what a
+decode step must read at least: every weight once (the embedding: one row), the LM head, and the K/V cache of the
+context; "% of copy bandwidth" = (bytes per token / time per token) / the measured copy bandwidth (read + write
+bytes per second of a 1 GiB device-to-device copy). Writes bench/results/engine-latency-<date>.json with the device,
+versions, command and date. Needs a CUDA GPU and adadecode_cuda.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from adadecode.config import LlamaConfig  # noqa: E402
+from adadecode.decode import generate_vanilla  # noqa: E402
+from adadecode.engines import cuda_unavailable_reason  # noqa: E402
+from adadecode.weights import LlamaWeights, expected_shapes  # noqa: E402
+
+LLAMA31_8B = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+    "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}
+TARGETS = {"smol": {"ms_per_token_max": 0.25, "hf_eager_ms_per_token_h100": 91.0},
+           "8b": {"pct_copy_bandwidth_min": 85.0, "hf_eager_ms_per_token_h100": 82.0}}
+
+
+def copy_bandwidth(gib: float = 1.0, iters: int = 20) -> float:
+    """Bytes per second (read + write) of a device-to-device copy of `gib` GiB."""
+    n = int(gib * 2**30)
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * iters / seconds
+
+
+def random_weights_gpu(cfg: LlamaConfig, seed: int = 0) -> LlamaWeights:
+    """Random bf16 weights with a trained model's scale, generated on the GPU (16 GB for the 8B shape)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    state = {}
+    for name, shape in expected_shapes(cfg).items():
+        if len(shape) == 1:
+            t = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16).mul_(0.1).add_(1.0)
+        elif name == "model.embed_tokens.weight":
+            t = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
+        else:
+            t = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16).mul_(shape[-1] ** -0.5)
+        state[name] = t
+    return LlamaWeights.from_hf_state(cfg, state)
+
+
+def bytes_per_token(cfg: LlamaConfig, context: float) -> int:
+    """The least a decode step reads: weights once (embedding: one row), the LM head, K and V of `context` positions."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    layer = (q + 2 * kv) * cfg.d + cfg.d * q + 3 * cfg.ffn_dim * cfg.d + 2 * cfg.d
+    weights = cfg.n_layers * layer + cfg.d + cfg.vocab_size * cfg.d + cfg.d
+    cache = 2 * cfg.n_layers * context * kv
+    return int(2 * (weights + cache))
+
+
+def run_model(name: str, cfg: LlamaConfig, weights: LlamaWeights, contexts: list[int], new_tokens: int,
+              repeats: int, copy_bw: float) -> dict:
+    from adadecode.cuda_engine import CudaEngine
+
+    engine = CudaEngine(cfg, weights, max_seq=max(contexts) + new_tokens + 8)
+    g = torch.Generator().manual_seed(0)
+    out = {"config": {"d": cfg.d, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+                      "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim, "vocab_size": cfg.vocab_size},
+           "kv_cache_bytes": engine.kv_bytes, "workspace_bytes": engine.workspace_bytes, "contexts": {}}
+    for ctx in contexts:
+        prompt = torch.randint(0, cfg.vocab_size, (ctx,), generator=g).tolist()
+        generate_vanilla(engine, prompt, 8)  # warm-up: captures the graphs
+        runs = [generate_vanilla(engine, prompt, new_tokens).ms_per_token for _ in range(repeats)]
+        ms = statistics.median(runs)
+        nbytes = bytes_per_token(cfg, ctx + new_tokens / 2)
+        achieved = nbytes / (ms / 1e3)
+        row = {"prompt_tokens": ctx, "new_tokens": new_tokens, "ms_per_token": ms, "ms_per_token_runs": runs,
+               "bytes_per_token": nbytes, "achieved_bytes_per_s": achieved,
+               "pct_copy_bandwidth": 100 * achieved / copy_bw, "floor_ms_per_token": 1e3 * nbytes / copy_bw}
+        out["contexts"][str(ctx)] = row
+        print(f"{name:5s} context {ctx:5d}: {ms:8.4f} ms/token ({1e3 / ms:8.1f} tokens/s), "
+              f"{nbytes / 1e9:7.3f} GB/token, {achieved / 1e12:6.3f} TB/s = {row['pct_copy_bandwidth']:5.1f}% of copy "
+              f"bandwidth (floor {row['floor_ms_per_token']:.4f} ms)")
+    out["n_graphs"] = engine.n_graphs
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="smol,8b", help="comma-separated: smol (the default model), 8b")
+    p.add_argument("--contexts", default="128,2048")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    why = cuda_unavailable_reason()
+    if why:
+        print(f"engine_latency needs the CUDA engine: {why}", file=sys.stderr)
+        return 2
+    contexts = [int(c) for c in args.contexts.split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+
+    copy_bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_bw / 1e12:.3f} TB/s (read + write)")
+    results = {}
+    for name in models:
+        if name == "smol":
+            from adadecode.loader import load_model
+
+            model = load_model("default")
+            results[name] = run_model(name, model.cfg, model.weights, contexts, args.new_tokens, args.repeats, copy_bw)
+            results[name]["model"] = model.source
+        elif name == "8b":
+            cfg = LlamaConfig.from_hf(LLAMA31_8B, source="Llama-3.1-8B shape")
+            weights = random_weights_gpu(cfg)
+            results[name] = run_model(name, cfg, weights, contexts, args.new_tokens, args.repeats, copy_bw)
+            results[name]["model"] = "Llama-3.1-8B shape, random bf16 weights"
+            del weights
+            torch.cuda.empty_cache()
+        else:
+            p.error(f"unknown model {name!r} (smol, 8b)")
+        results[name]["targets"] = TARGETS[name]
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+              "date": now.isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
+              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                           "compute_capability": "{}.{}".format(*torch.cuda.get_device_capability())},
+              "copy_bandwidth_bytes_per_s": copy_bw, "engine": "cuda", "method": "vanilla greedy",
+              "models": results}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"engine-latency-{now:%Y-%m-%d}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
