@@ -376,9 +376,9 @@ def test_final_and_heads_match_the_reference_math(default_model, engines):
             probs, ids = hdv.probs(x, lm_head)
             logits = hdv.logits(x, lm_head)[0]
             j = int(probs[0, : len(ids)].argmax())
-            if int(ids[j]) != token:  # only a bf16 tie may differ
+            if int(ids[j]) != token:  # only a near-tie may differ (z = T x is rounded to bf16 by both sides)
                 mine = int((ids == token).nonzero()[0, 0])
-                assert abs(float(logits[j] - logits[mine])) <= bf16_ulp(float(logits[j])) * 1.001
+                assert abs(float(logits[j] - logits[mine])) <= 2 * bf16_ulp(float(logits[j])) * 1.001
             assert conf == pytest.approx(float(probs[0, j]), abs=1e-2, rel=2e-2)
         cuda.run_layers(pos, pos, done, cfg.n_layers)
         (tok,) = cuda.final(pos, pos)
