@@ -502,6 +502,7 @@ def simulate_set(traces: list[tuple[torch.Tensor, torch.Tensor]], layers, gamma,
     return {"layers": list(layers), "gamma": gamma, "ideal_speedup": van / max(1, steps),
             "speedup_with_head_cost": van / max(1e-9, steps + head_cost * tot["head_evals"]),
             "exit_rate": tot["exits"] / rows, "rollbacks_per_100_tokens": 100 * tot["wrong"] / rows,
+            "early_accuracy": 1 - tot["wrong"] / tot["exits"] if tot["exits"] else None,
             "steps": steps, "vanilla_steps": van, "head_evals": tot["head_evals"]}
 
 
