@@ -399,7 +399,7 @@ def test_attention_invariance_every_index(shape):
 
 
 def test_attention_long_context_and_prefill_rows():
-    """Beyond 4K (8K context, 17 chunk... 64 chunks) and more than 16 rows in one launch (prefill-style)."""
+    """Beyond 4K (an 8K cache: 64 chunks) and more than 16 rows in one launch (prefill-style row groups)."""
     s = SMOL
     H, Hkv, hd, max_seq = s["H"], s["Hkv"], s["hd"], 8192
     g = gen(12)
@@ -410,6 +410,24 @@ def test_attention_long_context_and_prefill_rows():
         out = run_attention(q, kc, vc, first_pos, H, max_seq)
         ref = attention_ref(q[:, :H * hd], kc, vc, first_pos, H, Hkv, hd)
         assert_close_bf16(out, ref, f"attention long first_pos={first_pos} R={R}")
+
+
+@pytest.mark.parametrize("shape", ["smol", "8b"])
+def test_attention_at_128k_positions(shape):
+    """Llama-3.1's maximum position (131072): 1024 chunks per row, int64 offsets into a 128K-entry cache."""
+    s = SHAPES[shape]
+    H, Hkv, hd, max_seq = s["H"], s["Hkv"], s["hd"], 131072
+    g = gen(18)
+    kc, vc = randn(max_seq, Hkv, hd, g=g), randn(max_seq, Hkv, hd, g=g)
+    width = (H + 2 * Hkv) * hd
+    R = 4
+    first_pos = max_seq - R
+    q = randn(R, width, g=g, scale=2.0)
+    out = run_attention(q, kc, vc, first_pos, H, max_seq)
+    ref = attention_ref(q[:, :H * hd], kc, vc, first_pos, H, Hkv, hd)
+    assert_close_bf16(out, ref, f"attention {shape} at 128K")
+    alone = run_attention(q[R - 1:].contiguous(), kc, vc, max_seq - 1, H, max_seq)
+    assert_bitwise(alone[0], out[R - 1], "attention at 128K: last row alone")
 
 
 def test_attention_row_past_max_ctx_is_nan():
