@@ -507,9 +507,11 @@ def simulate_set(traces: list[tuple[torch.Tensor, torch.Tensor]], layers, gamma,
 
 
 def recommend(per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]], seq: torch.Tensor, n_layers: int,
-              gammas=GAMMAS, max_heads: int = 3, max_pending: int = 5, head_cost: float = 0.0) -> tuple[dict, list[dict]]:
+              gammas=GAMMAS, max_heads: int = 3, max_pending: int = 5, head_cost: float = 0.0,
+              min_accuracy: float = 0.0) -> tuple[dict, list[dict]]:
     """Best (layer set, gamma) by simulated ideal layer-step speedup on the held-out traces (ties: fewer heads,
-    then higher gamma). per_layer: layer -> (conf [N], correct [N]) in the row order of `seq`."""
+    then higher gamma), among the configurations whose early tokens are right at least `min_accuracy` of the
+    time (all of them when none is). per_layer: layer -> (conf [N], correct [N]) in the row order of `seq`."""
     layers_all = sorted(per_layer)
     bounds = torch.unique_consecutive(seq, return_counts=True)[1].tolist()
     results = []
@@ -523,7 +525,8 @@ def recommend(per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]], seq: torc
                 o += n
             for g in gammas:
                 results.append(simulate_set(traces, subset, g, n_layers, max_pending, head_cost))
-    best = max(results, key=lambda r: (round(r["ideal_speedup"], 6), -len(r["layers"]), r["gamma"]))
+    ok = [r for r in results if (r["early_accuracy"] if r["early_accuracy"] is not None else 1.0) >= min_accuracy]
+    best = max(ok or results, key=lambda r: (round(r["ideal_speedup"], 6), -len(r["layers"]), r["gamma"]))
     return best, results
 
 
@@ -548,7 +551,7 @@ def split_prompts(n: int, heldout_frac: float, seed: int = 0) -> tuple[list[int]
 
 def train_pipeline(model, data: dict, layers: Sequence[int], *, vocab_k: int = 4096, heldout_frac: float = 0.2,
                    epochs: int = 4, lr: float = 1e-3, batch: int = 256, max_heads: int = 3, max_pending: int = 5,
-                   gammas=GAMMAS, seed: int = 0, log=print, progress: bool = True) -> dict:
+                   gammas=GAMMAS, seed: int = 0, min_accuracy: float = 0.0, log=print, progress: bool = True) -> dict:
     """Train a head at each layer of `layers` on `data` (from make_data), evaluate on the held-out prompts,
     recommend a layer subset and gamma. Returns {'heads': {layer: Head}, 'results': JSON-able dict}."""
     cfg = model.cfg
@@ -594,7 +597,7 @@ def train_pipeline(model, data: dict, layers: Sequence[int], *, vocab_k: int = 4
                            "identity_gammas": exit_table(lconf, ltok == cap_he.y, gammas)}
     train_s = time.time() - t0
     hc = head_params(cfg, K) / layer_params(cfg)
-    best, sims = recommend(per_layer_trace, cap_he.seq, cfg.n_layers, gammas, max_heads, max_pending, hc)
+    best, sims = recommend(per_layer_trace, cap_he.seq, cfg.n_layers, gammas, max_heads, max_pending, hc, min_accuracy)
     results = {
         "model": model.source, "model_fingerprint": model.fingerprint, "n_layers": cfg.n_layers,
         "prompts": {"total": n_prompts, "train": len(train_ids), "heldout": len(held_ids),
@@ -604,7 +607,7 @@ def train_pipeline(model, data: dict, layers: Sequence[int], *, vocab_k: int = 4
         "vocab_k": K, "heldout_vocab_coverage": cover,
         "training": {"epochs": epochs, "lr": lr, "batch": batch, "seed": seed, "seconds": train_s,
                      "loss": "forward KL(p_final || p_head) on the K tokens + rest (restricted) or the top-256 + tail (full)"},
-        "head_cost_layers": hc, "max_pending": max_pending,
+        "head_cost_layers": hc, "max_pending": max_pending, "min_accuracy": min_accuracy,
         "per_head": [per_head[l] for l in sorted(per_head)],
         "recommended": best,
         "simulations": sorted(sims, key=lambda r: -r["ideal_speedup"])[:40],
@@ -638,8 +641,9 @@ def format_report(res: dict) -> str:
                           f"{100 * g['exit_rate']:5.1f}%/  -   " for g in h["gammas"])
         lines.append(f"{h['layer']:5d}  {h['identity_kl']:7.3f} -> {h['heldout_kl']:6.3f}     {100 * h['top1_agreement']:5.1f}%  {cells}")
     b = res["recommended"]
+    acc = "-" if b["early_accuracy"] is None else f"{100 * b['early_accuracy']:.1f}%"
     lines.append(f"recommended: layers {b['layers']}, gamma {b['gamma']}: simulated ideal layer-step speedup "
-                 f"{b['ideal_speedup']:.3f}x (exit rate {100 * b['exit_rate']:.1f}%, {b['rollbacks_per_100_tokens']:.2f} "
+                 f"{b['ideal_speedup']:.3f}x (exit rate {100 * b['exit_rate']:.1f}%, early accuracy {acc}, {b['rollbacks_per_100_tokens']:.2f} "
                  f"rollbacks / 100 tokens; counting each head evaluation as {res['head_cost_layers']:.2f} layers: "
                  f"{b['speedup_with_head_cost']:.3f}x)")
     return "\n".join(lines)
@@ -660,6 +664,8 @@ def add_arguments(p) -> None:
     p.add_argument("--gen-batch", type=int, default=64, help="prompts per batched generation forward")
     p.add_argument("--max-heads", type=int, default=3, help="largest layer set the recommendation considers")
     p.add_argument("--max-pending", type=int, default=5, help="simulator: most early tokens awaiting verification")
+    p.add_argument("--min-accuracy", type=float, default=0.0,
+                   help="recommend only configurations whose held-out early tokens are right at least this often")
     p.add_argument("--gammas", default=",".join(str(g) for g in GAMMAS))
     p.add_argument("--no-chat", action="store_true", help="encode prompts as plain text (default: chat template)")
     p.add_argument("--data-cache", default=None, help="file to keep the generated data in (reused when it matches)")
@@ -694,7 +700,7 @@ def main(args) -> int:
                      device=args.device, cache_file=args.data_cache, log=log)
     out = train_pipeline(model, data, layers, vocab_k=args.vocab, heldout_frac=args.heldout, epochs=args.epochs,
                          lr=args.lr, batch=args.batch, max_heads=args.max_heads, max_pending=args.max_pending,
-                         gammas=gammas, seed=args.seed, log=log)
+                         gammas=gammas, seed=args.seed, min_accuracy=args.min_accuracy, log=log)
     res = out["results"]
     best = res["recommended"]
     desc = args.description or (f"greedy continuations ({args.max_new_tokens} new tokens) of {res['prompts']['train']} "
@@ -706,7 +712,7 @@ def main(args) -> int:
     res["total_seconds"] = time.time() - t0
     res["description"] = desc
     meta = {"gamma": best["gamma"], "description": desc,
-            "training": {k: res[k] for k in ("prompts", "generation", "vocab_k", "training", "max_pending")},
+            "training": {k: res[k] for k in ("prompts", "generation", "vocab_k", "training", "max_pending", "min_accuracy")},
             "heldout": {"recommended": best, "per_head": [{k: h[k] for k in ("layer", "heldout_kl", "top1_agreement", "gammas")}
                                                           for h in res["per_head"]]}}
     save_heads(args.out, [out["heads"][l] for l in best["layers"]], model, meta)

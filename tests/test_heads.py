@@ -270,3 +270,14 @@ def test_cli_train_heads_end_to_end(tmp_path, monkeypatch, capsys):
     rc = main(["train-heads", "--model", "tiny", "--layers", "2", "--prompts", str(prompts), "--out", str(out),
                "--max-new-tokens", "8", "--vocab", "30", "--epochs", "1", "--data-cache", str(tmp_path / "cache.pt")])
     assert rc == 0 and "reusing generated data" in capsys.readouterr().out
+
+
+def test_recommend_respects_min_accuracy():
+    # layer 10 exits on every row but is wrong on every tenth; layer 20 exits on every row and is always right
+    n = 40
+    per = {10: (torch.ones(n), torch.arange(n) % 10 != 9), 20: (torch.ones(n), torch.ones(n, dtype=torch.bool))}
+    seq = torch.zeros(n, dtype=torch.long)
+    best, _ = th.recommend(per, seq, 30, gammas=(0.5,), max_heads=1)
+    assert best["layers"] == [10] and best["early_accuracy"] < 0.95  # a few rollbacks cost less than exiting at 20
+    best, _ = th.recommend(per, seq, 30, gammas=(0.5,), max_heads=1, min_accuracy=0.95)
+    assert best["layers"] == [20] and best["early_accuracy"] == 1.0
