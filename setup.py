@@ -69,6 +69,8 @@ def cuda_extensions():
         name="adadecode_cuda",
         sources=extension_sources(),
         include_dirs=[str(ROOT / "csrc")],
+        # so that `import adadecode_cuda` finds libc10 & co. without torch imported first
+        extra_link_args=[f"-Wl,-rpath,{Path(torch.__file__).parent / 'lib'}"],
         extra_compile_args={"cxx": ["-O3", "-std=c++20"],
                             "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]},
     )

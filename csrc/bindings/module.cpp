@@ -228,12 +228,11 @@ void lm_head_argmax(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max
 
 }  // namespace
 
-// csrc/bindings/engine.cpp: adadecode_cuda.Engine. Weak, so that a tree without the engine runtime still
-// builds and imports the kernel ops.
-void register_engine(pybind11::module_& m) __attribute__((weak));
+// csrc/bindings/engine.cpp: adadecode_cuda.Engine.
+void register_engine(pybind11::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  if (register_engine) register_engine(m);
+  register_engine(m);
   m.doc() = "adadecode CUDA kernels (torch bindings over csrc/kernels; every op writes into caller tensors)";
   m.def("add_rmsnorm", &add_rmsnorm, "residual += delta; out = RMSNorm(residual) * weight (bf16, in place)",
         py::arg("residual"), py::arg("delta"), py::arg("weight"), py::arg("out"), py::arg("eps"));
