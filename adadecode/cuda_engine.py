@@ -22,7 +22,8 @@ import math
 import torch
 
 from .config import LlamaConfig
-from .torch_engine import EngineError, rope_inv_freq
+from .contract import EngineContract
+from .torch_engine import rope_inv_freq
 from .weights import LlamaWeights
 
 MAX_ROWS = 16  # the batch-invariant skinny GEMM takes at most 16 rows
@@ -61,35 +62,28 @@ def check_supported(cfg: LlamaConfig, max_rows: int) -> None:
                          f"(its batch-invariant skinny GEMM takes at most {MAX_ROWS} rows)")
 
 
-class CudaEngine:
+class CudaEngine(EngineContract):
     name = "cuda"
     dtype = torch.bfloat16
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, max_seq: int | None = None, max_rows: int = 16,
                  prefill_chunk: int = 256, device: str | torch.device | None = None):
-        try:
-            import adadecode_cuda
-        except ImportError as e:
-            raise RuntimeError(f"the CUDA engine cannot run: the extension adadecode_cuda does not load ({e})") from None
-        if not hasattr(adadecode_cuda, "Engine"):
-            raise RuntimeError("the CUDA engine cannot run: this build of adadecode_cuda has no Engine "
-                               "(rebuild: pip install --no-build-isolation -e .)")
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"the CUDA engine cannot run: no CUDA GPU is visible to torch {torch.__version__}")
-        self.cfg = cfg
+        from .engines import cuda_unavailable_reason
+
+        why = cuda_unavailable_reason()
+        if why:
+            raise RuntimeError(f"the CUDA engine cannot run: {why}")
+        import adadecode_cuda
+
         self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
         if self.device.type != "cuda":
             raise ValueError(f"the CUDA engine runs on a CUDA device, got {self.device}")
         if self.device.index is None:
             self.device = torch.device(f"cuda:{torch.cuda.current_device()}")
-        self.max_seq = min(cfg.max_position, 4096) if max_seq is None else int(max_seq)
-        if not 1 <= self.max_seq <= cfg.max_position:
-            raise ValueError(f"max_seq={self.max_seq} must be in 1..{cfg.max_position} (the model's max_position_embeddings)")
         check_supported(cfg, max_rows)
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-        self.max_rows = int(max_rows)
-        self.n_layers = cfg.n_layers
+        self._init_contract(cfg, max_seq, max_rows)
 
         dev = self.device
         with torch.cuda.device(dev):
@@ -111,22 +105,14 @@ class CudaEngine:
                 head_dim=cfg.head_dim, ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps),
                 embed=embed, norm=norm, lm_head=lm_head, layers=layers, cos=cos, sin=sin, max_seq=self.max_seq,
                 max_rows=self.max_rows, prefill_chunk=prefill_chunk)
-        self._init_state()
-
-    def _init_state(self) -> None:
-        self.kv_len = [0] * self.cfg.n_layers
-        self.row_pos = [-1] * self.max_rows
-        self.row_depth = [-1] * self.max_rows
-        self.heads: list = []
 
     @classmethod
     def _with_backend(cls, cfg: LlamaConfig, backend, *, max_seq: int, max_rows: int = 16,
                       device: str = "cpu") -> "CudaEngine":
         """The host-side contract over any object with adadecode_cuda.Engine's methods (tests without a GPU)."""
         e = cls.__new__(cls)
-        e.cfg, e.max_seq, e.max_rows, e.n_layers = cfg, int(max_seq), int(max_rows), cfg.n_layers
+        e._init_contract(cfg, max_seq, max_rows)
         e.device, e._eng, e._lm_head = torch.device(device), backend, None
-        e._init_state()
         return e
 
     # ---- sizes and switches -------------------------------------------------------------------------------------
@@ -155,68 +141,19 @@ class CudaEngine:
     def synchronize(self) -> None:
         self._eng.synchronize()
 
-    # ---- the contract (checks and messages as TorchEngine) -----------------------------------------------------
-    def _check_tokens(self, tokens) -> list[int]:
-        tokens = [int(t) for t in tokens]
-        bad = [t for t in tokens if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
-        return tokens
-
-    def prefill(self, tokens) -> None:
-        """Full forward over the prompt: fills every layer's KV for 0..n-1 and leaves row n-1 at depth L."""
-        tokens = self._check_tokens(tokens)
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("empty prompt: prefill needs at least one token")
-        if n > self.max_seq:
-            raise ValueError(f"prompt of {n} tokens is longer than the context (max_seq={self.max_seq})")
-        self.truncate(0)
+    # ---- the contract's compute (checks and bookkeeping: EngineContract) -----------------------------------------
+    def _prefill(self, tokens: list[int]) -> None:
         self._eng.prefill(tokens)
-        self.kv_len = [n] * self.n_layers
-        self._set_row(n - 1, self.n_layers)
 
-    def _set_row(self, pos: int, depth: int) -> None:
-        slot = pos % self.max_rows
-        self.row_pos[slot], self.row_depth[slot] = pos, depth
-
-    def _row_slot(self, pos: int, depth: int | None = None) -> int:
-        slot = pos % self.max_rows
-        if self.row_pos[slot] != pos:
-            raise EngineError(f"row {pos} is not in flight (embed it first, or it was overwritten by row {self.row_pos[slot]})")
-        if depth is not None and self.row_depth[slot] != depth:
-            raise EngineError(f"row {pos} is at depth {self.row_depth[slot]}, expected {depth}")
-        return slot
-
-    def embed(self, pos: int, token: int) -> None:
-        """Start row `pos` at depth 0 with the embedding of `token`."""
-        (token,) = self._check_tokens([token])
-        if not 0 <= pos < self.max_seq:
-            raise ValueError(f"position {pos} is past the context (max_seq={self.max_seq})")
+    def _embed(self, pos: int, token: int, slot: int) -> None:
         self._eng.embed(pos, token)
-        self._set_row(pos, 0)
 
-    def run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int) -> None:
-        """Layers [l0, l1) for the contiguous rows first_pos..last_pos, all at depth l0, causal into the cache."""
-        if not 0 <= l0 < l1 <= self.n_layers:
-            raise EngineError(f"layers [{l0}, {l1}) outside 0..{self.n_layers}")
-        n = last_pos - first_pos + 1
-        if not 1 <= n <= self.max_rows:
-            raise EngineError(f"rows {first_pos}..{last_pos}: 1..{self.max_rows} rows per call")
-        slots = [self._row_slot(p, l0) for p in range(first_pos, last_pos + 1)]
-        for layer in range(l0, l1):
-            if self.kv_len[layer] < first_pos:
-                raise EngineError(f"layer {layer}: cache holds 0..{self.kv_len[layer] - 1}, row {first_pos} needs 0..{first_pos - 1}")
+    def _run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int, slots: list[int]) -> None:
         self._eng.run_layers(first_pos, last_pos, l0, l1)
-        for layer in range(l0, l1):
-            self.kv_len[layer] = last_pos + 1  # entries past the last row were computed from a dead state
-        for s in slots:
-            self.row_depth[s] = l1
 
     def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
         """fp32 logits [rows, vocab] of rows at depth L (final norm on the GPU kernels, LM head by torch)."""
-        for p in range(first_pos, last_pos + 1):
-            self._row_slot(p, self.n_layers)
+        self._rows(first_pos, last_pos, self.n_layers)
         x = self._eng.final_normed(first_pos, last_pos)
         logits = (x @ self._lm_head.T).float()
         if not torch.isfinite(logits).all():
@@ -225,8 +162,7 @@ class CudaEngine:
 
     def final(self, first_pos: int, last_pos: int) -> list[int]:
         """Greedy tokens of rows at depth L; ties go to the lowest token id."""
-        for p in range(first_pos, last_pos + 1):
-            self._row_slot(p, self.n_layers)
+        self._rows(first_pos, last_pos, self.n_layers)
         tokens, probs = self._eng.final(first_pos, last_pos)
         if not all(math.isfinite(p) for p in probs) or min(tokens) < 0:
             raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
@@ -284,10 +220,3 @@ class CudaEngine:
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
         return self._eng.kv(layer, self.kv_len[layer])
-
-    def truncate(self, length: int) -> None:
-        """Roll back: cache entries at positions >= length are dead, and so are rows there."""
-        self.kv_len = [min(n, length) for n in self.kv_len]
-        for s, p in enumerate(self.row_pos):
-            if p >= length:
-                self.row_pos[s], self.row_depth[s] = -1, -1

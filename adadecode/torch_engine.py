@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LlamaConfig
+from .contract import EngineContract, EngineError  # noqa: F401 (EngineError is part of this module's API)
 from .weights import LlamaWeights
 
 
@@ -45,22 +46,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class EngineError(RuntimeError):
-    """A call that breaks the engine contract (wrong depth, non-contiguous rows, dead cache entries...)."""
-
-
-class TorchEngine:
+class TorchEngine(EngineContract):
     name = "torch"
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, max_seq: int | None = None, max_rows: int = 16):
-        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self._init_contract(cfg, max_seq, max_rows)
+        self.device, self.dtype = torch.device(device), dtype
         self.w = weights.to(device=self.device, dtype=dtype)
-        self.max_seq = min(cfg.max_position, 4096) if max_seq is None else int(max_seq)
-        if not 1 <= self.max_seq <= cfg.max_position:
-            raise ValueError(f"max_seq={self.max_seq} must be in 1..{cfg.max_position} (the model's max_position_embeddings)")
-        self.max_rows = int(max_rows)
-        self.n_layers = cfg.n_layers
         shape = (self.max_seq, cfg.n_kv_heads, cfg.head_dim)
         try:
             self.k_cache = [torch.empty(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -69,11 +62,7 @@ class TorchEngine:
             gib = 2 * cfg.n_layers * self.max_seq * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize / 2**30
             raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads "
                               f"x head_dim {cfg.head_dim} ({gib:.2f} GiB, {dtype}) does not fit on {self.device}: {e}") from None
-        self.kv_len = [0] * cfg.n_layers
         self.rows = torch.zeros(self.max_rows, cfg.d, device=self.device, dtype=dtype)
-        self.row_pos = [-1] * self.max_rows
-        self.row_depth = [-1] * self.max_rows
-        self.heads: list = []
         t = torch.arange(self.max_seq, dtype=torch.float32)
         freqs = torch.outer(t, rope_inv_freq(cfg))
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -125,79 +114,29 @@ class TorchEngine:
         x = rms_norm(h, self.w.norm, self.cfg.rms_norm_eps)
         return (x @ self.w.lm_head.T).float()
 
-    # ---- the contract -----------------------------------------------------------------------------------------
-    def _check_tokens(self, tokens) -> list[int]:
-        tokens = [int(t) for t in tokens]
-        bad = [t for t in tokens if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
-        return tokens
-
-    def prefill(self, tokens) -> None:
-        """Full forward over the prompt: fills every layer's KV for 0..n-1 and leaves row n-1 at depth L."""
-        tokens = self._check_tokens(tokens)
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("empty prompt: prefill needs at least one token")
-        if n > self.max_seq:
-            raise ValueError(f"prompt of {n} tokens is longer than the context (max_seq={self.max_seq})")
-        self.truncate(0)
+    # ---- the contract's compute (checks and bookkeeping: EngineContract) -----------------------------------------
+    def _prefill(self, tokens: list[int]) -> None:
         h = self.w.embed[torch.tensor(tokens, device=self.device)]
         for layer in range(self.n_layers):
             h = self._layer(layer, h, 0, batched=True)
-            self.kv_len[layer] = n
-        self._set_row(n - 1, h[-1], self.n_layers)
+        self.rows[(len(tokens) - 1) % self.max_rows] = h[-1]
 
-    def _set_row(self, pos: int, h: torch.Tensor, depth: int) -> None:
-        slot = pos % self.max_rows
-        self.rows[slot] = h
-        self.row_pos[slot], self.row_depth[slot] = pos, depth
+    def _embed(self, pos: int, token: int, slot: int) -> None:
+        self.rows[slot] = self.w.embed[token]
 
-    def _row_slot(self, pos: int, depth: int | None = None) -> int:
-        slot = pos % self.max_rows
-        if self.row_pos[slot] != pos:
-            raise EngineError(f"row {pos} is not in flight (embed it first, or it was overwritten by row {self.row_pos[slot]})")
-        if depth is not None and self.row_depth[slot] != depth:
-            raise EngineError(f"row {pos} is at depth {self.row_depth[slot]}, expected {depth}")
-        return slot
-
-    def embed(self, pos: int, token: int) -> None:
-        """Start row `pos` at depth 0 with the embedding of `token`."""
-        (token,) = self._check_tokens([token])
-        if not 0 <= pos < self.max_seq:
-            raise ValueError(f"position {pos} is past the context (max_seq={self.max_seq})")
-        self._set_row(pos, self.w.embed[token], 0)
-
-    def run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int) -> None:
-        """Layers [l0, l1) for the contiguous rows first_pos..last_pos, all at depth l0, causal into the cache."""
-        if not 0 <= l0 < l1 <= self.n_layers:
-            raise EngineError(f"layers [{l0}, {l1}) outside 0..{self.n_layers}")
-        n = last_pos - first_pos + 1
-        if not 1 <= n <= self.max_rows:
-            raise EngineError(f"rows {first_pos}..{last_pos}: 1..{self.max_rows} rows per call")
-        slots = [self._row_slot(p, l0) for p in range(first_pos, last_pos + 1)]
-        for layer in range(l0, l1):
-            if self.kv_len[layer] < first_pos:
-                raise EngineError(f"layer {layer}: cache holds 0..{self.kv_len[layer] - 1}, row {first_pos} needs 0..{first_pos - 1}")
+    def _run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int, slots: list[int]) -> None:
         h = self.rows[slots]
         for layer in range(l0, l1):
             h = self._layer(layer, h, first_pos, batched=False)
-            self.kv_len[layer] = last_pos + 1  # entries past the last row were computed from a dead state
-        for s, p, row in zip(slots, range(first_pos, last_pos + 1), h):
-            self.rows[s] = row
-            self.row_depth[s] = l1
+        self.rows[slots] = h
 
     def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
         """fp32 logits [rows, vocab] of rows at depth L (final norm + LM head)."""
-        slots = [self._row_slot(p, self.n_layers) for p in range(first_pos, last_pos + 1)]
+        slots = self._rows(first_pos, last_pos, self.n_layers)
         logits = torch.cat([self._logits(self.rows[s][None]) for s in slots])
         if not torch.isfinite(logits).all():
             raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
         return logits
-
-    def final(self, first_pos: int, last_pos: int) -> list[int]:
-        """Greedy tokens of rows at depth L; ties go to the lowest token id."""
-        return self.final_logits(first_pos, last_pos).argmax(dim=-1).tolist()
 
     def set_heads(self, heads) -> None:
         """Intermediate heads (adadecode.heads.Head), indexed by `head_index` in `head()`."""
@@ -217,10 +156,3 @@ class TorchEngine:
     def hidden(self, pos: int) -> torch.Tensor:
         """The residual stream of row `pos` (a copy), for tests."""
         return self.rows[self._row_slot(pos)].clone()
-
-    def truncate(self, length: int) -> None:
-        """Roll back: cache entries at positions >= length are dead, and so are rows there."""
-        self.kv_len = [min(n, length) for n in self.kv_len]
-        for s, p in enumerate(self.row_pos):
-            if p >= length:
-                self.row_pos[s], self.row_depth[s] = -1, -1
