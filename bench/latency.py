@@ -261,9 +261,10 @@ def main(argv=None) -> int:
     heads, meta = load_heads(heads_spec, model)
     gamma = args.gamma if args.gamma is not None else float(meta.get("gamma", 0.75))
     texts = load_prompts(args.prompts)
-    held = (meta.get("training") or {}).get("heldout_prompt_indices") if isinstance(meta.get("training"), dict) else None
-    if held and args.prompts in str(meta.get("description", "")):
-        texts = [texts[i] for i in held if i < len(texts)]  # evaluate on prompts the heads never saw
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    used = (training.get("prompts") or {}).get("total", 0)
+    if f"'{args.prompts}'" in str(meta.get("description", "")) and used < len(texts):
+        texts = texts[used:]  # the heads were trained on the first `used` prompts of this set: time the others
     prompts = [tok.encode_chat(t) for t in texts[:n_prompts]]
     max_seq = max(len(x) for x in prompts) + max_new + 8
     engine = make_engine(model, "auto", max_seq=max_seq, max_rows=max(16, args.max_pending + 1, args.k + 1))
