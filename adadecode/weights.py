@@ -69,6 +69,23 @@ class LlamaWeights:
         lm_head = embed if cfg.tie_word_embeddings else state["lm_head.weight"]
         return cls(embed=embed, layers=layers, norm=state["model.norm.weight"], lm_head=lm_head)
 
+    @classmethod
+    def random(cls, cfg: LlamaConfig, *, seed: int = 0, device="cpu", dtype=torch.float32) -> "LlamaWeights":
+        """Random weights with a trained model's scale (unit-ish activations, norm weights near 1), made on `device`.
+
+        For tests on tiny configs and for speed runs of shapes too large to ship (8B: 16 GB in bf16, made on the GPU).
+        """
+        g = torch.Generator(device=device).manual_seed(seed)
+        state = {}
+        for name, shape in expected_shapes(cfg).items():
+            t = torch.randn(shape, generator=g, device=device, dtype=dtype)
+            if len(shape) == 1:
+                t = t.mul_(0.1).add_(1.0)
+            elif name != "model.embed_tokens.weight":
+                t = t.mul_(shape[-1] ** -0.5)
+            state[name] = t
+        return cls.from_hf_state(cfg, state)
+
     def to_hf_state(self, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
         state = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
         for i, lw in enumerate(self.layers):

@@ -27,66 +27,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from adadecode.config import LlamaConfig  # noqa: E402
 from adadecode.decode import generate_vanilla  # noqa: E402
 from adadecode.engines import cuda_unavailable_reason  # noqa: E402
-from adadecode.weights import LlamaWeights, expected_shapes  # noqa: E402
+from adadecode.weights import LlamaWeights  # noqa: E402
+from common import bytes_per_token, copy_bandwidth, llama31_8b  # noqa: E402
 
-LLAMA31_8B = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
-    "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-}
 TARGETS = {"smol": {"ms_per_token_max": 0.25, "hf_eager_ms_per_token_h100": 91.0},
            "8b": {"pct_copy_bandwidth_min": 85.0, "hf_eager_ms_per_token_h100": 82.0}}
-
-
-def copy_bandwidth(gib: float = 1.0, iters: int = 20) -> float:
-    """Bytes per second (read + write) of a device-to-device copy of `gib` GiB."""
-    n = int(gib * 2**30)
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    seconds = start.elapsed_time(end) / 1e3
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n * iters / seconds
-
-
-def random_weights_gpu(cfg: LlamaConfig, seed: int = 0) -> LlamaWeights:
-    """Random bf16 weights with a trained model's scale, generated on the GPU (16 GB for the 8B shape)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    state = {}
-    for name, shape in expected_shapes(cfg).items():
-        if len(shape) == 1:
-            t = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16).mul_(0.1).add_(1.0)
-        elif name == "model.embed_tokens.weight":
-            t = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
-        else:
-            t = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16).mul_(shape[-1] ** -0.5)
-        state[name] = t
-    return LlamaWeights.from_hf_state(cfg, state)
-
-
-def bytes_per_token(cfg: LlamaConfig, context: float) -> int:
-    """The least a decode step reads: weights once (embedding: one row), the LM head, K and V of `context` positions."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    layer = (q + 2 * kv) * cfg.d + cfg.d * q + 3 * cfg.ffn_dim * cfg.d + 2 * cfg.d
-    weights = cfg.n_layers * layer + cfg.d + cfg.vocab_size * cfg.d + cfg.d
-    cache = 2 * cfg.n_layers * context * kv
-    return int(2 * (weights + cache))
 
 
 def run_model(name: str, cfg: LlamaConfig, weights: LlamaWeights, contexts: list[int], new_tokens: int,
@@ -144,8 +94,8 @@ def main(argv=None) -> int:
             results[name] = run_model(name, model.cfg, model.weights, contexts, args.new_tokens, args.repeats, copy_bw)
             results[name]["model"] = model.source
         elif name == "8b":
-            cfg = LlamaConfig.from_hf(LLAMA31_8B, source="Llama-3.1-8B shape")
-            weights = random_weights_gpu(cfg)
+            cfg = llama31_8b()
+            weights = LlamaWeights.random(cfg, device="cuda", dtype=torch.bfloat16)
             results[name] = run_model(name, cfg, weights, contexts, args.new_tokens, args.repeats, copy_bw)
             results[name]["model"] = "Llama-3.1-8B shape, random bf16 weights"
             del weights

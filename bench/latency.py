@@ -25,9 +25,7 @@ JSON and PNG plots go to bench/results/ with the device, versions, command and d
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -37,8 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from adadecode.config import LlamaConfig  # noqa: E402
+from common import bytes_per_token, copy_bandwidth, llama31_8b, run_facts  # noqa: E402
 from adadecode.decode import Generation, generate_vanilla  # noqa: E402
 from adadecode.driver import generate_adadecode, generate_layerskip  # noqa: E402
 from adadecode.engines import cuda_unavailable_reason, make_engine  # noqa: E402
@@ -49,48 +48,12 @@ from adadecode.trace import RecordingEngine, Trace, replay  # noqa: E402
 
 ALL_METHODS = ["hf-eager", "hf-compile", "torch-graph", "vanilla", "adadecode", "layerskip"]
 EXACT = ("adadecode", "layerskip")
-LLAMA_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False}
 
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def copy_bandwidth() -> float | None:
-    """Device-to-device copy, bytes read + written per second (median of 20 after warm-up)."""
-    if not torch.cuda.is_available():
-        return None
-    n = 1 << 28  # 512 MiB of bf16
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    times = []
-    for i in range(25):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        if i >= 5:
-            times.append(s.elapsed_time(e) / 1e3)
-    return 2 * a.numel() * a.element_size() / statistics.median(times)
-
-
-def bytes_per_token(cfg: LlamaConfig, context: float) -> float:
-    """The fewest bytes one vanilla decode step reads: every weight once (bf16) and the KV cache to `context`."""
-    per_layer = cfg.d * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.d \
-        + 3 * cfg.d * cfg.ffn_dim + 2 * cfg.d
-    weights = cfg.n_layers * per_layer + cfg.vocab_size * cfg.d + cfg.d + cfg.d  # layers, LM head, final norm, embed row
-    kv = 2 * cfg.n_layers * context * cfg.n_kv_heads * cfg.head_dim
-    return 2.0 * (weights + kv)
 
 
 # ---- methods -----------------------------------------------------------------------------------------------------
@@ -164,15 +127,10 @@ def summarize(name: str, gens: list[Generation], ref: list[Generation] | None, n
 
 def random_8b_engine(max_seq: int):
     """A CudaEngine of the Llama-3.1-8B shape with random bf16 weights made on the GPU."""
-    from adadecode.weights import LlamaWeights, expected_shapes
+    from adadecode.weights import LlamaWeights
 
-    cfg = LlamaConfig.from_hf(LLAMA_8B)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    state = {}
-    for name, shape in expected_shapes(cfg).items():
-        t = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
-        state[name] = t * (1.0 / shape[-1] ** 0.5) if len(shape) == 2 and "embed" not in name else t
-    weights = LlamaWeights.from_hf_state(cfg, state)
+    cfg = llama31_8b()
+    weights = LlamaWeights.random(cfg, device="cuda", dtype=torch.bfloat16)
     return make_engine(type("M", (), {"cfg": cfg, "weights": weights})(), "cuda", max_seq=max_seq, max_rows=16), cfg
 
 
@@ -324,7 +282,7 @@ def main(argv=None) -> int:
             traces.append(Trace(n_layers=model.cfg.n_layers, head_layers=[h.layer for h in heads], calls=rec.calls,
                                 meta={"tokens": len(g.tokens)}))
 
-    bw = copy_bandwidth()
+    bw = copy_bandwidth() if gpu else None
     ref = gens["vanilla"]
     rows = []
     for m in order:
@@ -336,15 +294,13 @@ def main(argv=None) -> int:
         rows.append(row)
     bugs = [r["method"] for r in rows if r["method"] in EXACT and r.get("parity_prompts") != 1.0]
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    result = {"command": " ".join(["python bench/latency.py"] + (argv if argv is not None else sys.argv[1:])),
-              "date": now.isoformat(timespec="seconds"), "device": device_name(), "representative": gpu,
+    facts = run_facts("bench/latency.py", argv)
+    result = {**facts, "representative": gpu,
               "engine": engine.name, "model": model.source, "heads": heads_spec, "head_layers": [h.layer for h in heads],
               "gamma": gamma, "max_pending": args.max_pending, "prompts": args.prompts, "n_prompts": len(prompts),
               "max_new_tokens": max_new, "copy_bandwidth_GBps": bw / 1e9 if bw else None,
-              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                           "transformers": __import__("transformers").__version__},
               "methods": rows, "skipped": skipped}
+    result["versions"]["transformers"] = __import__("transformers").__version__
     if traces:
         try:
             result["trace_replay"] = trace_replay(traces, max_seq=max_seq)
@@ -377,7 +333,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in ('code', 'general') else 'custom'}-{now:%Y-%m-%d}"
+    stem = out / f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in ('code', 'general') else 'custom'}-{facts['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and .png")

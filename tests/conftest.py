@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from adadecode.config import LlamaConfig
-from adadecode.weights import LlamaWeights, expected_shapes
+from adadecode.weights import LlamaWeights
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,18 +35,7 @@ def tiny_hf_config(**over) -> dict:
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0, dtype=torch.float32) -> LlamaWeights:
-    """Random weights with the scale of a trained model (unit-ish activations, norms near 1)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in expected_shapes(cfg).items():
-        if len(shape) == 1:
-            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            state[name] = torch.randn(shape, generator=g) / shape[-1] ** 0.5
-    state["model.embed_tokens.weight"] = torch.randn(cfg.vocab_size, cfg.d, generator=g)
-    if not cfg.tie_word_embeddings:
-        state["lm_head.weight"] = torch.randn(cfg.vocab_size, cfg.d, generator=g) / cfg.d ** 0.5
-    return LlamaWeights.from_hf_state(cfg, {k: v.to(dtype) for k, v in state.items()})
+    return LlamaWeights.random(cfg, seed=seed, dtype=dtype)
 
 
 @pytest.fixture
