@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <sstream>
+#include <stdexcept>
 
 #include "../kernels/add_rmsnorm.cuh"
 #include "../kernels/attention.cuh"
@@ -285,6 +286,9 @@ void Engine::enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int m
     for (int r0 = 0; r0 < R;) {
       int n = R - r0;
       while (n > 1 && adadecode::attention_workspace_floats(n, H, hd, max_ctx) > attn_ws_floats_) n = (n + 1) / 2;
+      // Decode passes the single int d_pos_: `pos + r0` is only a position array in prefill (d_iota_). The
+      // workspace is sized for max_rows decode rows over max_seq, so decode never splits; keep it that way.
+      if (pos == d_pos_ && n != R) throw std::logic_error("CUDA engine: decode attention would split its rows");
       RT_CHECK(adadecode::attention(qkv_ + static_cast<size_t>(r0) * qkv_n_, qkv_n_, k_cache(l), v_cache(l), pos + r0,
                                     attn_ + static_cast<size_t>(r0) * qn, attn_ws_, n, H, Hkv, hd, max_ctx, s));
       r0 += n;
