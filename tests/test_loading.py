@@ -201,3 +201,15 @@ def test_default_tokenizer_matches_transformers_gguf_tokenizer(default_model):
         assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text, add_special_tokens=False), skip_special_tokens=True)
     messages = [{"role": "user", "content": "Reverse a string in Python."}]
     assert tok.apply_chat_template(messages) == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_default_gguf_path_override(tmp_path, monkeypatch):
+    from adadecode.loader import default_gguf_path
+
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF")
+    monkeypatch.setenv("ADADECODE_DEFAULT_GGUF", str(f))
+    assert default_gguf_path() == f
+    monkeypatch.setenv("ADADECODE_DEFAULT_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="ADADECODE_DEFAULT_GGUF"):
+        default_gguf_path()
