@@ -47,7 +47,8 @@ template <int HD>
 __global__ void __launch_bounds__(kThreads) attn_split_kernel(
     const __nv_bfloat16* __restrict__ q, int q_stride, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const int32_t* __restrict__ first_pos, int R, int n_heads,
-    int n_kv_heads, int rpb, int n_chunks, float qscale, float* __restrict__ part_o, float* __restrict__ part_ml) {
+    int n_kv_heads, int rpb, int n_chunks, int max_ctx, float qscale, float* __restrict__ part_o,
+    float* __restrict__ part_ml) {
   constexpr int LDK = HD + 8;  // padded smem row: conflict-free 16-byte row reads
   constexpr int NV = HD / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -64,7 +65,8 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
   const int Q = nr * G;
   float* S = qs + Q * HD;
   const int t0 = c * CH;
-  const int p_last = p0 + r_begin + nr - 1;
+  // Positions >= max_ctx are never read (the cache may end there); rows past it get NaN from the merge.
+  const int p_last = min(p0 + r_begin + nr - 1, max_ctx - 1);
   if (t0 > p_last) return;  // uniform per block
   const int nvalid = min(CH, p_last - t0 + 1);
   const int64_t kv_row = static_cast<int64_t>(n_kv_heads) * HD;
@@ -242,7 +244,8 @@ cudaError_t launch(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_
   const float qscale = 1.4426950408889634f / sqrtf(static_cast<float>(HD));  // log2(e) / sqrt(hd)
   const dim3 grid(n_chunks, n_kv_heads, (R + rpb - 1) / rpb);
   attn_split_kernel<HD><<<grid, kThreads, smem, stream>>>(q, q_stride, k_cache, v_cache, first_pos, R, n_heads,
-                                                          n_kv_heads, rpb, n_chunks, qscale, part_o, part_ml);
+                                                          n_kv_heads, rpb, n_chunks, max_ctx, qscale, part_o,
+                                                          part_ml);
   cudaError_t e = launch_status();
   if (e != cudaSuccess) return e;
   attn_merge_kernel<HD><<<dim3(n_heads, R), HD, 0, stream>>>(part_o, part_ml, first_pos, out, n_heads, n_chunks,
