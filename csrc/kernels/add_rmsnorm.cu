@@ -65,6 +65,8 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(__nv_bfloat16* __
 cudaError_t add_rmsnorm(__nv_bfloat16* residual, const __nv_bfloat16* delta, const __nv_bfloat16* weight,
                         __nv_bfloat16* out, int rows, int d, float eps, cudaStream_t stream) {
   if (rows <= 0 || d <= 0 || d % 8 != 0) return cudaErrorInvalidValue;
+  if (!aligned16(residual) || (delta && !aligned16(delta)) || !aligned16(weight) || !aligned16(out))
+    return cudaErrorInvalidValue;  // 16-byte bf16x8 loads/stores
   add_rmsnorm_kernel<<<rows, kThreads, 0, stream>>>(residual, delta, weight, out, d, eps);
   return launch_status();
 }
