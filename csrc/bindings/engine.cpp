@@ -27,6 +27,13 @@ void check_weight(const at::Tensor& t, const std::string& name, at::IntArrayRef 
   TORCH_CHECK((reinterpret_cast<uintptr_t>(t.data_ptr()) & 15u) == 0, name, " must be 16-byte aligned");
 }
 
+// A fresh torch tensor's memory may still be in use by work queued on torch's current stream (the caching
+// allocator recycles a freed block at once, in that stream's order): finish that work before the engine's own
+// stream writes into the tensor.
+void wait_for_torch_stream(const at::Device& dev) {
+  ADA_CHECK_LAUNCH(cudaStreamSynchronize(at::cuda::getCurrentCUDAStream(dev.index()).stream()));
+}
+
 class PyEngine {
  public:
   PyEngine(int64_t n_layers, int64_t d, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn,
@@ -123,12 +130,14 @@ class PyEngine {
     const int64_t R = last - first + 1;
     TORCH_CHECK(R >= 1, "final_normed: empty row range ", first, "..", last);
     at::Tensor out = at::empty({R, eng_->dims().d}, at::TensorOptions().device(dev_).dtype(at::kBFloat16));
+    wait_for_torch_stream(dev_);
     eng_->final_normed(static_cast<int>(first), static_cast<int>(last), ada_ptr<bf16>(out));
     return out;
   }
 
   at::Tensor hidden(int64_t pos) {
     at::Tensor out = at::empty({eng_->dims().d}, at::TensorOptions().device(dev_).dtype(at::kBFloat16));
+    wait_for_torch_stream(dev_);
     eng_->copy_row(static_cast<int>(pos), ada_ptr<bf16>(out));
     return out;
   }
@@ -137,6 +146,7 @@ class PyEngine {
     const auto& m = eng_->dims();
     auto opt = at::TensorOptions().device(dev_).dtype(at::kBFloat16);
     at::Tensor k = at::empty({length, m.n_kv_heads, m.head_dim}, opt), v = at::empty_like(k);
+    wait_for_torch_stream(dev_);
     eng_->copy_kv(static_cast<int>(layer), static_cast<int>(length), ada_ptr<bf16>(k), ada_ptr<bf16>(v));
     return {k, v};
   }
