@@ -384,7 +384,9 @@ def test_final_and_heads_match_the_reference_math(default_model, engines):
         (tok,) = cuda.final(pos, pos)
         logits = cuda.final_logits(pos, pos)[0]
         best = int(logits.argmax())
-        assert tok == best or abs(float(logits[best] - logits[tok])) <= bf16_ulp(float(logits[best])) * 1.001
+        # final_logits runs the LM head through torch (another fp32 summation order): each of the two logits may
+        # round to the other bf16 neighbour, so a correct kernel's choice can be up to 2 ulps below torch's best
+        assert tok == best or abs(float(logits[best] - logits[tok])) <= 2 * bf16_ulp(float(logits[best])) * 1.001
         pos += 1
 
 
