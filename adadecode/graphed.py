@@ -48,9 +48,9 @@ class GraphedDecoder:
             vc = e.v_cache[layer].view(e.max_seq, cfg.n_kv_heads, 1, cfg.head_dim).expand(-1, -1, group, -1)
             kc = kc.reshape(e.max_seq, cfg.n_heads, cfg.head_dim)
             vc = vc.reshape(e.max_seq, cfg.n_heads, cfg.head_dim)
-            scores = torch.einsum("rhd,thd->hrt", q, kc) * cfg.head_dim ** -0.5
-            probs = torch.softmax(scores.masked_fill(mask, float("-inf")).float(), dim=-1).to(q.dtype)
-            attn = torch.einsum("hrt,thd->rhd", probs, vc).reshape(1, -1)
+            scores = torch.einsum("rhd,thd->hrt", q.float(), kc.float()) * cfg.head_dim ** -0.5  # fp32, as TorchEngine
+            probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+            attn = torch.einsum("hrt,thd->rhd", probs, vc.float()).to(q.dtype).reshape(1, -1)
             h = h + attn @ lw.wo.T
             x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
             h = h + (F.silu(x @ lw.w_gate.T) * (x @ lw.w_up.T)) @ lw.w_down.T

@@ -81,11 +81,12 @@ class TorchEngine(EngineContract):
         end = int(pos[-1]) + 1
         k = self.k_cache[layer][:end].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # [T, n_heads, hd]
         v = self.v_cache[layer][:end].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
-        scores = torch.einsum("rhd,thd->hrt", q, k) * cfg.head_dim ** -0.5
+        # fp32 scores, softmax and P.V, rounded to the engine's dtype once (as SDPA/flash kernels and the CUDA
+        # engine's attention do; HF eager would round scores and probabilities to bf16 along the way)
+        scores = torch.einsum("rhd,thd->hrt", q.float(), k.float()) * cfg.head_dim ** -0.5
         mask = torch.arange(end, device=self.device)[None, :] > pos[:, None].to(self.device)  # [R, T]
-        scores = scores.masked_fill(mask[None], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        return torch.einsum("hrt,thd->rhd", probs, v).reshape(len(pos), -1)
+        probs = torch.softmax(scores.masked_fill(mask[None], float("-inf")), dim=-1)
+        return torch.einsum("hrt,thd->rhd", probs, v.float()).to(q.dtype).reshape(len(pos), -1)
 
     def _layer(self, layer: int, h: torch.Tensor, pos0: int, batched: bool) -> torch.Tensor:
         """One decoder layer over rows at positions pos0.. ; appends their K/V to the cache."""
