@@ -18,3 +18,11 @@ inline cudaStream_t ada_stream() { return at::cuda::getCurrentCUDAStream().strea
 
 template <typename T>
 inline T* ada_ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+// The caller's fp32 workspace (checked to hold `need` floats), or a fresh one on `like`'s device.
+inline at::Tensor ada_workspace(const c10::optional<at::Tensor>& workspace, int64_t need, const at::Tensor& like) {
+  if (!workspace.has_value()) return at::empty({need}, like.options().dtype(at::kFloat));
+  ADA_CHECK_CUDA_TENSOR(*workspace, at::kFloat);
+  TORCH_CHECK(workspace->numel() >= need, "workspace must hold >= ", need, " floats, got ", workspace->numel());
+  return *workspace;
+}

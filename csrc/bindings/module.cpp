@@ -159,14 +159,7 @@ void attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor 
   TORCH_CHECK(max_ctx >= 1 && max_ctx <= k_cache.size(0), "max_ctx must be in 1..", k_cache.size(0), ", got ", max_ctx);
   if (R == 0) return;
   const int64_t need = adadecode::attention_workspace_floats(R, n_heads, hd, max_ctx);
-  at::Tensor ws;
-  if (workspace.has_value()) {
-    ADA_CHECK_CUDA_TENSOR(*workspace, at::kFloat);
-    TORCH_CHECK(workspace->numel() >= need, "workspace must hold >= ", need, " floats, got ", workspace->numel());
-    ws = *workspace;
-  } else {
-    ws = at::empty({need}, q.options().dtype(at::kFloat));
-  }
+  const at::Tensor ws = ada_workspace(workspace, need, q);
   ADA_CHECK_LAUNCH(adadecode::attention(ada_ptr<const bf16>(q), q.size(1), ada_ptr<const bf16>(k_cache),
                                         ada_ptr<const bf16>(v_cache), ada_ptr<const int32_t>(first_pos),
                                         ada_ptr<bf16>(out), ada_ptr<float>(ws), R, n_heads, n_kv, hd, max_ctx,
@@ -213,14 +206,7 @@ void lm_head_argmax(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max
     rest = ada_ptr<const bf16>(*w_rest);
   }
   const int64_t need = adadecode::lm_head_workspace_floats(R, n);
-  at::Tensor ws;
-  if (workspace.has_value()) {
-    ADA_CHECK_CUDA_TENSOR(*workspace, at::kFloat);
-    TORCH_CHECK(workspace->numel() >= need, "workspace must hold >= ", need, " floats, got ", workspace->numel());
-    ws = *workspace;
-  } else {
-    ws = at::empty({need}, x.options().dtype(at::kFloat));
-  }
+  const at::Tensor ws = ada_workspace(workspace, need, x);
   ADA_CHECK_LAUNCH(adadecode::lm_head_argmax(ada_ptr<const bf16>(x), ada_ptr<const bf16>(w), sub, n, rest,
                                              ada_ptr<int32_t>(token), ada_ptr<float>(max_prob), lse_ptr,
                                              ada_ptr<float>(ws), R, d, round_bf16, ada_stream()));
