@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from adadecode.config import LlamaConfig
+from adadecode.parity import decode_path_logits
 from adadecode.torch_engine import EngineError, TorchEngine
 
 from conftest import random_weights, tiny_hf_config
@@ -29,17 +30,6 @@ def hf_logits(hf_cfg: dict, cfg: LlamaConfig, weights, tokens) -> torch.Tensor:
         return model(torch.tensor([tokens])).logits[0].float()
 
 
-def decode_logits(engine: TorchEngine, tokens) -> torch.Tensor:
-    """Logits at every position, one row at a time (the decode path), after prefilling the first token."""
-    engine.prefill(tokens[:1])
-    out = [engine.final_logits(0, 0)]
-    for p in range(1, len(tokens)):
-        engine.embed(p, tokens[p])
-        engine.run_layers(p, p, 0, engine.n_layers)
-        out.append(engine.final_logits(p, p))
-    return torch.cat(out)
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(name):
     hf_cfg = CONFIGS[name]
@@ -48,7 +38,7 @@ def test_logits_match_transformers(name):
     tokens = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = hf_logits(hf_cfg, cfg, weights, tokens)
     engine = TorchEngine(cfg, weights, max_seq=64)
-    got = decode_logits(engine, tokens)
+    got = decode_path_logits(engine, tokens[:1], tokens[1:])  # one row at a time after the first token
     assert torch.isfinite(got).all()
     rel = (got - ref).norm() / ref.norm()
     assert rel < 1e-5, f"{name}: relative error {rel:.2e} (decode path)"
