@@ -211,12 +211,14 @@ def run_case(c, method, gamma=0.5, head_index=None):
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.exactness
 @FAST
 @given(c=cases(), gamma=st.one_of(st.sampled_from([0.5, 0.0, 0.99]), st.floats(0, 0.99)))
 def test_adadecode_equals_vanilla_whatever_the_heads_say(c, gamma):
     run_case(c, "adadecode", gamma=gamma)
 
 
+@pytest.mark.exactness
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases(), k=st.integers(1, 8), data=st.data())
 def test_layerskip_equals_vanilla_whatever_the_head_says(c, k, data):
