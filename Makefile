@@ -26,9 +26,9 @@ $(BIN)/.built: $(BIN)/.deps setup.py $(CSRC)
 
 build: $(BIN)/.built
 
+# the whole suite on the best vector kernels this CPU has (often AVX-512), then the exactness tests on AVX2's
 test: build
 	$(BIN)/python -m pytest -q
-	# bitwise exactness once more on the AVX2 kernels (the run above uses the best this CPU has, e.g. AVX-512)
 	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m exactness
 
 bench: build
