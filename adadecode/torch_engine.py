@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import LlamaConfig
 from .contract import EngineContract, EngineError  # noqa: F401 (EngineError is part of this module's API)
+from .sampling import sample
 from .weights import LlamaWeights
 
 
@@ -137,8 +138,11 @@ class TorchEngine(EngineContract):
         """Intermediate heads (adadecode.heads.Head), indexed by `head_index` in `head()`."""
         self.heads = [h.to(self.device, self.dtype) for h in heads]
 
-    def head(self, pos: int, head_index: int) -> tuple[int, float]:
-        """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer."""
+    def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
+        """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer.
+
+        confidence: the head's largest probability; token: its argmax, or with `sampling` its own draw (over its
+        real tokens, with the noise of position pos + 1 that the final layer's draw uses too)."""
         hd = self.heads[head_index]
         slot = self._row_slot(pos, hd.layer)
         x = rms_norm(self.rows[slot][None], self.w.norm, self.cfg.rms_norm_eps)
@@ -146,7 +150,11 @@ class TorchEngine(EngineContract):
         if not torch.isfinite(probs).all():
             raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
         i = int(probs[0, : len(token_ids)].argmax())
-        return int(token_ids[i]), float(probs[0, i])
+        if sampling is None:
+            return int(token_ids[i]), float(probs[0, i])
+        logits = hd.logits(x, self.w.lm_head)[:, : len(token_ids)]  # again: only sampling pays for it
+        j = int(sample(logits, sampling, [pos + 1], token_ids)[0])
+        return int(token_ids[j]), float(probs[0, i])
 
     def hidden(self, pos: int) -> torch.Tensor:
         """The residual stream of row `pos` (a copy), for tests."""
