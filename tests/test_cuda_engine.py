@@ -44,8 +44,8 @@ class FakeBackend:
         self.calls = []
 
     def __getattr__(self, name):
-        def call(*args):
-            self.calls.append((name, args))
+        def call(*args, **kw):
+            self.calls.append((name, args, kw) if kw else (name, args))
             if name == "final":
                 n = args[1] - args[0] + 1
                 return [7] * n, [0.5] * n
@@ -129,6 +129,24 @@ def test_head_checks(tiny):
     assert e.head(2, 1) == (3, 0.25)
     assert e.head(2, -1) == (3, 0.25)
     assert backend.calls[-1] == ("head", (2, 1))  # negative index resolved as a list does
+
+
+def test_sampling_reaches_the_backend(tiny):
+    """Greedy calls stay as they were; a Sampling goes to the kernel as (seed, fp32 1/T, top_k, top_p)."""
+    from adadecode.sampling import Sampling
+
+    cfg, _ = tiny
+    backend = FakeBackend()
+    e = CudaEngine._with_backend(cfg, backend, max_seq=32, max_rows=4)
+    e.set_heads([Head.identity(1, cfg.d)])
+    e.prefill([1, 2])
+    s = Sampling(0.7, top_k=5, top_p=0.9, seed=2**64 - 1)
+    assert e.final(1, 1, sampling=s) == [7] and backend.calls[-1] == ("final", (1, 1), {"sampling": (2**64 - 1, s.inv_temperature, 5, 0.9)})
+    assert e.final(1, 1) == [7] and backend.calls[-1] == ("final", (1, 1))
+    e.embed(2, 3)
+    e.run_layers(2, 2, 0, 1)
+    assert e.head(2, 0, sampling=s) == (3, 0.25)
+    assert backend.calls[-1] == ("head", (2, 0), {"sampling": (2**64 - 1, s.inv_temperature, 5, 0.9)})
 
 
 def test_final_refuses_non_finite(tiny):
