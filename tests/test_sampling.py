@@ -254,3 +254,36 @@ def test_head_sample_shares_the_final_noise():
 
     x = rms_norm(eng.hidden(3)[None], eng.w.norm, cfg.rms_norm_eps)
     assert tok == sample(x @ eng.w.lm_head.T, s, [4]).item()
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------
+def test_cli_sampling_flags(tmp_path, monkeypatch, capsys):
+    import json
+
+    import adadecode.heads
+    from adadecode.cli import main
+    from test_driver import tiny_hf_dir
+
+    d = tiny_hf_dir(tmp_path / "m")
+    monkeypatch.setattr(adadecode.heads, "load_heads",
+                        lambda spec, model: ([Head.identity(1, model.cfg.d), Head.identity(3, model.cfg.d)],
+                                             {"gamma": 0.01}), raising=False)
+    base = ["generate", "--model", str(d), "--prompt", "w5 w9 w13", "--max-new-tokens", "24", "--engine", "torch",
+            "--device", "cpu", "--dtype", "fp32", "--json"]
+    samp = ["--temperature", "0.9", "--top-k", "30", "--top-p", "0.95", "--seed", str(2**63 + 5)]
+    outs = []
+    for extra in ([], ["--method", "adadecode"], ["--method", "adadecode", "--head-guess", "argmax"],
+                  ["--method", "layerskip", "--k", "3"]):
+        assert main(base + samp + extra) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert all(o["tokens"] == outs[0]["tokens"] for o in outs)
+    assert outs[0]["sampling"] == {"temperature": 0.9, "top_k": 30, "top_p": 0.95, "seed": 2**63 + 5}
+    assert outs[1]["stats"]["early"] > 0 and outs[1]["stats"]["sampling"]["head_guess"] == "sample"
+    assert main(base) == 0
+    greedy = json.loads(capsys.readouterr().out)
+    assert greedy["sampling"] is None and greedy["tokens"] != outs[0]["tokens"]
+    for bad, msg in ((["--temperature", "-1"], "temperature must be >= 0"), (["--top-p", "0", "--temperature", "1"],
+                     "top_p must be in (0, 1]"), (["--top-k", "-2", "--temperature", "1"], "top_k must be >= 0"),
+                     (["--seed", "-3", "--temperature", "1"], "seed must be an integer in 0..2**64-1")):
+        assert main(base + bad) == 2
+        assert msg in capsys.readouterr().err
