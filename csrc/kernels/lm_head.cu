@@ -122,10 +122,25 @@ __global__ void __launch_bounds__(kMergeThreads) lm_head_merge_kernel(
   }
 }
 
-// The sampling rule of adadecode/sampling.py over one row of logits per block (grid: R blocks); overwrites
-// token[r] with the drawn id (-1 when a tempered logit is not finite). Thresholds by radix select over
-// order_key, 8 bits per pass, with integer (order-free) histograms: no sort, and the same value as the sort.
-constexpr int kSampleThreads = 512;
+// ---- seeded sampling (the rule of adadecode/sampling.py) ----------------------------------------------------------
+// Three stages after the partial kernel kept the logits l [R, n]:
+//   perturb: y[r, j] = fl(l * inv_t) + gumbel(seed, pos + r, id_j)   one thread per logit: the Philox and log work
+//   select:  one block per row: top-k and top-p thresholds by radix select over order_key (8 bits per pass, integer
+//            histograms: order-free, no sort, the same value a sort gives), then the argmax of y over the kept
+//            tokens (ties: the lowest j). token[r] = its id, or -1 when a tempered logit is not finite.
+constexpr int kPerturbThreads = 256;
+constexpr int kSelectThreads = 512;
+
+__global__ void __launch_bounds__(kPerturbThreads) lm_head_perturb_kernel(const float* __restrict__ logits, int n,
+                                                                          const int32_t* __restrict__ subset,
+                                                                          const SampleParams* __restrict__ params,
+                                                                          float* __restrict__ y) {
+  const int r = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  const int64_t at = static_cast<int64_t>(r) * n + j;
+  const float z = __fmul_rn(logits[at], params->inv_temperature);
+  y[at] = __fadd_rn(z, gumbel_noise(params->seed, params->pos + r, subset ? subset[j] : j));
+}
 
 struct Best {  // the running argmax of the perturbed scores: larger y wins, ties keep the lower index
   float y;
@@ -137,8 +152,8 @@ __device__ __forceinline__ Best better(const Best& a, const Best& b) {
   return (b.y > a.y || (b.y == a.y && b.j < a.j)) ? b : a;
 }
 
-// The largest key t with sum over {j : key_j >= t} of weight(j) >= need (need >= 1, and the total reaches it).
-// weight(j, key) -> uint64; every thread of the block calls it; the result is broadcast.
+// The largest key t with sum over {j : key_j >= t} of weight(j) >= need (need >= 1 and reached by the total).
+// weight(j, key) -> uint64. Every thread of the block calls it; the result is the same in all of them.
 template <typename Weight>
 __device__ uint32_t radix_select(const float* __restrict__ l, int n, float inv_t, uint64_t need, Weight weight,
                                  unsigned long long* hist, uint32_t* shared_prefix) {
@@ -147,14 +162,13 @@ __device__ uint32_t radix_select(const float* __restrict__ l, int n, float inv_t
     for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
     __syncthreads();
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-      const float z = __fmul_rn(l[j], inv_t);
-      const uint32_t key = order_key(z);
+      const uint32_t key = order_key(__fmul_rn(l[j], inv_t));
       if ((key & mask) != prefix) continue;
-      const uint64_t wj = weight(j, z, key);
+      const uint64_t wj = weight(j, key);
       if (wj) atomicAdd(&hist[(key >> shift) & 255u], static_cast<unsigned long long>(wj));
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0) {  // only thread 0 scans, so only its `need` is kept up to date
       uint64_t above = 0;
       int b = 255;
       for (; b > 0 && above + hist[b] < need; --b) above += hist[b];
@@ -163,32 +177,35 @@ __device__ uint32_t radix_select(const float* __restrict__ l, int n, float inv_t
     }
     __syncthreads();
     prefix = *shared_prefix;
-    mask |= 255u << shift;  // (only thread 0's `need` is kept up to date: only it scans)
+    mask |= 255u << shift;
     __syncthreads();
   }
   return prefix;
 }
 
-__global__ void __launch_bounds__(kSampleThreads) lm_head_sample_kernel(const float* __restrict__ logits, int n,
+// grid: R blocks. wbuf: [R, n] uint32 scratch for the top-p weights (computed once, read by four passes).
+__global__ void __launch_bounds__(kSelectThreads) lm_head_select_kernel(const float* __restrict__ logits,
+                                                                        const float* __restrict__ y, int n,
                                                                         const int32_t* __restrict__ subset,
                                                                         const SampleParams* __restrict__ params,
+                                                                        uint32_t* __restrict__ wbuf,
                                                                         int32_t* __restrict__ token) {
   __shared__ unsigned long long hist[256];
   __shared__ uint32_t s_prefix;
-  __shared__ float s_m[kSampleThreads];
-  __shared__ int s_j[kSampleThreads];
+  __shared__ float s_m[kSelectThreads];
+  __shared__ int s_j[kSelectThreads];
   __shared__ int s_bad;
   const int r = blockIdx.x, tid = threadIdx.x;
-  const float* l = logits + static_cast<int64_t>(r) * n;
+  const int64_t row = static_cast<int64_t>(r) * n;
+  const float* l = logits + row;
   const SampleParams p = *params;
   const float inv_t = p.inv_temperature;
 
-  // max z and a finiteness check
-  float m = -INFINITY;
+  float m = -INFINITY;  // max z, and whether every z is finite
   int bad = 0;
   for (int j = tid; j < n; j += blockDim.x) {
     const float z = __fmul_rn(l[j], inv_t);
-    if (!isfinite(z)) bad = 1;
+    bad |= !isfinite(z);
     m = fmaxf(m, z);
   }
   if (tid == 0) s_bad = 0;
@@ -207,41 +224,34 @@ __global__ void __launch_bounds__(kSampleThreads) lm_head_sample_kernel(const fl
   __syncthreads();
 
   uint32_t thr = 0;  // every finite z has a key above 0
-  if (p.top_k > 0 && p.top_k < n) {
-    thr = radix_select(l, n, inv_t, static_cast<uint64_t>(p.top_k),
-                       [](int, float, uint32_t) { return uint64_t{1}; }, hist, &s_prefix);
-  }
+  if (p.top_k > 0 && p.top_k < n)
+    thr = radix_select(l, n, inv_t, static_cast<uint64_t>(p.top_k), [](int, uint32_t) { return uint64_t{1}; }, hist,
+                       &s_prefix);
   if (p.top_p < 1.0) {
-    // W: the top-k survivors' weights, summed in integers (exact in any order)
+    uint32_t* w = wbuf + row;
     if (tid == 0) hist[0] = 0;
     __syncthreads();
-    unsigned long long mine = 0;
+    unsigned long long mine = 0;  // the top-k survivors' weights, summed in integers: exact in any order
     for (int j = tid; j < n; j += blockDim.x) {
       const float z = __fmul_rn(l[j], inv_t);
-      if (order_key(z) >= thr) mine += top_p_weight(z, m);
+      const uint32_t wj = order_key(z) >= thr ? static_cast<uint32_t>(top_p_weight(z, m)) : 0u;
+      w[j] = wj;
+      mine += wj;
     }
     atomicAdd(&hist[0], mine);
     __syncthreads();
-    const uint64_t W = hist[0];
+    const uint64_t total = hist[0];
     __syncthreads();
-    const uint64_t target = static_cast<uint64_t>(ceil(__dmul_rn(static_cast<double>(W), p.top_p)));
-    const uint32_t thr_k = thr;
-    const uint32_t thr_p = radix_select(
-        l, n, inv_t, target,
-        [thr_k, m](int, float z, uint32_t key) { return key >= thr_k ? top_p_weight(z, m) : uint64_t{0}; }, hist,
-        &s_prefix);
+    const uint64_t target = static_cast<uint64_t>(ceil(__dmul_rn(static_cast<double>(total), p.top_p)));
+    const uint32_t thr_p = radix_select(l, n, inv_t, target, [w](int j, uint32_t) { return uint64_t{w[j]}; }, hist,
+                                        &s_prefix);
     thr = thr_p > thr ? thr_p : thr;
   }
 
-  // argmax over the kept tokens of z + gumbel(seed, pos + r, id)
   Best best{-INFINITY, -1};
-  const int32_t pos = p.pos + r;
-  for (int j = tid; j < n; j += blockDim.x) {
-    const float z = __fmul_rn(l[j], inv_t);
-    if (order_key(z) < thr) continue;
-    const int32_t id = subset ? subset[j] : j;
-    best = better(best, Best{__fadd_rn(z, gumbel_noise(p.seed, pos, id)), j});
-  }
+  const float* yr = y + row;
+  for (int j = tid; j < n; j += blockDim.x)
+    if (order_key(__fmul_rn(l[j], inv_t)) >= thr) best = better(best, Best{yr[j], j});
   s_m[tid] = best.y, s_j[tid] = best.j;
   __syncthreads();
   for (int off = blockDim.x / 2; off > 0; off >>= 1) {
@@ -262,7 +272,10 @@ cudaError_t launch(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t
                    int d, bool round_bf16, const SampleParams* params, cudaStream_t stream) {
   const int nblk = (n + kLmHeadCols - 1) / kLmHeadCols;
   float4* part = reinterpret_cast<float4*>(workspace);
-  float* logits = workspace + partial_floats(R, n);
+  const size_t rn = static_cast<size_t>(R) * n;
+  float* logits = workspace + partial_floats(R, n);  // sampling only: logits, perturbed scores, top-p weights
+  float* y = logits + rn;
+  uint32_t* wbuf = reinterpret_cast<uint32_t*>(y + rn);
   if (params)
     lm_head_partial_kernel<RB, true><<<nblk, skinny_threads(d), 0, stream>>>(x, w, subset, n, R, d, round_bf16, part,
                                                                              logits);
@@ -275,7 +288,11 @@ cudaError_t launch(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t
                                                         max_prob, lse);
   e = launch_status();
   if (e != cudaSuccess || !params) return e;
-  lm_head_sample_kernel<<<R, kSampleThreads, 0, stream>>>(logits, n, subset, params, token);
+  lm_head_perturb_kernel<<<dim3((n + kPerturbThreads - 1) / kPerturbThreads, R), kPerturbThreads, 0, stream>>>(
+      logits, n, subset, params, y);
+  e = launch_status();
+  if (e != cudaSuccess) return e;
+  lm_head_select_kernel<<<R, kSelectThreads, 0, stream>>>(logits, y, n, subset, params, wbuf, token);
   return launch_status();
 }
 
@@ -299,7 +316,7 @@ cudaError_t dispatch(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32
 size_t lm_head_workspace_floats(int R, int n) { return partial_floats(R, n); }
 
 size_t lm_head_sample_workspace_floats(int R, int n) {
-  return partial_floats(R, n) + static_cast<size_t>(R) * n;
+  return partial_floats(R, n) + 3 * static_cast<size_t>(R) * n;
 }
 
 cudaError_t lm_head_argmax(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
