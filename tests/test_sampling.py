@@ -287,3 +287,23 @@ def test_cli_sampling_flags(tmp_path, monkeypatch, capsys):
                      (["--seed", "-3", "--temperature", "1"], "seed must be an integer in 0..2**64-1")):
         assert main(base + bad) == 2
         assert msg in capsys.readouterr().err
+
+
+# ---- the default model ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_model_sampled_adadecode_equals_sampled_vanilla(default_model):
+    """The shipped code heads under sampling, both guess rules, top-k/top-p on and off: vanilla's tokens."""
+    from adadecode.heads import load_heads
+
+    m = default_model
+    heads, meta = load_heads("default:code", m)
+    eng = TorchEngine(m.cfg, m.weights, max_seq=256)
+    prompt = m.tokenizer.encode_chat("Write a Python function that returns the n-th Fibonacci number.")
+    early = 0
+    for kw, guess in ((dict(temperature=0.7, seed=3), "sample"), (dict(temperature=1.0, top_k=40, top_p=0.9, seed=4),
+                                                                   "argmax")):
+        van = generate_vanilla(eng, prompt, 24, eos_ids=m.eos_ids, **kw)
+        gen = generate_adadecode(eng, prompt, 24, gamma=0.5, eos_ids=m.eos_ids, heads=heads, head_guess=guess, **kw)
+        assert gen.tokens == van.tokens, kw
+        early += gen.stats["early"]
+    assert early > 0
