@@ -57,6 +57,15 @@ def test_log_and_exp_are_accurate():
     assert abs(g.var() - math.pi**2 / 6) < 0.05
 
 
+def test_noise_bounds_hold_for_every_possible_draw():
+    """All 2^23 values of u: the Gumbel noise lies inside [GUMBEL_LO, GUMBEL_HI], which `sample` relies on to skip
+    tokens that cannot win."""
+    u = (torch.arange(2**23, dtype=torch.int64) * 2 + 1).to(torch.float32) * 2.0**-24
+    g = -S.log_f32(-S.log_f32(u))
+    assert torch.isfinite(g).all() and S.GUMBEL_LO < g.min() and g.max() < S.GUMBEL_HI
+    assert -2.82 < g.min() < -2.80 and 16.6 < g.max() < 16.7
+
+
 # ---- the rule ------------------------------------------------------------------------------------------------
 def test_rule_basics():
     logits = torch.tensor([[0.5, 3.0, 3.0, -1.0, 2.0]])
