@@ -30,9 +30,12 @@ Why the CUDA epilogue (csrc/kernels/lm_head.cu) and this module agree bit for bi
 The tie rule everywhere is the lowest index, as in greedy decoding. A restricted head (a vocabulary subset) samples
 its real tokens with their global ids as the noise key, so it shares the final layer's noise.
 
-What holds where: CPU torch (AVX2 or AVX-512) and torch on a GPU give identical tokens; so does the kernel, on the
-GPU or on the emulated device (provided its host compiler does not contract the spelled-out operations either).
-Tails: u is at least 2^-24 from 0 and 1, so the Gumbel noise lies in [-2.8, 16.7]: an event of probability 2^-23.
+What holds where: torch on the CPU gives identical tokens with AVX-512, AVX2 and no vector unit (tested); torch on a
+GPU runs the same correctly rounded elementwise ops (argued, not yet run). The kernel's device functions, compiled
+for the host with the same operations, reproduced this module's noise and weights bit for bit; on a GPU and on the
+emulated device (whose host compiler must not contract the spelled-out operations either) the epilogue is checked by
+tests/test_sampling_cuda.py. u takes 2^23 values, 2^-24 away from 0 and 1 at the ends: the Gumbel noise lies in
+[-2.82, 16.64] (`sample` uses the bound to noise only the tokens that can win; same argmax, less work).
 """
 from __future__ import annotations
 

@@ -66,6 +66,44 @@ def test_noise_bounds_hold_for_every_possible_draw():
     assert -2.82 < g.min() < -2.80 and 16.6 < g.max() < 16.7
 
 
+HOST_PROGRAM = r"""
+#include <cstdio>
+#include "kernels/sampling.cuh"
+int main() {
+  const unsigned long long seeds[] = {0ull, 5ull, 0xFFFFFFFFFFFFFFFFull, 1ull << 40};
+  for (unsigned long long s : seeds)
+    for (int pos = 0; pos < 40; pos += 3)
+      for (int id = 0; id < 49152; id += 97) std::printf("%u\n", adadecode::rn::as_uint(adadecode::gumbel_noise(s, pos, id)));
+  for (int i = 0; i <= 20000; ++i) std::printf("%llu\n", (unsigned long long)adadecode::top_p_weight(-17.f * i / 20000.f, 0.f));
+}
+"""
+
+
+@pytest.mark.parametrize("flags", [["-O2", "-ffp-contract=off"], ["-O3", "-march=native", "-ffp-contract=fast"]])
+def test_kernel_math_compiled_for_the_host_matches_the_reference(tmp_path, flags):
+    """csrc/kernels/sampling.cuh (the device functions of the epilogue) built by the host compiler, even with FMA
+    contraction allowed: Philox, the Gumbel noise and the top-p weights are this module's, bit for bit."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import numpy as np
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    src = tmp_path / "host.cpp"
+    src.write_text(HOST_PROGRAM)
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    subprocess.run([cxx, "-std=c++17", *flags, f"-I{csrc}", str(src), "-o", str(tmp_path / "host")], check=True)
+    out = [int(v) for v in subprocess.run([str(tmp_path / "host")], capture_output=True, text=True, check=True).stdout.split()]
+    noise = torch.cat([S.gumbel(s, torch.arange(0, 40, 3)[:, None], torch.arange(0, 49152, 97)[None, :]).flatten()
+                       for s in (0, 5, 2**64 - 1, 2**40)])
+    assert out[:noise.numel()] == (noise.view(torch.int32).to(torch.int64) & S.M32).tolist()
+    d = torch.from_numpy(np.float32(-17.0) * np.arange(20001, dtype=np.float32) / np.float32(20000.0))
+    assert out[noise.numel():] == S.top_p_weights(d[None], torch.ones(1, 20001, dtype=torch.bool))[0].tolist()
+
+
 # ---- the rule ------------------------------------------------------------------------------------------------
 def test_rule_basics():
     logits = torch.tensor([[0.5, 3.0, 3.0, -1.0, 2.0]])

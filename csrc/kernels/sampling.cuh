@@ -1,16 +1,25 @@
-// Seeded sampling, device side: the twin of adadecode/sampling.py (read its docstring for the rule and for why the
-// two agree bit for bit). Everything here is integer arithmetic, exact bit manipulation, floorf, and IEEE fp32
-// +, -, *, / spelled __fadd_rn/__fsub_rn/__fmul_rn/__fdiv_rn so that nvcc cannot contract them into FMAs: the
-// Python reference runs the same operations one by one, in the same order, with the same constants (by bits).
+// Seeded sampling math: the twin of adadecode/sampling.py (read its docstring for the rule and for why the two
+// agree bit for bit). Integer arithmetic, exact bit manipulation, floor, and IEEE fp32 +, -, *, / through add_rn,
+// sub_rn, mul_rn, div_rn: on the GPU the __f*_rn intrinsics (nvcc never contracts those into FMAs), on a host
+// compiler a volatile store after every operation (no contraction either). The Python reference runs the same
+// operations one by one, in the same order, with the same constants (given by their bits). Host and device code:
+// tests/test_sampling.py compiles this header for the CPU and compares it with the reference.
 //
 //   philox_word0(c0, c1, k0, k1)   word 0 of Philox-4x32-10 with counter (c0, c1, 0, 0) and key (k0, k1)
 //   gumbel_noise(seed, pos, id)    -log(-log(u)), u = (2 (word0 >> 9) + 1) 2^-24, counter (pos, id)
 //   log_f32 / exp_f32              log of a positive normal float; exp on [-17, 0]
+//   top_p_weight(z, m)             floor(exp_f32(z - m) 2^24), 0 below z - m = -17
 //   order_key(f)                   uint32 whose unsigned order is f's numeric order (-0 as +0; f not NaN)
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
-#include "common.cuh"
+#if defined(__CUDACC__)
+#define ADA_HD __host__ __device__ __forceinline__
+#else
+#define ADA_HD inline
+#endif
 
 namespace adadecode {
 
@@ -24,80 +33,88 @@ struct SampleParams {
   int32_t pad_;
 };
 
-constexpr int kWeightBits = 24;     // top-p weights: floor(exp(z - max) * 2^24)
-constexpr float kExpClamp = -17.f;  // below: weight 0
+constexpr float kExpClamp = -17.f;  // top-p weights below exp(-17) are 0
 
-#ifdef __CUDACC__
+namespace rn {  // one correctly rounded fp32 operation each, never fused with another
+#if defined(__CUDA_ARCH__)
+ADA_HD float add(float a, float b) { return __fadd_rn(a, b); }
+ADA_HD float sub(float a, float b) { return __fsub_rn(a, b); }
+ADA_HD float mul(float a, float b) { return __fmul_rn(a, b); }
+ADA_HD float div(float a, float b) { return __fdiv_rn(a, b); }
+ADA_HD float as_float(uint32_t u) { return __uint_as_float(u); }
+ADA_HD uint32_t as_uint(float f) { return __float_as_uint(f); }
+ADA_HD uint32_t mulhi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
+#else
+ADA_HD float add(float a, float b) { volatile float r = a + b; return r; }
+ADA_HD float sub(float a, float b) { volatile float r = a - b; return r; }
+ADA_HD float mul(float a, float b) { volatile float r = a * b; return r; }
+ADA_HD float div(float a, float b) { volatile float r = a / b; return r; }
+ADA_HD float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+ADA_HD uint32_t as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+ADA_HD uint32_t mulhi(uint32_t a, uint32_t b) { return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32); }
+#endif
+ADA_HD float mul_add(float p, float x, float c) { return add(mul(p, x), c); }  // one Horner step, two roundings
+}  // namespace rn
 
-// p * x + c in two roundings (never an FMA): one Horner step, as the reference computes it.
-__device__ __forceinline__ float mul_add_rn(float p, float x, float c) { return __fadd_rn(__fmul_rn(p, x), c); }
-
-__device__ __forceinline__ uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+ADA_HD uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
   uint32_t c2 = 0, c3 = 0;
-#pragma unroll
   for (int r = 0; r < 10; ++r) {
     if (r) k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
-    const uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+    const uint32_t hi0 = rn::mulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+    const uint32_t hi1 = rn::mulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
     const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
     c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
   }
   return c0;
 }
 
-__device__ __forceinline__ float log_f32(float x) {
-  const int bits = __float_as_int(x);
-  int e = (bits >> 23) - 127;
-  float m = __int_as_float((bits & 0x7FFFFF) | 0x3F800000);  // x = m 2^e, m in [1, 2)
-  if (m > __int_as_float(0x3FB504F3)) {                     // sqrt(2)
-    m = __fmul_rn(m, 0.5f);
+ADA_HD float log_f32(float x) {
+  const uint32_t bits = rn::as_uint(x);
+  int e = static_cast<int>(bits >> 23) - 127;                // x > 0: no sign bit
+  float m = rn::as_float((bits & 0x7FFFFFu) | 0x3F800000u);  // x = m 2^e, m in [1, 2)
+  if (m > rn::as_float(0x3FB504F3u)) {                       // sqrt(2)
+    m = rn::mul(m, 0.5f);
     e += 1;
   }
-  const float f = __fsub_rn(m, 1.f);
-  const float s = __fdiv_rn(f, __fadd_rn(f, 2.f));
-  const float s2 = __fmul_rn(s, s);
-  constexpr uint32_t c[] = {0x3E3A2E8C, 0x3E638E39, 0x3E924925, 0x3ECCCCCD, 0x3F2AAAAB};  // 2/11, 2/9, .. 2/3
-  float p = __int_as_float(c[0]);
-#pragma unroll
-  for (int i = 1; i < 5; ++i) p = mul_add_rn(p, s2, __int_as_float(c[i]));
-  p = mul_add_rn(p, s2, 2.f);
-  return __fadd_rn(__fmul_rn(static_cast<float>(e), __int_as_float(0x3F317218)), __fmul_rn(s, p));  // e ln2 + ...
+  const float f = rn::sub(m, 1.f);
+  const float s = rn::div(f, rn::add(f, 2.f));  // log(m) = 2 atanh(s) = s (2 + 2/3 s^2 + 2/5 s^4 + ...)
+  const float s2 = rn::mul(s, s);
+  constexpr uint32_t c[] = {0x3E3A2E8Cu, 0x3E638E39u, 0x3E924925u, 0x3ECCCCCDu, 0x3F2AAAABu};  // 2/11, 2/9, .. 2/3
+  float p = rn::as_float(c[0]);
+  for (int i = 1; i < 5; ++i) p = rn::mul_add(p, s2, rn::as_float(c[i]));
+  p = rn::mul_add(p, s2, 2.f);
+  return rn::add(rn::mul(static_cast<float>(e), rn::as_float(0x3F317218u)), rn::mul(s, p));  // e ln2 + log(m)
 }
 
-__device__ __forceinline__ float exp_f32(float d) {
-  const float ln2 = __int_as_float(0x3F317218);
-  const float t = __fmul_rn(d, __int_as_float(0x3FB8AA3B));  // log2(e)
+ADA_HD float exp_f32(float d) {
+  const float t = rn::mul(d, rn::as_float(0x3FB8AA3Bu));  // log2(e)
   const float n = floorf(t);
-  const float x = __fmul_rn(__fsub_rn(__fsub_rn(t, n), 0.5f), ln2);
-  constexpr uint32_t c[] = {0x39500D01, 0x3AB60B61, 0x3C088889, 0x3D2AAAAB, 0x3E2AAAAB,  // 1/5040 .. 1/6
-                            0x3F000000, 0x3F800000, 0x3F800000};                       // 1/2, 1, 1
-  float p = __int_as_float(c[0]);
-#pragma unroll
-  for (int i = 1; i < 8; ++i) p = mul_add_rn(p, x, __int_as_float(c[i]));
-  const float scale = __int_as_float((static_cast<int>(n) + 127) << 23);  // 2^n, n >= -25
-  return __fmul_rn(__fmul_rn(p, __int_as_float(0x3FB504F3)), scale);
+  const float x = rn::mul(rn::sub(rn::sub(t, n), 0.5f), rn::as_float(0x3F317218u));  // exp(d) = 2^n sqrt2 e^x
+  constexpr uint32_t c[] = {0x39500D01u, 0x3AB60B61u, 0x3C088889u, 0x3D2AAAABu, 0x3E2AAAABu,  // 1/5040 .. 1/6
+                            0x3F000000u, 0x3F800000u, 0x3F800000u};                           // 1/2, 1, 1
+  float p = rn::as_float(c[0]);
+  for (int i = 1; i < 8; ++i) p = rn::mul_add(p, x, rn::as_float(c[i]));
+  const float scale = rn::as_float(static_cast<uint32_t>(static_cast<int>(n) + 127) << 23);  // 2^n, n >= -25
+  return rn::mul(rn::mul(p, rn::as_float(0x3FB504F3u)), scale);
 }
 
-__device__ __forceinline__ float gumbel_noise(uint64_t seed, int32_t pos, int32_t id) {
+ADA_HD float gumbel_noise(uint64_t seed, int32_t pos, int32_t id) {
   const uint32_t x = philox_word0(static_cast<uint32_t>(pos), static_cast<uint32_t>(id),
                                   static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const float u = __fmul_rn(static_cast<float>(((x >> 9) << 1) | 1u), __int_as_float(0x33800000));  // 2^-24
+  const float u = rn::mul(static_cast<float>(((x >> 9) << 1) | 1u), rn::as_float(0x33800000u));  // exact: 2^-24
   return -log_f32(-log_f32(u));
 }
 
-// Top-p weight of a tempered logit z (d = z - max z <= 0).
-__device__ __forceinline__ uint64_t top_p_weight(float z, float m) {
-  const float d = __fsub_rn(z, m);
+ADA_HD uint64_t top_p_weight(float z, float m) {
+  const float d = rn::sub(z, m);
   if (!(d >= kExpClamp)) return 0;
-  return static_cast<uint64_t>(floorf(__fmul_rn(exp_f32(d), 16777216.f)));  // 2^24
+  return static_cast<uint64_t>(floorf(rn::mul(exp_f32(d), 16777216.f)));  // 2^24
 }
 
-__device__ __forceinline__ uint32_t order_key(float f) {
+ADA_HD uint32_t order_key(float f) {
   if (f == 0.f) f = 0.f;  // -0 sorts as +0, as the numeric comparison does
-  const uint32_t b = __float_as_uint(f);
+  const uint32_t b = rn::as_uint(f);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
-
-#endif  // __CUDACC__
 
 }  // namespace adadecode
