@@ -150,19 +150,21 @@ class _Job:
     def _put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def _work(self, llm: LLM, req, stream: bool) -> None:
+    def _work(self, llm: LLM, req, stream: bool):
         try:
             done = llm.run(req, on_text=self._put if stream else None, cancel=self.cancel)
             if not stream:
                 self._put(done)
+            return done
         except BaseException as e:  # noqa: BLE001 (handed to the request's task)
             self._put(e)
+            return e
 
-    async def stop(self) -> None:
-        """Cancel (if still running) and wait until the engine is free; not interruptible."""
+    async def stop(self):
+        """Cancel (if still running) and wait until the engine is free; not interruptible. -> the outcome."""
         self.cancel.set()
         with anyio.CancelScope(shield=True):
-            await asyncio.shield(self.future)
+            return await asyncio.shield(self.future)
 
 
 class _EngineStream(StreamingResponse):
@@ -239,8 +241,10 @@ class Server:
             raise
 
         async def release():
-            await job.stop()
+            outcome = await job.stop()
             self.lock.release()
+            if isinstance(outcome, Cancelled):
+                log.info("%s: cancelled (client disconnected) after %d tokens", rid, outcome.tokens)
 
         if not body.stream:
             watch = asyncio.create_task(self._watch(request, job.cancel))
@@ -266,8 +270,7 @@ class Server:
             await asyncio.sleep(0.05)
 
     def _failed(self, rid: str, e: BaseException) -> JSONResponse:
-        if isinstance(e, Cancelled):
-            log.info("%s: cancelled (client disconnected) after %d tokens", rid, e.tokens)
+        if isinstance(e, Cancelled):  # nobody reads this: the client is gone
             return error_response(499, "the client disconnected", code="cancelled")
         if isinstance(e, ValueError):
             log.info("%s: refused: %s", rid, e)
@@ -315,7 +318,6 @@ class Server:
         while True:
             if isinstance(item, BaseException):
                 if isinstance(item, Cancelled):
-                    log.info("%s: cancelled (client disconnected) after %d tokens", rid, item.tokens)
                     return
                 log.error("%s: engine error mid-stream: %s: %s", rid, type(item).__name__, item)
                 yield _sse({"error": {"message": f"engine error: {type(item).__name__}: {item}", "type": "server_error",
