@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import math
@@ -200,6 +201,7 @@ class Server:
         self.llm, self.model_name, self.defaults = llm, model_name, dict(defaults or {})
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adadecode-engine")
         self.lock = asyncio.Lock()
+        self.active: _Job | None = None  # the job on the engine
         self.created = int(time.time())
 
     # -- request -> LLM request
@@ -235,13 +237,14 @@ class Server:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         await self.lock.acquire()
         try:
-            job = _Job(self, req, body.stream)
+            job = self.active = _Job(self, req, body.stream)
         except BaseException:
             self.lock.release()
             raise
 
         async def release():
             outcome = await job.stop()
+            self.active = None
             self.lock.release()
             if isinstance(outcome, Cancelled):
                 log.info("%s: cancelled (client disconnected) after %d tokens", rid, outcome.tokens)
@@ -364,8 +367,16 @@ def _completion_prompt(body: CompletionRequest):
 
 def create_app(llm: LLM, model_name: str, defaults: dict | None = None) -> FastAPI:
     """The ASGI app serving `llm` as `model_name`; `defaults`: method options for requests that give none."""
-    app = FastAPI(title="adadecode", docs_url=None, redoc_url=None)
     server = Server(llm, model_name, defaults)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if server.active is not None:  # shutting down: stop the generation so that its thread ends now
+            server.active.cancel.set()
+        server.executor.shutdown(wait=False)
+
+    app = FastAPI(title="adadecode", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
 
     @app.exception_handler(ApiError)

@@ -101,6 +101,10 @@ class StreamDecoder:
     part of a character). Each step decodes only a window of recent tokens (the ones since the piece before the
     last): the window's first token is decoded the same way in both decodes, so SentencePiece's dropped leading
     space cancels out, and a token costs the same however long the text is.
+
+    The pieces concatenate to `decode(ids)` for valid text, and for any bytes with byte-level BPE. A byte-fallback
+    (SentencePiece) decoder turns a whole run of byte tokens into U+FFFDs when the run is not valid UTF-8: text
+    already handed out cannot follow that change.
     """
 
     def __init__(self, tokenizer: Tokenizer):
