@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -228,9 +229,10 @@ class Server:
         except ValueError as e:
             msg = str(e)
             code = "context_length_exceeded" if "context" in msg else None
-            param = next((p for p in ("messages", "prompt", "stop", "gamma", "max_pending", "head_layer", "method", "k")
-                          if p in msg), None)
-            raise ApiError(400, msg, param=param or ("max_tokens" if code else None), code=code) from None
+            names = ("messages", "prompt", "stop", "gamma", "max_pending", "head_layer", "method", "k", "max_new_tokens")
+            param = next((p for p in names if re.search(rf"\b{p}\b", msg)), None)
+            param = "max_tokens" if param == "max_new_tokens" else param
+            raise ApiError(400, msg, param=param, code=code) from None
 
     # -- decoding
     async def complete(self, request: Request, req, chat: bool, body: _Common):

@@ -229,6 +229,7 @@ def test_disconnect_mid_stream_frees_the_engine(server, tiny_llm):
     ({"model": "tiny", "prompt": "hi", "method": "beam"}, 400, "method"),
     ({"model": "tiny", "prompt": "hi", "method": "adadecode", "max_pending": 0}, 400, "max_pending"),
     ({"model": "tiny", "prompt": "hi", "method": "layerskip", "head_layer": 2}, 400, "head_layer"),
+    ({"model": "tiny", "prompt": "hi", "method": "layerskip", "k": 0}, 400, "k"),
     ({"model": "tiny", "prompt": "hi", "method": "adadecode", "gamma": 7}, 400, "gamma"),
     ({"model": "tiny", "prompt": [999999]}, 400, "prompt"),
     ({"model": "tiny"}, 400, "prompt"),
