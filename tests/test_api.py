@@ -142,14 +142,19 @@ def test_cancel_frees_the_engine(llm):
     assert llm.generate("ping", max_new_tokens=20, method="vanilla").tokens == ref.tokens
 
 
-def test_the_cache_grows_unless_fixed(model):
-    llm = adadecode.LLM(model, engine="torch", device="cpu", dtype="fp32")
-    assert llm.engine.max_seq == 4096
-    out = llm.generate([5] * 4100, max_new_tokens=2, method="vanilla")
-    assert len(out.tokens) == 2 and llm.engine.max_seq == 4102
-    fixed = adadecode.LLM(model, engine="torch", device="cpu", dtype="fp32", max_seq=64)
+def test_the_engine_grows_unless_fixed(llm, model):
+    """max_seq / max_rows None: the engine is rebuilt to fit a request (same code path for both); fixed: refused."""
+    ref = llm.generate("hello", max_new_tokens=30, method="adadecode")
+    grown = adadecode.LLM(model, heads=llm.heads_spec, engine="torch", device="cpu", dtype="fp32")
+    assert grown.engine.max_seq == 4096 and grown.engine.max_rows == 16
+    out = grown.generate("hello", max_new_tokens=30, method="adadecode", max_pending=20)
+    assert grown.engine.max_rows == 21 and out.tokens == ref.tokens
+    fixed = adadecode.LLM(model, heads=llm.heads_spec, engine="torch", device="cpu", dtype="fp32", max_seq=64,
+                          max_rows=16)
     with pytest.raises(ValueError, match="longer than the context"):
         fixed.generate([5] * 60, max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_pending=20 needs 21 rows"):
+        fixed.generate("hello", max_new_tokens=30, method="adadecode", max_pending=20)
 
 
 def test_bad_requests_are_value_errors(llm, model):
@@ -173,6 +178,3 @@ def test_bad_requests_are_value_errors(llm, model):
     for kwargs, target, msg in cases:
         with pytest.raises(ValueError, match=msg):
             target.generate(**kwargs)
-    bare.heads = [Head.identity(1, model.cfg.d)]
-    with pytest.raises(ValueError, match="max_pending=4 needs 5 rows"):
-        bare.prepare("hi", max_new_tokens=4, method="adadecode", max_pending=4)
