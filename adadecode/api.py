@@ -274,7 +274,7 @@ class LLM:
                 raise Cancelled(0)
             self._fit(len(req.prompt) + req.max_new_tokens, req.rows)
             live = on_text is not None or bool(req.stop)
-            text = TextStream(self.tokenizer, req.stop) if live else None
+            text = TextStream(self.tokenizer, req.stop) if live and self.tokenizer is not None else None
             tokens: list[int] = []
             fresh: list[int] = []  # tokens not yet handed out in a Delta
             times: list[float] = []
@@ -287,14 +287,14 @@ class LLM:
                     times.append(time.perf_counter())
                 else:
                     times[1] = time.perf_counter()
-                if text is None:
+                if not live:
                     return
                 fresh.append(t)
-                piece = text.push(t)
-                if on_text is not None and (piece or self.tokenizer is None):
+                piece = text.push(t) if text is not None else ""  # no tokenizer: a Delta per token, no text
+                if on_text is not None and (piece or text is None):
                     on_text(Delta(piece, fresh[:]))
                     fresh.clear()
-                if text.hit is not None:
+                if text is not None and text.hit is not None:
                     raise _StopStringHit()
 
             t0 = time.perf_counter()

@@ -178,3 +178,17 @@ def test_bad_requests_are_value_errors(llm, model):
     for kwargs, target, msg in cases:
         with pytest.raises(ValueError, match=msg):
             target.generate(**kwargs)
+
+
+def test_a_model_without_tokenizer_decodes_token_ids(model):
+    import dataclasses
+
+    bare = adadecode.LLM(dataclasses.replace(model, tokenizer=None), engine="torch", device="cpu", dtype="fp32")
+    ref = adadecode.LLM(model, engine="torch", device="cpu", dtype="fp32").generate([1, 40, 41], max_new_tokens=6)
+    out = bare.generate([1, 40, 41], max_new_tokens=6)
+    assert out.tokens == ref.tokens and out.text == ""
+    pieces = list(bare.stream([1, 40, 41], max_new_tokens=6))
+    assert [t for p in pieces for t in p.tokens] == ref.tokens and len(pieces) == len(ref.tokens) + 1
+    for kwargs, msg in ((dict(prompt="hi"), "no tokenizer.json"), (dict(prompt=[1], stop="x"), "stop strings need")):
+        with pytest.raises(ValueError, match=msg):
+            bare.generate(max_new_tokens=4, **kwargs)
