@@ -239,6 +239,9 @@ class Server:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         await self.lock.acquire()
         try:
+            if await request.is_disconnected():  # gave up while waiting its turn
+                self.lock.release()
+                return error_response(499, "the client disconnected", code="cancelled")
             job = self.active = _Job(self, req, body.stream)
         except BaseException:
             self.lock.release()

@@ -58,8 +58,8 @@ class Server:
                 raise RuntimeError(f"server not ready after 180 s:\n{log.read_text()}")
             time.sleep(0.1)
 
-    def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120, **kw)
+    def client(self, timeout: float = 120):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
 
     def post(self, path: str, body: bytes | dict):
         """(status, JSON body) of a raw POST."""
@@ -211,6 +211,20 @@ def test_disconnect_mid_stream_frees_the_engine(server, tiny_llm):
     out = c.completions.create(model="tiny", prompt="abc", max_tokens=8)
     assert out.choices[0].text == tiny_llm.generate("abc", max_new_tokens=8, method="vanilla").text
     assert f"{m.group(1)}: finish_reason" not in server.log.read_text()
+
+
+def test_client_timeout_without_streaming_frees_the_engine(server, tiny_llm):
+    log_before = len(server.log.read_text())
+    with pytest.raises(openai.APITimeoutError):
+        server.client(timeout=1.0).completions.create(model="tiny", prompt="hello", max_tokens=CONTEXT - 8)
+    deadline = time.monotonic() + 60
+    while "cancelled (client disconnected)" not in server.log.read_text()[log_before:]:
+        assert time.monotonic() < deadline, server.log.read_text()[log_before:]
+        time.sleep(0.05)
+    m = re.search(r"cancelled \(client disconnected\) after (\d+) tokens", server.log.read_text()[log_before:])
+    assert int(m.group(1)) < CONTEXT - 8
+    out = server.client().completions.create(model="tiny", prompt="abc", max_tokens=8)
+    assert out.choices[0].text == tiny_llm.generate("abc", max_new_tokens=8, method="vanilla").text
 
 
 @pytest.mark.parametrize("body, status, param", [
