@@ -203,6 +203,7 @@ class Server:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adadecode-engine")
         self.lock = asyncio.Lock()
         self.active: _Job | None = None  # the job on the engine
+        self.waiting = 0  # requests waiting for the engine
         self.created = int(time.time())
 
     # -- request -> LLM request
@@ -237,7 +238,17 @@ class Server:
     # -- decoding
     async def complete(self, request: Request, req, chat: bool, body: _Common):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        await self.lock.acquire()
+        if self.lock.locked():
+            self.waiting += 1
+            log.info("%s: queued, %d waiting", rid, self.waiting)
+            try:
+                await self.lock.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self.lock.acquire()
+        log.info("%s: on the engine: prompt_tokens=%d max_tokens=%d method=%s", rid, len(req.prompt),
+                 req.max_new_tokens, req.method)
         try:
             if await request.is_disconnected():  # gave up while waiting its turn
                 self.lock.release()

@@ -71,14 +71,22 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def wait_for_log(self, pattern: str, timeout: float = 60):
+    def mark(self) -> int:
+        return len(self.log.read_text())
+
+    def log_since(self, mark: int) -> str:
+        return self.log.read_text()[mark:]
+
+    def wait_for_log(self, pattern: str, mark: int, count: int = 1, timeout: float = 60) -> list:
+        """The first `count` matches of `pattern` in the log after `mark`, waiting for them (bounded)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log.read_text())
-            if m:
-                return m
-            time.sleep(0.05)
-        raise AssertionError(f"no log line matching {pattern!r}:\n{self.log.read_text()}")
+        while True:
+            found = list(re.finditer(pattern, self.log_since(mark)))
+            if len(found) >= count:
+                return found[:count]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {count} log lines matching {pattern!r}:\n{self.log_since(mark)}")
+            time.sleep(0.02)
 
     def stop(self):
         self.proc.terminate()
@@ -197,7 +205,26 @@ def test_concurrent_clients_all_answered_correctly(server, tiny_llm):
     assert not errors and got == want
 
 
+def test_requests_take_the_engine_in_arrival_order(server):
+    mark = server.mark()
+    c = server.client()
+    holder = c.completions.create(model="tiny", prompt="ping", max_tokens=CONTEXT - 8, stream=True)
+    next(iter(holder))  # it holds the engine now
+    budgets = [3, 4, 5, 6, 7]
+    threads = []
+    for i, n in enumerate(budgets):
+        threads.append(threading.Thread(target=lambda n=n: c.completions.create(model="tiny", prompt="abc", max_tokens=n)))
+        threads[-1].start()
+        server.wait_for_log(r": queued, ", mark, count=i + 1)  # in the queue before the next one is sent
+    holder.close()
+    for t in threads:
+        t.join(timeout=120)
+    order = [int(n) for n in re.findall(r"on the engine: prompt_tokens=\d+ max_tokens=(\d+)", server.log_since(mark))]
+    assert order == [CONTEXT - 8] + budgets
+
+
 def test_disconnect_mid_stream_frees_the_engine(server, tiny_llm):
+    mark = server.mark()
     c = server.client()
     stream = c.completions.create(model="tiny", prompt="ping", max_tokens=CONTEXT - 8, stream=True)
     n = 0
@@ -206,7 +233,7 @@ def test_disconnect_mid_stream_frees_the_engine(server, tiny_llm):
         if n == 3:
             break
     stream.close()
-    m = server.wait_for_log(r"(cmpl-\w+): cancelled \(client disconnected\) after (\d+) tokens")
+    (m,) = server.wait_for_log(r"(cmpl-\w+): cancelled \(client disconnected\) after (\d+) tokens", mark)
     assert int(m.group(2)) < CONTEXT - 8  # stopped long before its budget
     out = c.completions.create(model="tiny", prompt="abc", max_tokens=8)
     assert out.choices[0].text == tiny_llm.generate("abc", max_new_tokens=8, method="vanilla").text
@@ -214,17 +241,14 @@ def test_disconnect_mid_stream_frees_the_engine(server, tiny_llm):
 
 
 def test_client_timeout_without_streaming_frees_the_engine(server, tiny_llm):
-    log_before = len(server.log.read_text())
+    mark = server.mark()
     with pytest.raises(openai.APITimeoutError):
         server.client(timeout=1.0).completions.create(model="tiny", prompt="hello", max_tokens=CONTEXT - 8)
-    deadline = time.monotonic() + 60
-    while "cancelled (client disconnected)" not in server.log.read_text()[log_before:]:
-        assert time.monotonic() < deadline, server.log.read_text()[log_before:]
-        time.sleep(0.05)
-    m = re.search(r"cancelled \(client disconnected\) after (\d+) tokens", server.log.read_text()[log_before:])
-    assert int(m.group(1)) < CONTEXT - 8
+    (m,) = server.wait_for_log(r"(cmpl-\w+): cancelled \(client disconnected\) after (\d+) tokens", mark)
+    assert int(m.group(2)) < CONTEXT - 8
     out = server.client().completions.create(model="tiny", prompt="abc", max_tokens=8)
     assert out.choices[0].text == tiny_llm.generate("abc", max_new_tokens=8, method="vanilla").text
+    assert f"{m.group(1)}: finish_reason" not in server.log.read_text()
 
 
 @pytest.mark.parametrize("body, status, param", [
