@@ -1,4 +1,4 @@
-"""Command line: `python -m adadecode generate ...`."""
+"""Command line: `python -m adadecode generate ...`, `serve ...` (an OpenAI-compatible server), `train-heads ...`."""
 from __future__ import annotations
 
 import argparse
