@@ -311,12 +311,15 @@ def test_engine_error_is_a_500_for_that_request_only(tmp_path):
     import torch
 
     model = tiny_chat_model(seed=3, max_position_embeddings=256)
-    llm = LLM(model, engine="torch", device="cpu", dtype="fp32")
-    gens = {p: llm.generate(p, max_new_tokens=8, method="vanilla") for p in PROMPTS}
-    bad_prompt = next(p for p, g in gens.items() if len(g.tokens) > 2 and g.tokens[1] not in g.prompt_tokens
-                      and g.tokens[1] != g.tokens[0] and llm.decode(g.tokens[:1]))
-    poison = gens[bad_prompt].tokens[1]
-    good_prompt = next(p for p, g in gens.items() if poison not in g.tokens + g.prompt_tokens)
+    write_hf_dir(model, tmp_path / "clean")  # the weights as the server will read them (bf16)
+    llm = LLM(str(tmp_path / "clean"), engine="torch", device="cpu", dtype="fp32")
+    model = llm.model
+    gens = {p: llm.generate(p, max_new_tokens=8, method="vanilla") for p in PROMPTS + [p + "!" for p in PROMPTS]}
+    # the bad prompt's second token, poisoned: its prefill and first token are fine, the next step is not
+    bad = [(p, g.tokens[1]) for p, g in gens.items() if len(g.tokens) > 2 and g.tokens[1] not in g.prompt_tokens
+           and g.tokens[1] != g.tokens[0]]
+    bad_prompt, poison, good_prompt = next((p, t, q) for p, t in bad for q, g in gens.items()
+                                           if t not in g.tokens + g.prompt_tokens)
     model.weights.embed[poison] = float("nan")
     write_hf_dir(model, tmp_path / "m")
     srv = Server(["--model", str(tmp_path / "m"), "--served-model-name", "tiny"], tmp_path / "server.log")
