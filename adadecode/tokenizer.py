@@ -77,24 +77,52 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=special("bos_token"), eos_token=special("eos_token"))
 
-    def encode_chat(self, user_text: str) -> list[int]:
-        text = self.apply_chat_template([{"role": "user", "content": user_text}])
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Chat messages ({"role": ..., "content": ...}) rendered with the chat template, ready for the reply."""
+        import jinja2
+
+        try:
+            text = self.apply_chat_template(messages)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"{self.source}: the chat template refused these messages ({e})") from None
         bos = self.config.get("bos_token")
         bos = bos.get("content") if isinstance(bos, dict) else bos
         # the template already wrote BOS where the model wants it
         return self.encode(text, add_special=not (bos and text.startswith(bos)))
 
+    def encode_chat(self, user_text: str) -> list[int]:
+        return self.encode_messages([{"role": "user", "content": user_text}])
+
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of token ids into text pieces whose concatenation is the decoded text.
+
+    A piece is held back while the text ends in an incomplete UTF-8 sequence (a byte-level BPE token can carry
+    part of a character). Each step decodes only a window of recent tokens (the ones since the piece before the
+    last): the window's first token is decoded the same way in both decodes, so SentencePiece's dropped leading
+    space cancels out, and a token costs the same however long the text is.
+
+    The pieces concatenate to `decode(ids)` for valid text, and for any bytes with byte-level BPE. A byte-fallback
+    (SentencePiece) decoder turns a whole run of byte tokens into U+FFFDs when the run is not valid UTF-8: text
+    already handed out cannot follow that change.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.start = self.read = 0  # window: ids[start:read] is decoded and emitted; ids[read:] is not yet
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self.ids.append(int(token))
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """The held-back rest (an incomplete character decodes to U+FFFD, as the full decode has it)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.start:self.read])
+        after = self.tokenizer.decode(self.ids[self.start:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
+        self.start, self.read = self.read, len(self.ids)
+        return after[len(before):]

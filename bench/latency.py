@@ -42,11 +42,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import bytes_per_token, copy_bandwidth, llama31_8b, run_facts  # noqa: E402
-from adadecode.decode import Generation, generate_vanilla  # noqa: E402
-from adadecode.driver import generate_adadecode, generate_layerskip  # noqa: E402
+from adadecode import DEFAULT_GAMMA, LLM  # noqa: E402
+from adadecode.decode import Generation  # noqa: E402
+from adadecode.driver import generate_adadecode  # noqa: E402
 from adadecode.engines import cuda_unavailable_reason, make_engine  # noqa: E402
-from adadecode.heads import Head, load_heads  # noqa: E402
-from adadecode.loader import load_model  # noqa: E402
+from adadecode.heads import Head  # noqa: E402
 from adadecode.prompts import load_prompts  # noqa: E402
 from adadecode.trace import RecordingEngine, Trace, replay  # noqa: E402
 
@@ -112,7 +112,7 @@ def summarize(name: str, gens: list[Generation], ref: list[Generation] | None, n
         agree = sum(a == b for g, r in zip(gens, ref) for a, b in zip(g.tokens, r.tokens))
         row["parity_prompts"] = same / len(gens)
         row["parity_tokens"] = agree / max(1, sum(len(r.tokens) for r in ref))
-    st = [g.stats for g in gens if "early" in g.stats]
+    st = [g.stats for g in gens if "exit_layer_hist" in g.stats]  # the early-exit methods
     if st:
         toks, acc = sum(s["tokens"] for s in st), sum(s["accepted"] for s in st)
         verified = acc + sum(s["rejected"] for s in st)
@@ -221,26 +221,26 @@ def main(argv=None) -> int:
         print(f"note: no GPU ({cuda_unavailable_reason()}); the torch reference engine runs on the CPU. "
               f"These numbers are NOT representative of the CUDA engine.", file=sys.stderr)
 
-    model = load_model(args.model)
-    tok = model.tokenizer
     heads_spec = args.heads or (f"default:{args.prompts}" if args.prompts in ("code", "general") else "default")
-    heads, meta = load_heads(heads_spec, model)
-    gamma = args.gamma if args.gamma is not None else float(meta.get("gamma", 0.75))
+    llm = LLM(args.model, heads=heads_spec, max_rows=max(16, args.max_pending + 1, args.k + 1))
+    model, heads, meta = llm.model, llm.heads, llm.heads_meta
+    gamma = args.gamma if args.gamma is not None else float(meta.get("gamma", DEFAULT_GAMMA))
     texts = load_prompts(args.prompts)
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     used = (training.get("prompts") or {}).get("total", 0)
     if f"'{args.prompts}'" in str(meta.get("description", "")) and used < len(texts):
         texts = texts[used:]  # the heads were trained on the first `used` prompts of this set: time the others
-    prompts = [tok.encode_chat(t) for t in texts[:n_prompts]]
+    prompts = [llm.encode(t, chat=True) for t in texts[:n_prompts]]
     max_seq = max(len(x) for x in prompts) + max_new + 8
-    engine = make_engine(model, "auto", max_seq=max_seq, max_rows=max(16, args.max_pending + 1, args.k + 1))
-    engine.set_heads(heads)
+    engine = llm.engine
     eos = model.eos_ids
 
+    # the API's generate, without text options: the driver runs with no per-token callback, as a bare call would
     runners = {
-        "vanilla": lambda x, n: generate_vanilla(engine, x, n, eos_ids=eos),
-        "adadecode": lambda x, n: generate_adadecode(engine, x, n, gamma=gamma, eos_ids=eos, max_pending=args.max_pending),
-        "layerskip": lambda x, n: generate_layerskip(engine, x, n, k=args.k, eos_ids=eos),
+        "vanilla": lambda x, n: llm.generate(x, max_new_tokens=n, method="vanilla"),
+        "adadecode": lambda x, n: llm.generate(x, max_new_tokens=n, method="adadecode", gamma=gamma,
+                                               max_pending=args.max_pending),
+        "layerskip": lambda x, n: llm.generate(x, max_new_tokens=n, method="layerskip", k=args.k),
     }
     sampled = []  # method@T rows: the exact methods again under seeded sampling
     for t in [float(v) for v in args.temperatures.split(",") if v.strip()]:
@@ -248,13 +248,15 @@ def main(argv=None) -> int:
             p.error(f"--temperatures: {t} is not > 0 (greedy always runs)")
         kw = dict(temperature=t, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         tag = f"@T{t:g}"
-        runs = {"vanilla": lambda x, n, kw=kw: generate_vanilla(engine, x, n, eos_ids=eos, **kw)}
+        runs = {"vanilla": lambda x, n, kw=kw: llm.generate(x, max_new_tokens=n, method="vanilla", **kw)}
         if "adadecode" in methods:
             for name, guess in (("adadecode", "sample"), ("adadecode-argmax", "argmax")):
-                runs[name] = lambda x, n, kw=kw, guess=guess: generate_adadecode(
-                    engine, x, n, gamma=gamma, eos_ids=eos, max_pending=args.max_pending, head_guess=guess, **kw)
+                runs[name] = lambda x, n, kw=kw, guess=guess: llm.generate(
+                    x, max_new_tokens=n, method="adadecode", gamma=gamma, max_pending=args.max_pending,
+                    head_guess=guess, **kw)
         if "layerskip" in methods:
-            runs["layerskip"] = lambda x, n, kw=kw: generate_layerskip(engine, x, n, k=args.k, eos_ids=eos, **kw)
+            runs["layerskip"] = lambda x, n, kw=kw: llm.generate(x, max_new_tokens=n, method="layerskip", k=args.k,
+                                                                 **kw)
         for name, run in runs.items():
             runners[name + tag] = run
             sampled.append(name + tag)
@@ -284,6 +286,8 @@ def main(argv=None) -> int:
         try:
             runners[m](prompts[0], min(8, max_new))
         except Exception as e:
+            if m.split("@")[0] in EXACT + ("vanilla", "adadecode-argmax"):
+                raise  # the product's own methods never fail quietly
             skipped[m] = f"{type(e).__name__}: {e}"
     order = [m for m in order if m not in skipped]
     bar = tqdm(total=len(order) * len(prompts), desc="decoding", file=sys.stderr)

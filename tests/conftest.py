@@ -56,3 +56,27 @@ def default_model():
     from adadecode.loader import load_model
 
     return load_model("default")
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_chat_model(seed: int = 0, **cfg_over):
+    """A loader.Model: a tiny random Llama with a real byte-level BPE tokenizer (one token per byte, so a
+    character outside ASCII takes several tokens), BOS/EOS and a chat template. Save it with loader.write_hf_dir."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    from adadecode.loader import Model
+    from adadecode.tokenizer import Tokenizer
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok = Tokenizer(hf.to_str(), {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                                  "chat_template": TINY_CHAT_TEMPLATE}, source="tiny tokenizer")
+    cfg = LlamaConfig.from_hf(tiny_hf_config(vocab_size=len(vocab), **cfg_over))
+    return Model(cfg=cfg, weights=random_weights(cfg, seed=seed), tokenizer=tok, source="tiny chat model")

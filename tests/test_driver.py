@@ -435,7 +435,7 @@ def test_cli_methods_agree(tmp_path, monkeypatch, capsys):
     assert main(base[:-1] + ["--method", "adadecode"]) == 0
     assert capsys.readouterr().out.strip() == van["text"].strip()
     assert main(base + ["--method", "layerskip", "--head-layer", "2"]) == 2
-    assert "--head-layer 2" in capsys.readouterr().err
+    assert "head_layer 2" in capsys.readouterr().err
 
 
 def test_cli_with_a_head_file(tmp_path, capsys):

@@ -1,0 +1,369 @@
+"""The Python API: load a model (and heads) once, then generate or stream from prompts or chat messages.
+
+    import adadecode
+
+    llm = adadecode.LLM("default", heads="default:code")        # or an HF directory, a .gguf file
+    out = llm.generate("Write a Python function that reverses a string.", chat=True, max_new_tokens=64)
+    print(out.text, out.finish_reason, out.stats["accepted"])   # method: adadecode where heads are loaded
+    for piece in llm.stream(messages=[{"role": "user", "content": "Hi!"}], method="vanilla", stop=["\\n"]):
+        print(piece.text, end="", flush=True)
+
+One model, one engine, one sequence at a time: an LLM serialises its callers (a lock), and a call can be
+cancelled between tokens (`cancel`, a threading.Event), which frees the engine at once. Every method gives the
+tokens of vanilla greedy decoding; they differ in speed and statistics only.
+
+Options of a decoding method that this file does not name (the sampling options, for one) are passed through
+to the method's function (`decode.generate_vanilla`, `driver.generate_adadecode`, `driver.generate_layerskip`)
+as keyword arguments; one that the function does not take is a ValueError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import threading
+import time
+import types
+from typing import Callable, Iterator, Sequence
+
+from .decode import check_request, generate_vanilla
+from .driver import generate_adadecode, generate_layerskip
+from .loader import Model, load_model
+from .sampling import make_sampling
+
+METHODS = ("vanilla", "adadecode", "layerskip")
+DEFAULT_GAMMA = 0.75  # adadecode's threshold when neither the call nor the heads file gives one
+_FUNCTIONS = {"vanilla": generate_vanilla, "adadecode": generate_adadecode, "layerskip": generate_layerskip}
+_RESERVED = {"prompt_tokens", "max_new_tokens", "eos_ids", "on_token", "heads", "gamma", "max_pending", "head_index", "k"}
+
+
+class Cancelled(Exception):
+    """The caller's cancel event was set: the generation stopped between two tokens and the engine is free."""
+
+    def __init__(self, tokens: int = 0):
+        super().__init__(f"cancelled after {tokens} tokens")
+        self.tokens = tokens  # tokens generated before the cancel was seen
+
+
+class _StopStringHit(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Completion:
+    """One finished generation."""
+
+    text: str  # the generated text, cut before the stop string that ended it (special tokens skipped)
+    tokens: list[int]  # generated ids: EOS included when it ended the text, up to the one completing a stop string
+    prompt_tokens: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
+    method: str
+    engine: str
+    options: dict  # the method's settings as used: heads, head_layers, gamma, max_pending / head_layer, k
+    stats: dict  # Generation.stats (driver.py's docstring); a stop string cuts the run short: then tokens only
+    seconds: float
+    ms_per_token: float  # after the first token
+    stop: str | None = None  # the stop string that ended the text
+
+
+@dataclasses.dataclass
+class Delta:
+    """A piece of a stream: new text and the tokens that produced it; the last piece carries the Completion."""
+
+    text: str
+    tokens: list[int]
+    completion: Completion | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self.completion is None else self.completion.finish_reason
+
+
+class TextStream:
+    """Text of a growing token list, cut at the first stop string; `push` returns what may be shown now.
+
+    Text that could be the start of a stop string is held back until the next tokens settle it."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        from .tokenizer import StreamDecoder
+
+        self.decoder, self.stop = StreamDecoder(tokenizer), list(stop)
+        self.text, self.sent, self.hit = "", 0, None
+
+    def push(self, token: int) -> str:
+        return self._take(self.decoder.push(token) if self.hit is None else "", final=False)
+
+    def finish(self) -> str:
+        return self._take(self.decoder.flush() if self.hit is None else "", final=True)
+
+    def _take(self, piece: str, final: bool) -> str:
+        if piece:
+            old, self.text = len(self.text), self.text + piece
+            found = [(i, s) for s in self.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) >= 0]
+            if found:
+                i, self.hit = min(found)
+                self.text = self.text[:i]
+        end = len(self.text)
+        if self.hit is None and not final:
+            end -= max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+
+@dataclasses.dataclass
+class _Request:
+    prompt: list[int]
+    max_new_tokens: int
+    method: str
+    kwargs: dict  # for the method's function
+    options: dict
+    stop: list[str]
+    rows: int  # rows in flight the engine must hold
+
+
+class LLM:
+    """A model on an engine, with optional intermediate heads, ready to decode.
+
+    model: "default" (SmolLM2-135M-Instruct), an HF Llama checkpoint directory, a .gguf file, or a loaded
+        `loader.Model`.
+    heads: None, a head file, or "default" / "default:code" / "default:general" (the default model's heads).
+    engine: "auto" (CUDA where it can run, else torch), "cuda" or "torch"; device and dtype: the torch engine's.
+    max_seq: the KV cache length. None: min(the model's context, 4096), grown (up to the model's context) when a
+        request needs more; a number: fixed, and longer requests are refused.
+    max_rows: rows in flight (AdaDecode's max_pending + 1, LayerSkip's k + 1). None: 16, grown as needed.
+    """
+
+    def __init__(self, model: str | Model = "default", *, heads=None, engine: str = "auto", device: str | None = None,
+                 dtype: str | None = None, max_seq: int | None = None, max_rows: int | None = None):
+        self.model = model if isinstance(model, Model) else load_model(model)
+        self.tokenizer = self.model.tokenizer
+        self.heads, self.heads_meta, self.heads_spec = [], {}, heads
+        if heads is not None:
+            from . import heads as heads_mod
+
+            loaded, meta = heads_mod.load_heads(heads, self.model)
+            self.heads, self.heads_meta = list(loaded), dict(meta or {})
+            if not self.heads:
+                raise ValueError(f"heads {heads}: no heads in it")
+        self._engine_args = dict(engine=engine, device=device, dtype=dtype)
+        self._fixed_seq, self._fixed_rows = max_seq is not None, max_rows is not None
+        self._max_seq = max_seq if max_seq is not None else min(self.model.cfg.max_position, 4096)
+        self._max_rows = max_rows if max_rows is not None else 16
+        self._engine = None
+        self._lock = threading.Lock()
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def engine(self):
+        """The engine (built on first use)."""
+        if self._engine is None:
+            with self._lock:
+                self._fit(0, 0)
+        return self._engine
+
+    @property
+    def max_context(self) -> int:
+        """The most tokens (prompt + generated) one request may use."""
+        return self._max_seq if self._fixed_seq else self.model.cfg.max_position
+
+    def _fit(self, seq: int, rows: int) -> None:
+        """(Re)build the engine so that it holds `seq` positions and `rows` rows in flight; the caller holds the lock."""
+        from .engines import make_engine
+
+        if self._engine is not None and seq <= self._max_seq and rows <= self._max_rows:
+            return
+        self._max_seq, self._max_rows = max(self._max_seq, seq), max(self._max_rows, rows)
+        self._engine = None  # free the old cache first
+        self._engine = make_engine(self.model, **self._engine_args, max_seq=self._max_seq, max_rows=self._max_rows)
+        if self.heads:
+            self._engine.set_heads(self.heads)
+
+    # ---- requests ------------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[dict] | None = None,
+               chat: bool = False) -> list[int]:
+        """Token ids of a text prompt (wrapped as one user message when `chat`), of token ids, or of chat messages."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give either a prompt or messages")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError(f"{self.model.source} has no tokenizer.json; cannot encode a text prompt")
+        if messages is not None:
+            return tok.encode_messages(list(messages))
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if prompt == "":
+            raise ValueError("empty prompt: give at least one character")
+        return tok.encode_chat(prompt) if chat else tok.encode(prompt)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model.source} has no tokenizer.json; cannot decode tokens")
+        return self.tokenizer.decode(list(tokens))
+
+    def prepare(self, prompt=None, *, messages=None, chat: bool = False, max_new_tokens: int = 128,
+                method: str | None = None, stop: str | Sequence[str] | None = None, gamma=None,
+                max_pending: int = 5, k: int = 4, head_layer: int | None = None, **options) -> _Request:
+        """Check a request without touching the engine (a ValueError names what is wrong); `run` decodes it.
+
+        method: "vanilla", "adadecode" or "layerskip"; default: adadecode where heads are loaded, else vanilla.
+        stop: strings that end the text (cut before them); EOS ends it too.
+        gamma (adadecode): exit when a head's confidence > gamma; one number or one per head; default: the heads
+            file's recommended gamma. max_pending (adadecode): most early tokens awaiting verification.
+        k, head_layer (layerskip): draft length and the drafting head's layer (default: the deepest head).
+        options: passed to the method's function (e.g. sampling options where the build has them).
+        """
+        ids = self.encode(prompt, messages=messages, chat=chat)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        check_request(types.SimpleNamespace(cfg=self.model.cfg, max_seq=self.max_context), ids, max_new_tokens)
+        method = method or ("adadecode" if self.heads else "vanilla")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or s == "" for s in stop):
+            raise ValueError(f"stop must be non-empty strings, got {stop!r}")
+        if stop and self.tokenizer is None:
+            raise ValueError(f"{self.model.source} has no tokenizer.json; stop strings need one")
+        params = inspect.signature(_FUNCTIONS[method]).parameters
+        bad = [o for o in options if o not in params or o in _RESERVED]
+        if bad:
+            raise ValueError(f"{method} decoding takes no option {bad[0]!r} in this build")
+        kwargs, info, rows = dict(options), {}, 1
+        sampling = {k: options[k] for k in ("temperature", "top_k", "top_p", "seed") if k in options}
+        if make_sampling(**sampling) is not None:  # checks the values now, before the request waits for the engine
+            info["sampling"] = sampling
+        if method != "vanilla":
+            if not self.heads:
+                raise ValueError(f"method {method!r} needs intermediate heads: load the LLM with heads=...")
+            layers = [h.layer for h in self.heads]
+            info = {"heads": self.heads_spec, "head_layers": layers}
+            rows = self._check_count("max_pending" if method == "adadecode" else "k",
+                                     max_pending if method == "adadecode" else k) + 1
+        if method == "adadecode":
+            gamma = self.heads_meta.get("gamma", DEFAULT_GAMMA) if gamma is None else gamma
+            values = list(gamma) if isinstance(gamma, (list, tuple)) else [gamma]
+            if any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1 for g in values):
+                raise ValueError(f"gamma must be a number in [0, 1] or one per head; got {gamma!r}")
+            kwargs.update(gamma=gamma, max_pending=max_pending)
+            info.update(gamma=gamma, max_pending=max_pending)
+        elif method == "layerskip":
+            if head_layer is None:
+                index = max(range(len(layers)), key=lambda i: layers[i])  # the deepest head: the most accurate drafts
+            elif head_layer in layers:
+                index = layers.index(head_layer)
+            else:
+                raise ValueError(f"head_layer {head_layer}: the heads sit at layers {layers}")
+            kwargs.update(head_index=index, k=k)
+            info.update(head_layer=layers[index], k=k)
+        return _Request(prompt=ids, max_new_tokens=max_new_tokens, method=method, kwargs=kwargs, options=info,
+                        stop=stop, rows=rows)
+
+    def _check_count(self, name: str, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self._fixed_rows and value + 1 > self._max_rows:
+            raise ValueError(f"{name}={value} needs {value + 1} rows in flight; this LLM holds max_rows={self._max_rows}")
+        return value
+
+    def run(self, req: _Request, *, on_text: Callable[[Delta], None] | None = None,
+            cancel: threading.Event | None = None) -> Completion:
+        """Decode a prepared request on the engine (one caller at a time). `on_text` gets each Delta as soon as its
+        text is final (the last one carries the Completion); `cancel` set -> Cancelled after the current token."""
+        with self._lock:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(0)
+            self._fit(len(req.prompt) + req.max_new_tokens, req.rows)
+            live = on_text is not None or bool(req.stop)
+            text = TextStream(self.tokenizer, req.stop) if live and self.tokenizer is not None else None
+            tokens: list[int] = []
+            fresh: list[int] = []  # tokens not yet handed out in a Delta
+            times: list[float] = []
+
+            def on_token(t: int) -> None:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(len(tokens))
+                tokens.append(t)
+                if len(times) < 2:
+                    times.append(time.perf_counter())
+                else:
+                    times[1] = time.perf_counter()
+                if not live:
+                    return
+                fresh.append(t)
+                piece = text.push(t) if text is not None else ""  # no tokenizer: a Delta per token, no text
+                if on_text is not None and (piece or text is None):
+                    on_text(Delta(piece, fresh[:]))
+                    fresh.clear()
+                if text is not None and text.hit is not None:
+                    raise _StopStringHit()
+
+            t0 = time.perf_counter()
+            fn = _FUNCTIONS[req.method]
+            try:
+                gen = fn(self._engine, req.prompt, req.max_new_tokens, eos_ids=self.model.eos_ids,
+                         on_token=on_token if (live or cancel is not None) else None, **req.kwargs)
+                tokens, stats, seconds, ms = gen.tokens, dict(gen.stats), gen.seconds, gen.ms_per_token
+            except _StopStringHit:
+                stats = {"tokens": len(tokens), "cut_by_stop_string": True}
+                seconds = times[-1] - t0
+                ms = 1e3 * (times[-1] - times[0]) / (len(tokens) - 1) if len(tokens) > 1 else float("nan")
+        if req.method == "vanilla":
+            stats = {"tokens": len(tokens), "early": 0, "accepted": 0, "rejected": 0, **stats}
+        tail = text.finish() if text is not None else ""
+        if text is not None and text.hit is not None:
+            finish, out_text = "stop", text.text
+        else:
+            finish = "stop" if tokens and tokens[-1] in self.model.eos_ids else "length"
+            out_text = text.text if text is not None else (self.decode(tokens) if self.tokenizer else "")
+        done = Completion(text=out_text, tokens=list(tokens), prompt_tokens=req.prompt, finish_reason=finish,
+                          method=req.method, engine=self._engine.name, options=req.options, stats=stats,
+                          seconds=seconds, ms_per_token=ms, stop=text.hit if text is not None else None)
+        if on_text is not None:
+            on_text(Delta(tail, fresh[:], completion=done))
+        return done
+
+    # ---- the two entry points ------------------------------------------------------------------------------------
+    def generate(self, prompt=None, *, messages=None, on_text: Callable[[Delta], None] | None = None,
+                 cancel: threading.Event | None = None, **kwargs) -> Completion:
+        """Decode `prompt` (text, or token ids) or chat `messages` to the end: EOS, a stop string or max_new_tokens.
+
+        Keyword arguments: those of `prepare` (chat, max_new_tokens, method, stop, gamma, max_pending, k,
+        head_layer, and options of the method), plus `on_text` and `cancel` (see `run`)."""
+        return self.run(self.prepare(prompt, messages=messages, **kwargs), on_text=on_text, cancel=cancel)
+
+    def stream(self, prompt=None, *, messages=None, **kwargs) -> Iterator[Delta]:
+        """Like `generate`, as an iterator of Deltas (text pieces; the last one carries the Completion).
+
+        The request is checked at once; decoding runs on a worker thread. Closing the iterator early (break)
+        cancels the generation and waits for the engine to be free."""
+        import queue
+
+        req = self.prepare(prompt, messages=messages, **kwargs)
+        return self._stream(req, queue.Queue())
+
+    def _stream(self, req: _Request, q) -> Iterator[Delta]:
+        cancel = threading.Event()
+
+        def work():
+            try:
+                self.run(req, on_text=q.put, cancel=cancel)
+            except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+                q.put(e)
+
+        worker = threading.Thread(target=work, name="adadecode-generate", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.completion is not None:
+                    return
+        finally:
+            cancel.set()
+            worker.join()

@@ -1,0 +1,461 @@
+"""OpenAI-compatible HTTP server: `python -m adadecode serve --model M [--heads H] [--host 127.0.0.1 --port 8000]`.
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (JSON, or server-sent events with
+"stream": true), GET /health. The response's extra field "adadecode" holds the method, its options, the
+generated token ids and the decoding statistics.
+
+One model, one sequence at a time: requests take the engine in arrival order (an asyncio.Lock is FIFO) and
+decode on one worker thread (`LLM.run`); a client that disconnects sets the generation's cancel event, which
+stops it after the current token, and the next request starts at once. Bad requests get OpenAI's error object
+({"error": {"message", "type", "param", "code"}}) with a 4xx status; an engine failure is a 500 for that request
+only (mid-stream: an error event, then the end of the stream). The server keeps serving either way.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import math
+import re
+import secrets
+import threading
+import time
+import uuid
+from typing import Any, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .api import LLM, METHODS, Cancelled, Completion, Delta
+from .sampling import make_sampling
+
+log = logging.getLogger("adadecode.server")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+
+def error_response(status: int, message: str, param=None, code=None, type_="invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+
+def sampling_options(body: "_Common") -> dict:
+    """The decoding options that OpenAI's sampling parameters ask for (adadecode.sampling).
+
+    temperature None or 0 is greedy: this server's default, unlike OpenAI's 1, so a request that names no
+    temperature gets the model's greedy answer. With temperature > 0, top_p, top_k (adadecode's own) and seed
+    apply; a request without a seed gets a fresh random one, reported in the response's "adadecode" field, so the
+    same text can be asked for again. Every method gives the same tokens for the same seed."""
+    if not body.temperature:
+        return {}
+    seed = secrets.randbits(63) if body.seed is None else body.seed
+    options = {"temperature": body.temperature, "top_k": body.top_k or 0,
+               "top_p": 1.0 if body.top_p is None else body.top_p, "seed": seed}
+    try:
+        make_sampling(**options)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=next((k for k in options if str(e).startswith(k)), None)) from None
+    return options
+
+
+# ---- requests ------------------------------------------------------------------------------------------------
+class _StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields OpenAI clients send that change nothing here (user, ...)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    n: int | None = Field(None, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    # adadecode's own (the openai client sends them with extra_body={...})
+    method: Literal["vanilla", "adadecode", "layerskip"] | None = None
+    gamma: float | list[float] | None = None
+    max_pending: int | None = None
+    k: int | None = None
+    head_layer: int | None = None
+    top_k: int | None = Field(None, ge=0)
+
+    def unsupported(self) -> None:
+        """Refuse what would change the answer and that this server cannot do."""
+        checks = [("n", self.n not in (None, 1), "one choice per request (n=1)"),
+                  ("presence_penalty", bool(self.presence_penalty), "no penalties"),
+                  ("frequency_penalty", bool(self.frequency_penalty), "no penalties"),
+                  ("logit_bias", bool(self.logit_bias), "no logit_bias")]
+        for param, bad, what in checks + self._unsupported():
+            if bad:
+                raise ApiError(400, f"{param}: this server supports {what}", param=param, code="unsupported_value")
+
+    def _unsupported(self) -> list:
+        return []
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def _unsupported(self) -> list:
+        return [("echo", bool(self.echo), "no echo"), ("logprobs", self.logprobs is not None, "no logprobs"),
+                ("best_of", self.best_of not in (None, 1), "best_of=1 only"), ("suffix", bool(self.suffix), "no suffix")]
+
+
+class _TextPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[_Message]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+    def _unsupported(self) -> list:
+        fmt = (self.response_format or {}).get("type", "text")
+        return [("logprobs", bool(self.logprobs), "no logprobs"), ("tools", bool(self.tools), "no tools"),
+                ("response_format", fmt != "text", "response_format text only")]
+
+
+# ---- the engine's queue --------------------------------------------------------------------------------------
+class _Job:
+    """One generation on the engine's worker thread; its Deltas (stream) or Completion, or its error, arrive on
+    an asyncio queue."""
+
+    def __init__(self, server: "Server", req, stream: bool):
+        self.loop, self.queue, self.cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        self.future = self.loop.run_in_executor(server.executor, self._work, server.llm, req, stream)
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _work(self, llm: LLM, req, stream: bool):
+        try:
+            done = llm.run(req, on_text=self._put if stream else None, cancel=self.cancel)
+            if not stream:
+                self._put(done)
+            return done
+        except BaseException as e:  # noqa: BLE001 (handed to the request's task)
+            self._put(e)
+            return e
+
+    async def stop(self):
+        """Cancel (if still running) and wait until the engine is free; not interruptible. -> the outcome."""
+        self.cancel.set()
+        with anyio.CancelScope(shield=True):
+            return await asyncio.shield(self.future)
+
+
+class _EngineStream(StreamingResponse):
+    """A streaming response that frees the engine when it ends, however it ends (done, disconnect, error)."""
+
+    def __init__(self, content, release):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.release()
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class Server:
+    def __init__(self, llm: LLM, model_name: str, defaults: dict | None = None):
+        self.llm, self.model_name, self.defaults = llm, model_name, dict(defaults or {})
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adadecode-engine")
+        self.lock = asyncio.Lock()
+        self.active: _Job | None = None  # the job on the engine
+        self.waiting = 0  # requests waiting for the engine
+        self.created = int(time.time())
+
+    # -- request -> LLM request
+    def prepare(self, body: _Common, prompt=None, messages=None):
+        if body.model != self.model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        body.unsupported()
+        options = sampling_options(body)
+        extra = {}
+        for k in ("method", "gamma", "max_pending", "k", "head_layer"):  # the request's, else the server's
+            v = getattr(body, k)
+            v = self.defaults.get(k) if v is None else v
+            if v is not None:
+                extra[k] = v
+        try:
+            ids = self.llm.encode(prompt, messages=messages)
+            max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+            if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
+                max_tokens = 16 if messages is None else self.llm.max_context - len(ids)
+                if max_tokens < 1:
+                    raise ValueError(f"prompt of {len(ids)} tokens fills the context (max_seq={self.llm.max_context})")
+            return self.llm.prepare(ids, max_new_tokens=max_tokens, stop=body.stop, **extra, **options)
+        except ValueError as e:
+            msg = str(e)
+            code = "context_length_exceeded" if "context" in msg else None
+            names = ("messages", "prompt", "stop", "gamma", "max_pending", "head_layer", "method", "k", "max_new_tokens")
+            param = next((p for p in names if re.search(rf"\b{p}\b", msg)), None)
+            param = "max_tokens" if param == "max_new_tokens" else param
+            raise ApiError(400, msg, param=param, code=code) from None
+
+    # -- decoding
+    async def complete(self, request: Request, req, chat: bool, body: _Common):
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if self.lock.locked():
+            self.waiting += 1
+            log.info("%s: queued, %d waiting", rid, self.waiting)
+            try:
+                await self.lock.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self.lock.acquire()
+        log.info("%s: on the engine: prompt_tokens=%d max_tokens=%d method=%s", rid, len(req.prompt),
+                 req.max_new_tokens, req.method)
+        try:
+            if await request.is_disconnected():  # gave up while waiting its turn
+                self.lock.release()
+                return error_response(499, "the client disconnected", code="cancelled")
+            job = self.active = _Job(self, req, body.stream)
+        except BaseException:
+            self.lock.release()
+            raise
+
+        async def release():
+            outcome = await job.stop()
+            self.active = None
+            self.lock.release()
+            if isinstance(outcome, Cancelled):
+                log.info("%s: cancelled (client disconnected) after %d tokens", rid, outcome.tokens)
+
+        if not body.stream:
+            watch = asyncio.create_task(self._watch(request, job.cancel))
+            try:
+                item = await job.queue.get()
+            finally:
+                watch.cancel()
+                await release()
+            if isinstance(item, BaseException):
+                return self._failed(rid, item)
+            return JSONResponse(self._body(rid, chat, item))
+        first = await job.queue.get()
+        if isinstance(first, BaseException):
+            await release()
+            return self._failed(rid, first)
+        return _EngineStream(self._events(rid, chat, body, job, first), release)
+
+    async def _watch(self, request: Request, cancel: threading.Event) -> None:
+        while not cancel.is_set():
+            if await request.is_disconnected():
+                cancel.set()
+                return
+            await asyncio.sleep(0.05)
+
+    def _failed(self, rid: str, e: BaseException) -> JSONResponse:
+        if isinstance(e, Cancelled):  # nobody reads this: the client is gone
+            return error_response(499, "the client disconnected", code="cancelled")
+        if isinstance(e, ValueError):
+            log.info("%s: refused: %s", rid, e)
+            return error_response(400, str(e))
+        log.error("%s: engine error: %s: %s", rid, type(e).__name__, e)
+        return error_response(500, f"engine error: {type(e).__name__}: {e}", type_="server_error", code="engine_error")
+
+    def _usage(self, c: Completion) -> dict:
+        n, m = len(c.prompt_tokens), len(c.tokens)
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+    def _extra(self, c: Completion) -> dict:
+        return _finite({"method": c.method, "engine": c.engine, "options": c.options, "tokens": c.tokens,
+                        "ms_per_token": c.ms_per_token, "stats": c.stats})
+
+    def _log(self, rid: str, c: Completion) -> None:
+        log.info("%s: finish_reason=%s prompt_tokens=%d completion_tokens=%d method=%s", rid, c.finish_reason,
+                 len(c.prompt_tokens), len(c.tokens), c.method)
+
+    def _head(self, rid: str, chat: bool, stream: bool) -> dict:
+        obj = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name}
+
+    def _body(self, rid: str, chat: bool, c: Completion) -> dict:
+        self._log(rid, c)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                      "finish_reason": c.finish_reason}
+        else:
+            choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+        return {**self._head(rid, chat, False), "choices": [choice], "usage": self._usage(c), "adadecode": self._extra(c)}
+
+    def _chunk(self, rid: str, chat: bool, text: str | None, finish: str | None = None, role: bool = False) -> dict:
+        if chat:
+            delta = {} if text is None else ({"role": "assistant", "content": text} if role else {"content": text})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._head(rid, chat, True), "choices": [choice]}
+
+    async def _events(self, rid: str, chat: bool, body: _Common, job: _Job, first: Delta):
+        if chat:
+            yield _sse(self._chunk(rid, chat, "", role=True))
+        item = first
+        while True:
+            if isinstance(item, BaseException):
+                if isinstance(item, Cancelled):
+                    return
+                log.error("%s: engine error mid-stream: %s: %s", rid, type(item).__name__, item)
+                yield _sse({"error": {"message": f"engine error: {type(item).__name__}: {item}", "type": "server_error",
+                                      "param": None, "code": "engine_error"}})
+                return
+            if item.text:
+                yield _sse(self._chunk(rid, chat, item.text))
+            c = item.completion
+            if c is not None:
+                self._log(rid, c)
+                last = self._chunk(rid, chat, None, finish=c.finish_reason)
+                yield _sse({**last, "adadecode": self._extra(c)})
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield _sse({**self._head(rid, chat, True), "choices": [], "usage": self._usage(c)})
+                yield "data: [DONE]\n\n"
+                return
+            item = await job.queue.get()
+
+
+def _chat_messages(body: ChatRequest) -> list[dict]:
+    if not body.messages:
+        raise ApiError(400, "messages: give at least one message", param="messages")
+    out = []
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(p.text for p in content)
+        out.append({"role": m.role, "content": content or ""})
+    return out
+
+
+def _completion_prompt(body: CompletionRequest):
+    p = body.prompt
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        if len(p) != 1:
+            raise ApiError(400, f"prompt: one prompt per request (got {len(p)})", param="prompt")
+        p = p[0]
+    if isinstance(p, str) and p == "" or isinstance(p, list) and not p:
+        raise ApiError(400, "prompt: empty prompt", param="prompt")
+    return p
+
+
+def create_app(llm: LLM, model_name: str, defaults: dict | None = None) -> FastAPI:
+    """The ASGI app serving `llm` as `model_name`; `defaults`: method options for requests that give none."""
+    server = Server(llm, model_name, defaults)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if server.active is not None:  # shutting down: stop the generation so that its thread ends now
+            server.active.cancel.set()
+        server.executor.shutdown(wait=False)
+
+    app = FastAPI(title="adadecode", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(e.status, e.message, e.param, e.code, e.type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"msg": "invalid request", "loc": ()}
+        if err.get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON ({err.get('msg')})")
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        return error_response(400, f"{'.'.join(loc) or 'body'}: {err.get('msg')}", param=loc[0] if loc else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
+                                            "owned_by": "adadecode", "max_model_len": llm.max_context}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        req = server.prepare(body, prompt=_completion_prompt(body))
+        return await server.complete(request, req, chat=False, body=body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        req = server.prepare(body, messages=_chat_messages(body))
+        return await server.complete(request, req, chat=True, body=body)
+
+    return app
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model as given)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def main(args, llm: LLM) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(name)s: %(message)s")
+    engine = llm.engine  # build it now: errors before serving, no wait on the first request
+    defaults = {k: getattr(args, k) for k in ("method", "gamma", "max_pending", "k", "head_layer")}
+    app = create_app(llm, args.served_model_name or args.model, defaults)
+    log.info("serving %s as %r on engine %s (max_seq %d), methods %s", llm.model.source,
+             args.served_model_name or args.model, engine.name, llm.max_context,
+             ", ".join(m for m in METHODS if m == "vanilla" or llm.heads))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
