@@ -169,9 +169,10 @@ def test_chat_streamed_and_not(server, tiny_llm):
 
 def test_stop_strings(server, tiny_llm):
     ref = tiny_llm.generate("The quick brown fox", max_new_tokens=40, method="vanilla")
-    printable = [i for i in range(3, len(ref.text) - 2) if ref.text[i:i + 2].isprintable() and "\ufffd" not in ref.text[i:i + 2]]
+    # a random model's bytes are mostly not UTF-8 (U+FFFD in the text): stop at its first printable character
+    printable = [i for i in range(3, len(ref.text) - 1) if ref.text[i].isprintable() and ref.text[i] != "\ufffd"]
     assert printable, ref.text
-    stop = ref.text[printable[0]:printable[0] + 2]
+    stop = ref.text[printable[0]]
     cut = ref.text[:ref.text.find(stop)]
     c = server.client()
     out = c.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=40, stop=[stop, "never seen"])
