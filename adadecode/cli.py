@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g.add_argument("--engine", default="auto", choices=["auto", "cuda", "torch"])
+    g.add_argument("--engine", default="auto", choices=["auto", "cuda", "emu", "torch"],
+                   help="emu: the CUDA engine on the emulated device (CPU; slow, for tests)")
     g.add_argument("--device", default=None, help="torch engine: cpu or cuda (default: cuda where available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="torch engine precision")
     g.add_argument("--max-seq", type=int, default=None, help="KV cache length (default: enough for the request)")
