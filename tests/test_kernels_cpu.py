@@ -1,6 +1,6 @@
 """CPU-runnable checks of the extension's surface: it imports without a GPU and exposes every op with the
 documented signature (argument names, order and defaults). The kernels themselves are tested in
-test_kernels_gpu.py."""
+test_kernels.py."""
 from __future__ import annotations
 
 import re
