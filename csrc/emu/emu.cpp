@@ -116,23 +116,24 @@ struct Fiber {
   char* stack_lo = nullptr;  // lowest usable byte
   uint3 tid{};
   unsigned lin = 0;
-  State state = READY;
-  uint64_t res = 0;
   std::vector<Copy> copies;
   unsigned commits = 0;
 };
 
 struct Warp {
   unsigned arrived = 0, mask = 0;
+  unsigned gone = 0;  // lanes that do not exist (block size) or have exited
   int kind = 0;
   CollectiveFn fn = nullptr;
   uint64_t val[32];
+  uint64_t res[32];
   int src[32];
   void* arg[32];
 };
 
 struct Block {
   std::vector<Fiber> f;
+  std::vector<State> st;  // per thread, apart from the fibers: scanned on every switch
   std::vector<Warp> warps;
   unsigned n = 0, live = 0, bar_arrived = 0;
   std::vector<unsigned> run;
@@ -221,8 +222,8 @@ void block_wait() {
   Block& b = g_blk;
   Fiber* me = g_cur;
   for (++b.pos; b.pos < b.run.size(); ++b.pos) {
-    Fiber* nx = &b.f[b.run[b.pos]];
-    if (nx->state == READY) {
+    if (b.st[b.run[b.pos]] == READY) {
+      Fiber* nx = &b.f[b.run[b.pos]];
       resume(nx);
       ctx_switch(me->ctx, nx->ctx);
       return;
@@ -234,7 +235,7 @@ void block_wait() {
 void release_barrier() {
   Block& b = g_blk;
   for (unsigned i = 0; i < b.n; ++i)
-    if (b.f[i].state == WAIT_BLOCK) b.f[i].state = READY;
+    if (b.st[i] == WAIT_BLOCK) b.st[i] = READY;
   b.bar_arrived = 0;
 }
 
@@ -257,9 +258,10 @@ void fiber_main(void*) {
   b.thunk(b.kernel, b.args);
   Fiber* me = g_cur;
   land(*me, ~0u);  // copies never waited for land by the end of the thread
-  me->state = DONE;
+  b.st[me->lin] = DONE;
   --b.live;
-  const Warp& w = b.warps[me->lin >> 5];
+  Warp& w = b.warps[me->lin >> 5];
+  w.gone |= 1u << (me->lin & 31);
   if (w.arrived && (w.mask >> (me->lin & 31) & 1))
     fail("thread " + std::to_string(me->lin) + " exited while its warp waits for it at a warp operation");
   if (b.bar_arrived && b.bar_arrived == b.live) release_barrier();  // exited threads count as arrived
@@ -283,12 +285,16 @@ bool run_block(std::mt19937_64& rng) {
   ++b.epoch;
   b.live = b.n;
   b.bar_arrived = 0;
-  for (Warp& w : b.warps) w.arrived = 0;
+  for (unsigned w = 0; w < (b.n + 31) / 32; ++w) {
+    b.warps[w].arrived = 0;
+    const unsigned lanes = b.n - 32 * w < 32 ? b.n - 32 * w : 32;
+    b.warps[w].gone = lanes == 32 ? 0u : ~0u << lanes;
+  }
   for (unsigned i = 0; i < b.n; ++i) {
     Fiber& f = b.f[i];
     f.lin = i;
     f.tid = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
-    f.state = READY;
+    b.st[i] = READY;
     f.copies.clear();
     f.commits = 0;
     char* top = stack_top(i);
@@ -298,13 +304,13 @@ bool run_block(std::mt19937_64& rng) {
   for (;;) {
     b.run.clear();
     for (unsigned i = 0; i < b.n; ++i)
-      if (b.f[i].state == READY) b.run.push_back(i);
+      if (b.st[i] == READY) b.run.push_back(i);
     if (b.run.empty()) {
       if (b.live == 0) break;
       std::string s = "deadlock: no thread can run;";
       for (unsigned t = 0; t < b.n; ++t)
-        if (t == 0 || b.f[t].state != b.f[t - 1].state) s += std::string(" from thread ") + std::to_string(t) +
-                                                            " at " + state_name(b.f[t].state) + ";";
+        if (t == 0 || b.st[t] != b.st[t - 1]) s += std::string(" from thread ") + std::to_string(t) + " at " +
+                                                  state_name(b.st[t]) + ";";
       fail(s);
       break;
     }
@@ -494,7 +500,7 @@ void launch_now(const void* kernel, Thunk thunk, const void* args, dim3 grid, di
   g_shared[0] = SharedVar{g_dyn, g_dyn_size, 0};
   Block& b = g_blk;
   b.n = static_cast<unsigned>(nt);
-  if (b.f.size() < b.n) b.f.resize(b.n);
+  if (b.f.size() < b.n) b.f.resize(b.n), b.st.resize(b.n);
   if (b.warps.size() < (b.n + 31) / 32) b.warps.resize((b.n + 31) / 32);
   b.kernel = kernel, b.thunk = thunk, b.args = args, b.failed = false;
   blockDim = block, gridDim = grid;
@@ -524,21 +530,19 @@ void syncthreads() {
     release_barrier();
     return;
   }
-  g_cur->state = WAIT_BLOCK;
+  b.st[g_cur->lin] = WAIT_BLOCK;
   block_wait();
 }
 
 static Warp& arrive(int kind, unsigned mask, CollectiveFn fn) {
   Block& b = g_blk;
   Fiber* me = g_cur;
-  const unsigned lane = me->lin & 31, base = me->lin & ~31u;
+  const unsigned lane = me->lin & 31;
   Warp& w = b.warps[me->lin >> 5];
   if (!(mask >> lane & 1)) trap("a warp operation called by a lane that its mask leaves out");
   if (w.arrived == 0) {
     w.kind = kind, w.mask = mask, w.fn = fn;
-    for (unsigned l = 0; l < 32; ++l)
-      if ((mask >> l & 1) && (base + l >= b.n || b.f[base + l].state == DONE))
-        trap("a warp operation names a lane that does not exist or has exited");
+    if (mask & w.gone) trap("a warp operation names a lane that does not exist or has exited");
   } else if (w.kind != kind || w.mask != mask || w.fn != fn) {
     trap("the lanes of a warp disagree: they wait at different warp operations or with different masks");
   }
@@ -549,29 +553,30 @@ static void complete_or_wait(Warp& w, unsigned lane) {
   Block& b = g_blk;
   w.arrived |= 1u << lane;
   if (w.arrived != w.mask) {
-    g_cur->state = WAIT_WARP;
+    b.st[g_cur->lin] = WAIT_WARP;
     block_wait();
     return;
   }
   const unsigned base = g_cur->lin & ~31u;
   if (w.kind == kShfl) {
     for (unsigned l = 0; l < 32; ++l) {
-      if (!(w.mask >> l & 1)) continue;
+      if (!(w.mask >> l & 1)) continue;  // (a lane outside the mask may not have read its last result yet)
       const int s = w.src[l];
       // a lane outside the mask: undefined on the GPU, a NaN here
-      b.f[base + l].res = (s >= 0 && s < 32 && (w.mask >> s & 1)) ? w.val[s] : 0x7fbadbad7fbadbadull;
+      w.res[l] = (s >= 0 && s < 32 && (w.mask >> s & 1)) ? w.val[s] : 0x7fbadbad7fbadbadull;
     }
   } else if (w.kind == kVote) {
     uint64_t ballot = 0;
     for (unsigned l = 0; l < 32; ++l)
       if ((w.mask >> l & 1) && w.val[l]) ballot |= 1ull << l;
     for (unsigned l = 0; l < 32; ++l)
-      if (w.mask >> l & 1) b.f[base + l].res = ballot;
+      if (w.mask >> l & 1) w.res[l] = ballot;
   } else if (w.kind == kCollective) {
     w.fn(w.arg, w.mask);
   }
+  State* st = &b.st[base];
   for (unsigned l = 0; l < 32; ++l)
-    if ((w.mask >> l & 1) && l != lane) b.f[base + l].state = READY;
+    if (w.mask >> l & 1) st[l] = READY;
   w.arrived = 0;
 }
 
@@ -580,9 +585,8 @@ uint64_t warp_op(int kind, unsigned mask, uint64_t mine, int src) {
   const unsigned lane = g_cur->lin & 31;
   w.val[lane] = mine;
   w.src[lane] = src;
-  Fiber* me = g_cur;
   complete_or_wait(w, lane);
-  return me->res;
+  return w.res[lane];
 }
 
 void warp_collective(CollectiveFn run, void* arg) {
