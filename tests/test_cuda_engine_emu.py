@@ -220,3 +220,25 @@ def test_make_engine_and_runtime_errors():
     with pytest.raises(IndexError, match="head index"):
         e._eng.head(2, 0)
     assert e.final(2, 2) == generate_vanilla(e, [1, 2, 3], 1).tokens
+
+
+def test_default_model_greedy_tokens(default_model):
+    """SmolLM2-135M (30 layers, d 576, 9/3 heads, vocab 49152) through the emulated engine: a chat prompt, 4 tokens.
+
+    30 bf16 layers drift several ulps apart between any two summation orders (TorchEngine bf16 vs its own fp32 run
+    as much as vs this engine), so a divergence is judged against the fp32 model: a near tie there (<= 3 bf16
+    ulps) that this engine's own logits also call a tie (<= 2 ulps)."""
+    m = default_model
+    prompt = m.tokenizer.encode_chat("Write a haiku about the sea.")
+    emu = CudaEngine(m.cfg, m.weights, max_seq=len(prompt) + 4, device="emu")
+    ref = TorchEngine(m.cfg, m.weights, device="cpu", dtype=torch.bfloat16, max_seq=len(prompt) + 4)
+    got, want = generate_vanilla(emu, prompt, 4).tokens, generate_vanilla(ref, prompt, 4).tokens
+    if got != want:
+        k = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+        context = prompt + want[:k]
+        f32 = TorchEngine(m.cfg, m.weights, device="cpu", dtype=torch.float32, max_seq=len(prompt) + 4)
+        lf, le = logits_at(f32, context), logits_at(emu, context)
+        gap = abs(float(lf[want[k]] - lf[got[k]])) / bf16_ulp(float(lf.max()))
+        print(f"\ndefault model: token {k}: torch {want[k]} vs emu {got[k]}, fp32 gap {gap:.2f} bf16 ulps")
+        assert bf16_tie(lf, want[k], got[k], ulps=3) and bf16_tie(le, want[k], got[k]), \
+            f"token {k}: torch {want[k]} vs emu {got[k]} is not a near tie (fp32 gap {gap:.2f} bf16 ulps)"
