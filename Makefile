@@ -27,8 +27,10 @@ $(BIN)/.built: $(BIN)/.deps setup.py $(CSRC)
 
 build: $(BIN)/.built
 
+# the whole suite on the best vector kernels this CPU has (often AVX-512), then the exactness tests on AVX2's
 test: build
 	$(BIN)/python -m pytest -q
+	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m exactness
 
 bench: build
 	$(BIN)/python bench/latency.py $(BENCH_ARGS)

@@ -28,12 +28,15 @@ def _generate(args) -> int:
             sys.stdout.write(stream.push(t))
             sys.stdout.flush()
 
-    extra = {}
+    extra = {"sampling": None if not args.temperature else
+             {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}}
     if args.method == "vanilla":
-        gen = generate_vanilla(engine, prompt, args.max_new_tokens, eos_ids=model.eos_ids, on_token=on_token)
+        gen = generate_vanilla(engine, prompt, args.max_new_tokens, eos_ids=model.eos_ids, on_token=on_token,
+                               **_sampling_options(args))
         gen.stats = {"tokens": len(gen.tokens), "early": 0, "accepted": 0, "rejected": 0, **gen.stats}
     else:
-        gen, extra = _generate_early_exit(args, model, engine, prompt, on_token)
+        gen, more = _generate_early_exit(args, model, engine, prompt, on_token)
+        extra.update(more)
     if args.json:
         out = {"prompt_tokens": gen.prompt_tokens, "tokens": gen.tokens, "text": tok.decode(gen.tokens),
                "ms_per_token": gen.ms_per_token, "engine": engine.name, "method": args.method,
@@ -51,6 +54,10 @@ def _generate(args) -> int:
 
 
 DEFAULT_GAMMA = 0.75  # adadecode's threshold when neither --gamma nor the heads file gives one
+
+
+def _sampling_options(args) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
 
 
 def _generate_early_exit(args, model, engine, prompt, on_token):
@@ -77,7 +84,8 @@ def _generate_early_exit(args, model, engine, prompt, on_token):
         if not isinstance(gamma, (int, float, list, tuple)):
             raise ValueError(f"--heads {args.heads}: recommended gamma {gamma!r} is not a number")
         gen = generate_adadecode(engine, prompt, args.max_new_tokens, gamma=gamma, eos_ids=model.eos_ids,
-                                 max_pending=args.max_pending, on_token=on_token)
+                                 max_pending=args.max_pending, on_token=on_token, head_guess=args.head_guess,
+                                 **_sampling_options(args))
         return gen, {"heads": args.heads, "head_layers": layers, "gamma": gamma, "max_pending": args.max_pending}
     if args.head_layer is None:
         index = max(range(len(heads)), key=lambda i: layers[i])  # the deepest head: the most accurate drafts
@@ -86,7 +94,8 @@ def _generate_early_exit(args, model, engine, prompt, on_token):
     else:
         raise ValueError(f"--head-layer {args.head_layer}: the heads sit at layers {layers}")
     gen = generate_layerskip(engine, prompt, args.max_new_tokens, head_index=index, k=args.k,
-                             eos_ids=model.eos_ids, on_token=on_token)
+                             eos_ids=model.eos_ids, on_token=on_token, head_guess=args.head_guess,
+                             **_sampling_options(args))
     return gen, {"heads": args.heads, "head_layers": layers, "head_layer": layers[index], "k": args.k}
 
 
@@ -94,7 +103,7 @@ def _generate_early_exit(args, model, engine, prompt, on_token):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="adadecode", description="Exact early-exit greedy decoding for Llama models")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="greedy generation from a prompt")
+    g = sub.add_parser("generate", help="generation from a prompt (greedy, or seeded sampling)")
     g.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or an HF directory")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -115,6 +124,13 @@ def main(argv=None) -> int:
     g.add_argument("--k", type=int, default=4, help="layerskip: tokens drafted per verification")
     g.add_argument("--head-layer", type=int, default=None,
                    help="layerskip: the layer of the drafting head (default: the deepest head)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (0, the default: greedy); every method gives the same tokens for a seed")
+    g.add_argument("--top-k", type=int, default=0, help="sampling: keep the K most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sampling: keep the smallest nucleus of mass >= P (1: all)")
+    g.add_argument("--seed", type=int, default=0, help="sampling: the seed (0..2**64-1); the text depends on it alone")
+    g.add_argument("--head-guess", default="sample", choices=["sample", "argmax"],
+                   help="sampling with heads: a head guesses its own seeded draw, or its argmax")
     from .train_heads import add_arguments as _train_heads_arguments
     _train_heads_arguments(sub.add_parser("train-heads", help="train intermediate heads on the model's own greedy continuations"))
     args = p.parse_args(argv)

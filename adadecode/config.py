@@ -3,6 +3,11 @@
 Only plain Llama is accepted: anything that changes the forward pass in a way the engines do not
 implement (biases, sliding windows, experts, other activations, unknown RoPE scaling) is refused
 here, with the source and the field named, before a single weight is read.
+
+Both layouts of config.json are read: transformers 5's (`rope_parameters`, `dtype`) and the older one
+(`rope_theta` + `rope_scaling`, `torch_dtype`); a config that writes a setting in both must agree with itself.
+Where a field is absent, the default is the one transformers' LlamaConfig applies. `dtype` is not read: the
+loader holds weights in bf16 whatever the checkpoint stores.
 """
 from __future__ import annotations
 
@@ -15,6 +20,72 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A checkpoint's config names something this package does not run."""
+
+
+# The settings each supported RoPE type needs. All are required: where llama3 lacks original_max_position_embeddings,
+# transformers 5 takes max_position_embeddings and older versions required it, so a missing one is refused, not guessed.
+ROPE_TYPES = {"default": (), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                        "original_max_position_embeddings")}
+# What transformers uses when a config names no theta anywhere (RotaryEmbeddingConfigMixin.default_theta).
+DEFAULT_ROPE_THETA = 10000.0
+
+
+def read_rope(cfg: dict[str, Any], bad) -> tuple[float, dict | None]:
+    """(rope_theta, llama3 scaling or None) from either layout of config.json.
+
+    transformers 5 writes one `rope_parameters` object (rope_type, rope_theta, factor, ...); older versions wrote a
+    top-level `rope_theta` and a `rope_scaling` object. A setting may thus be written in several places: all of
+    them must agree, because transformers 5 and 4 would each pick a different one.
+    """
+    found: dict[str, tuple[str, Any]] = {}  # setting -> (the field that wrote it first, its value)
+
+    def put(field: str, key: str, value: Any) -> None:
+        if key in found and found[key][1] != value:
+            raise bad(field, f"says {key} = {value!r} but '{found[key][0]}' says {found[key][1]!r}; "
+                             "the config's two RoPE layouts disagree")
+        found.setdefault(key, (field, value))
+
+    for field in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(field)
+        if not params:  # null or {}: transformers reads both as absent
+            continue
+        if not isinstance(params, dict):
+            raise bad(field, f"is {params!r}; expected an object")
+        nested = [k for k, v in params.items() if isinstance(v, dict)]
+        if nested:
+            raise bad(field, f"holds per-layer-type settings {nested}; one RoPE for all layers is supported")
+        kinds = [params[k] for k in ("rope_type", "type") if k in params] or ["default"]  # `type`: oldest name
+        for kind in kinds:
+            if kind not in ROPE_TYPES:
+                raise bad(field, f"has rope_type {kind!r}; only 'llama3' and 'default' (no scaling) are supported")
+            put(field, "rope_type", kind)
+        for key in ("rope_theta", "partial_rotary_factor") + ROPE_TYPES[kind]:
+            if key in params:
+                put(field, key, params[key])
+    kind = found.get("rope_type", ("", "default"))[1]
+    for key in ("rope_theta", "partial_rotary_factor") + ROPE_TYPES[kind]:  # the older top-level fields
+        if key in cfg:
+            put(key, key, cfg[key])
+
+    def positive(key: str) -> None:
+        field, value = found[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise bad(field, f"has {key} {value!r}; expected a positive number")
+
+    found.setdefault("rope_theta", ("rope_theta", DEFAULT_ROPE_THETA))
+    positive("rope_theta")
+    theta = float(found["rope_theta"][1])
+    field, partial = found.get("partial_rotary_factor", ("", 1.0))
+    if partial != 1.0:
+        raise bad(field, f"has partial_rotary_factor {partial!r}; only RoPE over the whole head is supported")
+    if kind == "default":
+        return theta, None
+    missing = [k for k in ROPE_TYPES[kind] if k not in found]
+    if missing:
+        raise bad(found["rope_type"][0], f"of rope_type {kind} lacks {missing}")
+    for k in ROPE_TYPES[kind]:
+        positive(k)
+    return theta, {k: found[k][1] for k in ROPE_TYPES[kind]} | {"rope_type": kind}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,26 +143,17 @@ class LlamaConfig:
         if cfg.get("head_dim") is None and d % n_heads:
             raise bad("hidden_size", f"({d}) is not a multiple of num_attention_heads ({n_heads})")
 
-        scaling = cfg.get("rope_scaling")
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind == "default":
-                scaling = None
-            elif kind == "llama3":
-                need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-                missing = [k for k in need if k not in scaling]
-                if missing:
-                    raise bad("rope_scaling", f"of type llama3 lacks {missing}")
-                scaling = {k: scaling[k] for k in need} | {"rope_type": "llama3"}
-            else:
-                raise bad("rope_scaling", f"has type {kind!r}; only 'llama3' (or none) is supported")
+        layer_types = cfg.get("layer_types")
+        if layer_types is not None and any(t != "full_attention" for t in layer_types):
+            raise bad("layer_types", f"is {layer_types!r}; only 'full_attention' layers are supported")
+        rope_theta, scaling = read_rope(cfg, bad)
 
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             vocab_size=cfg["vocab_size"], d=d, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=n_kv_heads, head_dim=head_dim, ffn_dim=cfg["intermediate_size"],
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
             max_position=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_scaling=scaling, bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,

@@ -11,6 +11,7 @@ runs, with one set of messages for both engines. Subclasses compute through thre
 from __future__ import annotations
 
 from .config import LlamaConfig
+from .sampling import sample
 
 
 class EngineError(RuntimeError):
@@ -92,9 +93,13 @@ class EngineContract:
         for s in slots:
             self.row_depth[s] = l1
 
-    def final(self, first_pos: int, last_pos: int) -> list[int]:
-        """Greedy tokens of rows at depth L; ties go to the lowest token id."""
-        return self.final_logits(first_pos, last_pos).argmax(dim=-1).tolist()
+    def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
+        """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling`
+        (adadecode.sampling.Sampling) with the noise of each drawn token's position, row + 1."""
+        logits = self.final_logits(first_pos, last_pos)
+        if sampling is None:
+            return logits.argmax(dim=-1).tolist()
+        return sample(logits, sampling, range(first_pos + 1, last_pos + 2)).tolist()
 
     def truncate(self, length: int) -> None:
         """Roll back: cache entries at positions >= length are dead, and so are rows there."""

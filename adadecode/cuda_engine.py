@@ -69,6 +69,11 @@ def check_supported(cfg: LlamaConfig, max_rows: int) -> None:
                          f"(its batch-invariant skinny GEMM takes at most {MAX_ROWS} rows)")
 
 
+def _sampling_kw(s) -> dict:
+    """adadecode.sampling.Sampling -> the binding's sampling=(seed, inv_temperature, top_k, top_p); greedy: none."""
+    return {} if s is None else {"sampling": (s.seed, s.inv_temperature, s.top_k, s.top_p)}
+
+
 class CudaEngine(EngineContract):
     name = "cuda"
     dtype = torch.bfloat16
@@ -184,10 +189,11 @@ class CudaEngine(EngineContract):
             raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
         return logits
 
-    def final(self, first_pos: int, last_pos: int) -> list[int]:
-        """Greedy tokens of rows at depth L; ties go to the lowest token id."""
+    def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
+        """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling`
+        (adadecode.sampling.Sampling) for positions row + 1, in the LM-head kernel's epilogue."""
         self._rows(first_pos, last_pos, self.n_layers)
-        tokens, probs = self._eng.final(first_pos, last_pos)
+        tokens, probs = self._eng.final(first_pos, last_pos, **_sampling_kw(sampling))
         if not all(math.isfinite(p) for p in probs) or min(tokens) < 0:
             raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
         return tokens
@@ -224,12 +230,13 @@ class CudaEngine(EngineContract):
         self._eng.set_heads(specs)
         self.heads = on_device
 
-    def head(self, pos: int, head_index: int) -> tuple[int, float]:
-        """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer."""
+    def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
+        """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer; with
+        `sampling` the token is the head's own draw for position pos + 1 (as TorchEngine.head)."""
         hd = self.heads[head_index]
         head_index = range(len(self.heads))[head_index]  # a negative index as a list takes it
         self._row_slot(pos, hd.layer)
-        token, prob = self._eng.head(pos, head_index)
+        token, prob = self._eng.head(pos, head_index, **_sampling_kw(sampling))
         if not math.isfinite(prob) or token < 0:
             raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
         return int(token), float(prob)

@@ -1,13 +1,16 @@
-"""Vanilla greedy decoding on any engine of the contract (DESIGN.md §3).
+"""Vanilla decoding on any engine of the contract (DESIGN.md §3): greedy, or seeded sampling (§9).
 
 One token = embed + run_layers over all layers for one row + final. It stops after an EOS token
-(which is part of the output, as in HF `generate`) or after `max_new_tokens`.
+(which is part of the output, as in HF `generate`) or after `max_new_tokens`. With temperature > 0 the token at
+position p is drawn by adadecode.sampling with randomness that depends only on (seed, p).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from typing import Callable, Sequence
+
+from .sampling import make_sampling
 
 
 @dataclasses.dataclass
@@ -41,15 +44,25 @@ def check_request(engine, prompt_tokens: Sequence[int], max_new_tokens: int) -> 
     return prompt
 
 
+def final_tokens(engine, first_pos: int, last_pos: int, sampling) -> list[int]:
+    """engine.final, with the sampling argument only when sampling (greedy calls stay as the contract has them)."""
+    if sampling is None:
+        return engine.final(first_pos, last_pos)
+    return engine.final(first_pos, last_pos, sampling=sampling)
+
+
 def generate_vanilla(engine, prompt_tokens: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = (),
-                     on_token: Callable[[int], None] | None = None) -> Generation:
+                     on_token: Callable[[int], None] | None = None, *, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int = 0) -> Generation:
+    """temperature 0 (the default) is greedy; otherwise seeded sampling with top_k (0: off) and top_p (1: off)."""
+    sampling = make_sampling(temperature, top_k, top_p, seed)
     prompt = check_request(engine, prompt_tokens, max_new_tokens)
     eos = set(eos_ids)
     L = engine.n_layers
     t0 = time.perf_counter()
     engine.prefill(prompt)
     pos = len(prompt) - 1
-    token = engine.final(pos, pos)[0]
+    token = final_tokens(engine, pos, pos, sampling)[0]
     tokens = [token]
     t1 = time.perf_counter()
     if on_token:
@@ -58,7 +71,7 @@ def generate_vanilla(engine, prompt_tokens: Sequence[int], max_new_tokens: int, 
         pos += 1
         engine.embed(pos, token)
         engine.run_layers(pos, pos, 0, L)
-        token = engine.final(pos, pos)[0]
+        token = final_tokens(engine, pos, pos, sampling)[0]
         tokens.append(token)
         if on_token:
             on_token(token)

@@ -1,7 +1,10 @@
 """AdaDecode and a LayerSkip-style baseline on any engine of the contract (DESIGN.md §1 and §3).
 
 Both are exact: every token they output is the greedy token of the full model, so the output equals
-`decode.generate_vanilla`'s on the same engine (the engine must be batch-invariant, DESIGN.md §4).
+`decode.generate_vanilla`'s on the same engine (the engine must be batch-invariant, DESIGN.md §4). Under seeded
+sampling (temperature > 0, adadecode.sampling) `final` draws each row's token with noise that depends only on
+(seed, position), so verification is the same equality test and the output is vanilla sampling's with that seed;
+a head then guesses its own draw with the same noise (head_guess="sample") or its argmax.
 
 The schedule (`_speculate`, shared by both methods)
 ---------------------------------------------------
@@ -51,12 +54,16 @@ run_layers_calls, head_calls, verify_calls (`final` calls after the prefill's)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
 from typing import Callable, Sequence
 
-from .decode import Generation, check_request
+from .decode import Generation, check_request, final_tokens
+from .sampling import make_sampling
+
+HEAD_GUESSES = ("sample", "argmax")
 
 
 def _engine_heads(engine, heads):
@@ -83,14 +90,19 @@ def _check_pending(engine, max_pending: int, what: str = "max_pending") -> int:
 
 def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *,
                        gamma: float | Sequence[float] = 0.75, eos_ids: Sequence[int] = (), max_pending: int = 5,
-                       heads=None, on_token: Callable[[int], None] | None = None) -> Generation:
-    """AdaDecode greedy decoding: exact, with early exits at every head whose confidence exceeds `gamma`.
+                       heads=None, on_token: Callable[[int], None] | None = None, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, seed: int = 0, head_guess: str = "sample") -> Generation:
+    """AdaDecode: exact, with early exits at every head whose confidence exceeds `gamma`.
 
     heads: the intermediate heads (set on the engine with `set_heads`); None uses the engine's own.
     gamma: one threshold, or one per head (a head is confident when its confidence > gamma).
     max_pending: most early tokens awaiting verification (the engine needs max_rows >= max_pending + 1).
     on_token: called with each verified token, in order.
+    temperature, top_k, top_p, seed: as generate_vanilla (0: greedy); the output is vanilla's with the same seed.
+    head_guess (sampling only): a head guesses its own draw with the same noise ("sample") or its argmax.
     """
+    sampling = make_sampling(temperature, top_k, top_p, seed)
+    head_guess = _check_head_guess(head_guess)
     prompt = check_request(engine, prompt_tokens, max_new_tokens)
     max_pending = _check_pending(engine, max_pending)
     heads = _engine_heads(engine, heads)
@@ -103,14 +115,19 @@ def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int
     if any(math.isnan(g) for g in gammas):
         raise ValueError(f"gamma must be a number, got {gamma!r}")
     return _speculate(engine, prompt, max_new_tokens, heads=heads, active=range(len(heads)), gammas=gammas,
-                      max_pending=max_pending, eos_ids=eos_ids, on_token=on_token, method="adadecode")
+                      max_pending=max_pending, eos_ids=eos_ids, on_token=on_token, method="adadecode",
+                      sampling=sampling, head_guess=head_guess)
 
 
 def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *, head_index: int = -1,
                        k: int = 4, eos_ids: Sequence[int] = (), heads=None,
-                       on_token: Callable[[int], None] | None = None) -> Generation:
+                       on_token: Callable[[int], None] | None = None, temperature: float = 0.0, top_k: int = 0,
+                       top_p: float = 1.0, seed: int = 0, head_guess: str = "sample") -> Generation:
     """LayerSkip-style self-speculative decoding: draft up to `k` tokens with the head `head_index` (no
-    confidence threshold), then verify them with the remaining layers, reusing the drafts' KV. Exact."""
+    confidence threshold), then verify them with the remaining layers, reusing the drafts' KV. Exact, greedy or
+    sampled (the options of generate_adadecode)."""
+    sampling = make_sampling(temperature, top_k, top_p, seed)
+    head_guess = _check_head_guess(head_guess)
     prompt = check_request(engine, prompt_tokens, max_new_tokens)
     k = _check_pending(engine, k, "k")
     heads = _engine_heads(engine, heads)
@@ -119,11 +136,18 @@ def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int
     head_index %= len(heads)
     gammas = [-math.inf] * len(heads)
     return _speculate(engine, prompt, max_new_tokens, heads=heads, active=[head_index], gammas=gammas,
-                      max_pending=k, eos_ids=eos_ids, on_token=on_token, method="layerskip")
+                      max_pending=k, eos_ids=eos_ids, on_token=on_token, method="layerskip",
+                      sampling=sampling, head_guess=head_guess)
+
+
+def _check_head_guess(head_guess: str) -> str:
+    if head_guess not in HEAD_GUESSES:
+        raise ValueError(f"head_guess must be one of {HEAD_GUESSES}, got {head_guess!r}")
+    return head_guess
 
 
 def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active, gammas, max_pending, eos_ids,
-               on_token, method) -> Generation:
+               on_token, method, sampling=None, head_guess="sample") -> Generation:
     L = engine.n_layers
     head_at: dict[int, int] = {}  # layer -> head index
     for i in active:
@@ -144,7 +168,7 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
     t0 = time.perf_counter()
     engine.prefill(prompt)
     n = len(prompt)
-    tokens = [engine.final(n - 1, n - 1)[0]]
+    tokens = [final_tokens(engine, n - 1, n - 1, sampling)[0]]
     t1 = time.perf_counter()
     if on_token:
         on_token(tokens[0])
@@ -163,7 +187,7 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
     while not done:
         d = depth[-1]
         if d == L:  # every row in flight is at depth L: verify the guesses in order
-            fin = engine.final(first, front)
+            fin = final_tokens(engine, first, front, sampling)
             st["verify_calls"] += 1
             for i, f in enumerate(fin):
                 q = first + i
@@ -200,7 +224,10 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
         can_exit = pending < max_pending and len(tokens) + pending + 2 <= M and front + 1 < engine.max_seq
         if can_exit and d in head_at:
             hi = head_at[d]
-            tok, conf = engine.head(front, hi)
+            if sampling is not None and head_guess == "sample":  # its own draw, with the final layer's noise
+                tok, conf = engine.head(front, hi, sampling=sampling)
+            else:
+                tok, conf = engine.head(front, hi)
             st["head_calls"] += 1
             if conf > gammas[hi]:
                 st["early"] += 1
@@ -238,5 +265,7 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
     st["rejected_layer_hist"] = dict(sorted(rej_hist.items()))
     st["rows_per_step"] = dict(sorted(rows_hist.items()))
     st["method"] = method
+    if sampling is not None:
+        st["sampling"] = {**dataclasses.asdict(sampling), "head_guess": head_guess}
     st["max_pending"] = max_pending
     return Generation(prompt_tokens=prompt, tokens=tokens, seconds=t2 - t0, decode_seconds=t2 - t1, stats=st)

@@ -4,6 +4,11 @@ in a CUDA graph on the GPU (run eagerly on the CPU).
 The step reads the token and position from device tensors and attends over the whole static cache
 with a mask, so one captured graph serves every position. It shares the weights, caches and RoPE
 tables of a TorchEngine, whose batched `prefill` fills the cache first.
+
+Cache entries past `pos` are dead or were never written (the cache is `torch.empty`): the step zeroes
+their V before P.V, because a probability of 0 times a NaN or inf there is NaN (the K side is safe: the
+mask overwrites those scores). It is not bitwise TorchEngine (softmax and P.V reduce over max_seq
+entries, not pos+1): its logits (`self.logits`) agree within fp32/bf16 rounding.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ class GraphedDecoder:
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.zeros(1, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(1, engine.cfg.vocab_size, device=dev)  # fp32 logits of the last step
         self.graph = None
         self.positions = torch.arange(engine.max_seq, device=dev)
 
@@ -34,7 +40,8 @@ class GraphedDecoder:
         group = cfg.n_heads // cfg.n_kv_heads
         h = e.w.embed[self.token]  # [1, d]
         cos, sin = e.cos[self.pos][:, None, :], e.sin[self.pos][:, None, :]
-        mask = (self.positions > self.pos)[None, None, :]  # [1, 1, max_seq]: future (and dead) entries
+        dead = self.positions > self.pos  # [max_seq]: future, dead and unwritten entries
+        mask = dead[None, None, :]
         for layer, lw in enumerate(e.w.layers):
             x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
             q = (x @ lw.wq.T).view(1, cfg.n_heads, cfg.head_dim)
@@ -45,7 +52,8 @@ class GraphedDecoder:
             e.k_cache[layer].index_copy_(0, self.pos, k)
             e.v_cache[layer].index_copy_(0, self.pos, v)
             kc = e.k_cache[layer].view(e.max_seq, cfg.n_kv_heads, 1, cfg.head_dim).expand(-1, -1, group, -1)
-            vc = e.v_cache[layer].view(e.max_seq, cfg.n_kv_heads, 1, cfg.head_dim).expand(-1, -1, group, -1)
+            live_v = e.v_cache[layer].masked_fill(dead[:, None, None], 0)  # 0 * NaN would be NaN (docstring)
+            vc = live_v.view(e.max_seq, cfg.n_kv_heads, 1, cfg.head_dim).expand(-1, -1, group, -1)
             kc = kc.reshape(e.max_seq, cfg.n_heads, cfg.head_dim)
             vc = vc.reshape(e.max_seq, cfg.n_heads, cfg.head_dim)
             scores = torch.einsum("rhd,thd->hrt", q.float(), kc.float()) * cfg.head_dim ** -0.5  # fp32, as TorchEngine
@@ -54,8 +62,8 @@ class GraphedDecoder:
             h = h + attn @ lw.wo.T
             x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
             h = h + (F.silu(x @ lw.w_gate.T) * (x @ lw.w_up.T)) @ lw.w_down.T
-        logits = rms_norm(h, e.w.norm, cfg.rms_norm_eps) @ e.w.lm_head.T
-        self.out.copy_(logits.float().argmax(dim=-1))
+        self.logits.copy_(rms_norm(h, e.w.norm, cfg.rms_norm_eps) @ e.w.lm_head.T)
+        self.out.copy_(self.logits.argmax(dim=-1))
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()

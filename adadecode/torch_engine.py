@@ -6,9 +6,14 @@ State of one sequence:
   k_cache[layer], v_cache[layer]  [max_seq, n_kv_heads, head_dim]   valid below kv_len[layer]
   rows                            [max_rows, d]  residual stream of the rows in flight, slot = pos % max_rows
 
-Batch invariance (DESIGN.md §4): `run_layers` computes every row on its own (matrix-vector products,
-one attention per row), so a row's bits never depend on which other rows share the call. `prefill`
-is batched for speed; its rows are the prompt, the same for every decoding method.
+Batch invariance (DESIGN.md §4), by construction: `run_layers` runs each layer one row at a time, in
+position order, so every op of the decode path sees tensors whose shapes depend on the row's position
+only, never on how many rows share the call. Each row's K/V is in the cache before the next row of the
+same call attends (causal, as the contract asks). Batching rows instead is not safe even for
+elementwise ops: ATen's vectorized loops run the tail past the last full 2-vector block with the scalar
+function, which can round differently (SiLU on [R, 80] differs from [1, 80] under AVX-512, not AVX2).
+`prefill` stays batched for speed: its rows are the prompt, computed the same way by every decoding
+method, and only its K/V and last row survive it, so every method starts from the same bits.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import LlamaConfig
 from .contract import EngineContract, EngineError  # noqa: F401 (EngineError is part of this module's API)
+from .sampling import sample
 from .weights import LlamaWeights
 
 
@@ -70,11 +76,6 @@ class TorchEngine(EngineContract):
         self.sin = emb.sin().to(self.device, dtype)
 
     # ---- the forward pass -------------------------------------------------------------------------------------
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, batched: bool) -> torch.Tensor:
-        if batched:
-            return x @ w.T
-        return torch.cat([r[None] @ w.T for r in x])  # one row at a time: bits independent of the other rows
-
     def _attend(self, q: torch.Tensor, layer: int, pos: torch.Tensor) -> torch.Tensor:
         """q [R, n_heads, head_dim] at positions `pos` against the cache 0..pos[-1], causal. -> [R, n_heads*head_dim]"""
         cfg = self.cfg
@@ -88,28 +89,23 @@ class TorchEngine(EngineContract):
         probs = torch.softmax(scores.masked_fill(mask[None], float("-inf")), dim=-1)
         return torch.einsum("hrt,thd->rhd", probs, v.float()).to(q.dtype).reshape(len(pos), -1)
 
-    def _layer(self, layer: int, h: torch.Tensor, pos0: int, batched: bool) -> torch.Tensor:
-        """One decoder layer over rows at positions pos0.. ; appends their K/V to the cache."""
+    def _layer(self, layer: int, h: torch.Tensor, pos0: int) -> torch.Tensor:
+        """One decoder layer over the rows h [R, d] at positions pos0..pos0+R-1; writes their K/V to the cache."""
         cfg, lw = self.cfg, self.w.layers[layer]
         R = h.shape[0]
         pos = torch.arange(pos0, pos0 + R)
         x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
-        q = self._linear(x, lw.wq, batched).view(R, cfg.n_heads, cfg.head_dim)
-        k = self._linear(x, lw.wk, batched).view(R, cfg.n_kv_heads, cfg.head_dim)
-        v = self._linear(x, lw.wv, batched).view(R, cfg.n_kv_heads, cfg.head_dim)
+        q = (x @ lw.wq.T).view(R, cfg.n_heads, cfg.head_dim)
+        k = (x @ lw.wk.T).view(R, cfg.n_kv_heads, cfg.head_dim)
+        v = (x @ lw.wv.T).view(R, cfg.n_kv_heads, cfg.head_dim)
         cos, sin = self.cos[pos0:pos0 + R, None, :], self.sin[pos0:pos0 + R, None, :]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         self.k_cache[layer][pos0:pos0 + R] = k
         self.v_cache[layer][pos0:pos0 + R] = v
-        if batched:
-            attn = self._attend(q, layer, pos)
-        else:
-            attn = torch.cat([self._attend(q[r:r + 1], layer, pos[r:r + 1]) for r in range(R)])
-        h = h + self._linear(attn, lw.wo, batched)
+        h = h + self._attend(q, layer, pos) @ lw.wo.T
         x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
-        gate, up = self._linear(x, lw.w_gate, batched), self._linear(x, lw.w_up, batched)
-        return h + self._linear(F.silu(gate) * up, lw.w_down, batched)
+        return h + (F.silu(x @ lw.w_gate.T) * (x @ lw.w_up.T)) @ lw.w_down.T
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         x = rms_norm(h, self.w.norm, self.cfg.rms_norm_eps)
@@ -119,17 +115,16 @@ class TorchEngine(EngineContract):
     def _prefill(self, tokens: list[int]) -> None:
         h = self.w.embed[torch.tensor(tokens, device=self.device)]
         for layer in range(self.n_layers):
-            h = self._layer(layer, h, 0, batched=True)
+            h = self._layer(layer, h, 0)
         self.rows[(len(tokens) - 1) % self.max_rows] = h[-1]
 
     def _embed(self, pos: int, token: int, slot: int) -> None:
         self.rows[slot] = self.w.embed[token]
 
     def _run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int, slots: list[int]) -> None:
-        h = self.rows[slots]
-        for layer in range(l0, l1):
-            h = self._layer(layer, h, first_pos, batched=False)
-        self.rows[slots] = h
+        for layer in range(l0, l1):  # a whole layer one row at a time, in position order (module docstring)
+            for pos, s in zip(range(first_pos, last_pos + 1), slots):
+                self.rows[s] = self._layer(layer, self.rows[s][None], pos)[0]
 
     def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
         """fp32 logits [rows, vocab] of rows at depth L (final norm + LM head)."""
@@ -143,8 +138,11 @@ class TorchEngine(EngineContract):
         """Intermediate heads (adadecode.heads.Head), indexed by `head_index` in `head()`."""
         self.heads = [h.to(self.device, self.dtype) for h in heads]
 
-    def head(self, pos: int, head_index: int) -> tuple[int, float]:
-        """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer."""
+    def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
+        """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer.
+
+        confidence: the head's largest probability; token: its argmax, or with `sampling` its own draw (over its
+        real tokens, with the noise of position pos + 1 that the final layer's draw uses too)."""
         hd = self.heads[head_index]
         slot = self._row_slot(pos, hd.layer)
         x = rms_norm(self.rows[slot][None], self.w.norm, self.cfg.rms_norm_eps)
@@ -152,7 +150,11 @@ class TorchEngine(EngineContract):
         if not torch.isfinite(probs).all():
             raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
         i = int(probs[0, : len(token_ids)].argmax())
-        return int(token_ids[i]), float(probs[0, i])
+        if sampling is None:
+            return int(token_ids[i]), float(probs[0, i])
+        logits = hd.logits(x, self.w.lm_head)[:, : len(token_ids)]  # again: only sampling pays for it
+        j = int(sample(logits, sampling, [pos + 1], token_ids)[0])
+        return int(token_ids[j]), float(probs[0, i])
 
     def hidden(self, pos: int) -> torch.Tensor:
         """The residual stream of row `pos` (a copy), for tests."""

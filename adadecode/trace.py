@@ -26,9 +26,9 @@ class RecordingEngine:
         if name not in self.CALLS:
             return attr
 
-        def call(*args):
+        def call(*args, **kw):  # kw (sampling) shapes the answers, not the schedule: not recorded
             self.calls.append((name, tuple(list(a) if isinstance(a, (list, tuple)) else a for a in args)))
-            return attr(*args)
+            return attr(*args, **kw)
 
         return call
 

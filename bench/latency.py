@@ -2,6 +2,7 @@
 
     python bench/latency.py [--model default|PATH] [--heads default|FILE] [--prompts code|general|FILE]
                             [--n-prompts 8] [--max-new-tokens 256] [--methods a,b,...] [--no-replay]
+                            [--temperatures 0.7,1.0] [--top-k 0] [--top-p 1.0] [--seed 0]
 
 Methods, on the same prompts and model:
   hf-eager       transformers `generate`, eager attention (bf16 on the GPU, fp32 on the CPU)
@@ -10,6 +11,9 @@ Methods, on the same prompts and model:
   vanilla        the engine (CudaEngine where it can run, else TorchEngine), vanilla greedy decoding
   adadecode      the same engine, AdaDecode with the heads
   layerskip      the same engine, LayerSkip-style drafting from the deepest head
+Seeded sampling (--temperatures, each > 0; empty: none): vanilla, adadecode (heads guess their own draw),
+adadecode-argmax (heads guess their argmax) and layerskip again at each temperature, as `method@T0.7`, compared
+with vanilla sampling at that temperature and seed (parity must be 100% there too).
 Per method: ms/token (median over prompts), tokens/s, speedup over the engine's vanilla, % of the
 bandwidth floor (GPU: bytes read per token over a device copy measured in this run), token parity
 with vanilla (AdaDecode and LayerSkip must be 100%: anything else is a bug and fails the run),
@@ -198,6 +202,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-pending", type=int, default=5)
     p.add_argument("--k", type=int, default=4, help="LayerSkip draft length")
     p.add_argument("--no-replay", action="store_true", help="skip the 8B-shape trace replay")
+    p.add_argument("--temperatures", default="0.7,1.0", help="sampled runs beside greedy (comma list; '' for none)")
+    p.add_argument("--top-k", type=int, default=0, help="sampled runs: top-k (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampled runs: top-p (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampled runs: the seed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     from tqdm import tqdm
@@ -234,6 +242,22 @@ def main(argv=None) -> int:
         "adadecode": lambda x, n: generate_adadecode(engine, x, n, gamma=gamma, eos_ids=eos, max_pending=args.max_pending),
         "layerskip": lambda x, n: generate_layerskip(engine, x, n, k=args.k, eos_ids=eos),
     }
+    sampled = []  # method@T rows: the exact methods again under seeded sampling
+    for t in [float(v) for v in args.temperatures.split(",") if v.strip()]:
+        if t <= 0:
+            p.error(f"--temperatures: {t} is not > 0 (greedy always runs)")
+        kw = dict(temperature=t, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        tag = f"@T{t:g}"
+        runs = {"vanilla": lambda x, n, kw=kw: generate_vanilla(engine, x, n, eos_ids=eos, **kw)}
+        if "adadecode" in methods:
+            for name, guess in (("adadecode", "sample"), ("adadecode-argmax", "argmax")):
+                runs[name] = lambda x, n, kw=kw, guess=guess: generate_adadecode(
+                    engine, x, n, gamma=gamma, eos_ids=eos, max_pending=args.max_pending, head_guess=guess, **kw)
+        if "layerskip" in methods:
+            runs["layerskip"] = lambda x, n, kw=kw: generate_layerskip(engine, x, n, k=args.k, eos_ids=eos, **kw)
+        for name, run in runs.items():
+            runners[name + tag] = run
+            sampled.append(name + tag)
     skipped = {}
     for name, build in (("hf-eager", lambda: HFMethod(model, False)), ("hf-compile", lambda: HFMethod(model, True)),
                         ("torch-graph", None)):
@@ -251,7 +275,7 @@ def main(argv=None) -> int:
                 runners[name] = build()
         except Exception as e:  # a baseline that cannot run on the installed versions is reported, not fatal
             skipped[name] = f"{type(e).__name__}: {e}"
-    order = [m for m in ["vanilla"] + methods if m in runners]
+    order = [m for m in ["vanilla"] + methods + sampled if m in runners]
     order = list(dict.fromkeys(order))
 
     gens: dict[str, list[Generation]] = {m: [] for m in order}
@@ -268,7 +292,7 @@ def main(argv=None) -> int:
             try:
                 gens[m].append(runners[m](x, max_new))
             except Exception as e:
-                if m in EXACT or m == "vanilla":
+                if m.split("@")[0] in EXACT + ("vanilla", "adadecode-argmax"):
                     raise
                 skipped[m] = f"{type(e).__name__}: {e}"
                 break
@@ -283,21 +307,25 @@ def main(argv=None) -> int:
                                 meta={"tokens": len(g.tokens)}))
 
     bw = copy_bandwidth() if gpu else None
-    ref = gens["vanilla"]
     rows = []
     for m in order:
-        row = summarize(m, gens[m], None if m == "vanilla" else ref, model.cfg.n_layers)
+        base = "vanilla" + m[m.index("@"):] if "@" in m else "vanilla"  # the same temperature's vanilla
+        ref = gens[base]
+        row = summarize(m, gens[m], None if m == base else ref, model.cfg.n_layers)
         row["speedup"] = statistics.median(r.ms_per_token for r in ref) / row["ms_per_token"]
         if bw:
             ctx = statistics.mean(len(x) + len(g.tokens) / 2 for x, g in zip(prompts, gens[m]))
             row["pct_bandwidth_floor"] = 100 * bytes_per_token(model.cfg, ctx) / bw / (row["ms_per_token"] / 1e3)
         rows.append(row)
-    bugs = [r["method"] for r in rows if r["method"] in EXACT and r.get("parity_prompts") != 1.0]
+    bugs = [r["method"] for r in rows
+            if r["method"].split("@")[0] in EXACT + ("adadecode-argmax",) and r.get("parity_prompts") != 1.0]
 
     facts = run_facts("bench/latency.py", argv)
     result = {**facts, "representative": gpu,
               "engine": engine.name, "model": model.source, "heads": heads_spec, "head_layers": [h.layer for h in heads],
               "gamma": gamma, "max_pending": args.max_pending, "prompts": args.prompts, "n_prompts": len(prompts),
+              "sampling": {"temperatures": args.temperatures, "top_k": args.top_k, "top_p": args.top_p,
+                           "seed": args.seed},
               "max_new_tokens": max_new, "copy_bandwidth_GBps": bw / 1e9 if bw else None,
               "methods": rows, "skipped": skipped}
     result["versions"]["transformers"] = __import__("transformers").__version__
@@ -309,18 +337,18 @@ def main(argv=None) -> int:
 
     print(f"\n{result['model']} | {result['device']} | engine {engine.name} | heads {heads_spec} "
           f"{result['head_layers']} gamma {gamma} | {len(prompts)} prompts x {max_new} tokens ({args.prompts})")
-    print(f"{'method':<12} {'ms/tok':>9} {'tok/s':>8} {'speedup':>8} {'%floor':>7} {'parity':>7} {'exit':>6} "
+    print(f"{'method':<22} {'ms/tok':>9} {'tok/s':>8} {'speedup':>8} {'%floor':>7} {'parity':>7} {'exit':>6} "
           f"{'accept':>7} {'exit L':>7} {'ideal':>6}")
     for r in rows:
         def f(key, fmt, scale=1.0):
             return fmt % (scale * r[key]) if r.get(key) is not None else "-"
 
-        print(f"{r['method']:<12} {r['ms_per_token']:9.3f} {r['tokens_per_s']:8.1f} {r['speedup']:8.2f} "
+        print(f"{r['method']:<22} {r['ms_per_token']:9.3f} {r['tokens_per_s']:8.1f} {r['speedup']:8.2f} "
               f"{f('pct_bandwidth_floor', '%.0f%%'):>7} {f('parity_prompts', '%.0f%%', 100):>7} "
               f"{f('early_exit_rate', '%.2f'):>6} {f('acceptance', '%.2f'):>7} {f('mean_exit_layer', '%.1f'):>7} "
               f"{f('ideal_layer_step_speedup', '%.2f'):>6}")
     for m, why in skipped.items():
-        print(f"{m:<12} not run: {why}")
+        print(f"{m:<22} not run: {why}")
     if "trace_replay" in result:
         tr = result["trace_replay"]
         if "error" in tr:

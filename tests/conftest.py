@@ -16,6 +16,11 @@ from adadecode.config import LlamaConfig
 from adadecode.weights import LlamaWeights
 
 
+def pytest_report_header(config):
+    # which vector kernels ATen dispatches to (ATEN_CPU_CAPABILITY=avx2 forces AVX2; make test runs both)
+    return f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -15,14 +15,17 @@ def test_latency_bench_cpu_smoke(default_model, tmp_path):
                {"gamma": 0.5, "description": "identity heads (logit lens), smoke test"})
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "latency.py"), "--heads", str(heads), "--prompts", "general",
                         "--n-prompts", "1", "--max-new-tokens", "6", "--methods", "vanilla,adadecode,layerskip,hf-compile",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+                        "--temperatures", "0.7", "--top-k", "40", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "NOT representative" in r.stderr
     result = json.loads(next(tmp_path.glob("latency-cpu-general-*.json")).read_text())
     assert next(tmp_path.glob("latency-cpu-general-*.png")).stat().st_size > 0
     rows = {row["method"]: row for row in result["methods"]}
-    assert set(rows) == {"vanilla", "adadecode", "layerskip"} and "hf-compile" in result["skipped"]
-    for m in ("adadecode", "layerskip"):
+    sampled = {"vanilla@T0.7", "adadecode@T0.7", "adadecode-argmax@T0.7", "layerskip@T0.7"}
+    assert set(rows) == {"vanilla", "adadecode", "layerskip"} | sampled and "hf-compile" in result["skipped"]
+    assert result["sampling"]["top_k"] == 40
+    for m in ("adadecode", "layerskip", "adadecode@T0.7", "adadecode-argmax@T0.7", "layerskip@T0.7"):
         assert rows[m]["parity_prompts"] == 1.0
         assert 0 <= rows[m]["acceptance"] <= 1 and rows[m]["ideal_layer_step_speedup"] > 0
     assert {"command", "date", "device", "versions", "model"} <= result.keys()

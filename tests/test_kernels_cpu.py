@@ -33,6 +33,9 @@ SIGNATURES = {
     "lm_head_workspace_floats": ["R", "n"],
     "lm_head_argmax": ["x", "w", "token", "max_prob", "lse=None", "vocab_subset=None", "w_rest=None",
                        "round_bf16=False", "workspace=None"],
+    "lm_head_sample_workspace_floats": ["R", "n"],
+    "lm_head_sample": ["x", "w", "token", "max_prob", "seed", "pos", "inv_temperature", "top_k", "top_p", "lse=None",
+                       "vocab_subset=None", "w_rest=None", "round_bf16=False", "workspace=None"],
 }
 
 
@@ -63,6 +66,8 @@ def test_workspace_sizes(module):
     assert adadecode_cuda.attention_workspace_floats(3, 9, 64, 129) == 3 * 9 * 2 * 66
     assert adadecode_cuda.lm_head_workspace_floats(16, 128256) == 2004 * 16 * 4
     assert adadecode_cuda.lm_head_workspace_floats(1, 65) == 2 * 4
+    # sampling keeps the logits, the perturbed scores and the top-p weights too: 3 R n more floats
+    assert adadecode_cuda.lm_head_sample_workspace_floats(16, 128256) == 2004 * 16 * 4 + 3 * 16 * 128256
 
 
 def test_engines_have_the_same_methods():

@@ -196,6 +196,12 @@ def bench_ops(cuda, name: str, s: dict, rows: list[int], ctxs: list[int], replay
         add("lm_head_argmax", R, None, V * d * 2 + R * d * 2,
             [lambda w=w: cuda.lm_head_argmax(x, w, tok, mp, lse=ls, workspace=wsp) for w in heads],
             [lambda w=w: torch_head(w) for w in heads])
+        # the same with the seeded sampling epilogue (T 0.7; then top-k 50 + top-p 0.9): its cost over the argmax
+        wss = torch.empty(cuda.lm_head_sample_workspace_floats(R, V), device=DEV)
+        for op, k, p in (("lm_head_sample", 0, 1.0), ("lm_head_sample_topk_topp", 50, 0.9)):
+            add(op, R, None, V * d * 2 + R * d * 2,
+                [lambda w=w, k=k, p=p: cuda.lm_head_sample(x, w, tok, mp, 1, 100, 1 / 0.7, k, p, workspace=wss)
+                 for w in heads], None)
     del heads
     return out
 

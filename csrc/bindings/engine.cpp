@@ -3,6 +3,7 @@
 // given (device, dtype, shape, contiguity, alignment), and turns runtime errors into Python exceptions:
 // rt::OutOfMemory -> MemoryError (adadecode_cuda.DeviceOutOfMemory), std::invalid_argument -> ValueError,
 // std::out_of_range -> IndexError, anything else -> RuntimeError.
+#include <cmath>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -25,6 +26,23 @@ void check_weight(const at::Tensor& t, const std::string& name, at::IntArrayRef 
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK((reinterpret_cast<uintptr_t>(t.data_ptr()) & 15u) == 0, name, " must be 16-byte aligned");
+}
+
+// (seed, inv_temperature, top_k, top_p), as adadecode.cuda_engine passes an adadecode.sampling.Sampling.
+using SamplingArg = std::tuple<uint64_t, double, int64_t, double>;
+
+c10::optional<adadecode::SampleParams> sample_params(const c10::optional<SamplingArg>& s) {
+  if (!s.has_value()) return c10::nullopt;
+  const auto& [seed, inv_t, top_k, top_p] = *s;
+  TORCH_CHECK(inv_t > 0 && std::isfinite(inv_t), "sampling: inv_temperature must be > 0 and finite, got ", inv_t);
+  TORCH_CHECK(top_k >= 0, "sampling: top_k must be >= 0, got ", top_k);
+  TORCH_CHECK(top_p > 0 && top_p <= 1, "sampling: top_p must be in (0, 1], got ", top_p);
+  adadecode::SampleParams p{};
+  p.seed = seed;
+  p.top_p = top_p;
+  p.inv_temperature = static_cast<float>(inv_t);
+  p.top_k = static_cast<int32_t>(top_k < INT32_MAX ? top_k : INT32_MAX);
+  return p;
 }
 
 class PyEngine {
@@ -108,13 +126,16 @@ class PyEngine {
     eng_->run_layers(static_cast<int>(first), static_cast<int>(last), static_cast<int>(l0), static_cast<int>(l1));
   }
 
-  std::pair<std::vector<int64_t>, std::vector<double>> final(int64_t first, int64_t last) {
+  std::pair<std::vector<int64_t>, std::vector<double>> final(int64_t first, int64_t last,
+                                                              const c10::optional<SamplingArg>& sampling) {
     const int R = static_cast<int>(last - first + 1);
     std::vector<int32_t> tok(R > 0 ? R : 0);
     std::vector<float> prob(R > 0 ? R : 0);
+    const auto p = sample_params(sampling);
     {
       py::gil_scoped_release nogil;
-      eng_->final_tokens(static_cast<int>(first), static_cast<int>(last), tok.data(), prob.data());
+      eng_->final_tokens(static_cast<int>(first), static_cast<int>(last), tok.data(), prob.data(),
+                         p ? &*p : nullptr);
     }
     return {std::vector<int64_t>(tok.begin(), tok.end()), std::vector<double>(prob.begin(), prob.end())};
   }
@@ -182,11 +203,12 @@ class PyEngine {
     head_keep_ = std::move(keep);  // after the runtime dropped its graphs of the old heads
   }
 
-  std::pair<int64_t, double> head(int64_t pos, int64_t i) {
+  std::pair<int64_t, double> head(int64_t pos, int64_t i, const c10::optional<SamplingArg>& sampling) {
     std::pair<int32_t, float> r;
+    const auto p = sample_params(sampling);
     {
       py::gil_scoped_release nogil;
-      r = eng_->head(static_cast<int>(pos), static_cast<int>(i));
+      r = eng_->head(static_cast<int>(pos), static_cast<int>(i), p ? &*p : nullptr);
     }
     return {r.first, r.second};
   }
@@ -223,8 +245,9 @@ void register_engine(pybind11::module_& m) {
       .def("embed", &PyEngine::embed, py::arg("pos"), py::arg("token"))
       .def("run_layers", &PyEngine::run_layers, py::arg("first_pos"), py::arg("last_pos"), py::arg("l0"),
            py::arg("l1"))
-      .def("final", &PyEngine::final, "(tokens, max_probs) of rows first..last", py::arg("first_pos"),
-           py::arg("last_pos"))
+      .def("final", &PyEngine::final,
+           "(tokens, max_probs) of rows first..last; sampling (seed, inv_temperature, top_k, top_p) draws the tokens",
+           py::arg("first_pos"), py::arg("last_pos"), py::arg("sampling") = py::none())
       .def("final_normed", &PyEngine::final_normed, "final-normed rows [R, d] bf16 (a new tensor)",
            py::arg("first_pos"), py::arg("last_pos"))
       .def("hidden", &PyEngine::hidden, "the residual stream of row pos [d] bf16 (a new tensor)", py::arg("pos"))
@@ -232,7 +255,8 @@ void register_engine(pybind11::module_& m) {
            py::arg("length"))
       .def("set_heads", &PyEngine::set_heads, "list of (layer, T, vocab int32 or None, w_rest or None)",
            py::arg("heads"))
-      .def("head", &PyEngine::head, "(token, max_prob) of head i on row pos", py::arg("pos"), py::arg("i"))
+      .def("head", &PyEngine::head, "(token, max_prob) of head i on row pos; with sampling, the head's own draw",
+           py::arg("pos"), py::arg("i"), py::arg("sampling") = py::none())
       .def("synchronize", &PyEngine::synchronize)
       .def_property("use_graphs", [](PyEngine& e) { return e.eng().use_graphs(); },
                     [](PyEngine& e, bool on) { e.eng().set_use_graphs(on); })

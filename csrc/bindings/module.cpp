@@ -1,6 +1,9 @@
 // adadecode_cuda: thin torch bindings over the torch-free kernels in csrc/kernels.
 // Each op checks its tensors (device, dtype, shape, contiguity), launches on the current stream and
 // checks the launch. Outputs are written into tensors the caller allocates (CUDA-graph friendly).
+#include <cmath>
+#include <cstring>
+
 #include "checks.h"
 #include "../kernels/add_rmsnorm.cuh"
 #include "../kernels/attention.cuh"
@@ -170,10 +173,12 @@ int64_t lm_head_workspace_floats(int64_t R, int64_t n) {
   return static_cast<int64_t>(adadecode::lm_head_workspace_floats(R, n));
 }
 
-// x [R, d] bf16; w [vocab, d] bf16; token [R] int32, max_prob [R] fp32, lse [R] fp32 (optional).
-void lm_head_argmax(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max_prob, c10::optional<at::Tensor> lse,
-                    c10::optional<at::Tensor> vocab_subset, c10::optional<at::Tensor> w_rest, bool round_bf16,
-                    c10::optional<at::Tensor> workspace) {
+// x [R, d] bf16; w [vocab, d] bf16; token [R] int32, max_prob [R] fp32, lse [R] fp32 (optional). params: nullptr
+// (argmax) or the device sampling settings (lm_head_sample).
+void lm_head_checked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& token, const at::Tensor& max_prob,
+                     const c10::optional<at::Tensor>& lse, const c10::optional<at::Tensor>& vocab_subset,
+                     const c10::optional<at::Tensor>& w_rest, bool round_bf16,
+                     const c10::optional<at::Tensor>& workspace, const adadecode::SampleParams* params) {
   ADA_CHECK_CUDA_TENSOR(x, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(w, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(token, at::kInt);
@@ -205,11 +210,54 @@ void lm_head_argmax(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max
     TORCH_CHECK(w_rest->numel() == d, "w_rest must be [", d, "], got ", w_rest->sizes());
     rest = ada_ptr<const bf16>(*w_rest);
   }
-  const int64_t need = adadecode::lm_head_workspace_floats(R, n);
+  const int64_t need = params ? adadecode::lm_head_sample_workspace_floats(R, n) : adadecode::lm_head_workspace_floats(R, n);
   const at::Tensor ws = ada_workspace(workspace, need, x);
-  ADA_CHECK_LAUNCH(adadecode::lm_head_argmax(ada_ptr<const bf16>(x), ada_ptr<const bf16>(w), sub, n, rest,
-                                             ada_ptr<int32_t>(token), ada_ptr<float>(max_prob), lse_ptr,
-                                             ada_ptr<float>(ws), R, d, round_bf16, ada_stream()));
+  if (params)
+    ADA_CHECK_LAUNCH(adadecode::lm_head_sample(ada_ptr<const bf16>(x), ada_ptr<const bf16>(w), sub, n, rest, params,
+                                               ada_ptr<int32_t>(token), ada_ptr<float>(max_prob), lse_ptr,
+                                               ada_ptr<float>(ws), R, d, round_bf16, ada_stream()));
+  else
+    ADA_CHECK_LAUNCH(adadecode::lm_head_argmax(ada_ptr<const bf16>(x), ada_ptr<const bf16>(w), sub, n, rest,
+                                               ada_ptr<int32_t>(token), ada_ptr<float>(max_prob), lse_ptr,
+                                               ada_ptr<float>(ws), R, d, round_bf16, ada_stream()));
+}
+
+void lm_head_argmax(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max_prob, c10::optional<at::Tensor> lse,
+                    c10::optional<at::Tensor> vocab_subset, c10::optional<at::Tensor> w_rest, bool round_bf16,
+                    c10::optional<at::Tensor> workspace) {
+  lm_head_checked(x, w, token, max_prob, lse, vocab_subset, w_rest, round_bf16, workspace, nullptr);
+}
+
+int64_t lm_head_sample_workspace_floats(int64_t R, int64_t n) {
+  return static_cast<int64_t>(adadecode::lm_head_sample_workspace_floats(R, n));
+}
+
+// lm_head_argmax's logits, then token[r] drawn by the seeded sampling rule (adadecode/sampling.py) for position
+// pos + r; max_prob / lse as lm_head_argmax's. Same tensors as lm_head_argmax.
+void lm_head_sample(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max_prob, uint64_t seed, int64_t pos,
+                    double inv_temperature, int64_t top_k, double top_p,
+                    c10::optional<at::Tensor> lse, c10::optional<at::Tensor> vocab_subset,
+                    c10::optional<at::Tensor> w_rest, bool round_bf16, c10::optional<at::Tensor> workspace) {
+  ADA_CHECK_CUDA_TENSOR(x, at::kBFloat16);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "x must be [R, d], got ", x.sizes());
+  TORCH_CHECK(inv_temperature > 0 && std::isfinite(inv_temperature), "inv_temperature must be > 0, got ",
+              inv_temperature);
+  TORCH_CHECK(top_k >= 0, "top_k must be >= 0, got ", top_k);
+  TORCH_CHECK(top_p > 0 && top_p <= 1, "top_p must be in (0, 1], got ", top_p);
+  TORCH_CHECK(pos >= 0 && pos <= INT32_MAX - 16, "pos must be a non-negative int32, got ", pos);
+  adadecode::SampleParams p{};
+  p.seed = seed;
+  p.top_p = top_p;
+  p.inv_temperature = static_cast<float>(inv_temperature);
+  p.top_k = static_cast<int32_t>(top_k < INT32_MAX ? top_k : INT32_MAX);
+  p.pos = static_cast<int32_t>(pos);
+  at::Tensor params = at::empty({static_cast<int64_t>(sizeof p)}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(params.data_ptr(), &p, sizeof p);
+  params = params.to(x.device());  // ordered before the launch on the current stream
+  const int64_t n = vocab_subset.has_value() ? vocab_subset->numel() : w.size(0);
+  const at::Tensor ws = ada_workspace(workspace, adadecode::lm_head_sample_workspace_floats(x.size(0), n), x);
+  lm_head_checked(x, w, token, max_prob, lse, vocab_subset, w_rest, round_bf16, ws,
+                  reinterpret_cast<const adadecode::SampleParams*>(params.data_ptr()));
 }
 
 }  // namespace
@@ -252,6 +300,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lm_head_argmax", &lm_head_argmax,
         "token = argmax(x @ w[subset].T) (lowest id on ties), max_prob and lse via log-sum-exp; no logits written",
         py::arg("x"), py::arg("w"), py::arg("token"), py::arg("max_prob"), py::arg("lse") = py::none(),
+        py::arg("vocab_subset") = py::none(), py::arg("w_rest") = py::none(), py::arg("round_bf16") = false,
+        py::arg("workspace") = py::none());
+  m.def("lm_head_sample_workspace_floats", &lm_head_sample_workspace_floats, "fp32 workspace size of lm_head_sample",
+        py::arg("R"), py::arg("n"));
+  m.def("lm_head_sample", &lm_head_sample,
+        "token = the seeded draw (adadecode.sampling) from x @ w[subset].T for positions pos + r; max_prob, lse as "
+        "lm_head_argmax",
+        py::arg("x"), py::arg("w"), py::arg("token"), py::arg("max_prob"), py::arg("seed"), py::arg("pos"),
+        py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("lse") = py::none(),
         py::arg("vocab_subset") = py::none(), py::arg("w_rest") = py::none(), py::arg("round_bf16") = false,
         py::arg("workspace") = py::none());
 }

@@ -1,4 +1,5 @@
 #include "lm_head.cuh"
+#include "sampling.cuh"
 #include "skinny_core.cuh"
 
 namespace adadecode {
@@ -24,12 +25,14 @@ __device__ __forceinline__ Stat combine(const Stat& a, const Stat& b) {
   return o;
 }
 
-// grid: ceil(n / kLmHeadCols) blocks; writes part[blk * R + r] = (m, s, idx) for r < R.
-template <int RB>
+// grid: ceil(n / kLmHeadCols) blocks; writes part[blk * R + r] = (m, s, idx) for r < R, and with kLogits the
+// (rounded) logits themselves to logits[r * n + j] for the sampling kernel.
+template <int RB, bool kLogits>
 __global__ void __launch_bounds__(256) lm_head_partial_kernel(const __nv_bfloat16* __restrict__ x,
                                                               const __nv_bfloat16* __restrict__ w,
                                                               const int32_t* __restrict__ subset, int n, int R, int d,
-                                                              bool round_bf16, float4* __restrict__ part) {
+                                                              bool round_bf16, float4* __restrict__ part,
+                                                              float* __restrict__ logits) {
   __shared__ float red[kSkinnyMaxWarps * RB * kCols];
   __shared__ float res[RB * kCols];
   const int j_begin = blockIdx.x * kLmHeadCols;
@@ -48,6 +51,7 @@ __global__ void __launch_bounds__(256) lm_head_partial_kernel(const __nv_bfloat1
       for (int c = 0; c < kCols && j0 + c < j_end; ++c) {
         float v = res[r * kCols + c];
         if (round_bf16) v = bf16_round(v);
+        if constexpr (kLogits) logits[static_cast<int64_t>(r) * n + j0 + c] = v;
         const Stat one{v, 1.f, j0 + c};
         st = combine(st, one);
       }
@@ -118,39 +122,214 @@ __global__ void __launch_bounds__(kMergeThreads) lm_head_merge_kernel(
   }
 }
 
+// ---- seeded sampling (the rule of adadecode/sampling.py) ----------------------------------------------------------
+// Three stages after the partial kernel kept the logits l [R, n]:
+//   perturb: y[r, j] = fl(l * inv_t) + gumbel(seed, pos + r, id_j)   one thread per logit: the Philox and log work
+//   select:  one block per row: top-k and top-p thresholds by radix select over order_key (8 bits per pass, integer
+//            histograms: order-free, no sort, the same value a sort gives), then the argmax of y over the kept
+//            tokens (ties: the lowest j). token[r] = its id, or -1 when a tempered logit is not finite.
+constexpr int kPerturbThreads = 256;
+constexpr int kSelectThreads = 512;
+
+__global__ void __launch_bounds__(kPerturbThreads) lm_head_perturb_kernel(const float* __restrict__ logits, int n,
+                                                                          const int32_t* __restrict__ subset,
+                                                                          const SampleParams* __restrict__ params,
+                                                                          float* __restrict__ y) {
+  const int r = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  const int64_t at = static_cast<int64_t>(r) * n + j;
+  const float z = __fmul_rn(logits[at], params->inv_temperature);
+  y[at] = __fadd_rn(z, gumbel_noise(params->seed, params->pos + r, subset ? subset[j] : j));
+}
+
+struct Best {  // the running argmax of the perturbed scores: larger y wins, ties keep the lower index
+  float y;
+  int j;
+};
+__device__ __forceinline__ Best better(const Best& a, const Best& b) {
+  if (b.j < 0) return a;
+  if (a.j < 0) return b;
+  return (b.y > a.y || (b.y == a.y && b.j < a.j)) ? b : a;
+}
+
+// The largest key t with sum over {j : key_j >= t} of weight(j) >= need (need >= 1 and reached by the total).
+// weight(j, key) -> uint64. Every thread of the block calls it; the result is the same in all of them.
+template <typename Weight>
+__device__ uint32_t radix_select(const float* __restrict__ l, int n, float inv_t, uint64_t need, Weight weight,
+                                 unsigned long long* hist, uint32_t* shared_prefix) {
+  uint32_t prefix = 0, mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+      const uint32_t key = order_key(__fmul_rn(l[j], inv_t));
+      if ((key & mask) != prefix) continue;
+      const uint64_t wj = weight(j, key);
+      if (wj) atomicAdd(&hist[(key >> shift) & 255u], static_cast<unsigned long long>(wj));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // only thread 0 scans, so only its `need` is kept up to date
+      uint64_t above = 0;
+      int b = 255;
+      for (; b > 0 && above + hist[b] < need; --b) above += hist[b];
+      need -= above;
+      *shared_prefix = prefix | (static_cast<uint32_t>(b) << shift);
+    }
+    __syncthreads();
+    prefix = *shared_prefix;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  return prefix;
+}
+
+// grid: R blocks. wbuf: [R, n] uint32 scratch for the top-p weights (computed once, read by four passes).
+__global__ void __launch_bounds__(kSelectThreads) lm_head_select_kernel(const float* __restrict__ logits,
+                                                                        const float* __restrict__ y, int n,
+                                                                        const int32_t* __restrict__ subset,
+                                                                        const SampleParams* __restrict__ params,
+                                                                        uint32_t* __restrict__ wbuf,
+                                                                        int32_t* __restrict__ token) {
+  __shared__ unsigned long long hist[256];
+  __shared__ uint32_t s_prefix;
+  __shared__ float s_m[kSelectThreads];
+  __shared__ int s_j[kSelectThreads];
+  __shared__ int s_bad;
+  const int r = blockIdx.x, tid = threadIdx.x;
+  const int64_t row = static_cast<int64_t>(r) * n;
+  const float* l = logits + row;
+  const SampleParams p = *params;
+  const float inv_t = p.inv_temperature;
+
+  float m = -INFINITY;  // max z, and whether every z is finite
+  int bad = 0;
+  for (int j = tid; j < n; j += blockDim.x) {
+    const float z = __fmul_rn(l[j], inv_t);
+    bad |= !isfinite(z);
+    m = fmaxf(m, z);
+  }
+  if (tid == 0) s_bad = 0;
+  s_m[tid] = m;
+  __syncthreads();
+  if (bad) s_bad = 1;
+  for (int off = blockDim.x / 2; off > 0; off >>= 1) {
+    if (tid < off) s_m[tid] = fmaxf(s_m[tid], s_m[tid + off]);
+    __syncthreads();
+  }
+  m = s_m[0];
+  if (s_bad) {
+    if (tid == 0) token[r] = -1;
+    return;
+  }
+  __syncthreads();
+
+  uint32_t thr = 0;  // every finite z has a key above 0
+  if (p.top_k > 0 && p.top_k < n)
+    thr = radix_select(l, n, inv_t, static_cast<uint64_t>(p.top_k), [](int, uint32_t) { return uint64_t{1}; }, hist,
+                       &s_prefix);
+  if (p.top_p < 1.0) {
+    uint32_t* w = wbuf + row;
+    if (tid == 0) hist[0] = 0;
+    __syncthreads();
+    unsigned long long mine = 0;  // the top-k survivors' weights, summed in integers: exact in any order
+    for (int j = tid; j < n; j += blockDim.x) {
+      const float z = __fmul_rn(l[j], inv_t);
+      const uint32_t wj = order_key(z) >= thr ? static_cast<uint32_t>(top_p_weight(z, m)) : 0u;
+      w[j] = wj;
+      mine += wj;
+    }
+    atomicAdd(&hist[0], mine);
+    __syncthreads();
+    const uint64_t total = hist[0];
+    __syncthreads();
+    const uint64_t target = static_cast<uint64_t>(ceil(__dmul_rn(static_cast<double>(total), p.top_p)));
+    const uint32_t thr_p = radix_select(l, n, inv_t, target, [w](int j, uint32_t) { return uint64_t{w[j]}; }, hist,
+                                        &s_prefix);
+    thr = thr_p > thr ? thr_p : thr;
+  }
+
+  Best best{-INFINITY, -1};
+  const float* yr = y + row;
+  for (int j = tid; j < n; j += blockDim.x)
+    if (order_key(__fmul_rn(l[j], inv_t)) >= thr) best = better(best, Best{yr[j], j});
+  s_m[tid] = best.y, s_j[tid] = best.j;
+  __syncthreads();
+  for (int off = blockDim.x / 2; off > 0; off >>= 1) {
+    if (tid < off) {
+      const Best o = better(Best{s_m[tid], s_j[tid]}, Best{s_m[tid + off], s_j[tid + off]});
+      s_m[tid] = o.y, s_j[tid] = o.j;
+    }
+    __syncthreads();
+  }
+  if (tid == 0) token[r] = s_j[0] < 0 ? -1 : (subset ? subset[s_j[0]] : s_j[0]);
+}
+
+size_t partial_floats(int R, int n) { return static_cast<size_t>((n + kLmHeadCols - 1) / kLmHeadCols) * R * 4; }
+
 template <int RB>
 cudaError_t launch(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* subset, int n,
                    const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse, float* workspace, int R,
-                   int d, bool round_bf16, cudaStream_t stream) {
+                   int d, bool round_bf16, const SampleParams* params, cudaStream_t stream) {
   const int nblk = (n + kLmHeadCols - 1) / kLmHeadCols;
   float4* part = reinterpret_cast<float4*>(workspace);
-  lm_head_partial_kernel<RB><<<nblk, skinny_threads(d), 0, stream>>>(x, w, subset, n, R, d, round_bf16, part);
+  const size_t rn = static_cast<size_t>(R) * n;
+  float* logits = workspace + partial_floats(R, n);  // sampling only: logits, perturbed scores, top-p weights
+  float* y = logits + rn;
+  uint32_t* wbuf = reinterpret_cast<uint32_t*>(y + rn);
+  if (params)
+    lm_head_partial_kernel<RB, true><<<nblk, skinny_threads(d), 0, stream>>>(x, w, subset, n, R, d, round_bf16, part,
+                                                                             logits);
+  else
+    lm_head_partial_kernel<RB, false><<<nblk, skinny_threads(d), 0, stream>>>(x, w, subset, n, R, d, round_bf16, part,
+                                                                              nullptr);
   cudaError_t e = launch_status();
   if (e != cudaSuccess) return e;
   lm_head_merge_kernel<<<R, kMergeThreads, 0, stream>>>(part, nblk, x, w_rest, subset, R, d, round_bf16, token,
                                                         max_prob, lse);
+  e = launch_status();
+  if (e != cudaSuccess || !params) return e;
+  lm_head_perturb_kernel<<<dim3((n + kPerturbThreads - 1) / kPerturbThreads, R), kPerturbThreads, 0, stream>>>(
+      logits, n, subset, params, y);
+  e = launch_status();
+  if (e != cudaSuccess) return e;
+  lm_head_select_kernel<<<R, kSelectThreads, 0, stream>>>(logits, y, n, subset, params, wbuf, token);
   return launch_status();
+}
+
+cudaError_t dispatch(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* subset, int n,
+                     const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse, float* workspace, int R,
+                     int d, bool round_bf16, const SampleParams* params, cudaStream_t stream) {
+  if (R < 1 || R > kSkinnyMaxRows || n < 1 || d < 8 || d % 8 != 0) return cudaErrorInvalidValue;
+  if (!aligned16(x) || !aligned16(w) || (w_rest && !aligned16(w_rest)) || !aligned16(workspace))
+    return cudaErrorInvalidValue;
+  switch (skinny_bucket(R)) {
+    case 1: return launch<1>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
+    case 2: return launch<2>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
+    case 4: return launch<4>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
+    case 8: return launch<8>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
+    default: return launch<16>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
+  }
 }
 
 }  // namespace
 
-size_t lm_head_workspace_floats(int R, int n) {
-  return static_cast<size_t>((n + kLmHeadCols - 1) / kLmHeadCols) * R * 4;
+size_t lm_head_workspace_floats(int R, int n) { return partial_floats(R, n); }
+
+size_t lm_head_sample_workspace_floats(int R, int n) {
+  return partial_floats(R, n) + 3 * static_cast<size_t>(R) * n;
 }
 
 cudaError_t lm_head_argmax(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
                            const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse,
                            float* workspace, int R, int d, bool round_bf16, cudaStream_t stream) {
-  if (R < 1 || R > kSkinnyMaxRows || n < 1 || d < 8 || d % 8 != 0) return cudaErrorInvalidValue;
-  if (!aligned16(x) || !aligned16(w) || (w_rest && !aligned16(w_rest)) || !aligned16(workspace))
-    return cudaErrorInvalidValue;
-  switch (skinny_bucket(R)) {
-    case 1: return launch<1>(x, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, stream);
-    case 2: return launch<2>(x, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, stream);
-    case 4: return launch<4>(x, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, stream);
-    case 8: return launch<8>(x, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, stream);
-    default: return launch<16>(x, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, stream);
-  }
+  return dispatch(x, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, nullptr, stream);
+}
+
+cudaError_t lm_head_sample(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
+                           const __nv_bfloat16* w_rest, const SampleParams* params, int32_t* token, float* max_prob,
+                           float* lse, float* workspace, int R, int d, bool round_bf16, cudaStream_t stream) {
+  if (params == nullptr) return cudaErrorInvalidValue;
+  return dispatch(x, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
 }
 
 }  // namespace adadecode

@@ -16,8 +16,14 @@
 // Two stages: blocks of kLmHeadCols consecutive j compute their logits with the skinny GEMM core (fixed
 // order per logit, see skinny_core.cuh) and fold them in increasing j into (max, argmax, sum exp(l - max));
 // one block per row then merges the partials in a fixed tree order. Batch invariant bit for bit.
+//
+// lm_head_sample: the same, and then token[r] is drawn by the seeded sampling rule of adadecode/sampling.py
+// (temperature, top-k, top-p, Gumbel noise keyed by (seed, params->pos + r, id_j)) from the same logits, bit for bit
+// what the Python reference draws from them; max_prob and lse stay those of the untempered logits. params is in
+// device memory (graph friendly). The logits are kept in the workspace: lm_head_sample_workspace_floats(R, n).
 #pragma once
 #include "common.cuh"
+#include "sampling.cuh"
 
 namespace adadecode {
 
@@ -28,5 +34,11 @@ size_t lm_head_workspace_floats(int R, int n);
 cudaError_t lm_head_argmax(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
                            const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse,
                            float* workspace, int R, int d, bool round_bf16, cudaStream_t stream);
+
+size_t lm_head_sample_workspace_floats(int R, int n);
+
+cudaError_t lm_head_sample(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
+                           const __nv_bfloat16* w_rest, const SampleParams* params, int32_t* token, float* max_prob,
+                           float* lse, float* workspace, int R, int d, bool round_bf16, cudaStream_t stream);
 
 }  // namespace adadecode

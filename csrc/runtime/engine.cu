@@ -73,14 +73,14 @@ size_t attention_ws_floats(const ModelDims& m, int max_seq, int max_rows, int ch
 }
 
 struct Layout {  // byte offsets of the workspace buffers inside the arena
-  size_t ring, hw, hx, xn, z, qkv, attn, act, attn_ws, lm_ws, pos, iota, tokens, out, total;
+  size_t ring, hw, hx, xn, z, qkv, attn, act, attn_ws, lm_ws, pos, iota, tokens, out, sample, total;
 };
 
 Layout layout(const ModelDims& m, int max_seq, int max_rows, int chunk) {
   const size_t P = static_cast<size_t>(max_rows > chunk ? max_rows : chunk);
   const size_t qkv_n = static_cast<size_t>(m.n_heads + 2 * m.n_kv_heads) * m.head_dim;
   const size_t attn_floats = attention_ws_floats(m, max_seq, max_rows, chunk);
-  const size_t lm_floats = adadecode::lm_head_workspace_floats(max_rows, m.vocab);
+  const size_t lm_floats = adadecode::lm_head_sample_workspace_floats(max_rows, m.vocab);  // >= the greedy one
   Layout L{};
   size_t off = 0;
   auto take = [&](size_t bytes) {
@@ -102,6 +102,7 @@ Layout layout(const ModelDims& m, int max_seq, int max_rows, int chunk) {
   L.iota = take(static_cast<size_t>(max_seq) * sizeof(int32_t));
   L.tokens = take(static_cast<size_t>(max_seq) * sizeof(int32_t));
   L.out = take(2 * static_cast<size_t>(max_rows) * sizeof(int32_t));
+  L.sample = take(sizeof(adadecode::SampleParams));
   L.total = off;
   return L;
 }
@@ -202,6 +203,13 @@ Engine::Engine(const ModelDims& dims, WeightPtrs weights, int max_seq, int max_r
       throw OutOfMemory(std::string("CUDA engine: pinned host buffer of ") +
                         std::to_string(2 * max_rows * sizeof(int32_t)) + " bytes: " + cudaGetErrorString(e));
     }
+    e = cudaMallocHost(reinterpret_cast<void**>(&h_sample_), sizeof(SampleParams));
+    if (e != cudaSuccess) {
+      h_sample_ = nullptr;
+      cudaGetLastError();
+      throw OutOfMemory(std::string("CUDA engine: pinned host buffer for the sampling settings: ") +
+                        cudaGetErrorString(e));
+    }
     RT_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 
     ring_ = reinterpret_cast<bf16*>(arena_ + lay.ring);
@@ -218,6 +226,7 @@ Engine::Engine(const ModelDims& dims, WeightPtrs weights, int max_seq, int max_r
     d_iota_ = reinterpret_cast<int32_t*>(arena_ + lay.iota);
     d_tokens_ = reinterpret_cast<int32_t*>(arena_ + lay.tokens);
     d_out_ = reinterpret_cast<int32_t*>(arena_ + lay.out);
+    d_sample_ = reinterpret_cast<SampleParams*>(arena_ + lay.sample);
 
     // Defined contents everywhere (the cache past a sequence's length is never read, but zeros make any slip
     // reproducible), positions 0..max_seq-1 for the prefill chunks.
@@ -242,10 +251,12 @@ void Engine::release() {
   if (kv_) cudaFree(kv_);
   if (arena_) cudaFree(arena_);
   if (h_out_) cudaFreeHost(h_out_);
+  if (h_sample_) cudaFreeHost(h_sample_);
   if (stream_) cudaStreamDestroy(stream_);
   kv_ = nullptr;
   arena_ = nullptr;
   h_out_ = nullptr;
+  h_sample_ = nullptr;
   stream_ = nullptr;
   cudaGetLastError();
 }
@@ -312,24 +323,40 @@ void Engine::enqueue_readback() {
                            cudaMemcpyDeviceToHost, stream_));
 }
 
-void Engine::enqueue_final(int R) {
+void Engine::enqueue_final(int R, bool sample) {
   const ModelDims& m = dims_;
+  float* probs = reinterpret_cast<float*>(d_out_ + max_rows_);
   RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, xn_, R, m.d, m.eps, stream_));
-  RT_CHECK(adadecode::lm_head_argmax(xn_, w_.lm_head, nullptr, m.vocab, nullptr, d_out_,
-                                     reinterpret_cast<float*>(d_out_ + max_rows_), nullptr, lm_ws_, R, m.d,
-                                     /*round_bf16=*/true, stream_));
+  if (sample)
+    RT_CHECK(adadecode::lm_head_sample(xn_, w_.lm_head, nullptr, m.vocab, nullptr, d_sample_, d_out_, probs, nullptr,
+                                       lm_ws_, R, m.d, /*round_bf16=*/true, stream_));
+  else
+    RT_CHECK(adadecode::lm_head_argmax(xn_, w_.lm_head, nullptr, m.vocab, nullptr, d_out_, probs, nullptr, lm_ws_, R,
+                                       m.d, /*round_bf16=*/true, stream_));
   enqueue_readback();
 }
 
-void Engine::enqueue_head(int i) {
+void Engine::enqueue_head(int i, bool sample) {
   const ModelDims& m = dims_;
   const HeadPtrs& h = heads_.at(i);
+  float* probs = reinterpret_cast<float*>(d_out_ + max_rows_);
   RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, xn_, 1, m.d, m.eps, stream_));
   RT_CHECK(adadecode::skinny_gemm(xn_, h.T, nullptr, nullptr, z_, 1, m.d, m.d, stream_));
-  RT_CHECK(adadecode::lm_head_argmax(z_, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_out_,
-                                     reinterpret_cast<float*>(d_out_ + max_rows_), nullptr, lm_ws_, 1, m.d,
-                                     /*round_bf16=*/true, stream_));
+  if (sample)
+    RT_CHECK(adadecode::lm_head_sample(z_, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_sample_, d_out_, probs,
+                                       nullptr, lm_ws_, 1, m.d, /*round_bf16=*/true, stream_));
+  else
+    RT_CHECK(adadecode::lm_head_argmax(z_, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_out_, probs, nullptr, lm_ws_,
+                                       1, m.d, /*round_bf16=*/true, stream_));
   enqueue_readback();
+}
+
+void Engine::set_sample_params(const SampleParams& p, int pos) {
+  if (!(p.inv_temperature > 0.f) || !(p.top_p > 0.0 && p.top_p <= 1.0) || p.top_k < 0)
+    throw std::invalid_argument("CUDA engine: sampling needs inv_temperature > 0, top_p in (0, 1], top_k >= 0");
+  *h_sample_ = p;  // the previous call that used it has synchronized
+  h_sample_->pos = pos;
+  RT_CHECK(cudaMemcpyAsync(d_sample_, h_sample_, sizeof(SampleParams), cudaMemcpyHostToDevice, stream_));
 }
 
 template <typename F>
@@ -423,11 +450,14 @@ void Engine::run_layers(int first, int last, int l0, int l1) {
              "run_layers R=" + std::to_string(R) + " layers [" + std::to_string(l0) + ", " + std::to_string(l1) + ")");
 }
 
-void Engine::final_tokens(int first, int last, int32_t* tokens, float* probs) {
+void Engine::final_tokens(int first, int last, int32_t* tokens, float* probs, const SampleParams* sampling) {
   check_rows("final", first, last);
   const int R = last - first + 1;
+  const bool sample = sampling != nullptr;
+  if (sample) set_sample_params(*sampling, first + 1);
   gather(first, R, hx_, nullptr);
-  run_cached(final_graphs_, Key{R, 0, 0}, [&] { enqueue_final(R); }, "final R=" + std::to_string(R));
+  run_cached(final_graphs_, Key{R, sample, 0}, [&] { enqueue_final(R, sample); },
+             std::string(sample ? "sampled " : "") + "final R=" + std::to_string(R));
   RT_CHECK(cudaStreamSynchronize(stream_));
   for (int r = 0; r < R; ++r) {
     tokens[r] = h_out_[r];
@@ -459,13 +489,16 @@ void Engine::set_heads(std::vector<HeadPtrs> heads) {
   heads_ = std::move(heads);
 }
 
-std::pair<int32_t, float> Engine::head(int pos, int i) {
+std::pair<int32_t, float> Engine::head(int pos, int i, const SampleParams* sampling) {
   if (i < 0 || i >= static_cast<int>(heads_.size()))
     throw std::out_of_range("CUDA engine: head index " + std::to_string(i) + " outside 0.." +
                             std::to_string(static_cast<int>(heads_.size()) - 1));
   check_rows("head", pos, pos);
+  const bool sample = sampling != nullptr;
+  if (sample) set_sample_params(*sampling, pos + 1);
   gather(pos, 1, hx_, nullptr);
-  run_cached(head_graphs_, Key{i, 0, 0}, [&] { enqueue_head(i); }, "head " + std::to_string(i));
+  run_cached(head_graphs_, Key{i, sample, 0}, [&] { enqueue_head(i, sample); },
+             std::string(sample ? "sampled " : "") + "head " + std::to_string(i));
   RT_CHECK(cudaStreamSynchronize(stream_));
   float p;
   std::memcpy(&p, &h_out_[max_rows_], sizeof(float));

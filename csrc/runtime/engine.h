@@ -27,6 +27,8 @@
 #include <utility>
 #include <vector>
 
+#include "../kernels/sampling.cuh"
+
 namespace adadecode::rt {
 
 using bf16 = __nv_bfloat16;
@@ -92,13 +94,15 @@ class Engine {
   void run_layers(int first, int last, int l0, int l1);
   // Greedy tokens and their probabilities of rows first..last (final norm + LM head, bf16-rounded logits,
   // lowest id on ties). tokens/probs: host arrays of last - first + 1. Synchronous. A non-finite row gives
-  // token -1 and prob NaN (the caller raises).
-  void final_tokens(int first, int last, int32_t* tokens, float* probs);
+  // token -1 and prob NaN (the caller raises). With `sampling` (its pos is ignored), row first + r draws the
+  // token of position first + 1 + r by the seeded sampling rule instead (probs stay the greedy token's).
+  void final_tokens(int first, int last, int32_t* tokens, float* probs, const SampleParams* sampling = nullptr);
   // The final-normed rows first..last into dst (device, [R, d] bf16), for logits in tests. Synchronous.
   void final_normed(int first, int last, bf16* dst);
   void set_heads(std::vector<HeadPtrs> heads);
-  // (token, max_prob) of head i on row pos. Synchronous.
-  std::pair<int32_t, float> head(int pos, int i);
+  // (token, max_prob) of head i on row pos. Synchronous. With `sampling`, the token is the head's own draw for
+  // position pos + 1 (the noise the final layer's draw there uses); max_prob stays the head's largest probability.
+  std::pair<int32_t, float> head(int pos, int i, const SampleParams* sampling = nullptr);
   // Ring row of pos into dst (device, [d] bf16). Synchronous.
   void copy_row(int pos, bf16* dst);
   // K and V of positions 0..length-1 of a layer into k_dst, v_dst (device, [length, Hkv, hd] bf16). Synchronous.
@@ -120,7 +124,7 @@ class Engine {
   struct Graph {
     cudaGraphExec_t exec = nullptr;
   };
-  using Key = std::tuple<int, int, int>;  // (R, l0, l1) / (R, 0, 0) / (head, 0, 0)
+  using Key = std::tuple<int, int, int>;  // (R, l0, l1) / (R, sampling, 0) / (head, sampling, 0)
 
   bf16* k_cache(int l) const { return kv_ + static_cast<size_t>(2 * l) * layer_kv_elems_; }
   bf16* v_cache(int l) const { return kv_ + static_cast<size_t>(2 * l + 1) * layer_kv_elems_; }
@@ -130,9 +134,10 @@ class Engine {
   // Layers [l0, l1) over hw_[0..R) at positions *pos + r (device int32); attention grid sized for max_ctx.
   void enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int max_ctx);
   void enqueue_layers(int R, int l0, int l1);  // captured: layer body at *d_pos_ + scatter back to the ring
-  void enqueue_final(int R);                   // captured: norm + lm head + read-back copy
-  void enqueue_head(int i);                    // captured: norm + T + lm head + read-back copy
+  void enqueue_final(int R, bool sample);      // captured: norm + lm head (+ sampling) + read-back copy
+  void enqueue_head(int i, bool sample);       // captured: norm + T + lm head (+ sampling) + read-back copy
   void enqueue_readback();
+  void set_sample_params(const SampleParams& p, int pos);  // into d_sample_, in stream order
   void gather(int first, int R, bf16* dst, int32_t* pos_out);
   template <typename F>
   cudaGraphExec_t capture(F&& body, const std::string& what);
@@ -169,10 +174,12 @@ class Engine {
   int32_t* d_tokens_ = nullptr; // [max_seq] prompt ids
   int32_t* d_out_ = nullptr;    // [2 * max_rows]: token ids, then max_prob bit patterns
   int32_t* h_out_ = nullptr;    // pinned mirror of d_out_
+  SampleParams* d_sample_ = nullptr;  // the sampling settings the captured final / head graphs read
+  SampleParams* h_sample_ = nullptr;  // pinned staging for d_sample_ (every call that writes it synchronizes)
 
   std::map<Key, Graph> layer_graphs_;
-  std::map<Key, Graph> final_graphs_;  // key (R, 0, 0)
-  std::map<Key, Graph> head_graphs_;   // key (i, 0, 0)
+  std::map<Key, Graph> final_graphs_;  // key (R, sampling, 0)
+  std::map<Key, Graph> head_graphs_;   // key (i, sampling, 0)
   std::vector<HeadPtrs> heads_;
 };
 
