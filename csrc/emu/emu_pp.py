@@ -4,7 +4,7 @@ original file through a #line directive):
 
   k<<<g, b, s, st>>>(args)          ->  k | ::emu::cfg(__FILE__, __LINE__, g, b, s, st)(args)
   extern __shared__ T name[];       ->  T* name = ::emu::dyn_smem<T>();
-  __shared__ T a[N], b[M];          ->  static T a[N], b[M]; ::emu::shared_init(a, sizeof a); ...  (poisoned per block)
+  __shared__ T a[N], b[M];          ->  static T a[N], b[M]; ::emu::shared_init(&a, sizeof a); ...  (poisoned per block)
   asm volatile("ptx" : outs : ins)  ->  ::emu::ptx_call("ptx", std::make_tuple(&out...), {::emu::ptx_in(in)...})
 
     python emu_pp.py SRC DST
@@ -93,7 +93,7 @@ def _static_shared(m: re.Match) -> str:
     for part in _split_top(decl, ","):
         head = part.split("[", 1)[0]
         names.append(re.findall(r"\w+", head)[-1])
-    inits = " ".join(f"::emu::shared_init({n}, sizeof {n});" for n in names)
+    inits = " ".join(f"::emu::shared_init(&{n}, sizeof {n});" for n in names)  # & : scalars too
     return f"static {decl}; {inits}"
 
 
