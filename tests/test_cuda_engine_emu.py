@@ -1,7 +1,8 @@
 """CudaEngine on the emulated device (device='emu': csrc/ compiled for the CPU by csrc/emu) against TorchEngine,
 the oracle, on tiny random models: no GPU needed, CI runs these.
 
-* greedy tokens of CudaEngine(emu) == TorchEngine (bf16, CPU), or the first divergence is a bf16 logit tie;
+* greedy tokens of CudaEngine(emu) == TorchEngine (bf16, CPU), or the first divergence is a bf16 logit tie
+  (adadecode.parity.fp32_tie_verdict: the fp32 model's and the engine's own logits on the decode path);
 * run_layers in any split of rows and layers == one call, bitwise, graphs on and off; truncate + re-run == never
   having run; graph replays == eager launches;
 * AdaDecode on CudaEngine(emu) == vanilla greedy on CudaEngine(emu), token for token;
@@ -11,7 +12,6 @@ than 16 rows go through the tensor-core (wmma) prefill, in several chunks.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -24,6 +24,7 @@ from adadecode.driver import generate_adadecode
 from adadecode.engines import emu_unavailable_reason, make_engine
 from adadecode.heads import Head
 from adadecode.loader import Model
+from adadecode.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict
 from adadecode.torch_engine import TorchEngine
 
 from conftest import random_weights, tiny_hf_config
@@ -63,19 +64,18 @@ def random_thread_order():
     adadecode_emu.set_schedule(old, 1)
 
 
-def bf16_ulp(x: float) -> float:
-    return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - 7)
-
-
-def logits_at(engine, context: list[int]) -> torch.Tensor:
-    engine.prefill(context)
-    return engine.final_logits(len(context) - 1, len(context) - 1)[0].float()
-
-
-def bf16_tie(logits: torch.Tensor, a: int, b: int, ulps: float = 2.0) -> bool:
-    """Tokens a and b are a tie within bf16 rounding in these logits: at most `ulps` bf16 steps apart."""
-    top = float(logits.max())
-    return abs(float(logits[a] - logits[b])) <= ulps * bf16_ulp(top) * 1.001
+def judge_divergence(emu, cfg, weights, prompt: list[int], got: list[int], want: list[int]) -> tuple[bool, str]:
+    """The first divergence of emu's tokens `got` from TorchEngine bf16's `want`, judged by fp32_tie_verdict on the
+    fp32 model's and emu's own logits along the decode path of want[:k]."""
+    k = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+    f32 = TorchEngine(cfg, weights, device="cpu", dtype=torch.float32, max_seq=len(prompt) + len(want))
+    lf = decode_path_logits(f32, prompt, want[:k])[-1].float()
+    le = decode_path_logits(emu, prompt, want[:k])[-1].float()
+    ok, r = fp32_tie_verdict(lf, le, want[k], got[k])
+    ulp = bf16_ulp(float(lf.max()))
+    return ok, (f"first divergence at token {k}: torch {want[k]} vs emu {got[k]}; fp32 gap {r['ref_gap'] / ulp:.2f} "
+                f"bf16 ulps (tolerance {r['ref_tol'] / ulp:.2f}), emu's own {r['got_gap'] / ulp:.2f} "
+                f"(tolerance {r['got_tol'] / ulp:.2f})")
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -92,15 +92,10 @@ def test_greedy_tokens_match_torch_engine(name):
         if got == want:
             lines.append(f"prompt of {n}: 24/24 tokens identical")
             continue
-        k = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
-        context = prompt + want[:k]
-        lr, le = logits_at(ref, context), logits_at(emu, context)
-        line = (f"prompt of {n}: first divergence at token {k}: torch {want[k]} vs emu {got[k]}; torch logits "
-                f"{float(lr[want[k]]):.4f} vs {float(lr[got[k]]):.4f}, emu {float(le[want[k]]):.4f} vs "
-                f"{float(le[got[k]]):.4f}")
-        lines.append(line)
-        if not (bf16_tie(lr, want[k], got[k]) and bf16_tie(le, want[k], got[k])):
-            untied.append(line)
+        ok, line = judge_divergence(emu, cfg, weights, prompt, got, want)
+        lines.append(f"prompt of {n}: {line}")
+        if not ok:
+            untied.append(lines[-1])
     print(f"\nCudaEngine(emu) vs TorchEngine (bf16, CPU), {name}:\n" + "\n".join(lines))
     assert not untied, "divergences that are not bf16 logit ties:\n" + "\n".join(untied)
 
@@ -223,22 +218,14 @@ def test_make_engine_and_runtime_errors():
 
 
 def test_default_model_greedy_tokens(default_model):
-    """SmolLM2-135M (30 layers, d 576, 9/3 heads, vocab 49152) through the emulated engine: a chat prompt, 4 tokens.
-
-    30 bf16 layers drift several ulps apart between any two summation orders (TorchEngine bf16 vs its own fp32 run
-    as much as vs this engine), so a divergence is judged against the fp32 model: a near tie there (<= 3 bf16
-    ulps) that this engine's own logits also call a tie (<= 2 ulps)."""
+    """SmolLM2-135M (30 layers, d 576, 9/3 heads, vocab 49152) through the emulated engine: a chat prompt, 4 tokens,
+    equal to TorchEngine bf16's or diverging at a tie (fp32_tie_verdict; its docstring has this very case)."""
     m = default_model
     prompt = m.tokenizer.encode_chat("Write a haiku about the sea.")
     emu = CudaEngine(m.cfg, m.weights, max_seq=len(prompt) + 4, device="emu")
     ref = TorchEngine(m.cfg, m.weights, device="cpu", dtype=torch.bfloat16, max_seq=len(prompt) + 4)
     got, want = generate_vanilla(emu, prompt, 4).tokens, generate_vanilla(ref, prompt, 4).tokens
     if got != want:
-        k = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
-        context = prompt + want[:k]
-        f32 = TorchEngine(m.cfg, m.weights, device="cpu", dtype=torch.float32, max_seq=len(prompt) + 4)
-        lf, le = logits_at(f32, context), logits_at(emu, context)
-        gap = abs(float(lf[want[k]] - lf[got[k]])) / bf16_ulp(float(lf.max()))
-        print(f"\ndefault model: token {k}: torch {want[k]} vs emu {got[k]}, fp32 gap {gap:.2f} bf16 ulps")
-        assert bf16_tie(lf, want[k], got[k], ulps=3) and bf16_tie(le, want[k], got[k]), \
-            f"token {k}: torch {want[k]} vs emu {got[k]} is not a near tie (fp32 gap {gap:.2f} bf16 ulps)"
+        ok, line = judge_divergence(emu, m.cfg, m.weights, prompt, got, want)
+        print(f"\ndefault model: {line}")
+        assert ok, line
