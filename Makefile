@@ -1,4 +1,5 @@
-# make test   create .venv, install everything, build adadecode_cuda, run the test suite (what CI runs)
+# make test   create .venv, install everything, build adadecode_cuda (where nvcc is) and adadecode_emu (the
+#             emulated device, g++ only), run the test suite (what CI runs)
 # make bench  the same set-up, then bench/latency.py on the default model
 PY ?= python3
 VENV := .venv
@@ -40,4 +41,4 @@ cmake-check:
 	cmake --build cmake-build -j $(MAX_JOBS)
 
 clean:
-	rm -rf build cmake-build *.egg-info adadecode_cuda*.so $(BIN)/.built
+	rm -rf build cmake-build *.egg-info adadecode_cuda*.so adadecode_emu*.so $(BIN)/.built

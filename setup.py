@@ -1,6 +1,7 @@
 """Builds the package `adadecode` and, where a CUDA build of torch and nvcc are present, the extension
 `adadecode_cuda` from csrc/ (kernels in csrc/kernels/*.cu, the engine runtime in csrc/runtime/*.cu, bindings
-in csrc/bindings/*.cpp).
+in csrc/bindings/*.cpp). On every machine with torch and g++ it also builds `adadecode_emu`: the same sources
+on the emulated device of csrc/emu (the CUDA execution model on the CPU; no GPU, no nvcc).
 
 Without nvcc or a CUDA build of torch the package installs as pure Python; asking for the CUDA engine
 then raises an error that says what is missing. ADADECODE_REQUIRE_CUDA=1 makes a failed build fatal.
@@ -44,6 +45,8 @@ def extension_sources() -> list[str]:
 
 
 def cuda_extensions():
+    if os.environ.get("ADADECODE_BUILD_CUDA") == "0":  # e.g. the emulated-device mutation test's builds
+        return [], {}
     home = cuda_home()
     require = os.environ.get("ADADECODE_REQUIRE_CUDA") == "1"
     try:
@@ -77,7 +80,63 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def emu_extension():
+    """adadecode_emu: the files of extension_sources(), the .cu ones rewritten by csrc/emu/emu_pp.py into
+    build/emu_src (line numbers kept), compiled by g++ with csrc/emu first on the include path."""
+    if os.environ.get("ADADECODE_BUILD_EMU", "1") == "0":
+        return []
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        print("warning: building adadecode without adadecode_emu: torch is not installed", file=sys.stderr)
+        return []
+    sys.path.insert(0, str(ROOT / "csrc" / "emu"))
+    from emu_pp import preprocess
+
+    out = ROOT / "build" / "emu_src"
+    headers = [p for d in ("kernels", "runtime") for p in (ROOT / "csrc" / d).iterdir() if p.suffix in (".cuh", ".h")]
+    sources = []
+    for rel in extension_sources() + [str(p.relative_to(ROOT)) for p in headers]:
+        src = ROOT / rel
+        if src.suffix != ".cu" and src.suffix not in (".cuh", ".h"):
+            sources.append(rel)  # bindings: plain C++ already
+            continue
+        dst = out / src.relative_to(ROOT / "csrc")
+        dst = dst.with_name(dst.name + ".cpp") if src.suffix == ".cu" else dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        preprocess(str(src), str(tmp), shown_as=rel)
+        if dst.exists() and dst.read_bytes() == tmp.read_bytes():
+            tmp.unlink()  # unchanged: keep the mtime, ninja keeps the object
+        else:
+            tmp.replace(dst)
+        if src.suffix == ".cu":
+            sources.append(str(dst.relative_to(ROOT)))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "emu").glob("*.cpp"))
+    flags = ["-O2", "-std=c++20", "-DADADECODE_EMU", "-ffp-contract=off", "-fno-strict-aliasing",
+             "-Wno-unknown-pragmas", "-Wno-sign-compare"]
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " fma " in cpu and " avx2 " in cpu:
+        flags += ["-mfma", "-mavx2"]  # std::fmaf inline (the kernels' __fmaf_rn); built where it runs
+    import torch
+
+    return [CppExtension(
+        name="adadecode_emu",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc" / "emu"), str(ROOT / "csrc")],
+        extra_compile_args=flags,
+        # torch's libcudart may be loaded in the same process: the emulated API binds inside the module only
+        extra_link_args=["-Wl,-Bsymbolic", f"-Wl,-rpath,{Path(torch.__file__).parent / 'lib'}"],
+    )]
+
+
 ext_modules, cmdclass = cuda_extensions()
+emu_modules = emu_extension()
+if emu_modules and not cmdclass:
+    from torch.utils.cpp_extension import BuildExtension
+
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+ext_modules += emu_modules
 
 setup(
     name="adadecode",

@@ -126,7 +126,8 @@ class LLM:
     model: "default" (SmolLM2-135M-Instruct), an HF Llama checkpoint directory, a .gguf file, or a loaded
         `loader.Model`.
     heads: None, a head file, or "default" / "default:code" / "default:general" (the default model's heads).
-    engine: "auto" (CUDA where it can run, else torch), "cuda" or "torch"; device and dtype: the torch engine's.
+    engine: "auto" (CUDA where it can run, else torch), "cuda", "emu" (the CUDA engine on the emulated device: the
+        product's kernels on the CPU, slow) or "torch"; device and dtype: the torch engine's.
     max_seq: the KV cache length. None: min(the model's context, 4096), grown (up to the model's context) when a
         request needs more; a number: fixed, and longer requests are refused.
     max_rows: rows in flight (AdaDecode's max_pending + 1, LayerSkip's k + 1). None: 16, grown as needed.

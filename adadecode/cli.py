@@ -44,7 +44,8 @@ def _generate(args) -> int:
 
 def _model_arguments(g, serve: bool) -> None:
     g.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or an HF directory")
-    g.add_argument("--engine", default="auto", choices=["auto", "cuda", "torch"])
+    g.add_argument("--engine", default="auto", choices=["auto", "cuda", "emu", "torch"],
+                   help="auto: cuda where it can run, else torch; emu: the CUDA engine on the emulated device (slow)")
     g.add_argument("--device", default=None, help="torch engine: cpu or cuda (default: cuda where available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="torch engine precision")
     g.add_argument("--max-seq", type=int, default=None,

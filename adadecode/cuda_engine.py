@@ -11,12 +11,16 @@ compute runs in `adadecode_cuda.Engine` (csrc/runtime/engine.cu):
 * `final` and `head` read back only their (token, confidence) pairs;
 * `prefill` runs the tensor-core GEMMs in chunks of `prefill_chunk` rows.
 
+`device="emu"` runs the same C++ runtime and kernels on the emulated device (`adadecode_emu`, csrc/emu: the CUDA
+execution model on the CPU, for CI): its memory is guarded host memory, so its tensors are CPU tensors.
+
 Batch invariance (DESIGN.md §4): every kernel of `run_layers` computes a row's bits independently of the other
 rows of the call (skinny GEMM for <= 16 rows, split-sequence attention with fixed chunks), so `max_rows` is at
 most 16.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -29,8 +33,11 @@ from .weights import LlamaWeights
 MAX_ROWS = 16  # the batch-invariant skinny GEMM takes at most 16 rows
 
 
-def _dev(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """`t` on `device` in `dtype`, contiguous and 16-byte aligned (what the kernels read with 16-byte loads)."""
+def _dev(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16, ext=None) -> torch.Tensor:
+    """`t` on `device` in `dtype`, contiguous and 16-byte aligned (what the kernels read with 16-byte loads).
+    With `ext` = adadecode_emu: a copy in the emulated device's (guarded) memory."""
+    if ext is not None:
+        return ext.empty(list(t.shape), dtype).copy_(t.detach())
     t = t.detach().to(device=device, dtype=dtype).contiguous()
     if t.data_ptr() % 16:
         t = t.clone()
@@ -73,39 +80,52 @@ class CudaEngine(EngineContract):
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, max_seq: int | None = None, max_rows: int = 16,
                  prefill_chunk: int = 256, device: str | torch.device | None = None):
-        from .engines import cuda_unavailable_reason
+        from .engines import cuda_unavailable_reason, emu_unavailable_reason
 
-        why = cuda_unavailable_reason()
-        if why:
-            raise RuntimeError(f"the CUDA engine cannot run: {why}")
-        import adadecode_cuda
+        if str(device) == "emu":  # the emulated device: adadecode_emu, CPU tensors
+            why = emu_unavailable_reason()
+            if why:
+                raise RuntimeError(f"the emulated CUDA engine cannot run: {why}")
+            import adadecode_emu as ext
 
-        self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
-        if self.device.type != "cuda":
-            raise ValueError(f"the CUDA engine runs on a CUDA device, got {self.device}")
-        if self.device.index is None:
-            self.device = torch.device(f"cuda:{torch.cuda.current_device()}")
+            self.name, self.device, self._ext = "emu", torch.device("cpu"), ext
+            on_device = contextlib.nullcontext()
+        else:
+            why = cuda_unavailable_reason()
+            if why:
+                raise RuntimeError(f"the CUDA engine cannot run: {why}")
+            import adadecode_cuda as ext
+
+            self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
+            if self.device.type != "cuda":
+                raise ValueError(f"the CUDA engine runs on a CUDA device (or device='emu'), got {self.device}")
+            if self.device.index is None:
+                self.device = torch.device(f"cuda:{torch.cuda.current_device()}")
+            self._ext = None
+            on_device = torch.cuda.device(self.device)
         check_supported(cfg, max_rows)
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         self._init_contract(cfg, max_seq, max_rows)
 
-        dev = self.device
-        with torch.cuda.device(dev):
-            embed = _dev(weights.embed, dev)
-            lm_head = embed if weights.lm_head is weights.embed else _dev(weights.lm_head, dev)
-            norm = _dev(weights.norm, dev)
+        put = self._put
+        with on_device:
+            embed = put(weights.embed)
+            lm_head = embed if weights.lm_head is weights.embed else put(weights.lm_head)
+            norm = put(weights.norm)
             layers = []
             for lw in weights.layers:  # one layer at a time: the peak is one extra fused qkv
-                wqkv = _dev(torch.cat([_dev(lw.wq, dev), _dev(lw.wk, dev), _dev(lw.wv, dev)], dim=0), dev)
-                layers.append([_dev(lw.attn_norm, dev), wqkv, _dev(lw.wo, dev), _dev(lw.mlp_norm, dev),
-                               _dev(lw.w_gate, dev), _dev(lw.w_up, dev), _dev(lw.w_down, dev)])
+                wqkv = put(torch.cat([put(lw.wq), put(lw.wk), put(lw.wv)], dim=0))
+                layers.append([put(lw.attn_norm), wqkv, put(lw.wo), put(lw.mlp_norm),
+                               put(lw.w_gate), put(lw.w_up), put(lw.w_down)])
             cos, sin = rope_tables(cfg, self.max_seq)
-            cos, sin = _dev(cos, dev, torch.float32), _dev(sin, dev, torch.float32)
-            self._embed, self._lm_head, self._norm = embed, lm_head, norm
-            torch.cuda.synchronize(dev)
-            torch.cuda.empty_cache()  # the runtime allocates with cudaMalloc, outside torch's cache
-            self._eng = adadecode_cuda.Engine(
+            cos, sin = put(cos, torch.float32), put(sin, torch.float32)
+            # the LM head for final_logits (the runtime holds raw pointers into all of these: kept alive by it)
+            self._lm_head = lm_head
+            if self._ext is None:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()  # the runtime allocates with cudaMalloc, outside torch's cache
+            self._eng = ext.Engine(
                 n_layers=cfg.n_layers, d=cfg.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                 head_dim=cfg.head_dim, ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps),
                 embed=embed, norm=norm, lm_head=lm_head, layers=layers, cos=cos, sin=sin, max_seq=self.max_seq,
@@ -117,8 +137,12 @@ class CudaEngine(EngineContract):
         """The host-side contract over any object with adadecode_cuda.Engine's methods (tests without a GPU)."""
         e = cls.__new__(cls)
         e._init_contract(cfg, max_seq, max_rows)
-        e.device, e._eng, e._lm_head = torch.device(device), backend, None
+        e.device, e._eng, e._lm_head, e._ext = torch.device(device), backend, None, None
         return e
+
+    def _put(self, t: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """`t` in the engine's device memory (16-byte aligned, contiguous)."""
+        return _dev(t, self.device, dtype, self._ext)
 
     # ---- sizes and switches -------------------------------------------------------------------------------------
     @property
@@ -192,15 +216,15 @@ class CudaEngine(EngineContract):
                     raise ValueError(f"head {i}: vocabulary subset must hold 1..{vocab} ids in 0..{vocab - 1}")
                 if v.numel() > 1 and not bool((v[1:] > v[:-1]).all()):
                     raise ValueError(f"head {i}: vocabulary subset must be sorted ascending without repeats")
-                ids = _dev(v, dev, torch.int32)
+                ids = self._put(v, torch.int32)
             w_rest = None
             if h.w_rest is not None:
                 if h.vocab is None:
                     raise ValueError(f"head {i}: w_rest is given without a vocabulary subset")
                 if tuple(h.w_rest.shape) != (d,):
                     raise ValueError(f"head {i}: w_rest has shape {tuple(h.w_rest.shape)}, expected ({d},)")
-                w_rest = _dev(h.w_rest, dev)
-            T = _dev(h.T, dev)
+                w_rest = self._put(h.w_rest)
+            T = self._put(h.T)
             on_device.append(h.to(dev, torch.bfloat16))
             specs.append((int(h.layer), T, ids, w_rest))
         self._eng.set_heads(specs)

@@ -1,4 +1,5 @@
-"""Choosing an engine: `torch` (the reference, CPU or GPU) or `cuda` (adadecode_cuda, the product)."""
+"""Choosing an engine: `torch` (the reference, CPU or GPU), `cuda` (adadecode_cuda, the product) or `emu` (the
+same CUDA engine on the emulated device of adadecode_emu: the CPU, for tests without a GPU)."""
 from __future__ import annotations
 
 import torch
@@ -23,6 +24,18 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def emu_unavailable_reason() -> str | None:
+    """Why the CUDA engine cannot run on the emulated device here, or None when it can."""
+    try:
+        import adadecode_emu
+    except ImportError as e:
+        return (f"the extension adadecode_emu is not built or does not load ({e}); `pip install --no-build-isolation "
+                f"-e .` builds it with g++ wherever torch is installed (see README)")
+    if not hasattr(adadecode_emu, "Engine"):
+        return "this build of adadecode_emu has no Engine (rebuild: pip install --no-build-isolation -e .)"
+    return None
+
+
 def make_engine(model: Model, engine: str = "auto", *, device: str | None = None, dtype: str | None = None,
                 max_seq: int | None = None, max_rows: int = 16):
     if engine == "auto":
@@ -34,8 +47,12 @@ def make_engine(model: Model, engine: str = "auto", *, device: str | None = None
         from .cuda_engine import CudaEngine
 
         return CudaEngine(model.cfg, model.weights, max_seq=max_seq, max_rows=max_rows)
+    if engine == "emu":
+        from .cuda_engine import CudaEngine
+
+        return CudaEngine(model.cfg, model.weights, max_seq=max_seq, max_rows=max_rows, device="emu")
     if engine != "torch":
-        raise ValueError(f"engine must be 'auto', 'cuda' or 'torch', got {engine!r}")
+        raise ValueError(f"engine must be 'auto', 'cuda', 'emu' or 'torch', got {engine!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
     if dtype not in DTYPES:

@@ -1,6 +1,6 @@
 """CPU-runnable checks of the extension's surface: it imports without a GPU and exposes every op with the
 documented signature (argument names, order and defaults). The kernels themselves are tested in
-test_kernels_gpu.py."""
+test_kernels.py."""
 from __future__ import annotations
 
 import re
@@ -8,8 +8,17 @@ import re
 import pytest
 
 torch = pytest.importorskip("torch")  # loads libc10/libtorch, which the extension links against
-adadecode_cuda = pytest.importorskip(
-    "adadecode_cuda", reason="adadecode_cuda is not built here (pip install -e . with nvcc and a CUDA build of torch)")
+
+
+def ext(name: str):
+    """adadecode_cuda (skipped where it is not built), or adadecode_emu (the emulated device: built everywhere)."""
+    if name == "adadecode_emu":
+        return pytest.importorskip(name, reason="adadecode_emu is not built (ADADECODE_BUILD_EMU=0)")
+    return pytest.importorskip(
+        name, reason="adadecode_cuda is not built here (pip install -e . with nvcc and a CUDA build of torch)")
+
+
+MODULES = ["adadecode_cuda", "adadecode_emu"]
 
 # op -> the argument list as pybind11 renders it (names in order; "=None"/"=False" marks a default).
 SIGNATURES = {
@@ -41,14 +50,17 @@ def _args(op) -> list[str]:
     return out
 
 
+@pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
-def test_op_signature(name):
-    op = getattr(adadecode_cuda, name, None)
-    assert op is not None, f"adadecode_cuda has no op {name}"
+def test_op_signature(module, name):
+    op = getattr(ext(module), name, None)
+    assert op is not None, f"{module} has no op {name}"
     assert _args(op) == SIGNATURES[name], f"{name}: {op.__doc__.splitlines()[0]}"
 
 
-def test_workspace_sizes():
+@pytest.mark.parametrize("module", MODULES)
+def test_workspace_sizes(module):
+    adadecode_cuda = ext(module)
     # attention: R * H * ceil(max_ctx / 128) * (hd + 2) floats; lm head: ceil(n / 64) * R * 4 floats.
     assert adadecode_cuda.attention_workspace_floats(1, 32, 128, 4096) == 32 * 32 * 130
     assert adadecode_cuda.attention_workspace_floats(3, 9, 64, 129) == 3 * 9 * 2 * 66
@@ -58,7 +70,14 @@ def test_workspace_sizes():
     assert adadecode_cuda.lm_head_sample_workspace_floats(16, 128256) == 2004 * 16 * 4 + 3 * 16 * 128256
 
 
+def test_engines_have_the_same_methods():
+    cuda, emu = ext("adadecode_cuda").Engine, ext("adadecode_emu").Engine
+    public = lambda cls: sorted(n for n in dir(cls) if not n.startswith("_"))  # noqa: E731
+    assert public(emu) == public(cuda)
+
+
 def test_cpu_tensors_are_rejected_with_a_clear_error():
+    adadecode_cuda = ext("adadecode_cuda")
     x = torch.zeros(2, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
         adadecode_cuda.skinny_gemm(x, torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.bfloat16))

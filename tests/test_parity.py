@@ -1,11 +1,13 @@
-"""The tie criterion of the GPU parity test (adadecode.parity), on the CPU: a rounding tie passes, a wrong engine
-(a logit moved by more than rounding) fails, and the logits are judged on the decode path vanilla took."""
+"""The tie criteria of the parity tests (adadecode.parity), on the CPU: a rounding tie passes, a wrong engine
+(a logit moved by more than rounding) fails, and the logits are judged on the decode path vanilla took;
+fp32_tie_verdict (CudaEngine on a GPU or the emulated device vs TorchEngine bf16) likewise on an fp32 model."""
 import pytest
 import torch
 
 from adadecode.config import LlamaConfig
 from adadecode.decode import generate_vanilla
-from adadecode.parity import bf16_tols, bf16_ulp, decode_path_logits, tie_verdict
+from adadecode.parity import (ENGINE_TIE_ULPS, FP32_TIE_ULPS, bf16_tols, bf16_ulp, decode_path_logits,
+                              fp32_tie_verdict, tie_verdict)
 from adadecode.torch_engine import TorchEngine
 
 from conftest import random_weights, tiny_hf_config
@@ -64,3 +66,40 @@ def test_a_perturbed_logit_fails(bf16_rows):
         worst = int(row.argmin())  # an engine that picks the worst token, whatever its own logits say
         assert not tie_verdict(row, row, int(row.argmax()), worst, *tols)[0]
 
+
+
+@pytest.fixture(scope="module")
+def fp32_and_bf16_rows():
+    """A tiny model's fp32 and bf16 logits along the bf16 engine's decode path, and that engine's tokens."""
+    cfg = LlamaConfig.from_hf(tiny_hf_config())
+    w = random_weights(cfg, seed=4)
+    bf = TorchEngine(cfg, w, dtype=torch.bfloat16, max_seq=48)
+    f32 = TorchEngine(cfg, w, dtype=torch.float32, max_seq=48)
+    prompt = [5, 8, 13, 21]
+    tokens = generate_vanilla(bf, prompt, 16).tokens
+    return decode_path_logits(f32, prompt, tokens[:-1]), decode_path_logits(bf, prompt, tokens[:-1]), tokens
+
+
+def test_fp32_criterion_passes_rounding_and_a_real_bf16_engine(fp32_and_bf16_rows):
+    f32_rows, bf_rows, tokens = fp32_and_bf16_rows
+    for f32, bf, t in zip(f32_rows, bf_rows, tokens):
+        # a real bf16 engine against the fp32 model: its every choice is the fp32 choice or a tie there
+        assert fp32_tie_verdict(f32, bf, int(f32.argmax()), t)[0]
+        for ulps_f32, ulps_got in [(0, 0), (FP32_TIE_ULPS, 0), (0, ENGINE_TIE_ULPS), (FP32_TIE_ULPS, ENGINE_TIE_ULPS)]:
+            ref, got, a, b = near_tie(f32, ulps_f32, ulps_got)
+            ok, report = fp32_tie_verdict(ref, got, a, b)
+            assert ok, report
+
+
+def test_fp32_criterion_fails_a_perturbed_logit(fp32_and_bf16_rows):
+    f32_rows, bf_rows, tokens = fp32_and_bf16_rows
+    for f32, bf, t in zip(f32_rows, bf_rows, tokens):
+        ref, got, a, b = near_tie(f32, 1, ENGINE_TIE_ULPS + 1)  # the engine raised b past a by more than rounding
+        assert not fp32_tie_verdict(ref, got, a, b)[0]
+        ref, got, a, b = near_tie(f32, FP32_TIE_ULPS + 1, 0)  # the fp32 model prefers a by more than bf16 error
+        assert not fp32_tie_verdict(ref, got, a, b)[0]
+        wrong = bf.clone()  # the bf16 engine with one logit pushed 8 steps up: it now picks that token
+        b = int(f32.argsort(descending=True)[2])
+        wrong[b] = bf.max() + 8 * bf16_ulp(float(bf.max()))
+        ok, report = fp32_tie_verdict(f32, wrong, int(f32.argmax()), int(wrong.argmax()))
+        assert int(wrong.argmax()) == b and not ok, report

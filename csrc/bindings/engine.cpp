@@ -20,19 +20,12 @@ using adadecode::rt::bf16;
 
 void check_weight(const at::Tensor& t, const std::string& name, at::IntArrayRef shape, at::ScalarType dt,
                   const at::Device& dev) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(ada_on_device(t), name, " must be a " ADA_DEVICE_TENSOR ", got ", t.device());
   TORCH_CHECK(t.device() == dev, name, " is on ", t.device(), ", the other weights on ", dev);
   TORCH_CHECK(t.scalar_type() == dt, name, " must be ", c10::toString(dt), ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK((reinterpret_cast<uintptr_t>(t.data_ptr()) & 15u) == 0, name, " must be 16-byte aligned");
-}
-
-// A fresh torch tensor's memory may still be in use by work queued on torch's current stream (the caching
-// allocator recycles a freed block at once, in that stream's order): finish that work before the engine's own
-// stream writes into the tensor.
-void wait_for_torch_stream(const at::Device& dev) {
-  ADA_CHECK_LAUNCH(cudaStreamSynchronize(at::cuda::getCurrentCUDAStream(dev.index()).stream()));
 }
 
 // (seed, inv_temperature, top_k, top_p), as adadecode.cuda_engine passes an adadecode.sampling.Sampling.
@@ -67,7 +60,7 @@ class PyEngine {
     m.ffn = static_cast<int>(ffn);
     m.vocab = static_cast<int>(vocab);
     m.eps = static_cast<float>(eps);
-    TORCH_CHECK(embed.is_cuda(), "embed must be a CUDA tensor, got ", embed.device());
+    TORCH_CHECK(ada_on_device(embed), "embed must be a " ADA_DEVICE_TENSOR ", got ", embed.device());
     const at::Device dev = embed.device();
     const auto bf = at::kBFloat16;
     const int64_t qkv_n = (n_heads + 2 * n_kv_heads) * head_dim, qn = n_heads * head_dim;
@@ -113,7 +106,7 @@ class PyEngine {
     ADA_CHECK_LAUNCH(cudaDeviceSynchronize());
     eng_ = std::make_unique<adadecode::rt::Engine>(m, std::move(w), static_cast<int>(max_seq),
                                                    static_cast<int>(max_rows), static_cast<int>(prefill_chunk),
-                                                   static_cast<int>(dev.index()));
+                                                   static_cast<int>(dev.index() < 0 ? 0 : dev.index()));
   }
 
   void prefill(const std::vector<int64_t>& tokens) {
@@ -151,14 +144,14 @@ class PyEngine {
     const int64_t R = last - first + 1;
     TORCH_CHECK(R >= 1, "final_normed: empty row range ", first, "..", last);
     at::Tensor out = at::empty({R, eng_->dims().d}, at::TensorOptions().device(dev_).dtype(at::kBFloat16));
-    wait_for_torch_stream(dev_);
+    ada_wait_for_torch(dev_);
     eng_->final_normed(static_cast<int>(first), static_cast<int>(last), ada_ptr<bf16>(out));
     return out;
   }
 
   at::Tensor hidden(int64_t pos) {
     at::Tensor out = at::empty({eng_->dims().d}, at::TensorOptions().device(dev_).dtype(at::kBFloat16));
-    wait_for_torch_stream(dev_);
+    ada_wait_for_torch(dev_);
     eng_->copy_row(static_cast<int>(pos), ada_ptr<bf16>(out));
     return out;
   }
@@ -167,7 +160,7 @@ class PyEngine {
     const auto& m = eng_->dims();
     auto opt = at::TensorOptions().device(dev_).dtype(at::kBFloat16);
     at::Tensor k = at::empty({length, m.n_kv_heads, m.head_dim}, opt), v = at::empty_like(k);
-    wait_for_torch_stream(dev_);
+    ada_wait_for_torch(dev_);
     eng_->copy_kv(static_cast<int>(layer), static_cast<int>(length), ada_ptr<bf16>(k), ada_ptr<bf16>(v));
     return {k, v};
   }
@@ -229,7 +222,7 @@ class PyEngine {
 
  private:
   std::vector<at::Tensor> keep_, head_keep_;
-  at::Device dev_{at::kCUDA};
+  at::Device dev_{kAdaDeviceType};
   std::unique_ptr<adadecode::rt::Engine> eng_;
 };
 

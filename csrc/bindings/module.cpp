@@ -264,9 +264,15 @@ void lm_head_sample(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max
 
 // csrc/bindings/engine.cpp: adadecode_cuda.Engine.
 void register_engine(pybind11::module_& m);
+#ifdef ADADECODE_EMU
+void register_emu(pybind11::module_& m);  // csrc/emu/bindings_emu.cpp: device tensors, thread order, counters
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_engine(m);
+#ifdef ADADECODE_EMU
+  register_emu(m);
+#endif
   m.doc() = "adadecode CUDA kernels (torch bindings over csrc/kernels; every op writes into caller tensors)";
   m.def("add_rmsnorm", &add_rmsnorm, "residual += delta; out = RMSNorm(residual) * weight (bf16, in place)",
         py::arg("residual"), py::arg("delta"), py::arg("weight"), py::arg("out"), py::arg("eps"));

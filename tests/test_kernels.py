@@ -1,23 +1,26 @@
-"""The CUDA kernels of adadecode_cuda against fp32/fp64 torch references (issue 3).
+"""The CUDA kernels against fp32/fp64 torch references (issue 3), on a GPU (adadecode_cuda, marked `gpu`) and on
+the emulated device (adadecode_emu: the same csrc/ sources on the CPU, csrc/emu; CI runs these).
 
 Every test: fresh random inputs (never zeros), outputs poisoned with NaN (or a sentinel for ints) before each
 launch, an explicit finiteness check (a NaN never passes a tolerance test), shapes of SmolLM2-135M, Llama-3.1-8B
 and odd ones, and, where rows are batched, bitwise batch invariance: row i computed alone is bit-for-bit the
 row computed at every index of launches of R = 1..16 rows (DESIGN.md §4).
+
+Emulated, the 8B shapes and the largest prefill GEMMs are left to the GPU (minutes per test on a CPU), the
+invariance sweep takes the indices 0, R/2 and R-1 of R in 1, 2, 3, 5, 8, 13, 16 (every row bucket of the
+kernels), and the LM head of the SmolLM2 shape reads 4096 vocabulary rows (its full 49152 in the ties test).
+Device tensors of the emulated device live between guard pages: a kernel that reads or writes past one fails.
 """
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import types
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
-
-adadecode_cuda = pytest.importorskip("adadecode_cuda", reason="adadecode_cuda is not built")
-
-DEV = "cuda"
 BF = torch.bfloat16
 
 # name: (d, n_heads, n_kv_heads, head_dim, ffn, vocab)
@@ -26,6 +29,66 @@ L8B = dict(d=4096, H=32, Hkv=8, hd=128, ffn=14336, vocab=128256)
 ODD = dict(d=200, H=5, Hkv=1, hd=64, ffn=328, vocab=1003)
 ODD128 = dict(d=392, H=6, Hkv=2, hd=128, ffn=1000, vocab=777)
 SHAPES = {"smol": SMOL, "8b": L8B, "odd": ODD, "odd128": ODD128}
+EMU_MAX_VOCAB = 4096
+
+
+class Device:
+    """Where the kernels run: `cuda` (adadecode_cuda, CUDA tensors) or `emu` (adadecode_emu, CPU tensors in the
+    emulated device's guarded memory)."""
+
+    def __init__(self, name: str):
+        self.name, self.emu = name, name == "emu"
+        module = "adadecode_emu" if self.emu else "adadecode_cuda"
+        try:
+            self.ops = importlib.import_module(module)
+        except ImportError as e:
+            if self.emu and os.environ.get("ADADECODE_BUILD_EMU") != "0":
+                pytest.fail(f"adadecode_emu does not load ({e}): `pip install --no-build-isolation -e .` builds it")
+            pytest.skip(f"{module} is not built ({e})")
+        self.torch = "cpu" if self.emu else "cuda"
+        if self.emu:  # threads of a block in a seeded random order between synchronisation points
+            self.ops.set_schedule(os.environ.get("ADADECODE_EMU_ORDER", "random"), 7)
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        """t in device memory (on the emulated device: a fresh guarded allocation holding a copy)."""
+        return self.ops.empty(list(t.shape), t.dtype).copy_(t) if self.emu else t
+
+    def invariance_rows(self) -> list[tuple[int, int]]:
+        """(R, i) pairs: every index of every R = 1..16 (emulated: indices 0, R/2, R-1 of some R)."""
+        if not self.emu:
+            return [(R, i) for R in range(1, 17) for i in range(R)]
+        return sorted({(R, i) for R in (1, 2, 3, 5, 8, 13, 16) for i in (0, R // 2, R - 1)})
+
+    def vocab(self, s: dict) -> int:
+        return min(s["vocab"], EMU_MAX_VOCAB) if self.emu else s["vocab"]
+
+
+_devices: dict[str, Device] = {}
+
+
+@pytest.fixture
+def dev(request) -> Device:
+    if request.param not in _devices:
+        _devices[request.param] = Device(request.param)
+    return _devices[request.param]
+
+
+def on_devices(cases, emu=lambda *case: True):
+    """Parametrize `dev` (indirect) and the case values: every case on the GPU, those `emu` accepts emulated."""
+    out = []
+    for c in cases:
+        c = c if isinstance(c, tuple) else (c,)
+        out.append(pytest.param("cuda", *c, marks=pytest.mark.gpu))
+        if emu(*c):
+            out.append(pytest.param("emu", *c))
+    return out
+
+
+def not_8b(shape, *rest):
+    return shape != "8b"
+
+
+BOTH = on_devices([()])  # tests without further parameters
 
 
 @pytest.fixture(autouse=True)
@@ -36,18 +99,18 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator(device=DEV).manual_seed(seed)
+def gen(dev, seed: int) -> torch.Generator:
+    return torch.Generator(device=dev.torch).manual_seed(seed)
 
 
-def randn(*shape, g, scale=1.0, dtype=BF):
-    t = torch.randn(*shape, generator=g, device=DEV, dtype=torch.float32) * scale
+def randn(dev, *shape, g, scale=1.0, dtype=BF):
+    t = torch.randn(*shape, generator=g, device=dev.torch, dtype=torch.float32) * scale
     t[t == 0] = 1e-3  # never zeros
-    return t.to(dtype)
+    return dev.put(t.to(dtype))
 
 
-def nan_like(shape, dtype=BF):
-    return torch.full(shape, float("nan"), device=DEV, dtype=dtype)
+def nan_like(dev, shape, dtype=BF):
+    return dev.put(torch.full(shape, float("nan"), device=dev.torch, dtype=dtype))
 
 
 def assert_close_bf16(out: torch.Tensor, ref: torch.Tensor, what: str, rtol=1.6e-2, atol_frac=1e-2):
@@ -70,32 +133,27 @@ def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str):
     assert torch.equal(ai, bi), f"{what}: not bitwise equal (batch invariance broken)"
 
 
-def invariance_rows(max_r=16):
-    """(R, i) pairs: every index of every R = 1..max_r."""
-    return [(R, i) for R in range(1, max_r + 1) for i in range(R)]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # embedding
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", ["smol", "8b", "odd"])
-def test_embedding(shape):
+@pytest.mark.parametrize("dev,shape", on_devices(["smol", "8b", "odd"], not_8b), indirect=["dev"])
+def test_embedding(dev, shape):
     s = SHAPES[shape]
-    g = gen(1)
-    table = randn(s["vocab"], s["d"], g=g)
-    tokens = torch.randint(0, s["vocab"], (16,), device=DEV, dtype=torch.int32, generator=g)
+    g = gen(dev, 1)
+    table = randn(dev, s["vocab"], s["d"], g=g)
+    tokens = dev.put(torch.randint(0, s["vocab"], (16,), device=dev.torch, dtype=torch.int32, generator=g))
     tokens[3] = s["vocab"] - 1
     tokens[4] = 0
-    out = nan_like((16, s["d"]))
-    adadecode_cuda.embedding(tokens, table, out)
+    out = nan_like(dev, (16, s["d"]))
+    dev.ops.embedding(tokens, table, out)
     assert_bitwise(out, table[tokens.long()], "embedding")
-    bad = tokens.clone()
+    bad = dev.put(tokens.clone())
     bad[5] = s["vocab"]
-    out = nan_like((16, s["d"]))
+    out = nan_like(dev, (16, s["d"]))
     out.zero_()
-    adadecode_cuda.embedding(bad, table, out)
+    dev.ops.embedding(bad, table, out)
     assert torch.isnan(out[5]).all(), "an out-of-range id must give a NaN row"
-    keep = torch.arange(16, device=DEV) != 5
+    keep = torch.arange(16, device=dev.torch) != 5
     assert_bitwise(out[keep], table[bad[keep].long()], "embedding (other rows)")
 
 
@@ -109,29 +167,29 @@ def rmsnorm_ref(residual, delta, weight, eps):
     return h, weight.double() * n.double()
 
 
-@pytest.mark.parametrize("shape", ["smol", "8b", "odd"])
-@pytest.mark.parametrize("with_delta", [True, False])
-def test_add_rmsnorm(shape, with_delta):
+@pytest.mark.parametrize("dev,shape,with_delta", on_devices([(s, w) for s in ("smol", "8b", "odd") for w in (True, False)],
+                                                            not_8b), indirect=["dev"])
+def test_add_rmsnorm(dev, shape, with_delta):
     d = SHAPES[shape]["d"]
-    g = gen(2)
+    g = gen(dev, 2)
     eps = 1e-5
-    res0 = randn(16, d, g=g)
-    delta = randn(16, d, g=g) if with_delta else None
-    w = (1 + 0.1 * randn(d, g=g, dtype=torch.float32)).to(BF)
-    res = res0.clone()
-    out = nan_like((16, d))
-    adadecode_cuda.add_rmsnorm(res, delta, w, out, eps)
+    res0 = randn(dev, 16, d, g=g)
+    delta = randn(dev, 16, d, g=g) if with_delta else None
+    w = (1 + 0.1 * randn(dev, d, g=g, dtype=torch.float32)).to(BF)
+    res = dev.put(res0.clone())
+    out = nan_like(dev, (16, d))
+    dev.ops.add_rmsnorm(res, delta, w, out, eps)
     h_ref, out_ref = rmsnorm_ref(res0, delta, w, eps)
     assert_bitwise(res, h_ref, "add_rmsnorm residual")
     assert_close_bf16(out, out_ref, "add_rmsnorm out")
-    for R, i in invariance_rows():
-        r2 = randn(R, d, g=g)
-        d2 = randn(R, d, g=g) if with_delta else None
+    for R, i in dev.invariance_rows():
+        r2 = randn(dev, R, d, g=g)
+        d2 = randn(dev, R, d, g=g) if with_delta else None
         r2[i] = res0[0]
         if with_delta:
             d2[i] = delta[0]
-        o2 = nan_like((R, d))
-        adadecode_cuda.add_rmsnorm(r2, d2, w, o2, eps)
+        o2 = nan_like(dev, (R, d))
+        dev.ops.add_rmsnorm(r2, d2, w, o2, eps)
         assert_bitwise(o2[i], out[0], f"add_rmsnorm R={R} i={i}")
 
 
@@ -162,16 +220,16 @@ GEMM_CASES = [(shape, name, N, K, ep) for shape in ("smol", "8b", "odd")
 GEMM_CASES += [("odd", "n_tail", 13, 72, "plain"), ("odd", "n_tail_silu", 7, 8, "silu"), ("odd", "k8", 5, 8, "residual")]
 
 
-def make_gemm(N, K, ep, g, M=16):
-    x = randn(M, K, g=g)
-    w = randn(N, K, g=g, scale=K ** -0.5)
-    w_up = randn(N, K, g=g, scale=K ** -0.5) if ep == "silu" else None
-    residual = randn(M, N, g=g) if ep == "residual" else None
+def make_gemm(dev, N, K, ep, g, M=16):
+    x = randn(dev, M, K, g=g)
+    w = randn(dev, N, K, g=g, scale=K ** -0.5)
+    w_up = randn(dev, N, K, g=g, scale=K ** -0.5) if ep == "silu" else None
+    residual = randn(dev, M, N, g=g) if ep == "residual" else None
     return x, w, w_up, residual
 
 
-def call_gemm(fn, x, w, w_up, residual):
-    out = nan_like((x.shape[0], w.shape[0]))
+def call_gemm(dev, fn, x, w, w_up, residual):
+    out = nan_like(dev, (x.shape[0], w.shape[0]))
     if residual is not None:
         out.copy_(residual)  # in place: out aliases the residual
         fn(x, w, out, residual=out)
@@ -180,49 +238,51 @@ def call_gemm(fn, x, w, w_up, residual):
     return out
 
 
-@pytest.mark.parametrize("shape,name,N,K,ep", GEMM_CASES)
-def test_skinny_gemm(shape, name, N, K, ep):
-    g = gen(3)
-    x, w, w_up, residual = make_gemm(N, K, ep, g)
+@pytest.mark.parametrize("dev,shape,name,N,K,ep", on_devices(GEMM_CASES, not_8b), indirect=["dev"])
+def test_skinny_gemm(dev, shape, name, N, K, ep):
+    g = gen(dev, 3)
+    x, w, w_up, residual = make_gemm(dev, N, K, ep, g)
     for R in range(1, 17):
-        out = call_gemm(adadecode_cuda.skinny_gemm, x[:R], w, w_up, None if residual is None else residual[:R])
+        out = call_gemm(dev, dev.ops.skinny_gemm, x[:R], w, w_up, None if residual is None else residual[:R])
         ref = gemm_ref(x[:R], w, None if residual is None else residual[:R], w_up)
         assert_close_bf16(out, ref, f"skinny_gemm {shape}/{name} R={R}")
     # non-aliased residual gives the same bits as the in-place form
     if residual is not None:
-        out = nan_like((16, N))
-        adadecode_cuda.skinny_gemm(x, w, out, residual=residual)
-        assert_bitwise(out, call_gemm(adadecode_cuda.skinny_gemm, x, w, w_up, residual), "residual aliasing")
+        out = nan_like(dev, (16, N))
+        dev.ops.skinny_gemm(x, w, out, residual=residual)
+        assert_bitwise(out, call_gemm(dev, dev.ops.skinny_gemm, x, w, w_up, residual), "residual aliasing")
     # batch invariance: row 0 alone vs at every index of R = 1..16 rows (other rows fresh random)
-    alone = call_gemm(adadecode_cuda.skinny_gemm, x[:1], w, w_up, None if residual is None else residual[:1])
-    for R, i in invariance_rows():
-        xb = randn(R, K, g=g)
+    alone = call_gemm(dev, dev.ops.skinny_gemm, x[:1], w, w_up, None if residual is None else residual[:1])
+    for R, i in dev.invariance_rows():
+        xb = randn(dev, R, K, g=g)
         xb[i] = x[0]
         rb = None
         if residual is not None:
-            rb = randn(R, N, g=g)
+            rb = randn(dev, R, N, g=g)
             rb[i] = residual[0]
-        out = call_gemm(adadecode_cuda.skinny_gemm, xb, w, w_up, rb)
+        out = call_gemm(dev, dev.ops.skinny_gemm, xb, w, w_up, rb)
         assert_bitwise(out[i], alone[0], f"skinny_gemm {shape}/{name} R={R} i={i}")
 
 
-def test_skinny_gemm_nan_propagates():
-    g = gen(4)
-    x, w, _, _ = make_gemm(64, 576, "plain", g, M=2)
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_skinny_gemm_nan_propagates(dev):
+    g = gen(dev, 4)
+    x, w, _, _ = make_gemm(dev, 64, 576, "plain", g, M=2)
     x[1, 100] = float("nan")
-    out = nan_like((2, 64))
-    adadecode_cuda.skinny_gemm(x, w, out)
+    out = nan_like(dev, (2, 64))
+    dev.ops.skinny_gemm(x, w, out)
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
 
 
-def test_skinny_gemm_rejects_bad_shapes():
-    g = gen(5)
-    x = randn(17, 64, g=g)
-    w = randn(32, 64, g=g)
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_skinny_gemm_rejects_bad_shapes(dev):
+    g = gen(dev, 5)
+    x = randn(dev, 17, 64, g=g)
+    w = randn(dev, 32, 64, g=g)
     with pytest.raises(RuntimeError, match="1..16 rows"):
-        adadecode_cuda.skinny_gemm(x, w, nan_like((17, 32)))
+        dev.ops.skinny_gemm(x, w, nan_like(dev, (17, 32)))
     with pytest.raises(RuntimeError, match="multiple of 8"):
-        adadecode_cuda.skinny_gemm(randn(2, 60, g=g), randn(32, 60, g=g), nan_like((2, 32)))
+        dev.ops.skinny_gemm(randn(dev, 2, 60, g=g), randn(dev, 32, 60, g=g), nan_like(dev, (2, 32)))
 
 
 TC_CASES = [(17, 576, 576, "plain"), (100, 192 * 5, 576, "plain"), (257, 576, 1536, "residual"),
@@ -230,37 +290,38 @@ TC_CASES = [(17, 576, 576, "plain"), (100, 192 * 5, 576, "plain"), (257, 576, 15
             (1000, 4096, 14336, "residual"), (33, 13, 72, "plain"), (129, 70, 200, "silu"), (4, 100, 64, "plain")]
 
 
-@pytest.mark.parametrize("M,N,K,ep", TC_CASES)
-def test_gemm_tc(M, N, K, ep):
-    g = gen(6)
-    x, w, w_up, residual = make_gemm(N, K, ep, g, M=M)
-    out = call_gemm(adadecode_cuda.gemm_tc, x, w, w_up, residual)
+@pytest.mark.parametrize("dev,M,N,K,ep", on_devices(TC_CASES, lambda M, N, K, ep: M * N * K < 1e9), indirect=["dev"])
+def test_gemm_tc(dev, M, N, K, ep):
+    g = gen(dev, 6)
+    x, w, w_up, residual = make_gemm(dev, N, K, ep, g, M=M)
+    out = call_gemm(dev, dev.ops.gemm_tc, x, w, w_up, residual)
     assert_close_bf16(out, gemm_ref(x, w, residual, w_up), f"gemm_tc M={M} N={N} K={K} {ep}")
-    again = call_gemm(adadecode_cuda.gemm_tc, x, w, w_up, residual)
+    again = call_gemm(dev, dev.ops.gemm_tc, x, w, w_up, residual)
     assert_bitwise(again, out, "gemm_tc is deterministic")
 
 
-def test_linear_dispatch():
-    g = gen(7)
-    x, w, _, _ = make_gemm(576, 576, "plain", g, M=40)
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_linear_dispatch(dev):
+    g = gen(dev, 7)
+    x, w, _, _ = make_gemm(dev, 576, 576, "plain", g, M=40)
     for M in (1, 16, 17, 40):
-        out = nan_like((M, 576))
-        adadecode_cuda.linear(x[:M], w, out)
-        expect = nan_like((M, 576))
-        (adadecode_cuda.skinny_gemm if M <= 16 else adadecode_cuda.gemm_tc)(x[:M], w, expect)
+        out = nan_like(dev, (M, 576))
+        dev.ops.linear(x[:M], w, out)
+        expect = nan_like(dev, (M, 576))
+        (dev.ops.skinny_gemm if M <= 16 else dev.ops.gemm_tc)(x[:M], w, expect)
         assert_bitwise(out, expect, f"linear M={M}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # RoPE + KV append
 # ---------------------------------------------------------------------------------------------------------------
-def rope_tables(hd, max_seq, theta, scaling=None):
+def rope_tables(dev, hd, max_seq, theta, scaling=None):
     from adadecode.torch_engine import rope_inv_freq
 
     cfg = types.SimpleNamespace(rope_theta=theta, head_dim=hd, rope_scaling=scaling)
     inv = rope_inv_freq(cfg)
     freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv)
-    return freqs.cos().to(DEV), freqs.sin().to(DEV)
+    return dev.put(freqs.cos().to(dev.torch)), dev.put(freqs.sin().to(dev.torch))
 
 
 def rope_ref_bf16(x, cos, sin):
@@ -275,21 +336,24 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
                   "original_max_position_embeddings": 8192}
 
 
-@pytest.mark.parametrize("shape,theta,scaling", [("smol", 1e5, None), ("8b", 5e5, LLAMA3_SCALING),
-                                                 ("odd", 1e4, None), ("odd128", 1e4, LLAMA3_SCALING)])
-@pytest.mark.parametrize("first_pos", [0, 1, 1000, 4080])
-def test_rope_append_kv(shape, theta, scaling, first_pos):
+ROPE_CASES = [(shape, theta, scaling, fp) for shape, theta, scaling in (
+    ("smol", 1e5, None), ("8b", 5e5, LLAMA3_SCALING), ("odd", 1e4, None), ("odd128", 1e4, LLAMA3_SCALING))
+    for fp in (0, 1, 1000, 4080)]
+
+
+@pytest.mark.parametrize("dev,shape,theta,scaling,first_pos", on_devices(ROPE_CASES, not_8b), indirect=["dev"])
+def test_rope_append_kv(dev, shape, theta, scaling, first_pos):
     s = SHAPES[shape]
     H, Hkv, hd, max_seq = s["H"], s["Hkv"], s["hd"], 4096
-    cos, sin = rope_tables(hd, max_seq, theta, scaling)
-    g = gen(8)
+    cos, sin = rope_tables(dev, hd, max_seq, theta, scaling)
+    g = gen(dev, 8)
     R = 16
-    qkv0 = randn(R, (H + 2 * Hkv) * hd, g=g)
-    kc, vc = nan_like((max_seq, Hkv, hd)), nan_like((max_seq, Hkv, hd))
-    qkv = qkv0.clone()
-    fp = torch.tensor([first_pos], device=DEV, dtype=torch.int32)
-    adadecode_cuda.rope_append_kv(qkv, kc, vc, cos, sin, fp, H, Hkv)
-    pos = torch.arange(first_pos, first_pos + R, device=DEV)
+    qkv0 = randn(dev, R, (H + 2 * Hkv) * hd, g=g)
+    kc, vc = nan_like(dev, (max_seq, Hkv, hd)), nan_like(dev, (max_seq, Hkv, hd))
+    qkv = dev.put(qkv0.clone())
+    fp = dev.put(torch.tensor([first_pos], device=dev.torch, dtype=torch.int32))
+    dev.ops.rope_append_kv(qkv, kc, vc, cos, sin, fp, H, Hkv)
+    pos = torch.arange(first_pos, first_pos + R, device=dev.torch)
     q, k, v = qkv0.split([H * hd, Hkv * hd, Hkv * hd], dim=1)
     q_ref = rope_ref_bf16(q.view(R, H, hd), cos[pos], sin[pos]).reshape(R, H * hd)
     k_ref = rope_ref_bf16(k.view(R, Hkv, hd), cos[pos], sin[pos])
@@ -306,20 +370,21 @@ def test_rope_append_kv(shape, theta, scaling, first_pos):
     x1, x2 = qd.chunk(2, -1)
     assert_close_bf16(qkv[:, :H * hd].view(R, H, hd), qd * c64 + torch.cat((-x2, x1), -1) * s64, "rope vs fp64",
                       rtol=3e-2, atol_frac=2e-2)
-    untouched = torch.ones(max_seq, dtype=torch.bool, device=DEV)
+    untouched = torch.ones(max_seq, dtype=torch.bool, device=dev.torch)
     untouched[pos[valid]] = False
     assert torch.isnan(kc[untouched].float()).all() and torch.isnan(vc[untouched].float()).all(), \
         "rope_append_kv wrote outside its rows"
 
 
-def test_rope_out_of_range_position_is_nan_not_a_write():
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_rope_out_of_range_position_is_nan_not_a_write(dev):
     H, Hkv, hd, max_seq = 9, 3, 64, 64
-    cos, sin = rope_tables(hd, max_seq, 1e4)
-    g = gen(9)
-    qkv = randn(4, (H + 2 * Hkv) * hd, g=g)
-    kc, vc = nan_like((max_seq, Hkv, hd)), nan_like((max_seq, Hkv, hd))
-    fp = torch.tensor([62], device=DEV, dtype=torch.int32)
-    adadecode_cuda.rope_append_kv(qkv, kc, vc, cos, sin, fp, H, Hkv)
+    cos, sin = rope_tables(dev, hd, max_seq, 1e4)
+    g = gen(dev, 9)
+    qkv = randn(dev, 4, (H + 2 * Hkv) * hd, g=g)
+    kc, vc = nan_like(dev, (max_seq, Hkv, hd)), nan_like(dev, (max_seq, Hkv, hd))
+    fp = dev.put(torch.tensor([62], device=dev.torch, dtype=torch.int32))
+    dev.ops.rope_append_kv(qkv, kc, vc, cos, sin, fp, H, Hkv)
     assert torch.isfinite(qkv[:2, :H * hd].float()).all() and torch.isnan(qkv[2:, :H * hd].float()).all()
     assert torch.isfinite(kc[62:].float()).all() and torch.isnan(kc[:62].float()).all()
 
@@ -327,7 +392,7 @@ def test_rope_out_of_range_position_is_nan_not_a_write():
 # ---------------------------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------------------------
-def attention_ref(q, kc, vc, first_pos, H, Hkv, hd):
+def attention_ref(dev, q, kc, vc, first_pos, H, Hkv, hd):
     """fp64: q [R, H*hd] (bf16 values), cache [S, Hkv, hd]; row r sees 0..first_pos+r."""
     R = q.shape[0]
     end = first_pos + R
@@ -336,19 +401,18 @@ def attention_ref(q, kc, vc, first_pos, H, Hkv, hd):
     v = vc[:end].double().repeat_interleave(G, dim=1)
     qd = q.double().view(R, H, hd)
     scores = torch.einsum("rhd,thd->hrt", qd, k) / math.sqrt(hd)
-    pos = torch.arange(first_pos, end, device=DEV)
-    mask = torch.arange(end, device=DEV)[None, :] > pos[:, None]
+    pos = torch.arange(first_pos, end, device=dev.torch)
+    mask = torch.arange(end, device=dev.torch)[None, :] > pos[:, None]
     scores = scores.masked_fill(mask[None], float("-inf"))
     return torch.einsum("hrt,thd->rhd", scores.softmax(-1), v).reshape(R, H * hd)
 
 
-def run_attention(q, kc, vc, first_pos, H, max_ctx):
+def run_attention(dev, q, kc, vc, first_pos, H, max_ctx):
     R = q.shape[0]
-    out = nan_like((R, H * kc.shape[2]))
-    ws = torch.full((adadecode_cuda.attention_workspace_floats(R, H, kc.shape[2], max_ctx),), float("nan"),
-                    device=DEV)
-    fp = torch.tensor([first_pos], device=DEV, dtype=torch.int32)
-    adadecode_cuda.attention(q, kc, vc, fp, out, H, max_ctx, workspace=ws)
+    out = nan_like(dev, (R, H * kc.shape[2]))
+    ws = nan_like(dev, (dev.ops.attention_workspace_floats(R, H, kc.shape[2], max_ctx),), torch.float32)
+    fp = dev.put(torch.tensor([first_pos], device=dev.torch, dtype=torch.int32))
+    dev.ops.attention(q, kc, vc, fp, out, H, max_ctx, workspace=ws)
     return out
 
 
@@ -357,105 +421,107 @@ ATTN_CASES = [(shape, fp, R) for shape in ("smol", "8b", "odd", "odd128")
                               (4080, 16), (4095, 1))]
 
 
-@pytest.mark.parametrize("shape,first_pos,R", ATTN_CASES)
-def test_attention(shape, first_pos, R):
+@pytest.mark.parametrize("dev,shape,first_pos,R", on_devices(ATTN_CASES, not_8b), indirect=["dev"])
+def test_attention(dev, shape, first_pos, R):
     s = SHAPES[shape]
     H, Hkv, hd, max_seq = s["H"], s["Hkv"], s["hd"], 4096
-    g = gen(10 + first_pos)
-    kc, vc = randn(max_seq, Hkv, hd, g=g), randn(max_seq, Hkv, hd, g=g)
+    g = gen(dev, 10 + first_pos)
+    kc, vc = randn(dev, max_seq, Hkv, hd, g=g), randn(dev, max_seq, Hkv, hd, g=g)
     end = first_pos + R
     kc[end:] = float("nan")  # entries past the last row are dead: they must never be read
     vc[end:] = float("nan")
     width = (H + 2 * Hkv) * hd
-    qkv = randn(R, width, g=g, scale=2.0)  # the q part of a fused qkv buffer, row stride `width`
-    out = run_attention(qkv, kc, vc, first_pos, H, max_seq)
-    ref = attention_ref(qkv[:, :H * hd], kc, vc, first_pos, H, Hkv, hd)
+    qkv = randn(dev, R, width, g=g, scale=2.0)  # the q part of a fused qkv buffer, row stride `width`
+    out = run_attention(dev, qkv, kc, vc, first_pos, H, max_seq)
+    ref = attention_ref(dev, qkv[:, :H * hd], kc, vc, first_pos, H, Hkv, hd)
     assert_close_bf16(out, ref, f"attention {shape} first_pos={first_pos} R={R}")
     # a plain [R, H*hd] q buffer and a tight max_ctx give the same bits
-    out2 = run_attention(qkv[:, :H * hd].contiguous(), kc, vc, first_pos, H, end)
+    out2 = run_attention(dev, qkv[:, :H * hd].contiguous(), kc, vc, first_pos, H, end)
     assert_bitwise(out2, out, "attention: q stride / max_ctx must not change the result")
     # batch invariance: row i alone (first_pos + i, R = 1) vs in the batch
     for i in range(R):
-        alone = run_attention(qkv[i:i + 1].contiguous(), kc, vc, first_pos + i, H, max_seq)
+        alone = run_attention(dev, dev.put(qkv[i:i + 1].contiguous()), kc, vc, first_pos + i, H, max_seq)
         assert_bitwise(alone[0], out[i], f"attention {shape} first_pos={first_pos} R={R} row {i}")
 
 
-@pytest.mark.parametrize("shape", ["smol", "8b"])
-def test_attention_invariance_every_index(shape):
+@pytest.mark.parametrize("dev,shape", on_devices(["smol", "8b"], not_8b), indirect=["dev"])
+def test_attention_invariance_every_index(dev, shape):
     """Row at position p computed at every index i of launches of R = 1..16 rows."""
     s = SHAPES[shape]
     H, Hkv, hd, max_seq = s["H"], s["Hkv"], s["hd"], 1024
-    g = gen(11)
-    kc, vc = randn(max_seq, Hkv, hd, g=g), randn(max_seq, Hkv, hd, g=g)
+    g = gen(dev, 11)
+    kc, vc = randn(dev, max_seq, Hkv, hd, g=g), randn(dev, max_seq, Hkv, hd, g=g)
     width = (H + 2 * Hkv) * hd
     p = 300
-    q0 = randn(1, width, g=g, scale=2.0)
-    alone = run_attention(q0, kc, vc, p, H, max_seq)
-    for R, i in invariance_rows():
-        qb = randn(R, width, g=g, scale=2.0)
+    q0 = randn(dev, 1, width, g=g, scale=2.0)
+    alone = run_attention(dev, q0, kc, vc, p, H, max_seq)
+    for R, i in dev.invariance_rows():
+        qb = randn(dev, R, width, g=g, scale=2.0)
         qb[i] = q0[0]
-        out = run_attention(qb, kc, vc, p - i, H, max_seq)
+        out = run_attention(dev, qb, kc, vc, p - i, H, max_seq)
         assert_bitwise(out[i], alone[0], f"attention {shape} R={R} i={i}")
 
 
-def test_attention_long_context_and_prefill_rows():
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_attention_long_context_and_prefill_rows(dev):
     """Beyond 4K (an 8K cache: 64 chunks) and more than 16 rows in one launch (prefill-style row groups)."""
     s = SMOL
     H, Hkv, hd, max_seq = s["H"], s["Hkv"], s["hd"], 8192
-    g = gen(12)
-    kc, vc = randn(max_seq, Hkv, hd, g=g), randn(max_seq, Hkv, hd, g=g)
+    g = gen(dev, 12)
+    kc, vc = randn(dev, max_seq, Hkv, hd, g=g), randn(dev, max_seq, Hkv, hd, g=g)
     width = (H + 2 * Hkv) * hd
     for first_pos, R in ((8000, 16), (0, 300), (7000, 40)):
-        q = randn(R, width, g=g, scale=2.0)
-        out = run_attention(q, kc, vc, first_pos, H, max_seq)
-        ref = attention_ref(q[:, :H * hd], kc, vc, first_pos, H, Hkv, hd)
+        q = randn(dev, R, width, g=g, scale=2.0)
+        out = run_attention(dev, q, kc, vc, first_pos, H, max_seq)
+        ref = attention_ref(dev, q[:, :H * hd], kc, vc, first_pos, H, Hkv, hd)
         assert_close_bf16(out, ref, f"attention long first_pos={first_pos} R={R}")
 
 
-@pytest.mark.parametrize("shape", ["smol", "8b"])
-def test_attention_at_128k_positions(shape):
+@pytest.mark.parametrize("dev,shape", on_devices(["smol", "8b"], not_8b), indirect=["dev"])
+def test_attention_at_128k_positions(dev, shape):
     """Llama-3.1's maximum position (131072): 1024 chunks per row, int64 offsets into a 128K-entry cache."""
     s = SHAPES[shape]
     H, Hkv, hd, max_seq = s["H"], s["Hkv"], s["hd"], 131072
-    g = gen(18)
-    kc, vc = randn(max_seq, Hkv, hd, g=g), randn(max_seq, Hkv, hd, g=g)
+    g = gen(dev, 18)
+    kc, vc = randn(dev, max_seq, Hkv, hd, g=g), randn(dev, max_seq, Hkv, hd, g=g)
     width = (H + 2 * Hkv) * hd
     R = 4
     first_pos = max_seq - R
-    q = randn(R, width, g=g, scale=2.0)
-    out = run_attention(q, kc, vc, first_pos, H, max_seq)
-    ref = attention_ref(q[:, :H * hd], kc, vc, first_pos, H, Hkv, hd)
+    q = randn(dev, R, width, g=g, scale=2.0)
+    out = run_attention(dev, q, kc, vc, first_pos, H, max_seq)
+    ref = attention_ref(dev, q[:, :H * hd], kc, vc, first_pos, H, Hkv, hd)
     assert_close_bf16(out, ref, f"attention {shape} at 128K")
-    alone = run_attention(q[R - 1:].contiguous(), kc, vc, max_seq - 1, H, max_seq)
+    alone = run_attention(dev, dev.put(q[R - 1:].contiguous()), kc, vc, max_seq - 1, H, max_seq)
     assert_bitwise(alone[0], out[R - 1], "attention at 128K: last row alone")
 
 
-def test_attention_row_past_max_ctx_is_nan():
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_attention_row_past_max_ctx_is_nan(dev):
     s = SMOL
-    g = gen(13)
-    kc, vc = randn(512, s["Hkv"], s["hd"], g=g), randn(512, s["Hkv"], s["hd"], g=g)
-    q = randn(4, s["H"] * s["hd"], g=g)
-    out = run_attention(q, kc, vc, 254, s["H"], 256)  # rows at 254, 255 fit; 256, 257 do not
+    g = gen(dev, 13)
+    kc, vc = randn(dev, 512, s["Hkv"], s["hd"], g=g), randn(dev, 512, s["Hkv"], s["hd"], g=g)
+    q = randn(dev, 4, s["H"] * s["hd"], g=g)
+    out = run_attention(dev, q, kc, vc, 254, s["H"], 256)  # rows at 254, 255 fit; 256, 257 do not
     assert torch.isfinite(out[:2].float()).all() and torch.isnan(out[2:].float()).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # LM head + argmax + max prob
 # ---------------------------------------------------------------------------------------------------------------
-def run_lm_head(x, w, subset=None, w_rest=None, round_bf16=False):
+def run_lm_head(dev, x, w, subset=None, w_rest=None, round_bf16=False):
     R = x.shape[0]
-    token = torch.full((R,), -7777, device=DEV, dtype=torch.int32)
-    prob = torch.full((R,), float("nan"), device=DEV)
-    lse = torch.full((R,), float("nan"), device=DEV)
+    token = dev.put(torch.full((R,), -7777, device=dev.torch, dtype=torch.int32))
+    prob = nan_like(dev, (R,), torch.float32)
+    lse = nan_like(dev, (R,), torch.float32)
     n = w.shape[0] if subset is None else subset.numel()
-    ws = torch.full((adadecode_cuda.lm_head_workspace_floats(R, n),), float("nan"), device=DEV)
-    adadecode_cuda.lm_head_argmax(x, w, token, prob, lse=lse, vocab_subset=subset, w_rest=w_rest,
+    ws = nan_like(dev, (dev.ops.lm_head_workspace_floats(R, n),), torch.float32)
+    dev.ops.lm_head_argmax(x, w, token, prob, lse=lse, vocab_subset=subset, w_rest=w_rest,
                                   round_bf16=round_bf16, workspace=ws)
     return token, prob, lse
 
 
-def lm_head_ref(x, w, subset=None, w_rest=None, round_bf16=False):
-    ids = torch.arange(w.shape[0], device=DEV) if subset is None else subset.long()
+def lm_head_ref(dev, x, w, subset=None, w_rest=None, round_bf16=False):
+    ids = torch.arange(w.shape[0], device=dev.torch) if subset is None else subset.long()
     logits = x.double() @ w[ids].double().T
     extra = None if w_rest is None else (x.double() @ w_rest.double())
     if round_bf16:
@@ -466,11 +532,12 @@ def lm_head_ref(x, w, subset=None, w_rest=None, round_bf16=False):
     return logits, ids, lse
 
 
-def check_lm_head(x, w, subset=None, w_rest=None, round_bf16=False, what=""):
-    token, prob, lse = run_lm_head(x, w, subset, w_rest, round_bf16)
-    logits, ids, lse_ref = lm_head_ref(x, w, subset, w_rest, round_bf16)
+def check_lm_head(dev, x, w, subset=None, w_rest=None, round_bf16=False, what=""):
+    token, prob, lse = run_lm_head(dev, x, w, subset, w_rest, round_bf16)
+    logits, ids, lse_ref = lm_head_ref(dev, x, w, subset, w_rest, round_bf16)
     assert torch.isfinite(prob).all() and torch.isfinite(lse).all(), f"{what}: non-finite"
-    top2 = logits.topk(2, dim=-1).values
+    # a one-id subset has no runner-up: its gap to the (absent) second is infinite
+    top2 = torch.cat([logits, torch.full_like(logits[:, :1], -math.inf)], 1).topk(2, dim=-1).values
     tol = 1e-4 * logits.abs().max().item() + 1e-5
     for r in range(x.shape[0]):
         t = int(token[r])
@@ -485,74 +552,77 @@ def check_lm_head(x, w, subset=None, w_rest=None, round_bf16=False, what=""):
     return token, prob, lse
 
 
-@pytest.mark.parametrize("shape", ["smol", "8b", "odd"])
-@pytest.mark.parametrize("round_bf16", [False, True])
-def test_lm_head_full(shape, round_bf16):
+@pytest.mark.parametrize("dev,shape,round_bf16", on_devices([(s, r) for s in ("smol", "8b", "odd") for r in (False, True)],
+                                                            not_8b), indirect=["dev"])
+def test_lm_head_full(dev, shape, round_bf16):
     s = SHAPES[shape]
-    g = gen(14)
-    w = randn(s["vocab"], s["d"], g=g, scale=3 * s["d"] ** -0.5)
-    x = randn(16, s["d"], g=g)
+    g = gen(dev, 14)
+    w = randn(dev, dev.vocab(s), s["d"], g=g, scale=3 * s["d"] ** -0.5)
+    x = randn(dev, 16, s["d"], g=g)
     for R in (1, 2, 5, 8, 16):
-        check_lm_head(x[:R], w, round_bf16=round_bf16, what=f"lm_head {shape} R={R}")
+        check_lm_head(dev, x[:R], w, round_bf16=round_bf16, what=f"lm_head {shape} R={R}")
     # batch invariance, bitwise on all three outputs
-    alone = run_lm_head(x[:1], w, round_bf16=round_bf16)
-    for R, i in invariance_rows():
-        xb = randn(R, s["d"], g=g)
+    alone = run_lm_head(dev, x[:1], w, round_bf16=round_bf16)
+    for R, i in dev.invariance_rows():
+        xb = randn(dev, R, s["d"], g=g)
         xb[i] = x[0]
-        got = run_lm_head(xb, w, round_bf16=round_bf16)
+        got = run_lm_head(dev, xb, w, round_bf16=round_bf16)
         for a, b, name in zip(got, alone, ("token", "max_prob", "lse")):
             assert_bitwise(a[i:i + 1], b, f"lm_head {shape} {name} R={R} i={i}")
 
 
-@pytest.mark.parametrize("shape", ["smol", "8b"])
-def test_lm_head_subset_and_rest(shape):
+@pytest.mark.parametrize("dev,shape", on_devices(["smol", "8b"], not_8b), indirect=["dev"])
+def test_lm_head_subset_and_rest(dev, shape):
     s = SHAPES[shape]
-    g = gen(15)
-    w = randn(s["vocab"], s["d"], g=g, scale=3 * s["d"] ** -0.5)
-    x = randn(16, s["d"], g=g)
-    for K in (1, 63, 64, 65, 4096, 10000):
-        subset = torch.randperm(s["vocab"], device=DEV, generator=g)[:K].sort().values.to(torch.int32)
-        w_rest = randn(s["d"], g=g, scale=3 * s["d"] ** -0.5)
+    g = gen(dev, 15)
+    w = randn(dev, dev.vocab(s), s["d"], g=g, scale=3 * s["d"] ** -0.5)
+    x = randn(dev, 16, s["d"], g=g)
+    for K in (1, 63, 64, 65, 1000) if dev.emu else (1, 63, 64, 65, 4096, 10000):
+        subset = torch.randperm(dev.vocab(s), device=dev.torch, generator=g)[:K].sort().values.to(torch.int32)
+        subset = dev.put(subset)
+        w_rest = randn(dev, s["d"], g=g, scale=3 * s["d"] ** -0.5)
         for R in (1, 7, 16):
-            check_lm_head(x[:R], w, subset, w_rest, what=f"lm_head subset K={K} R={R}")
-            check_lm_head(x[:R], w, subset, None, what=f"lm_head subset K={K} R={R} no rest")
-        alone = run_lm_head(x[:1], w, subset, w_rest)
-        for R, i in invariance_rows():
-            xb = randn(R, s["d"], g=g)
+            check_lm_head(dev, x[:R], w, subset, w_rest, what=f"lm_head subset K={K} R={R}")
+            check_lm_head(dev, x[:R], w, subset, None, what=f"lm_head subset K={K} R={R} no rest")
+        alone = run_lm_head(dev, x[:1], w, subset, w_rest)
+        for R, i in dev.invariance_rows():
+            xb = randn(dev, R, s["d"], g=g)
             xb[i] = x[0]
-            got = run_lm_head(xb, w, subset, w_rest)
+            got = run_lm_head(dev, xb, w, subset, w_rest)
             for a, b, name in zip(got, alone, ("token", "max_prob", "lse")):
                 assert_bitwise(a[i:i + 1], b, f"lm_head subset {name} K={K} R={R} i={i}")
 
 
-def test_lm_head_ties_go_to_the_lowest_id():
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_lm_head_ties_go_to_the_lowest_id(dev):
     d, V = 576, 49152
-    g = gen(16)
-    w = randn(V, d, g=g, scale=0.1 * d ** -0.5)
-    x = randn(4, d, g=g)
+    g = gen(dev, 16)
+    w = randn(dev, V, d, g=g, scale=0.1 * d ** -0.5)
+    x = randn(dev, 4, d, g=g)
     hot = x[0].float() / x[0].float().norm() * 2.0
     for j in (40000, 7, 300, 49151):  # identical rows -> bitwise identical logits; winner must be 7
         w[j] = hot.to(BF)
-    token, prob, _ = run_lm_head(x, w)
+    token, prob, _ = run_lm_head(dev, x, w)
     assert int(token[0]) == 7
-    logits, _, lse = lm_head_ref(x, w)
+    logits, _, lse = lm_head_ref(dev, x, w)
     assert abs(float(prob[0]) - math.exp(float(logits[0, 7] - lse[0]))) < 1e-3
     # the same through a subset that orders them 300 < 40000 < 49151 (7 excluded)
-    subset = torch.tensor([1, 300, 1000, 40000, 49151], device=DEV, dtype=torch.int32)
-    token, _, _ = run_lm_head(x, w, subset)
+    subset = dev.put(torch.tensor([1, 300, 1000, 40000, 49151], device=dev.torch, dtype=torch.int32))
+    token, _, _ = run_lm_head(dev, x, w, subset)
     assert int(token[0]) == 300
     # ties created by bf16 rounding of the logits
-    token, _, _ = run_lm_head(x, w, round_bf16=True)
+    token, _, _ = run_lm_head(dev, x, w, round_bf16=True)
     logits_bf = (x.double() @ w.double().T).to(BF).double()
     assert int(token[0]) == int(logits_bf[0].argmax())  # torch.argmax also returns the first maximum
 
 
-def test_lm_head_nan_row_is_flagged():
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_lm_head_nan_row_is_flagged(dev):
     d, V = 576, 1000
-    g = gen(17)
-    w = randn(V, d, g=g, scale=d ** -0.5)
-    x = randn(3, d, g=g)
+    g = gen(dev, 17)
+    w = randn(dev, V, d, g=g, scale=d ** -0.5)
+    x = randn(dev, 3, d, g=g)
     x[1, 5] = float("nan")
-    token, prob, lse = run_lm_head(x, w)
+    token, prob, lse = run_lm_head(dev, x, w)
     assert int(token[1]) == -1 and math.isnan(float(prob[1])) and math.isnan(float(lse[1]))
     assert int(token[0]) >= 0 and math.isfinite(float(prob[0])) and int(token[2]) >= 0

@@ -1,0 +1,54 @@
+// adadecode_emu's own functions, beside the ops and the Engine it shares with adadecode_cuda:
+// device tensors in the emulator's guarded memory, the thread order between synchronisation points, counters.
+#include <string>
+
+#include "../bindings/checks.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// A CPU tensor in device memory of the emulated device: between guard pages (a kernel that reads or writes
+// past it fails with a message naming the allocation), filled with 0xFF (NaN) until written.
+at::Tensor device_empty(std::vector<int64_t> shape, py::object dtype) {
+  const at::ScalarType dt = torch::python::detail::py_object_to_dtype(dtype);
+  int64_t n = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, "empty: negative size in ", shape);
+    n *= s;
+  }
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, static_cast<size_t>(n) * c10::elementSize(dt));
+  TORCH_CHECK(e == cudaSuccess, "empty: ", cudaGetErrorString(e));
+  return at::from_blob(p, shape, [](void* q) { cudaFree(q); }, at::TensorOptions().dtype(dt));
+}
+
+void set_schedule(const std::string& order, uint64_t seed) {
+  const int o = order == "asc" ? 0 : order == "desc" ? 1 : order == "random" ? 2 : -1;
+  TORCH_CHECK(o >= 0, "schedule order must be 'asc', 'desc' or 'random', got '", order, "'");
+  emu::set_schedule(o, seed);
+}
+
+}  // namespace
+
+void register_emu(py::module_& m) {
+  m.def("empty", &device_empty, "a tensor in the emulated device's memory (guarded, NaN-filled)", py::arg("shape"),
+        py::arg("dtype"));
+  m.def("set_schedule", &set_schedule,
+        "order of the threads of a block between synchronisation points: 'asc', 'desc' or 'random' (seeded)",
+        py::arg("order"), py::arg("seed") = 1);
+  m.def("schedule", [] {
+    const int o = emu::schedule_order();
+    return std::string(o == 0 ? "asc" : o == 1 ? "desc" : "random");
+  });
+  m.def("stats", [] {
+    const emu::Stats s = emu::stats();
+    py::dict d;
+    d["launches"] = s.launches;
+    d["blocks"] = s.blocks;
+    d["switches"] = s.switches;
+    d["graph_launches"] = s.graph_launches;
+    d["capture_violations"] = s.violations;
+    return d;
+  }, "counters of the emulated device since the module loaded");
+}
