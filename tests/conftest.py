@@ -71,7 +71,7 @@ def tiny_chat_model(seed: int = 0, **cfg_over):
     from adadecode.tokenizer import Tokenizer
 
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}  # sorted: alphabet() order varies per process
     hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
