@@ -11,7 +11,7 @@ from adadecode.decode import generate_vanilla
 from adadecode.heads import Head, HeadFileError, heads_path, load_heads, save_heads
 from adadecode.loader import Model
 from adadecode.torch_engine import TorchEngine, rms_norm
-from adadecode import train_heads as th
+from adadecode import heads_data as hd, heads_train as ht, schedule_sim as sim, train_heads as th
 
 from conftest import random_weights, tiny_hf_config
 
@@ -139,8 +139,8 @@ def test_default_spec_names_the_shipped_files():
 def test_batched_generator_equals_generate_vanilla():
     m = tiny_model()
     prompts = rand_prompts(5, m.cfg.vocab_size) + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
-    fwd = th.BatchedForward(m.cfg, m.weights)
-    outs, cap = th.generate_batched(fwd, prompts, 12, eos_ids=[2], batch_size=4, capture_layers=[2])
+    fwd = hd.BatchedForward(m.cfg, m.weights)
+    outs, cap = hd.generate_batched(fwd, prompts, 12, eos_ids=[2], batch_size=4, capture_layers=[2])
     eng = TorchEngine(m.cfg, m.weights, max_seq=64)
     for p, o in zip(prompts, outs):
         assert o == generate_vanilla(eng, p, 12, eos_ids=[2]).tokens
@@ -163,8 +163,8 @@ def test_batched_generator_equals_generate_vanilla():
 def test_training_lowers_heldout_kl(k):
     m = tiny_model()
     prompts = rand_prompts(24, m.cfg.vocab_size, seed=3)
-    fwd = th.BatchedForward(m.cfg, m.weights)
-    conts, cap = th.generate_batched(fwd, prompts, 16, eos_ids=[], batch_size=12, capture_layers=[2])
+    fwd = hd.BatchedForward(m.cfg, m.weights)
+    conts, cap = hd.generate_batched(fwd, prompts, 16, eos_ids=[], batch_size=12, capture_layers=[2])
     data = {"prompts": prompts, "conts": conts, "cap": cap, "key": {"max_new_tokens": 16}, "seconds": 0.0}
     out = th.train_pipeline(m, data, [2], vocab_k=k, heldout_frac=0.25, epochs=6, lr=3e-3, batch=64,
                             log=lambda s: None, progress=False)
@@ -176,12 +176,12 @@ def test_training_lowers_heldout_kl(k):
 
 
 def test_build_vocab_and_collapse_target():
-    v = th.build_vocab([[5, 5, 6, 7], [7, 7, 9]], 2, 97)
+    v = ht.build_vocab([[5, 5, 6, 7], [7, 7, 9]], 2, 97)
     assert v.tolist() == [5, 7]
-    assert th.build_vocab([[1]], 0, 97) is None
+    assert ht.build_vocab([[1]], 0, 97) is None
     tp = torch.tensor([[0.5, 0.3, 0.1]])
     ti = torch.tensor([[7, 8, 5]])
-    tgt = th.collapse_target(tp, ti, v, 97)
+    tgt = ht.collapse_target(tp, ti, v, 97)
     torch.testing.assert_close(tgt, torch.tensor([[0.1, 0.5, 0.4]]))  # ids 5, 7, then rest = 0.3 + tail 0.1
 
 
@@ -195,29 +195,29 @@ def trace(rows):
 
 def test_simulator_no_exits_is_vanilla():
     conf, corr = trace(["..", "..", ".."])
-    s = th.simulate(conf, corr, [10, 20], 0.5, 30)
+    s = sim.simulate(conf, corr, [10, 20], 0.5, 30)
     assert s["steps"] == s["vanilla_steps"] == 90 and s["head_evals"] == 6
 
 
 def test_simulator_correct_exits():
     # row 0 exits at 10, row 1 at 20, row 2 runs to 30 (carrying both to 30): 10 + 20 + 30
     conf, corr = trace(["c.", ".c", ".."])
-    assert th.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 60
+    assert sim.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 60
     # the last rows exit early: flushed to L from the shallowest pending depth: 10 + 10 + (30 - 10)
     conf, corr = trace(["c.", "c."])
-    assert th.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 40
+    assert sim.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 40
 
 
 def test_simulator_rollback_and_max_pending():
     # row 0 exits wrongly at 10; garbage row 1 (confident like the trace row 1) exits at 20; garbage row 2 runs
     # to 30 and reveals the error: 10 + 20 + 30. Then row 1 again (exits at 20), row 2 runs to 30.
     conf, corr = trace(["w.", ".c", ".."])
-    s = th.simulate(conf, corr, [10, 20], 0.5, 30)
+    s = sim.simulate(conf, corr, [10, 20], 0.5, 30)
     assert s["steps"] == 10 + 20 + 30 + 20 + 30 and s["wrong"] == 1
     # max_pending=1: a second early exit must wait for verification
     conf, corr = trace(["c.", "c.", "c."])
-    assert th.simulate(conf, corr, [10, 20], 0.5, 30, max_pending=1)["steps"] == 10 + 30 + 10 + 20
-    res = th.simulate_set([trace(["c.", "..", ".."])], [10, 20], 0.5, 30)
+    assert sim.simulate(conf, corr, [10, 20], 0.5, 30, max_pending=1)["steps"] == 10 + 30 + 10 + 20
+    res = sim.simulate_set([trace(["c.", "..", ".."])], [10, 20], 0.5, 30)
     assert res["ideal_speedup"] == pytest.approx(90 / 70)
 
 
@@ -277,7 +277,7 @@ def test_recommend_respects_min_accuracy():
     n = 40
     per = {10: (torch.ones(n), torch.arange(n) % 10 != 9), 20: (torch.ones(n), torch.ones(n, dtype=torch.bool))}
     seq = torch.zeros(n, dtype=torch.long)
-    best, _ = th.recommend(per, seq, 30, gammas=(0.5,), max_heads=1)
+    best, _ = sim.recommend(per, seq, 30, gammas=(0.5,), max_heads=1)
     assert best["layers"] == [10] and best["early_accuracy"] < 0.95  # a few rollbacks cost less than exiting at 20
-    best, _ = th.recommend(per, seq, 30, gammas=(0.5,), max_heads=1, min_accuracy=0.95)
+    best, _ = sim.recommend(per, seq, 30, gammas=(0.5,), max_heads=1, min_accuracy=0.95)
     assert best["layers"] == [20] and best["early_accuracy"] == 1.0
