@@ -113,7 +113,7 @@ class Captured:
 @torch.no_grad()
 def generate_batched(fwd: BatchedForward, prompts: list[list[int]], max_new_tokens: int,
                      eos_ids: Sequence[int] = (), batch_size: int = 16, capture_layers: Sequence[int] = (),
-                     progress=None) -> tuple[list[list[int]], Captured | None]:
+                     progress=None, topk: int = TOPK) -> tuple[list[list[int]], Captured | None]:
     """Greedy continuations (EOS included when it ends one, as in generate_vanilla), batched with a KV cache.
 
     With capture_layers, the same forward is the teacher-forced capture: each decode step feeds the model its
@@ -167,7 +167,7 @@ def generate_batched(fwd: BatchedForward, prompts: list[list[int]], max_new_toke
             lg = logits[:, -1]
             nxt = lg.argmax(-1)
             if layers:
-                tp, ti = torch.softmax(lg, -1).topk(min(TOPK, lg.shape[-1]), dim=-1)
+                tp, ti = torch.softmax(lg, -1).topk(min(topk, lg.shape[-1]), dim=-1)
                 steps.append(({l: caps[l][:, -1].half().cpu() for l in layers}, nxt.cpu(), tp.half().cpu(), ti.cpu(),
                               ~done.cpu()))
             gen.append(nxt)
@@ -237,3 +237,141 @@ def make_data(model, prompt_texts: list[str], layers: Sequence[int], max_new_tok
         torch.save(data, tmp)
         os.replace(tmp, cache_file)
     return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The data cache at scale: sharded, resumable
+# ---------------------------------------------------------------------------------------------------------------
+class ShardCache:
+    """Generated + captured data for one prompt list, in a directory (never in the repository):
+
+        manifest.json            what the shards were made with (model fingerprint, layers, max_new_tokens, topk,
+                                 prompt count and hash, batch); a mismatch is an error naming the field
+        prompts.json             the prompts (dicts, see heads_prompts) with their token ids
+        shard-00000.safetensors  one generation batch: x.{layer} [n, d] fp16, y [n] int32, top_p [n, topk] fp16,
+                                 top_i [n, topk] int32, seq [n] int32 (prompt index), step [n] int32; metadata
+                                 'conts' (JSON: {prompt index: continuation}), 'seconds', 'new_tokens'
+
+    Prompts are processed in token-length order, `batch` per shard, so a shard's rows share a similar length
+    and an interrupted build resumes at the first missing shard (each shard is written to a temporary name and
+    renamed). Rows are one per continuation token but the last, as in generate_batched.
+    """
+
+    def __init__(self, root, model, layers: Sequence[int], max_new_tokens: int, topk: int = 64, batch: int = 32):
+        from pathlib import Path
+        self.root, self.model = Path(root), model
+        self.layers = sorted(set(int(l) for l in layers))
+        self.max_new_tokens, self.topk, self.batch = max_new_tokens, topk, batch
+
+    def _manifest(self, prompts: list[dict]) -> dict:
+        import hashlib
+        import json
+        h = hashlib.sha256(json.dumps([p["ids"] for p in prompts]).encode()).hexdigest()[:16]
+        return {"fingerprint": self.model.fingerprint, "layers": self.layers, "max_new_tokens": self.max_new_tokens,
+                "topk": self.topk, "batch": self.batch, "n_prompts": len(prompts), "prompts_sha256": h}
+
+    def shards(self, n_prompts: int) -> list[tuple[str, list[int]]]:
+        import json
+        prompts = json.loads((self.root / "prompts.json").read_text())
+        order = sorted(range(n_prompts), key=lambda i: (len(prompts[i]["ids"]), i))
+        return [(f"shard-{k // self.batch:05d}.safetensors", order[k:k + self.batch]) for k in range(0, n_prompts, self.batch)]
+
+    def build(self, prompts: list[dict], *, device: str = "cpu", dtype=torch.float32, log=print) -> dict:
+        """Generate the missing shards for `prompts` (each with 'ids'). Returns {'tokens', 'seconds', 'tokens_per_s'}
+        over the shards made by this call."""
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        if not prompts or any("ids" not in p or not p["ids"] for p in prompts):
+            raise ValueError(f"{self.root}: every prompt needs non-empty token ids ('ids')")
+        self.root.mkdir(parents=True, exist_ok=True)
+        man = self._manifest(prompts)
+        mpath = self.root / "manifest.json"
+        if mpath.is_file():
+            old = json.loads(mpath.read_text())
+            bad = [k for k in man if old.get(k) != man[k]]
+            if bad:
+                raise ValueError(f"{mpath}: made with other settings ({', '.join(f'{k}: {old.get(k)!r} here, {man[k]!r} asked' for k in bad)}); "
+                                 f"use another directory")
+        else:
+            (self.root / "prompts.json").write_text(json.dumps(prompts))
+            mpath.write_text(json.dumps(man, indent=1))
+        fwd = BatchedForward(self.model.cfg, self.model.weights, device=device, dtype=dtype)
+        todo = [(name, idx) for name, idx in self.shards(len(prompts)) if not (self.root / name).is_file()]
+        n_shards = -(-len(prompts) // self.batch)
+        log(f"{self.root}: {n_shards - len(todo)} of {n_shards} shards present, {len(todo)} to make")
+        made_tokens, t_all = 0, time.time()
+        for name, idx in todo:
+            t0 = time.time()
+            conts, cap = generate_batched(fwd, [prompts[i]["ids"] for i in idx], self.max_new_tokens, self.model.eos_ids,
+                                          batch_size=len(idx), capture_layers=self.layers, topk=self.topk)
+            dt = time.time() - t0
+            new = sum(len(c) for c in conts)
+            made_tokens += new
+            tensors = {f"x.{l}": cap.x[l].half().contiguous() for l in self.layers}
+            g = torch.tensor(idx, dtype=torch.int32)
+            tensors.update(y=cap.y.int(), top_p=cap.top_p.half().contiguous(), top_i=cap.top_i.int().contiguous(),
+                           seq=g[cap.seq].contiguous(), step=cap.step.int())
+            md = {"conts": json.dumps({str(i): c for i, c in zip(idx, conts)}), "seconds": f"{dt:.3f}", "new_tokens": str(new)}
+            tmp = self.root / (name + ".tmp")
+            save_file(tensors, str(tmp), metadata=md)
+            os.replace(tmp, self.root / name)
+            log(f"{name}: {len(idx)} prompts, {new} new tokens, {cap.y.numel()} rows in {dt:.1f} s "
+                f"({new / dt:.1f} tokens/s)")
+        dt = time.time() - t_all
+        return {"tokens": made_tokens, "seconds": dt, "tokens_per_s": made_tokens / dt if dt > 0 else 0.0}
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.glob("*") if f.is_file())
+
+    def load(self, layers: Sequence[int] | None = None) -> dict:
+        """{'prompts', 'conts', 'cap'} from the shards present (rows in (prompt, step) order); `layers` (default:
+        all captured) picks which hidden states are read."""
+        import json
+
+        from safetensors import safe_open
+
+        man = json.loads((self.root / "manifest.json").read_text())
+        layers = man["layers"] if layers is None else sorted(set(layers))
+        missing = sorted(set(layers) - set(man["layers"]))
+        if missing:
+            raise ValueError(f"{self.root}: no hidden states at layers {missing} (captured: {man['layers']})")
+        prompts = json.loads((self.root / "prompts.json").read_text())
+        conts: list = [None] * len(prompts)
+        parts = {k: [] for k in ["y", "top_p", "top_i", "seq", "step"] + [f"x.{l}" for l in layers]}
+        seconds = 0.0
+        for f in sorted(self.root.glob("shard-*.safetensors")):
+            with safe_open(str(f), framework="pt") as sf:
+                seconds += float(sf.metadata()["seconds"])
+                for i, c in json.loads(sf.metadata()["conts"]).items():
+                    conts[int(i)] = c
+                for k in parts:
+                    parts[k].append(sf.get_tensor(k))
+        if not parts["y"]:
+            raise ValueError(f"{self.root}: no shards yet (run the build first)")
+        cat = {k: torch.cat(v) for k, v in parts.items()}
+        cap = Captured(layers=list(layers), x={l: cat[f"x.{l}"] for l in layers}, y=cat["y"].long(), top_p=cat["top_p"],
+                       top_i=cat["top_i"].long(), seq=cat["seq"].long(), step=cat["step"].long())
+        key = cap.seq * (man["max_new_tokens"] + 1) + cap.step
+        return {"prompts": prompts, "conts": conts, "cap": cap.select(torch.argsort(key)), "manifest": man,
+                "key": {"max_new_tokens": man["max_new_tokens"]}, "seconds": seconds}
+
+
+def merge_data(parts: list[dict]) -> dict:
+    """One data dict from several (ShardCache.load results): prompts and rows concatenated, prompt indices shifted."""
+    prompts, conts, caps, seconds, off = [], [], [], 0.0, 0
+    for d in parts:
+        c = d["cap"]
+        caps.append(Captured(layers=c.layers, x=c.x, y=c.y, top_p=c.top_p, top_i=c.top_i, seq=c.seq + off, step=c.step))
+        prompts += d["prompts"]
+        conts += d["conts"]
+        seconds += d.get("seconds", 0.0)
+        off += len(d["prompts"])
+    layers = caps[0].layers
+    cap = Captured(layers=layers, x={l: torch.cat([c.x[l] for c in caps]) for l in layers}, y=torch.cat([c.y for c in caps]),
+                   top_p=torch.cat([c.top_p for c in caps]), top_i=torch.cat([c.top_i for c in caps]),
+                   seq=torch.cat([c.seq for c in caps]), step=torch.cat([c.step for c in caps]))
+    return {"prompts": prompts, "conts": conts, "cap": cap, "seconds": seconds,
+            "key": {"max_new_tokens": max(d["key"]["max_new_tokens"] for d in parts)}, "device": "cpu", "dtype": "torch.float32"}

@@ -1,7 +1,9 @@
 """Training one head (DESIGN.md §5): the restricted vocabulary, the distillation target, and forward
-KL(p_final || p_head) with the base model frozen, T from the identity, Adam with a cosine schedule."""
+KL(p_final || p_head) with the base model frozen, T from the identity, Adam with a cosine schedule.
+Optional ablation parts (heads.Head): an MLP adapter of rank `adapter_rank`, the previous token (rank `prev_rank`)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -33,12 +35,6 @@ def collapse_target(top_p: torch.Tensor, top_i: torch.Tensor, vocab: torch.Tenso
     return tgt
 
 
-def _head_logits(x: torch.Tensor, T: torch.Tensor, E: torch.Tensor, w_rest: torch.Tensor | None) -> torch.Tensor:
-    z = x @ T.T
-    lg = z @ E.T
-    return lg if w_rest is None else torch.cat([lg, (z @ w_rest)[:, None]], -1)
-
-
 def _kl_rows(logits: torch.Tensor, tgt: torch.Tensor | None, top_p=None, top_i=None) -> torch.Tensor:
     """Per-row KL(p_final || p_head). Restricted: tgt [R, K+1]. Full vocabulary: the target is the stored
     top entries plus a tail bucket (the head's mass outside them)."""
@@ -53,47 +49,53 @@ def _kl_rows(logits: torch.Tensor, tgt: torch.Tensor | None, top_p=None, top_i=N
 
 
 class HeadData:
-    """Rows of one split for one layer, with the targets the loss needs."""
+    """Rows of one split for one layer; the loss target is made per minibatch (collapse_target).
+    prev: [N, d] RMSNorm_final(embedding of the token fed at each row), for previous-token heads."""
 
-    def __init__(self, cap: Captured, layer: int, vocab: torch.Tensor | None, vocab_size: int):
+    def __init__(self, cap: Captured, layer: int, vocab: torch.Tensor | None, vocab_size: int,
+                 prev: torch.Tensor | None = None):
         self.x = cap.x[layer]
         self.y, self.top_p, self.top_i = cap.y, cap.top_p, cap.top_i
-        self.tgt = None if vocab is None else collapse_target(cap.top_p, cap.top_i, vocab, vocab_size).half()
+        self.vocab, self.vocab_size, self.prev = vocab, vocab_size, prev
 
     def __len__(self):
         return self.x.shape[0]
 
     def batch(self, rows):
-        tgt = None if self.tgt is None else self.tgt[rows].float()
-        return self.x[rows].float(), tgt, self.top_p[rows], self.top_i[rows]
-
-
-def _lm_rows(lm_head: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor:
-    return (lm_head if vocab is None else lm_head[vocab]).float()
+        tp, ti = self.top_p[rows], self.top_i[rows]
+        tgt = None if self.vocab is None else collapse_target(tp, ti, self.vocab, self.vocab_size)
+        prev = None if self.prev is None else self.prev[rows].float()
+        return self.x[rows].float(), tgt, tp, ti, prev
 
 
 @torch.no_grad()
 def heldout_kl(head: Head, data: HeadData, lm_head: torch.Tensor, batch: int = 2048) -> float:
-    E = _lm_rows(lm_head, head.vocab)
+    h = head.to(dtype=torch.float32)
     tot = 0.0
     for b0 in range(0, len(data), batch):
-        x, tgt, tp, ti = data.batch(slice(b0, b0 + batch))
-        tot += float(_kl_rows(_head_logits(x, head.T.float(), E, head.w_rest), tgt, tp, ti).sum())
+        x, tgt, tp, ti, prev = data.batch(slice(b0, b0 + batch))
+        tot += float(_kl_rows(h.logits(x, lm_head, prev), tgt, tp, ti).sum())
     return tot / max(1, len(data))
 
 
 def train_head(layer: int, train: HeadData, lm_head: torch.Tensor, vocab: torch.Tensor | None, *, epochs: int = 4,
                lr: float = 1e-3, batch: int = 256, seed: int = 0, heldout: HeadData | None = None, log=None,
-               progress_desc: str | None = None) -> tuple[Head, list[dict]]:
+               progress_desc: str | None = None, adapter_rank: int = 0, prev_rank: int = 0) -> tuple[Head, list[dict]]:
     """Forward KL from the final layer to the head, T from the identity, Adam with a cosine schedule.
-    The base model is frozen (only T and w_rest are parameters). Returns (head, per-epoch history)."""
+    The base model is frozen (only the head's parts are parameters). Returns (head, per-epoch history).
+    adapter_rank / prev_rank > 0 add the ablation parts (W2 / P2 start at zero, so training starts at T = I)."""
     d = train.x.shape[1]
     g = torch.Generator().manual_seed(seed)
-    E = _lm_rows(lm_head, vocab)
-    T = torch.nn.Parameter(torch.eye(d))
-    w_rest = None if vocab is None else torch.nn.Parameter(torch.zeros(d))
-    params = [T] + ([w_rest] if w_rest is not None else [])
+    P = torch.nn.Parameter
+    T = P(torch.eye(d))
+    w_rest = None if vocab is None else P(torch.zeros(d))
+    W1 = P(torch.randn(adapter_rank, d, generator=g) / d ** 0.5) if adapter_rank else None
+    W2 = P(torch.zeros(d, adapter_rank)) if adapter_rank else None
+    P1 = P(torch.randn(prev_rank, d, generator=g) / d ** 0.5) if prev_rank else None
+    P2 = P(torch.zeros(d, prev_rank)) if prev_rank else None
+    params = [p for p in (T, w_rest, W1, W2, P1, P2) if p is not None]
     opt = torch.optim.Adam(params, lr=lr)
+    lm = lm_head.float()
     n = len(train)
     steps_per_epoch = math.ceil(n / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -108,7 +110,11 @@ def train_head(layer: int, train: HeadData, lm_head: torch.Tensor, vocab: torch.
             bar = None
 
     def snapshot():
-        return Head(layer=layer, T=T.detach().clone(), vocab=vocab, w_rest=None if w_rest is None else w_rest.detach().clone())
+        c = (lambda t: None if t is None else t.detach().clone())
+        return Head(layer=layer, T=c(T), vocab=vocab, w_rest=c(w_rest), W1=c(W1), W2=c(W2), P1=c(P1), P2=c(P2))
+
+    def live():
+        return Head(layer=layer, T=T, vocab=vocab, w_rest=w_rest, W1=W1, W2=W2, P1=P1, P2=P2)
 
     if heldout is not None:
         hist.append({"epoch": 0, "heldout_kl": heldout_kl(snapshot(), heldout, lm_head)})
@@ -117,8 +123,8 @@ def train_head(layer: int, train: HeadData, lm_head: torch.Tensor, vocab: torch.
         tot = 0.0
         for b0 in range(0, n, batch):
             rows = perm[b0:b0 + batch]
-            x, tgt, tp, ti = train.batch(rows)
-            loss = _kl_rows(_head_logits(x, T, E, w_rest), tgt, tp, ti).mean()
+            x, tgt, tp, ti, prev = train.batch(rows)
+            loss = _kl_rows(live().logits(x, lm, prev), tgt, tp, ti).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -139,4 +145,4 @@ def train_head(layer: int, train: HeadData, lm_head: torch.Tensor, vocab: torch.
 
 def round_like_file(head: Head) -> Head:
     """The head as a head file stores it (T in fp16)."""
-    return Head(layer=head.layer, T=head.T.half().float(), vocab=head.vocab, w_rest=head.w_rest)
+    return dataclasses.replace(head, T=head.T.half().float())

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from .heads_eval import GAMMAS
+GAMMAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 def simulate(conf: torch.Tensor, correct: torch.Tensor, layers: Sequence[int], gamma: float, n_layers: int,
@@ -31,7 +31,7 @@ def simulate(conf: torch.Tensor, correct: torch.Tensor, layers: Sequence[int], g
     """
     R = conf.shape[0]
     L = n_layers
-    conf_ok = (conf > gamma).tolist()
+    conf_ok = (conf > torch.as_tensor(gamma, dtype=conf.dtype)).tolist()  # gamma: one, or one per head
     corr = correct.tolist()
     H = len(layers)
 
@@ -87,6 +87,7 @@ def simulate_set(traces: list[tuple[torch.Tensor, torch.Tensor]], layers, gamma,
         tot.update(simulate(conf, correct, layers, gamma, n_layers, max_pending))
     steps, van = tot["steps"], tot["vanilla_steps"]
     rows = max(1, tot["rows"])
+    gamma = [float(g) for g in gamma] if isinstance(gamma, (list, tuple)) else float(gamma)
     return {"layers": list(layers), "gamma": gamma, "ideal_speedup": van / max(1, steps),
             "speedup_with_head_cost": van / max(1e-9, steps + head_cost * tot["head_evals"]),
             "exit_rate": tot["exits"] / rows, "rollbacks_per_100_tokens": 100 * tot["wrong"] / rows,
@@ -97,22 +98,53 @@ def simulate_set(traces: list[tuple[torch.Tensor, torch.Tensor]], layers, gamma,
 def recommend(per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]], seq: torch.Tensor, n_layers: int,
               gammas=GAMMAS, max_heads: int = 3, max_pending: int = 5, head_cost: float = 0.0,
               min_accuracy: float = 0.0) -> tuple[dict, list[dict]]:
-    """Best (layer set, gamma) by simulated ideal layer-step speedup on the held-out traces (ties: fewer heads,
+    """Best (layer set, gamma) by simulated layer-step speedup, each head evaluation costing `head_cost` layer
+    steps, on the held-out traces (ties: fewer heads,
     then higher gamma), among the configurations whose early tokens are right at least `min_accuracy` of the
     time (all of them when none is). per_layer: layer -> (conf [N], correct [N]) in the row order of `seq`."""
     layers_all = sorted(per_layer)
-    bounds = torch.unique_consecutive(seq, return_counts=True)[1].tolist()
     results = []
     for k in range(1, min(max_heads, len(layers_all)) + 1):
         for subset in itertools.combinations(layers_all, k):
-            conf = torch.stack([per_layer[l][0] for l in subset], 1)
-            corr = torch.stack([per_layer[l][1] for l in subset], 1)
-            traces, o = [], 0
-            for n in bounds:
-                traces.append((conf[o:o + n], corr[o:o + n]))
-                o += n
+            traces = traces_of(per_layer, seq, subset)
             for g in gammas:
                 results.append(simulate_set(traces, subset, g, n_layers, max_pending, head_cost))
     ok = [r for r in results if (r["early_accuracy"] if r["early_accuracy"] is not None else 1.0) >= min_accuracy]
-    best = max(ok or results, key=lambda r: (round(r["ideal_speedup"], 6), -len(r["layers"]), r["gamma"]))
+    best = max(ok or results, key=lambda r: (round(r["speedup_with_head_cost"], 6), -len(r["layers"]), r["gamma"]))
     return best, results
+
+
+def traces_of(per_layer, seq, layers):
+    conf = torch.stack([per_layer[l][0] for l in layers], 1)
+    corr = torch.stack([per_layer[l][1] for l in layers], 1)
+    traces, o = [], 0
+    for n in torch.unique_consecutive(seq, return_counts=True)[1].tolist():
+        traces.append((conf[o:o + n], corr[o:o + n]))
+        o += n
+    return traces
+
+
+def tune_gammas(per_layer, seq: torch.Tensor, n_layers: int, start: dict, gammas=GAMMAS, max_pending: int = 5,
+                head_cost: float = 0.0, min_accuracy: float = 0.0, rounds: int = 3) -> dict:
+    """Per-head gamma for the layer set of `start` (a simulate_set result): coordinate ascent over `gammas`, one
+    head at a time, on the simulated speedup with head costs counted, keeping early accuracy >= min_accuracy."""
+    layers = start["layers"]
+    traces = traces_of(per_layer, seq, layers)
+    g0 = start["gamma"]
+    cur = list(g0) if isinstance(g0, list) else [g0] * len(layers)
+    ok = (lambda r: (r["early_accuracy"] if r["early_accuracy"] is not None else 1.0) >= min_accuracy)
+    score = (lambda r: (ok(r), round(r["speedup_with_head_cost"], 6)))
+    best = simulate_set(traces, layers, list(cur), n_layers, max_pending, head_cost)
+    for _ in range(rounds):
+        changed = False
+        for j in range(len(layers)):
+            for g in gammas:
+                if g == cur[j]:
+                    continue
+                trial = cur[:j] + [g] + cur[j + 1:]
+                r = simulate_set(traces, layers, trial, n_layers, max_pending, head_cost)
+                if score(r) > score(best):
+                    best, cur, changed = r, trial, True
+        if not changed:
+            break
+    return best

@@ -17,10 +17,10 @@ from typing import Sequence
 import torch
 
 from .heads import Head
-from .heads_data import Captured, make_data
-from .heads_eval import GAMMAS, exit_table, head_params, head_predictions, layer_params
+from .heads_data import Captured, make_data, merge_data
+from .heads_eval import exit_table, head_params, head_predictions, layer_params
 from .heads_train import HeadData, build_vocab, heldout_kl, round_like_file, train_head
-from .schedule_sim import recommend
+from .schedule_sim import GAMMAS, recommend, tune_gammas
 
 
 def split_prompts(n: int, heldout_frac: float, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -32,7 +32,8 @@ def split_prompts(n: int, heldout_frac: float, seed: int = 0) -> tuple[list[int]
 
 def train_pipeline(model, data: dict, layers: Sequence[int], *, vocab_k: int = 4096, heldout_frac: float = 0.2,
                    epochs: int = 4, lr: float = 1e-3, batch: int = 256, max_heads: int = 3, max_pending: int = 5,
-                   gammas=GAMMAS, seed: int = 0, min_accuracy: float = 0.0, log=print, progress: bool = True) -> dict:
+                   gammas=GAMMAS, seed: int = 0, min_accuracy: float = 0.0, log=print, progress: bool = True,
+                   per_head_gamma: bool = False) -> dict:
     """Train a head at each layer of `layers` on `data` (from make_data), evaluate on the held-out prompts,
     recommend a layer subset and gamma. Returns {'heads': {layer: Head}, 'results': JSON-able dict}."""
     cfg = model.cfg
@@ -44,7 +45,14 @@ def train_pipeline(model, data: dict, layers: Sequence[int], *, vocab_k: int = 4
     if bad:
         raise ValueError(f"head layers must be in 1..{cfg.n_layers - 1}, got {bad}")
     n_prompts = len(data["prompts"])
-    train_ids, held_ids = split_prompts(n_prompts, heldout_frac, seed)
+    if all(isinstance(p, dict) and p.get("split") in ("train", "val") for p in data["prompts"]):
+        # split by construction (heads_recipe: by package / topic): validation prompts share no source with training
+        held_ids = [i for i, p in enumerate(data["prompts"]) if p["split"] == "val"]
+        train_ids = [i for i, p in enumerate(data["prompts"]) if p["split"] == "train"]
+    else:
+        train_ids, held_ids = split_prompts(n_prompts, heldout_frac, seed)
+    made = (lambda ids: [i for i in ids if data["conts"][i] is not None])  # a partial cache lacks some prompts
+    train_ids, held_ids = made(train_ids), made(held_ids)
     is_held = torch.zeros(n_prompts, dtype=torch.bool)
     is_held[held_ids] = True
     tr_rows = (~is_held[cap.seq]).nonzero().flatten()
@@ -79,6 +87,9 @@ def train_pipeline(model, data: dict, layers: Sequence[int], *, vocab_k: int = 4
     train_s = time.time() - t0
     hc = head_params(cfg, K) / layer_params(cfg)
     best, sims = recommend(per_layer_trace, cap_he.seq, cfg.n_layers, gammas, max_heads, max_pending, hc, min_accuracy)
+    shared_best = best
+    if per_head_gamma:
+        best = tune_gammas(per_layer_trace, cap_he.seq, cfg.n_layers, best, gammas, max_pending, hc, min_accuracy)
     results = {
         "model": model.source, "model_fingerprint": model.fingerprint, "n_layers": cfg.n_layers,
         "prompts": {"total": n_prompts, "train": len(train_ids), "heldout": len(held_ids),
@@ -90,7 +101,7 @@ def train_pipeline(model, data: dict, layers: Sequence[int], *, vocab_k: int = 4
                      "loss": "forward KL(p_final || p_head) on the K tokens + rest (restricted) or the top-256 + tail (full)"},
         "head_cost_layers": hc, "max_pending": max_pending, "min_accuracy": min_accuracy,
         "per_head": [per_head[l] for l in sorted(per_head)],
-        "recommended": best,
+        "recommended": best, "recommended_shared_gamma": shared_best,
         "simulations": sorted(sims, key=lambda r: -r["ideal_speedup"])[:40],
     }
     return {"heads": heads, "vocab": vocab, "results": results}
@@ -133,7 +144,13 @@ def format_report(res: dict) -> str:
 def add_arguments(p) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or an HF directory")
     p.add_argument("--layers", required=True, help="candidate head layers, e.g. '18,20,22-26' (a head reads h after that many layers)")
-    p.add_argument("--prompts", default="general", help="'code', 'general' (shipped sets) or a file (JSON list or one prompt per line)")
+    p.add_argument("--prompts", default="general", help="'code', 'general' (templated sets) or a file (JSON list or one prompt per line)")
+    p.add_argument("--recipe", choices=("code", "general"), default=None,
+                   help="train on the shipped heads' data recipe (adadecode/heads_recipe.py: real Python source / "
+                        "model-written requests, split by construction) instead of --prompts; --data-cache is then "
+                        "the cache directory (built or resumed first)")
+    p.add_argument("--no-generate", action="store_true", help="--recipe: train on the shards already cached")
+    p.add_argument("--per-head-gamma", action="store_true", help="tune one gamma per head of the recommended set")
     p.add_argument("--out", required=True, help="head file to write (safetensors), holding the recommended layer set")
     p.add_argument("--n-prompts", type=int, default=None, help="use the first N prompts of the set (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="greedy continuation length per prompt")
@@ -149,7 +166,8 @@ def add_arguments(p) -> None:
                    help="recommend only configurations whose held-out early tokens are right at least this often")
     p.add_argument("--gammas", default=",".join(str(g) for g in GAMMAS))
     p.add_argument("--no-chat", action="store_true", help="encode prompts as plain text (default: chat template)")
-    p.add_argument("--data-cache", default=None, help="file to keep the generated data in (reused when it matches)")
+    p.add_argument("--data-cache", default=None, help="file to keep the generated data in (reused when it matches); "
+                                                        "with --recipe a directory (default $ADADECODE_CACHE/heads-data)")
     p.add_argument("--results", default=None, help="also write the full results as JSON here")
     p.add_argument("--description", default=None, help="training-data description stored in the head file")
     p.add_argument("--device", default=None, help="torch device for generation (default: cuda where available)")
@@ -170,32 +188,43 @@ def main(args) -> int:
     bad = [l for l in layers if not 1 <= l < model.cfg.n_layers]
     if bad:
         raise ValueError(f"--layers: {bad} outside 1..{model.cfg.n_layers - 1} for {model.source}")
-    texts = load_prompts(args.prompts)
-    if args.n_prompts:
-        texts = texts[:args.n_prompts]
-    if len(texts) < 2:
-        raise ValueError(f"--prompts {args.prompts}: need at least 2 prompts (training + held-out), got {len(texts)}")
     gammas = tuple(float(g) for g in args.gammas.split(","))
     log = (lambda s: print(s, flush=True))
-    data = make_data(model, texts, layers, args.max_new_tokens, chat=not args.no_chat, batch_size=args.gen_batch,
-                     device=args.device, cache_file=args.data_cache, log=log)
+    if args.recipe:
+        from . import heads_recipe
+        caches = (heads_recipe.cached(args.recipe, model, args.data_cache) if args.no_generate else
+                  heads_recipe.build(args.recipe, model, args.data_cache, args.n_prompts, log=log))
+        data = merge_data([c.load(layers) for c in caches])
+        source = f"the '{args.recipe}' recipe (adadecode/heads_recipe.py)"
+    else:
+        texts = load_prompts(args.prompts)
+        if args.n_prompts:
+            texts = texts[:args.n_prompts]
+        if len(texts) < 2:
+            raise ValueError(f"--prompts {args.prompts}: need at least 2 prompts (training + held-out), got {len(texts)}")
+        data = make_data(model, texts, layers, args.max_new_tokens, chat=not args.no_chat, batch_size=args.gen_batch,
+                         device=args.device, cache_file=args.data_cache, log=log)
+        source = f"'{args.prompts}' ({'chat template' if not args.no_chat else 'plain text'})"
     out = train_pipeline(model, data, layers, vocab_k=args.vocab, heldout_frac=args.heldout, epochs=args.epochs,
                          lr=args.lr, batch=args.batch, max_heads=args.max_heads, max_pending=args.max_pending,
-                         gammas=gammas, seed=args.seed, min_accuracy=args.min_accuracy, log=log)
+                         gammas=gammas, seed=args.seed, min_accuracy=args.min_accuracy, log=log,
+                         per_head_gamma=args.per_head_gamma)
     res = out["results"]
     best = res["recommended"]
-    desc = args.description or (f"greedy continuations ({args.max_new_tokens} new tokens) of {res['prompts']['train']} "
-                                f"prompts from '{args.prompts}' ({'chat template' if not args.no_chat else 'plain text'}); "
-                                f"{res['prompts']['heldout']} prompts held out")
+    desc = args.description or (f"greedy continuations ({res['generation']['max_new_tokens']} new tokens) of "
+                                f"{res['prompts']['train']} prompts from {source}; {res['prompts']['heldout']} prompts held out")
     res["command"] = "python -m adadecode train-heads " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k not in ("command", "func") and v not in (None, False))
     res["total_seconds"] = time.time() - t0
     res["description"] = desc
-    meta = {"gamma": best["gamma"], "description": desc,
+    shared = best["gamma"] if not isinstance(best["gamma"], list) else res["recommended_shared_gamma"]["gamma"]
+    meta = {"gamma": shared, "description": desc,
             "training": {k: res[k] for k in ("prompts", "generation", "vocab_k", "training", "max_pending", "min_accuracy")},
             "heldout": {"recommended": best, "per_head": [{k: h[k] for k in ("layer", "heldout_kl", "top1_agreement", "gammas")}
                                                           for h in res["per_head"]]}}
+    if isinstance(best["gamma"], list):
+        meta["gammas"] = best["gamma"]
     save_heads(args.out, [out["heads"][l] for l in best["layers"]], model, meta)
     print(format_report(res))
     print(f"wrote {args.out} (layers {best['layers']}, gamma {best['gamma']}) in {res['total_seconds']:.0f} s")

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import bytes_per_token, copy_bandwidth, llama31_8b, run_facts  # noqa: E402
+from adadecode import heads_prompts  # noqa: E402
 from adadecode.decode import Generation, generate_vanilla  # noqa: E402
 from adadecode.driver import generate_adadecode, generate_layerskip  # noqa: E402
 from adadecode.engines import cuda_unavailable_reason, make_engine  # noqa: E402
@@ -48,6 +49,9 @@ from adadecode.trace import RecordingEngine, Trace, replay  # noqa: E402
 
 ALL_METHODS = ["hf-eager", "hf-compile", "torch-graph", "vanilla", "adadecode", "layerskip"]
 EXACT = ("adadecode", "layerskip")
+EVAL_SETS = {"humaneval": heads_prompts.humaneval, "general-heldout": heads_prompts.general_heldout}
+DEFAULT_HEADS = {"code": "default:code", "humaneval": "default:code", "general": "default:general",
+                 "general-heldout": "default:general"}
 
 
 
@@ -186,11 +190,25 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def prompt_set(name: str, tok, meta: dict) -> list[list[int]]:
+    """Token ids of a prompt set: 'humaneval' (plain completion, as HumanEval is), 'general-heldout' (hand-written
+    chat prompts no head was trained on), 'code' / 'general' / a file (chat template)."""
+    if name in EVAL_SETS:  # evaluation sets: never trained on
+        return [heads_prompts.encode(tok, p) for p in EVAL_SETS[name]()]
+    texts = load_prompts(name)
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    used = (training.get("prompts") or {}).get("total", 0)
+    if f"'{name}'" in str(meta.get("description", "")) and used < len(texts):
+        texts = texts[used:]  # the heads were trained on the first `used` prompts of this set: time the others
+    return [tok.encode_chat(t) for t in texts]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--heads", default=None, help="head file or default[:code|:general] (default: matches --prompts)")
-    p.add_argument("--prompts", default="code", help="code, general or a file (JSON list / one prompt per line)")
+    p.add_argument("--prompts", default="code", help="humaneval, general-heldout (never trained on), code, general or a "
+                                                    "file (JSON list / one prompt per line)")
     p.add_argument("--n-prompts", type=int, default=None, help="default: 8 on a GPU, 2 on the CPU")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 on a GPU, 32 on the CPU")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
@@ -215,15 +233,10 @@ def main(argv=None) -> int:
 
     model = load_model(args.model)
     tok = model.tokenizer
-    heads_spec = args.heads or (f"default:{args.prompts}" if args.prompts in ("code", "general") else "default")
+    heads_spec = args.heads or DEFAULT_HEADS.get(args.prompts, "default")
     heads, meta = load_heads(heads_spec, model)
-    gamma = args.gamma if args.gamma is not None else float(meta.get("gamma", 0.75))
-    texts = load_prompts(args.prompts)
-    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
-    used = (training.get("prompts") or {}).get("total", 0)
-    if f"'{args.prompts}'" in str(meta.get("description", "")) and used < len(texts):
-        texts = texts[used:]  # the heads were trained on the first `used` prompts of this set: time the others
-    prompts = [tok.encode_chat(t) for t in texts[:n_prompts]]
+    gamma = args.gamma if args.gamma is not None else meta.get("gammas") or float(meta.get("gamma", 0.75))
+    prompts = prompt_set(args.prompts, tok, meta)[:n_prompts]
     max_seq = max(len(x) for x in prompts) + max_new + 8
     engine = make_engine(model, "auto", max_seq=max_seq, max_rows=max(16, args.max_pending + 1, args.k + 1))
     engine.set_heads(heads)
@@ -333,7 +346,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in ('code', 'general') else 'custom'}-{facts['date'][:10]}"
+    stem = out / f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in DEFAULT_HEADS else 'custom'}-{facts['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and .png")

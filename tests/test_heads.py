@@ -281,3 +281,86 @@ def test_recommend_respects_min_accuracy():
     assert best["layers"] == [10] and best["early_accuracy"] < 0.95  # a few rollbacks cost less than exiting at 20
     best, _ = sim.recommend(per, seq, 30, gammas=(0.5,), max_heads=1, min_accuracy=0.95)
     assert best["layers"] == [20] and best["early_accuracy"] == 1.0
+
+
+# ---- the sharded data cache ---------------------------------------------------------------------------------------
+def test_shard_cache_resumes_and_matches_the_generator(tmp_path):
+    m = tiny_model()
+    prompts = rand_prompts(7, m.cfg.vocab_size, seed=5)
+    recs = [{"ids": p, "split": "val" if i % 3 == 0 else "train"} for i, p in enumerate(prompts)]
+    cache = hd.ShardCache(tmp_path / "c", m, [1, 2], 6, topk=8, batch=3)
+    cache.build(recs, log=lambda s: None)
+    shards = sorted((tmp_path / "c").glob("shard-*.safetensors"))
+    assert len(shards) == 3
+    shards[1].unlink()  # an interrupted build: the next one makes only the missing shard
+    made = []
+    st = cache.build(recs, log=made.append)
+    assert "2 of 3 shards present, 1 to make" in made[0] and st["tokens"] > 0
+    data = cache.load([2])
+    conts, cap = hd.generate_batched(hd.BatchedForward(m.cfg, m.weights), prompts, 6, m.eos_ids, batch_size=7,
+                                     capture_layers=[2], topk=8)
+    assert data["conts"] == conts
+    assert torch.equal(data["cap"].seq, cap.seq) and torch.equal(data["cap"].y, cap.y)
+    torch.testing.assert_close(data["cap"].x[2].float(), cap.x[2].float(), atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        hd.ShardCache(tmp_path / "c", m, [1, 2], 7, topk=8, batch=3).build(recs, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"no hidden states at layers \[3\]"):
+        cache.load([3])
+    # a split by construction: training never sees the validation prompts
+    out = th.train_pipeline(m, hd.merge_data([data]), [2], vocab_k=0, epochs=1, log=lambda s: None, progress=False,
+                            per_head_gamma=True)
+    assert out["results"]["prompts"]["heldout"] == sum(r["split"] == "val" for r in recs)
+    assert out["results"]["recommended"]["speedup_with_head_cost"] >= out["results"]["recommended_shared_gamma"]["speedup_with_head_cost"]
+
+
+# ---- prompts from real sources --------------------------------------------------------------------------------------
+def test_code_prompts_come_from_documented_functions(tmp_path):
+    from adadecode import heads_prompts as hp
+
+    src = tmp_path / "mod.py"
+    src.write_text('from typing import List\n\n\ndef add_all(xs: List[int]) -> int:\n    """Return the sum of all the '
+                   'numbers in xs, or zero for an empty list."""\n    return sum(xs)\n\n\ndef undocumented(x):\n    return x\n\n\n'
+                   'class C:\n    def method(self):\n        """A method reads oddly without its class: skipped."""\n')
+    found = list(hp.functions_in(src))
+    assert [f[0] for f in found] == ["add_all"]
+    name, text, doc, imports = found[0]
+    assert text.startswith("def add_all(xs: List[int]) -> int:") and text.rstrip().endswith('list."""')
+    assert imports == "from typing import List"
+
+
+def test_near_duplicates_of_the_evaluation_set_are_found():
+    from adadecode import heads_prompts as hp
+
+    ref = 'def has_close_elements(numbers, threshold):\n    """ Check if in given list of numbers, are any two numbers closer ' \
+          'to each other than given threshold."""\n'
+    idx = hp.ShingleIndex([ref])
+    assert idx.near(ref.replace("numbers", "numbers ").replace("def ", "async def "))
+    assert not idx.near('def parse(url):\n    """Split a URL into its scheme, host, path and query string parts."""\n')
+    assert hp.near_duplicates(["x", ref], [ref]) == [(1, 1.0)]
+
+
+# ---- ablation parts ------------------------------------------------------------------------------------------------
+def test_ablation_parts_start_as_the_plain_head_and_are_not_saved(tmp_path):
+    m = tiny_model()
+    d = m.cfg.d
+    x = torch.randn(4, d)
+    prev = torch.randn(4, d)
+    plain = Head.identity(2, d)
+    h = Head(layer=2, T=torch.eye(d), W1=torch.randn(8, d), W2=torch.zeros(d, 8), P1=torch.randn(8, d), P2=torch.zeros(d, 8))
+    assert torch.equal(h.logits(x, m.weights.lm_head, prev), plain.logits(x, m.weights.lm_head))
+    with pytest.raises(ValueError, match="previous token"):
+        h.logits(x, m.weights.lm_head)
+    with pytest.raises(ValueError, match="ablations"):
+        save_heads(tmp_path / "h.safetensors", [h], m, {"gamma": 0.5, "description": "x"})
+
+
+def test_per_head_gammas_in_a_head_file(tmp_path):
+    m = tiny_model()
+    heads = trained_like_heads(m)
+    f = tmp_path / "h.safetensors"
+    save_heads(f, heads, m, {"gamma": 0.7, "gammas": [0.6, 0.9], "description": "x"})
+    _, meta = load_heads(f, m)
+    assert meta["gammas"] == [0.6, 0.9] and meta["gamma"] == 0.7
+    save_heads(f, heads, m, {"gamma": 0.7, "gammas": [0.6], "description": "x"})
+    with pytest.raises(HeadFileError, match="'gammas'"):
+        load_heads(f, m)
