@@ -38,9 +38,10 @@ VARIANTS = [  # name, vocab K, adapter rank, previous-token rank, share of train
     ("d x d, K=1024", 1024, 0, 0, 1.0, None),
     ("d x d, K=2048", 2048, 0, 0, 1.0, None),
     ("d x d, K=4096", 4096, 0, 0, 1.0, None),
-    ("d x d, K=2048, 1/4 of the rows", 2048, 0, 0, 0.25, None),
-    ("d x d + MLP adapter r=256, K=2048", 2048, 256, 0, 1.0, None),
-    ("d x d + previous token r=128, K=2048", 2048, 0, 128, 1.0, None),
+    ("d x d, K=1024, 1/4 of the rows", 1024, 0, 0, 0.25, None),
+    ("d x d, K=1024, 6 epochs", 1024, 0, 0, 1.0, 6),
+    ("d x d + MLP adapter r=256, K=1024", 1024, 256, 0, 1.0, None),
+    ("d x d + previous token r=128, K=1024", 1024, 0, 128, 1.0, None),
 ]
 
 
