@@ -8,9 +8,9 @@ builds (or resumes) the data cache of one set under DIR/<set> (default $ADADECOD
 * code: documented functions of the installed Python source (heads_prompts.code_prompts), 3/4 plain completion
   prompts (imports + signature + docstring) and 1/4 chat requests; split by top-level package: packages whose
   name hashes to 0 mod 10 are the validation set (layers and gamma are chosen there, never on HumanEval).
-* general: the model writes user requests itself (heads_prompts.instruction_requests: 6 styles x topics), its
-  replies become chat prompts; a quarter of them get a second turn (the model's answer + a follow-up). Split by
-  topic, as code by package.
+* general: the model writes user requests itself (heads_prompts.instruction_requests: 3 of 6 styles per topic),
+  its replies become chat prompts; a quarter of them get a second turn (the model's answer + a follow-up). Split by
+  topic, as code by package. Built in chunks of 60 topics (--n topics), so a larger --n adds to the cache.
 * humaneval, general-heldout: the evaluation sets (never trained on).
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from .heads_data import BatchedForward, ShardCache, generate_batched
 LAYERS = (4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26)
 SETS = {"code": 96, "general": 96, "humaneval": 64, "general-heldout": 64}  # max new tokens per set
 MAX_PROMPT_TOKENS = 320
-PARTS = {"code": ["code"], "general": ["general", "general-multiturn"], "humaneval": ["humaneval"],
-         "general-heldout": ["general-heldout"]}  # cache directories of each set
+PARTS = {"code": ["code"], "humaneval": ["humaneval"], "general-heldout": ["general-heldout"]}  # cache directories
+TOPIC_CHUNK = 60  # general: one pair of caches (single-, multi-turn) per 60 topics, so a larger --n adds chunks
 
 
 def cache_root() -> Path:
@@ -59,10 +59,9 @@ def code_set(model, n: int, log=print) -> list[dict]:
     return _with_ids(model.tokenizer, prompts)
 
 
-def general_set(model, root: Path, n_topics: int | None = None, batch: int = 64, log=print) -> list[dict]:
-    """Model-written requests (resumable: requests.jsonl under `root`), then single- and multi-turn chat prompts."""
+def general_set(model, root: Path, topics: list[str], batch: int = 64, log=print) -> list[dict]:
+    """Model-written requests about `topics` (resumable: requests.jsonl under `root`), as chat prompts."""
     tok = model.tokenizer
-    topics = hp.topics()[:n_topics]
     reqs = hp.instruction_requests(topics)
     root.mkdir(parents=True, exist_ok=True)
     path = root / "requests.jsonl"
@@ -109,43 +108,42 @@ def multi_turn(model, prompts: list[dict], conts: list[list[int]], every: int = 
 def cached(name: str, model, root: Path | None = None) -> list[ShardCache]:
     """The caches of set `name` that exist under `root` (no generation; partial caches are fine)."""
     root = Path(root or cache_root())
-    out = [ShardCache(root / sub, model, LAYERS, SETS[name]) for sub in PARTS[name] if (root / sub / "manifest.json").is_file()]
+    subs = sorted(d.name for d in root.glob("general-t*")) if name == "general" else PARTS[name]
+    out = [ShardCache(root / sub, model, LAYERS, SETS[name]) for sub in subs if (root / sub / "manifest.json").is_file()]
     if not out:
         raise FileNotFoundError(f"{root}: no cache of set {name!r} (build it: python -m adadecode.heads_recipe {name})")
     return out
 
 
 def build(name: str, model, root: Path | None = None, n: int | None = None, log=print) -> list[ShardCache]:
-    """Build (or resume) the caches of set `name`; returns them (general has two: single- and multi-turn)."""
+    """Build (or resume) the caches of set `name`; returns them. general: per chunk of TOPIC_CHUNK topics, the
+    single-turn cache general-tNNN and its multi-turn continuation general-tNNN-multiturn."""
     root = Path(root or cache_root())
     mnt = SETS[name]
     if name == "code":
-        sets = [("code", code_set(model, n or 1400, log=log))]
-    elif name == "general":
-        single = general_set(model, root / "general", n_topics=n, log=log)
-        sets = [("general", single)]
-    elif name == "humaneval":
-        sets = [("humaneval", _with_ids(model.tokenizer, [{**p, "split": "test"} for p in hp.humaneval()]))]
-    elif name == "general-heldout":
-        sets = [("general-heldout", _with_ids(model.tokenizer, [{**p, "split": "test"} for p in hp.general_heldout()]))]
-    else:
+        return [_build_one(root / "code", code_set(model, n or 1400, log=log), mnt, model, log)]
+    if name == "humaneval":
+        return [_build_one(root / name, _with_ids(model.tokenizer, [{**p, "split": "test"} for p in hp.humaneval()]), mnt, model, log)]
+    if name == "general-heldout":
+        return [_build_one(root / name, _with_ids(model.tokenizer, [{**p, "split": "test"} for p in hp.general_heldout()]), mnt,
+                           model, log)]
+    if name != "general":
         raise ValueError(f"unknown set {name!r}: choose from {sorted(SETS)}")
-    caches = []
-    for sub, prompts in sets:
-        c = ShardCache(root / sub, model, LAYERS, mnt)
-        st = c.build(prompts, log=log)
-        log(f"{sub}: {len(prompts)} prompts; this run {st['tokens']} new tokens in {st['seconds']:.0f} s "
-            f"({st['tokens_per_s']:.1f} tokens/s); cache {c.size_bytes() / 2**20:.0f} MiB")
-        caches.append(c)
-    if name == "general":
-        d = caches[0].load(layers=[])
-        mt = multi_turn(model, d["prompts"], d["conts"])
-        c = ShardCache(root / "general-multiturn", model, LAYERS, mnt)
-        st = c.build(mt, log=log)
-        log(f"general-multiturn: {len(mt)} prompts; {st['tokens']} new tokens ({st['tokens_per_s']:.1f} tokens/s); "
-            f"cache {c.size_bytes() / 2**20:.0f} MiB")
-        caches.append(c)
+    topics, caches = hp.topics()[:n], []
+    for a in range(0, len(topics), TOPIC_CHUNK):
+        sub = f"general-t{a:03d}"
+        c = _build_one(root / sub, general_set(model, root / sub, topics[a:a + TOPIC_CHUNK], log=log), mnt, model, log)
+        d = c.load(layers=[])
+        caches += [c, _build_one(root / f"{sub}-multiturn", multi_turn(model, d["prompts"], d["conts"]), mnt, model, log)]
     return caches
+
+
+def _build_one(path: Path, prompts: list[dict], max_new_tokens: int, model, log) -> ShardCache:
+    c = ShardCache(path, model, LAYERS, max_new_tokens)
+    st = c.build(prompts, log=log)
+    log(f"{path.name}: {len(prompts)} prompts; this run {st['tokens']} new tokens in {st['seconds']:.0f} s "
+        f"({st['tokens_per_s']:.1f} tokens/s); cache {c.size_bytes() / 2**20:.0f} MiB")
+    return c
 
 
 def main(argv=None) -> int:
