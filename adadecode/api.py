@@ -213,7 +213,7 @@ class LLM:
         method: "vanilla", "adadecode" or "layerskip"; default: adadecode where heads are loaded, else vanilla.
         stop: strings that end the text (cut before them); EOS ends it too.
         gamma (adadecode): exit when a head's confidence > gamma; one number or one per head; default: the heads
-            file's recommended gamma. max_pending (adadecode): most early tokens awaiting verification.
+            file's recommended per-head gammas or gamma. max_pending (adadecode): most early tokens awaiting verification.
         k, head_layer (layerskip): draft length and the drafting head's layer (default: the deepest head).
         options: passed to the method's function (e.g. sampling options where the build has them).
         """
@@ -245,7 +245,7 @@ class LLM:
             rows = self._check_count("max_pending" if method == "adadecode" else "k",
                                      max_pending if method == "adadecode" else k) + 1
         if method == "adadecode":
-            gamma = self.heads_meta.get("gamma", DEFAULT_GAMMA) if gamma is None else gamma
+            gamma = (self.heads_meta.get("gammas") or self.heads_meta.get("gamma", DEFAULT_GAMMA)) if gamma is None else gamma
             values = list(gamma) if isinstance(gamma, (list, tuple)) else [gamma]
             if any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1 for g in values):
                 raise ValueError(f"gamma must be a number in [0, 1] or one per head; got {gamma!r}")

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import bytes_per_token, copy_bandwidth, llama31_8b, run_facts  # noqa: E402
-from adadecode import DEFAULT_GAMMA, LLM  # noqa: E402
+from adadecode import DEFAULT_GAMMA, LLM, heads_prompts  # noqa: E402
 from adadecode.decode import Generation  # noqa: E402
 from adadecode.driver import generate_adadecode  # noqa: E402
 from adadecode.engines import cuda_unavailable_reason, make_engine  # noqa: E402
@@ -52,6 +52,9 @@ from adadecode.trace import RecordingEngine, Trace, replay  # noqa: E402
 
 ALL_METHODS = ["hf-eager", "hf-compile", "torch-graph", "vanilla", "adadecode", "layerskip"]
 EXACT = ("adadecode", "layerskip")
+EVAL_SETS = {"humaneval": heads_prompts.humaneval, "general-heldout": heads_prompts.general_heldout}
+DEFAULT_HEADS = {"code": "default:code", "humaneval": "default:code", "general": "default:general",
+                 "general-heldout": "default:general"}
 
 
 
@@ -190,11 +193,25 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def prompt_set(name: str, tok, meta: dict) -> list[list[int]]:
+    """Token ids of a prompt set: 'humaneval' (plain completion, as HumanEval is), 'general-heldout' (hand-written
+    chat prompts no head was trained on), 'code' / 'general' / a file (chat template)."""
+    if name in EVAL_SETS:  # evaluation sets: never trained on
+        return [heads_prompts.encode(tok, p) for p in EVAL_SETS[name]()]
+    texts = load_prompts(name)
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    used = (training.get("prompts") or {}).get("total", 0)
+    if f"'{name}'" in str(meta.get("description", "")) and used < len(texts):
+        texts = texts[used:]  # the heads were trained on the first `used` prompts of this set: time the others
+    return [tok.encode_chat(t) for t in texts]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--heads", default=None, help="head file or default[:code|:general] (default: matches --prompts)")
-    p.add_argument("--prompts", default="code", help="code, general or a file (JSON list / one prompt per line)")
+    p.add_argument("--prompts", default="code", help="humaneval, general-heldout (never trained on), code, general or a "
+                                                    "file (JSON list / one prompt per line)")
     p.add_argument("--n-prompts", type=int, default=None, help="default: 8 on a GPU, 2 on the CPU")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 on a GPU, 32 on the CPU")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
@@ -221,16 +238,11 @@ def main(argv=None) -> int:
         print(f"note: no GPU ({cuda_unavailable_reason()}); the torch reference engine runs on the CPU. "
               f"These numbers are NOT representative of the CUDA engine.", file=sys.stderr)
 
-    heads_spec = args.heads or (f"default:{args.prompts}" if args.prompts in ("code", "general") else "default")
+    heads_spec = args.heads or DEFAULT_HEADS.get(args.prompts, "default")
     llm = LLM(args.model, heads=heads_spec, max_rows=max(16, args.max_pending + 1, args.k + 1))
     model, heads, meta = llm.model, llm.heads, llm.heads_meta
-    gamma = args.gamma if args.gamma is not None else float(meta.get("gamma", DEFAULT_GAMMA))
-    texts = load_prompts(args.prompts)
-    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
-    used = (training.get("prompts") or {}).get("total", 0)
-    if f"'{args.prompts}'" in str(meta.get("description", "")) and used < len(texts):
-        texts = texts[used:]  # the heads were trained on the first `used` prompts of this set: time the others
-    prompts = [llm.encode(t, chat=True) for t in texts[:n_prompts]]
+    gamma = args.gamma if args.gamma is not None else meta.get("gammas") or float(meta.get("gamma", DEFAULT_GAMMA))
+    prompts = prompt_set(args.prompts, llm.tokenizer, meta)[:n_prompts]
     max_seq = max(len(x) for x in prompts) + max_new + 8
     engine = llm.engine
     eos = model.eos_ids
@@ -365,7 +377,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in ('code', 'general') else 'custom'}-{facts['date'][:10]}"
+    stem = out / f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in DEFAULT_HEADS else 'custom'}-{facts['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and .png")

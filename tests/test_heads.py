@@ -11,7 +11,7 @@ from adadecode.decode import generate_vanilla
 from adadecode.heads import Head, HeadFileError, heads_path, load_heads, save_heads
 from adadecode.loader import Model
 from adadecode.torch_engine import TorchEngine, rms_norm
-from adadecode import train_heads as th
+from adadecode import heads_data as hd, heads_train as ht, schedule_sim as sim, train_heads as th
 
 from conftest import random_weights, tiny_hf_config
 
@@ -139,8 +139,8 @@ def test_default_spec_names_the_shipped_files():
 def test_batched_generator_equals_generate_vanilla():
     m = tiny_model()
     prompts = rand_prompts(5, m.cfg.vocab_size) + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
-    fwd = th.BatchedForward(m.cfg, m.weights)
-    outs, cap = th.generate_batched(fwd, prompts, 12, eos_ids=[2], batch_size=4, capture_layers=[2])
+    fwd = hd.BatchedForward(m.cfg, m.weights)
+    outs, cap = hd.generate_batched(fwd, prompts, 12, eos_ids=[2], batch_size=4, capture_layers=[2])
     eng = TorchEngine(m.cfg, m.weights, max_seq=64)
     for p, o in zip(prompts, outs):
         assert o == generate_vanilla(eng, p, 12, eos_ids=[2]).tokens
@@ -163,8 +163,8 @@ def test_batched_generator_equals_generate_vanilla():
 def test_training_lowers_heldout_kl(k):
     m = tiny_model()
     prompts = rand_prompts(24, m.cfg.vocab_size, seed=3)
-    fwd = th.BatchedForward(m.cfg, m.weights)
-    conts, cap = th.generate_batched(fwd, prompts, 16, eos_ids=[], batch_size=12, capture_layers=[2])
+    fwd = hd.BatchedForward(m.cfg, m.weights)
+    conts, cap = hd.generate_batched(fwd, prompts, 16, eos_ids=[], batch_size=12, capture_layers=[2])
     data = {"prompts": prompts, "conts": conts, "cap": cap, "key": {"max_new_tokens": 16}, "seconds": 0.0}
     out = th.train_pipeline(m, data, [2], vocab_k=k, heldout_frac=0.25, epochs=6, lr=3e-3, batch=64,
                             log=lambda s: None, progress=False)
@@ -176,12 +176,12 @@ def test_training_lowers_heldout_kl(k):
 
 
 def test_build_vocab_and_collapse_target():
-    v = th.build_vocab([[5, 5, 6, 7], [7, 7, 9]], 2, 97)
+    v = ht.build_vocab([[5, 5, 6, 7], [7, 7, 9]], 2, 97)
     assert v.tolist() == [5, 7]
-    assert th.build_vocab([[1]], 0, 97) is None
+    assert ht.build_vocab([[1]], 0, 97) is None
     tp = torch.tensor([[0.5, 0.3, 0.1]])
     ti = torch.tensor([[7, 8, 5]])
-    tgt = th.collapse_target(tp, ti, v, 97)
+    tgt = ht.collapse_target(tp, ti, v, 97)
     torch.testing.assert_close(tgt, torch.tensor([[0.1, 0.5, 0.4]]))  # ids 5, 7, then rest = 0.3 + tail 0.1
 
 
@@ -195,29 +195,29 @@ def trace(rows):
 
 def test_simulator_no_exits_is_vanilla():
     conf, corr = trace(["..", "..", ".."])
-    s = th.simulate(conf, corr, [10, 20], 0.5, 30)
+    s = sim.simulate(conf, corr, [10, 20], 0.5, 30)
     assert s["steps"] == s["vanilla_steps"] == 90 and s["head_evals"] == 6
 
 
 def test_simulator_correct_exits():
     # row 0 exits at 10, row 1 at 20, row 2 runs to 30 (carrying both to 30): 10 + 20 + 30
     conf, corr = trace(["c.", ".c", ".."])
-    assert th.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 60
+    assert sim.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 60
     # the last rows exit early: flushed to L from the shallowest pending depth: 10 + 10 + (30 - 10)
     conf, corr = trace(["c.", "c."])
-    assert th.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 40
+    assert sim.simulate(conf, corr, [10, 20], 0.5, 30)["steps"] == 40
 
 
 def test_simulator_rollback_and_max_pending():
     # row 0 exits wrongly at 10; garbage row 1 (confident like the trace row 1) exits at 20; garbage row 2 runs
     # to 30 and reveals the error: 10 + 20 + 30. Then row 1 again (exits at 20), row 2 runs to 30.
     conf, corr = trace(["w.", ".c", ".."])
-    s = th.simulate(conf, corr, [10, 20], 0.5, 30)
+    s = sim.simulate(conf, corr, [10, 20], 0.5, 30)
     assert s["steps"] == 10 + 20 + 30 + 20 + 30 and s["wrong"] == 1
     # max_pending=1: a second early exit must wait for verification
     conf, corr = trace(["c.", "c.", "c."])
-    assert th.simulate(conf, corr, [10, 20], 0.5, 30, max_pending=1)["steps"] == 10 + 30 + 10 + 20
-    res = th.simulate_set([trace(["c.", "..", ".."])], [10, 20], 0.5, 30)
+    assert sim.simulate(conf, corr, [10, 20], 0.5, 30, max_pending=1)["steps"] == 10 + 30 + 10 + 20
+    res = sim.simulate_set([trace(["c.", "..", ".."])], [10, 20], 0.5, 30)
     assert res["ideal_speedup"] == pytest.approx(90 / 70)
 
 
@@ -277,7 +277,90 @@ def test_recommend_respects_min_accuracy():
     n = 40
     per = {10: (torch.ones(n), torch.arange(n) % 10 != 9), 20: (torch.ones(n), torch.ones(n, dtype=torch.bool))}
     seq = torch.zeros(n, dtype=torch.long)
-    best, _ = th.recommend(per, seq, 30, gammas=(0.5,), max_heads=1)
+    best, _ = sim.recommend(per, seq, 30, gammas=(0.5,), max_heads=1)
     assert best["layers"] == [10] and best["early_accuracy"] < 0.95  # a few rollbacks cost less than exiting at 20
-    best, _ = th.recommend(per, seq, 30, gammas=(0.5,), max_heads=1, min_accuracy=0.95)
+    best, _ = sim.recommend(per, seq, 30, gammas=(0.5,), max_heads=1, min_accuracy=0.95)
     assert best["layers"] == [20] and best["early_accuracy"] == 1.0
+
+
+# ---- the sharded data cache ---------------------------------------------------------------------------------------
+def test_shard_cache_resumes_and_matches_the_generator(tmp_path):
+    m = tiny_model()
+    prompts = rand_prompts(7, m.cfg.vocab_size, seed=5)
+    recs = [{"ids": p, "split": "val" if i % 3 == 0 else "train"} for i, p in enumerate(prompts)]
+    cache = hd.ShardCache(tmp_path / "c", m, [1, 2], 6, topk=8, batch=3)
+    cache.build(recs, log=lambda s: None)
+    shards = sorted((tmp_path / "c").glob("shard-*.safetensors"))
+    assert len(shards) == 3
+    shards[1].unlink()  # an interrupted build: the next one makes only the missing shard
+    made = []
+    st = cache.build(recs, log=made.append)
+    assert "2 of 3 shards present, 1 to make" in made[0] and st["tokens"] > 0
+    data = cache.load([2])
+    conts, cap = hd.generate_batched(hd.BatchedForward(m.cfg, m.weights), prompts, 6, m.eos_ids, batch_size=7,
+                                     capture_layers=[2], topk=8)
+    assert data["conts"] == conts
+    assert torch.equal(data["cap"].seq, cap.seq) and torch.equal(data["cap"].y, cap.y)
+    torch.testing.assert_close(data["cap"].x[2].float(), cap.x[2].float(), atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        hd.ShardCache(tmp_path / "c", m, [1, 2], 7, topk=8, batch=3).build(recs, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"no hidden states at layers \[3\]"):
+        cache.load([3])
+    # a split by construction: training never sees the validation prompts
+    out = th.train_pipeline(m, hd.merge_data([data]), [2], vocab_k=0, epochs=1, log=lambda s: None, progress=False,
+                            per_head_gamma=True)
+    assert out["results"]["prompts"]["heldout"] == sum(r["split"] == "val" for r in recs)
+    assert out["results"]["recommended"]["speedup_with_head_cost"] >= out["results"]["recommended_shared_gamma"]["speedup_with_head_cost"]
+
+
+# ---- prompts from real sources --------------------------------------------------------------------------------------
+def test_code_prompts_come_from_documented_functions(tmp_path):
+    from adadecode import heads_prompts as hp
+
+    src = tmp_path / "mod.py"
+    src.write_text('from typing import List\n\n\ndef add_all(xs: List[int]) -> int:\n    """Return the sum of all the '
+                   'numbers in xs, or zero for an empty list."""\n    return sum(xs)\n\n\ndef undocumented(x):\n    return x\n\n\n'
+                   'class C:\n    def method(self):\n        """A method reads oddly without its class: skipped."""\n')
+    found = list(hp.functions_in(src))
+    assert [f[0] for f in found] == ["add_all"]
+    name, text, doc, imports = found[0]
+    assert text.startswith("def add_all(xs: List[int]) -> int:") and text.rstrip().endswith('list."""')
+    assert imports == "from typing import List"
+
+
+def test_near_duplicates_of_the_evaluation_set_are_found():
+    from adadecode import heads_prompts as hp
+
+    ref = 'def has_close_elements(numbers, threshold):\n    """ Check if in given list of numbers, are any two numbers closer ' \
+          'to each other than given threshold."""\n'
+    idx = hp.ShingleIndex([ref])
+    assert idx.near(ref.replace("numbers", "numbers ").replace("def ", "async def "))
+    assert not idx.near('def parse(url):\n    """Split a URL into its scheme, host, path and query string parts."""\n')
+    assert hp.near_duplicates(["x", ref], [ref]) == [(1, 1.0)]
+
+
+# ---- ablation parts ------------------------------------------------------------------------------------------------
+def test_ablation_parts_start_as_the_plain_head_and_are_not_saved(tmp_path):
+    m = tiny_model()
+    d = m.cfg.d
+    x = torch.randn(4, d)
+    prev = torch.randn(4, d)
+    plain = Head.identity(2, d)
+    h = Head(layer=2, T=torch.eye(d), W1=torch.randn(8, d), W2=torch.zeros(d, 8), P1=torch.randn(8, d), P2=torch.zeros(d, 8))
+    assert torch.equal(h.logits(x, m.weights.lm_head, prev), plain.logits(x, m.weights.lm_head))
+    with pytest.raises(ValueError, match="previous token"):
+        h.logits(x, m.weights.lm_head)
+    with pytest.raises(ValueError, match="ablations"):
+        save_heads(tmp_path / "h.safetensors", [h], m, {"gamma": 0.5, "description": "x"})
+
+
+def test_per_head_gammas_in_a_head_file(tmp_path):
+    m = tiny_model()
+    heads = trained_like_heads(m)
+    f = tmp_path / "h.safetensors"
+    save_heads(f, heads, m, {"gamma": 0.7, "gammas": [0.6, 0.9], "description": "x"})
+    _, meta = load_heads(f, m)
+    assert meta["gammas"] == [0.6, 0.9] and meta["gamma"] == 0.7
+    save_heads(f, heads, m, {"gamma": 0.7, "gammas": [0.6], "description": "x"})
+    with pytest.raises(HeadFileError, match="'gammas'"):
+        load_heads(f, m)
