@@ -273,6 +273,26 @@ def _random_schedule(g: torch.Generator, first: int, last: int, L: int) -> list[
     return [(a, b, l0, l1) for a, b in row_blocks for l0, l1 in layer_ranges]
 
 
+def _check_schedules(e: CudaEngine, prompt: list[int], new: list[int], schedules: dict, whole: dict,
+                     whole_tokens: list[int], single_rows) -> None:
+    """Each schedule of run_layers calls (with and without graphs) leaves the state and tokens of one whole call;
+    a row's `final` alone (rows `single_rows`) equals its token in the batch."""
+    first, last = len(prompt), len(prompt) + len(new) - 1
+    for graphs in (True, False):
+        e.use_graphs = graphs
+        try:
+            for name, schedule in schedules.items():
+                _start(e, prompt, new)
+                for a, b, l0, l1 in schedule:
+                    e.run_layers(a, b, l0, l1)
+                _assert_bitwise(_state(e, first, last), whole, f"{name} (graphs {graphs})")
+                assert e.final(first, last) == whole_tokens
+                for p in single_rows:
+                    assert e.final(p, p) == [whole_tokens[p - first]]
+        finally:
+            e.use_graphs = True
+
+
 @pytest.mark.gpu
 def test_run_layers_any_split_is_bitwise_one_call(default_model, engines):
     cuda, _ = engines
@@ -296,19 +316,7 @@ def test_run_layers_any_split_is_bitwise_one_call(default_model, engines):
     }
     for k in range(6):
         schedules[f"random {k}"] = _random_schedule(g, first, last, L)
-    for graphs in (True, False):
-        cuda.use_graphs = graphs
-        try:
-            for name, schedule in schedules.items():
-                _start(cuda, prompt, new)
-                for a, b, l0, l1 in schedule:
-                    cuda.run_layers(a, b, l0, l1)
-                _assert_bitwise(_state(cuda, first, last), whole, f"{name} (graphs {graphs})")
-                assert cuda.final(first, last) == whole_tokens
-                for p in range(first, last + 1):  # a row's final alone == in the batch
-                    assert cuda.final(p, p) == [whole_tokens[p - first]]
-        finally:
-            cuda.use_graphs = True
+    _check_schedules(cuda, prompt, new, schedules, whole, whole_tokens, range(first, last + 1))
 
 
 @pytest.mark.gpu

@@ -28,7 +28,7 @@ from adadecode.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict
 from adadecode.torch_engine import TorchEngine
 
 from conftest import random_weights, tiny_hf_config
-from test_cuda_engine import _assert_bitwise, _random_schedule, _start, _state
+from test_cuda_engine import _assert_bitwise, _check_schedules, _random_schedule, _start, _state
 
 WHY = emu_unavailable_reason()
 if WHY is not None:  # CI builds adadecode_emu on every machine: a missing one is an error, not a skip
@@ -125,19 +125,7 @@ def test_run_layers_any_split_is_bitwise_one_call(gqa):
     }
     for k in range(2):
         schedules[f"random {k}"] = _random_schedule(g, first, last, L)
-    for graphs in (True, False):
-        e.use_graphs = graphs
-        try:
-            for name, schedule in schedules.items():
-                _start(e, prompt, new)
-                for a, b, l0, l1 in schedule:
-                    e.run_layers(a, b, l0, l1)
-                _assert_bitwise(_state(e, first, last), whole, f"{name} (graphs {graphs})")
-                assert e.final(first, last) == whole_tokens
-                for p in (first, first + 7, last):  # a row's final alone == in the batch
-                    assert e.final(p, p) == [whole_tokens[p - first]]
-        finally:
-            e.use_graphs = True
+    _check_schedules(e, prompt, new, schedules, whole, whole_tokens, (first, first + 7, last))
 
 
 def test_truncate_and_rerun_is_bitwise_never_having_run(gqa):
