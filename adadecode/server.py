@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 from fastapi import FastAPI, Request

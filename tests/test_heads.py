@@ -1,7 +1,6 @@
 """Heads (DESIGN.md §5): the logit lens, head files and their refusals, the batched generator, training,
 and the schedule simulator. Tiny random models, CPU, fast."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
