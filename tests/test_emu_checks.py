@@ -4,7 +4,8 @@ with emu_pp.py and g++ against csrc/emu alone (no torch, a few seconds), one sce
 Launch limits (threads per block, dynamic shared memory above 48 KB without the attribute), capture rules
 (no synchronisation, allocation or legacy-stream work while capturing; a replay uses the captured arguments),
 never-written device and shared memory reading as NaN, a warp shuffle that half the warp skips, a read past an
-allocation (and the device usable after it), and a missing barrier that the thread order exposes.
+allocation (and the device usable after it), a missing barrier that the thread order exposes, and a kernel launched
+as a programmatic dependent (PDL) whose blocks never wait for their predecessor.
 """
 from __future__ import annotations
 
@@ -97,3 +98,11 @@ def test_missing_barrier_shows_in_some_thread_order(checks):
     out = run(checks, "missing_barrier")
     assert "asc order, barrier 1: 255.000000" in out and "desc order, barrier 1: 255.000000" in out
     assert "asc order, barrier 0: nan" in out  # thread 0 ran before thread 255 wrote
+
+
+def test_a_programmatic_dependent_must_wait(checks):
+    out = run(checks, "pdl")
+    assert "a programmatic dependent that waits: cudaSuccess" in out and "its result: 2" in out
+    assert "a programmatic dependent that never waits: cudaErrorLaunchFailure" in out
+    assert "exited without griddepcontrol.wait" in out
+    assert "the same kernel, launched ordinarily: cudaSuccess" in out

@@ -45,6 +45,9 @@ void register_emu(py::module_& m) {
     const emu::Stats s = emu::stats();
     py::dict d;
     d["launches"] = s.launches;
+    d["pdl_launches"] = s.pdl_launches;
+    d["graph_kernels"] = s.graph_kernels;
+    d["graph_copies"] = s.graph_copies;
     d["blocks"] = s.blocks;
     d["switches"] = s.switches;
     d["graph_launches"] = s.graph_launches;

@@ -45,7 +45,7 @@ namespace emu {
 // ---- launches: emu_pp.py turns `k<<<g, b, s, st>>>(a...)` into `k | ::emu::cfg(__FILE__, __LINE__, g, b, s, st)(a...)`
 using Thunk = void (*)(const void* kernel, const void* args);
 void launch(const void* kernel, Thunk thunk, std::shared_ptr<const void> args, dim3 grid, dim3 block, size_t smem,
-            cudaStream_t stream, const char* file, int line);
+            cudaStream_t stream, const char* file, int line, bool pdl = false);
 
 template <class... A>
 struct Pending;
@@ -81,6 +81,7 @@ void operator|(void (*k)(P...), Pending<A...>&& p) {
   launch(reinterpret_cast<const void*>(k), &thunk<P...>, args, p.c.grid, p.c.block, p.c.smem, p.c.stream, p.c.file,
          p.c.line);
 }
+void pdl_wait();  // griddepcontrol.wait: marks the running block (a programmatic dependent must reach it)
 
 // ---- device side (emu.cpp) ----
 extern unsigned cur_lane;  // lane of the running fiber
@@ -144,6 +145,10 @@ inline void ptx_call(const char* tmpl, std::tuple<T*...> outs, std::initializer_
     const unsigned n = static_cast<unsigned>(std::atoi(std::strchr(b, ',') + 1));
     const unsigned src_n = in.size() >= 3 ? static_cast<unsigned>(ins[2]) : n;
     cp_async(static_cast<uint32_t>(ins[0]), reinterpret_cast<const void*>(ins[1]), n, src_n);
+  } else if (starts(tmpl, "griddepcontrol.wait")) {  // streams run in order: the predecessor is complete
+    pdl_wait();
+  } else if (starts(tmpl, "griddepcontrol.launch_dependents") || starts(tmpl, "prefetch.global.L2")) {
+    // scheduling hints only
   } else if (starts(tmpl, "cp.async.commit_group")) {
     cp_async_commit();
   } else if (starts(tmpl, "cp.async.wait_group")) {
@@ -157,6 +162,21 @@ inline void ptx_call(const char* tmpl, std::tuple<T*...> outs, std::initializer_
 }
 
 }  // namespace emu
+
+// ---- cudaLaunchKernelEx: the launch attributes csrc/ uses (programmatic stream serialization) ----
+template <class... P, class... A>
+inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* c, void (*k)(P...), A&&... a) {
+  static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
+  bool pdl = false;
+  for (unsigned i = 0; i < c->numAttrs; ++i) {
+    if (c->attrs[i].id != cudaLaunchAttributeProgrammaticStreamSerialization) return cudaErrorNotSupported;
+    pdl = c->attrs[i].val.programmaticStreamSerializationAllowed != 0;
+  }
+  auto args = std::make_shared<const std::tuple<std::decay_t<P>...>>(std::forward<A>(a)...);
+  ::emu::launch(reinterpret_cast<const void*>(k), &::emu::thunk<P...>, args, c->gridDim, c->blockDim,
+                c->dynamicSmemBytes, c->stream, "cudaLaunchKernelEx", 0, pdl);
+  return cudaSuccess;  // launch errors: cudaGetLastError, as after <<<>>>
+}
 
 // ---- intrinsics ----
 inline void __syncthreads() { emu::syncthreads(); }

@@ -39,10 +39,29 @@ enum cudaStreamCaptureMode {
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 constexpr unsigned cudaStreamDefault = 0x00, cudaStreamNonBlocking = 0x01;
 
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 5 };
+
 typedef struct CUstream_st* cudaStream_t;
 typedef struct CUevent_st* cudaEvent_t;
 typedef struct CUgraph_st* cudaGraph_t;
 typedef struct CUgraphExec_st* cudaGraphExec_t;
+
+union cudaLaunchAttributeValue {
+  char pad[64];
+  int programmaticStreamSerializationAllowed;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
 
 cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
@@ -50,6 +69,7 @@ const char* cudaGetErrorString(cudaError_t e);
 const char* cudaGetErrorName(cudaError_t e);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);  // an sm_90 device
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
 template <class T>
@@ -86,9 +106,10 @@ namespace emu {
 // Thread order between synchronisation points: 0 ascending, 1 descending, 2 random (seeded per launch).
 void set_schedule(int order, uint64_t seed);
 int schedule_order();
-// Counters: launches, blocks, fiber switches, graph launches, capture-rule violations.
+// Counters: launches (programmatic dependent ones among them), blocks, fiber switches, graph launches, the
+// kernel launches and copies those graphs replayed (their nodes), capture-rule violations.
 struct Stats {
-  uint64_t launches, blocks, switches, graph_launches, violations;
+  uint64_t launches, pdl_launches, blocks, switches, graph_launches, graph_kernels, graph_copies, violations;
 };
 Stats stats();
 }  // namespace emu

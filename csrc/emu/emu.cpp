@@ -145,6 +145,8 @@ struct Block {
   bool failed = false;
   std::string why;
   uint64_t epoch = 0;
+  bool pdl = false;     // launched as a programmatic dependent: every block must run griddepcontrol.wait
+  bool waited = false;  // this block has
 };
 
 Block g_blk;
@@ -285,6 +287,7 @@ bool run_block(std::mt19937_64& rng) {
   ++b.epoch;
   b.live = b.n;
   b.bar_arrived = 0;
+  b.waited = false;
   for (unsigned w = 0; w < (b.n + 31) / 32; ++w) {
     b.warps[w].arrived = 0;
     const unsigned lanes = b.n - 32 * w < 32 ? b.n - 32 * w : 32;
@@ -323,6 +326,11 @@ bool run_block(std::mt19937_64& rng) {
     if (b.failed) break;
   }
   g_cur = nullptr;
+  if (!b.failed && b.pdl && !b.waited) {
+    b.failed = true;
+    b.why = "a block of a kernel launched as a programmatic dependent (cudaLaunchAttributeProgrammaticStream"
+            "Serialization) exited without griddepcontrol.wait: on a GPU it may read its predecessor's output early";
+  }
   return !b.failed;
 }
 
@@ -423,8 +431,12 @@ void install_fault_handler() {
 }
 
 // ---- stream capture ----
+struct GraphOp {
+  bool kernel;  // else a copy or memset
+  std::function<void()> run;
+};
 struct GraphRec {
-  std::vector<std::function<void()>> ops;
+  std::vector<GraphOp> ops;
   bool invalidated = false;
   std::string why;
 };
@@ -443,7 +455,7 @@ cudaError_t capture_violation(const std::string& what) {
 
 // Records fn into the graph if `s` captures. Work on the legacy default stream while any stream captures is an
 // error on CUDA (it would synchronise with the capturing stream).
-bool record(cudaStream_t s, std::function<void()> fn, cudaError_t* err) {
+bool record(cudaStream_t s, std::function<void()> fn, cudaError_t* err, bool kernel = false) {
   *err = cudaSuccess;
   if (g_capturing.empty()) return false;
   auto it = g_capturing.find(s);
@@ -454,7 +466,7 @@ bool record(cudaStream_t s, std::function<void()> fn, cudaError_t* err) {
     }
     return false;
   }
-  it->second->ops.push_back(std::move(fn));
+  it->second->ops.push_back(GraphOp{kernel, std::move(fn)});
   return true;
 }
 
@@ -469,10 +481,11 @@ void set_error(cudaError_t e, const std::string& msg) {
 }
 
 void launch_now(const void* kernel, Thunk thunk, const void* args, dim3 grid, dim3 block, size_t smem,
-                const char* file, int line) {
+                const char* file, int line, bool pdl) {
   std::lock_guard<std::recursive_mutex> lk(g_mtx);
   install_fault_handler();
   ++g_stats.launches;
+  g_stats.pdl_launches += pdl;
   char at[512];
   std::snprintf(at, sizeof at, "kernel launched at %s:%d", file, line);
   const uint64_t nt = uint64_t(block.x) * block.y * block.z;
@@ -502,7 +515,7 @@ void launch_now(const void* kernel, Thunk thunk, const void* args, dim3 grid, di
   b.n = static_cast<unsigned>(nt);
   if (b.f.size() < b.n) b.f.resize(b.n), b.st.resize(b.n);
   if (b.warps.size() < (b.n + 31) / 32) b.warps.resize((b.n + 31) / 32);
-  b.kernel = kernel, b.thunk = thunk, b.args = args, b.failed = false;
+  b.kernel = kernel, b.thunk = thunk, b.args = args, b.failed = false, b.pdl = pdl;
   blockDim = block, gridDim = grid;
   g_kfile = file, g_kline = line;
   std::mt19937_64 rng(g_seed * 0x9e3779b97f4a7c15ull + g_stats.launches);
@@ -654,14 +667,20 @@ void cp_async_wait(unsigned keep) { land(*g_cur, g_cur->commits >= keep ? g_cur-
 }
 
 void launch(const void* kernel, Thunk thunk, std::shared_ptr<const void> args, dim3 grid, dim3 block, size_t smem,
-            cudaStream_t stream, const char* file, int line) {
+            cudaStream_t stream, const char* file, int line, bool pdl) {
   std::lock_guard<std::recursive_mutex> lk(g_mtx);
   cudaError_t err;
-  if (record(stream, [=] { launch_now(kernel, thunk, args.get(), grid, block, smem, file, line); }, &err)) {
+  if (record(stream, [=] { launch_now(kernel, thunk, args.get(), grid, block, smem, file, line, pdl); }, &err,
+             /*kernel=*/true)) {
     if (err != cudaSuccess) g_last = err;
     return;
   }
-  launch_now(kernel, thunk, args.get(), grid, block, smem, file, line);
+  launch_now(kernel, thunk, args.get(), grid, block, smem, file, line, pdl);
+}
+
+void pdl_wait() {
+  if (!g_cur) trap("griddepcontrol.wait");
+  g_blk.waited = true;
 }
 
 void set_schedule(int order, uint64_t seed) {
@@ -705,6 +724,12 @@ const char* cudaGetErrorString(cudaError_t e) {
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t cudaGetDevice(int* d) {
   *d = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrComputeCapabilityMajor) *value = 9;
+  else if (attr == cudaDevAttrComputeCapabilityMinor) *value = 0;
+  else return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
@@ -851,7 +876,10 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
   if (g_capturing.count(s)) return emu::capture_violation("cudaGraphLaunch into a capturing stream");
   ++emu::g_stats.graph_launches;
   emu::g_in_graph = true;
-  for (auto& op : reinterpret_cast<emu::GraphRec*>(e)->ops) op();
+  for (auto& op : reinterpret_cast<emu::GraphRec*>(e)->ops) {
+    ++(op.kernel ? emu::g_stats.graph_kernels : emu::g_stats.graph_copies);
+    op.run();
+  }
   emu::g_in_graph = false;
   return cudaSuccess;  // kernel failures surface at the next synchronisation, as on a GPU
 }

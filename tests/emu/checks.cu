@@ -38,6 +38,26 @@ __global__ void neighbour(float* out, bool barrier) {
   if (threadIdx.x == 0) out[0] = s[blockDim.x - 1];
 }
 
+// A programmatic dependent must wait for its predecessor before reading what it wrote.
+__global__ void dependent(const float* in, float* out, bool wait) {
+  if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
+  out[threadIdx.x] = in[threadIdx.x] + 1.f;
+}
+
+static cudaError_t launch_dependent(cudaStream_t st, const float* in, float* out, bool wait) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(2);
+  cfg.blockDim = dim3(32);
+  cfg.stream = st;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, dependent, in, out, wait);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
 static float at(const float* d, int i) {
   float v;
   cudaMemcpy(&v, d + i, sizeof v, cudaMemcpyDeviceToHost);
@@ -118,6 +138,13 @@ int main(int argc, char** argv) {
         std::printf("%s order, barrier %d: %s\n", order, barrier, std::isnan(at(d, 0)) ? "nan" : std::to_string(at(d, 0)).c_str());
       }
     }
+  } else if (s == "pdl") {
+    fill<<<1, 64, 0, st>>>(d, 1.f);
+    report("a programmatic dependent that waits", launch_dependent(st, d, d + 512, true));
+    std::printf("its result: %g\n", at(d, 512));
+    report("a programmatic dependent that never waits", launch_dependent(st, d, d + 512, false));
+    dependent<<<1, 32, 0, st>>>(d, d + 512, false);  // an ordinary launch needs no wait
+    report("the same kernel, launched ordinarily", cudaGetLastError());
   } else {
     std::printf("unknown scenario '%s'\n", s.c_str());
     return 2;
