@@ -155,7 +155,7 @@ class CudaEngine(EngineContract):
 
     @property
     def n_graphs(self) -> int:
-        """CUDA graphs captured so far (run_layers per (rows, l0, l1), final per rows, head per head)."""
+        """CUDA graphs captured so far (run_layers per (rows, l0, l1); final and head launch eagerly)."""
         return self._eng.n_graphs
 
     @property
@@ -166,6 +166,21 @@ class CudaEngine(EngineContract):
     def use_graphs(self, on: bool) -> None:
         """False launches every kernel eagerly (same kernels and arguments as the graphs: the same bits)."""
         self._eng.use_graphs = bool(on)
+
+    @property
+    def fused(self) -> bool:
+        return self._eng.fused
+
+    @fused.setter
+    def fused(self, on: bool) -> None:
+        """False runs the unfused kernels (9 launches per decode layer instead of 5): the same bits, the reference
+        that the fused kernels are tested against."""
+        self._eng.fused = bool(on)
+
+    @property
+    def pdl(self) -> bool:
+        """Whether the fused launches are programmatic dependent launches (sm_90+, ADADECODE_PDL != 0)."""
+        return self._eng.pdl
 
     def synchronize(self) -> None:
         self._eng.synchronize()

@@ -21,21 +21,24 @@ def ext(name: str):
 MODULES = ["adadecode_cuda", "adadecode_emu"]
 
 # op -> the argument list as pybind11 renders it (names in order; "=None"/"=False" marks a default).
+FUSED = ["norm_weight=None", "eps=1e-05", "ring_first=-1", "pdl=False"]  # the fused decode kernels' input options
 SIGNATURES = {
     "add_rmsnorm": ["residual", "delta", "weight", "out", "eps"],
     "embedding": ["tokens", "table", "out"],
-    "skinny_gemm": ["x", "w", "out", "residual=None", "w_up=None"],
+    "skinny_gemm": ["x", "w", "out", "residual=None", "w_up=None", *FUSED],
     "gemm_tc": ["x", "w", "out", "residual=None", "w_up=None"],
     "linear": ["x", "w", "out", "residual=None", "w_up=None"],
     "rope_append_kv": ["qkv", "k_cache", "v_cache", "cos", "sin", "first_pos", "n_heads", "n_kv_heads"],
+    "qkv_rope": ["x", "wqkv", "qkv_out", "k_cache", "v_cache", "cos", "sin", "first_pos", "n_heads", "n_kv_heads",
+                 *FUSED],
     "attention_workspace_floats": ["R", "n_heads", "head_dim", "max_ctx"],
     "attention": ["q", "k_cache", "v_cache", "first_pos", "out", "n_heads", "max_ctx", "workspace=None"],
     "lm_head_workspace_floats": ["R", "n"],
     "lm_head_argmax": ["x", "w", "token", "max_prob", "lse=None", "vocab_subset=None", "w_rest=None",
-                       "round_bf16=False", "workspace=None"],
+                       "round_bf16=False", "workspace=None", *FUSED],
     "lm_head_sample_workspace_floats": ["R", "n"],
     "lm_head_sample": ["x", "w", "token", "max_prob", "seed", "pos", "inv_temperature", "top_k", "top_p", "lse=None",
-                       "vocab_subset=None", "w_rest=None", "round_bf16=False", "workspace=None"],
+                       "vocab_subset=None", "w_rest=None", "round_bf16=False", "workspace=None", *FUSED],
 }
 
 

@@ -261,6 +261,9 @@ void register_engine(pybind11::module_& m) {
       .def_property("use_graphs", [](PyEngine& e) { return e.eng().use_graphs(); },
                     [](PyEngine& e, bool on) { e.eng().set_use_graphs(on); })
       .def_property_readonly("n_graphs", [](PyEngine& e) { return e.eng().n_graphs(); })
+      .def_property("fused", [](PyEngine& e) { return e.eng().fused(); },
+                    [](PyEngine& e, bool on) { e.eng().set_fused(on); })
+      .def_property_readonly("pdl", [](PyEngine& e) { return e.eng().pdl(); })
       .def_property_readonly("kv_bytes", [](PyEngine& e) { return e.eng().kv_bytes(); })
       .def_property_readonly("workspace_bytes", [](PyEngine& e) { return e.eng().workspace_bytes(); });
 }

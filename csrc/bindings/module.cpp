@@ -56,6 +56,32 @@ void embedding(at::Tensor tokens, at::Tensor table, at::Tensor out) {
                                         tokens.size(0), table.size(1), table.size(0), ada_stream()));
 }
 
+// The fused input of the decode kernels (skinny_gemm, qkv_rope, lm_head_*): rows RMS-normalised on the fly
+// (norm_weight, eps) and, with ring_first >= 0, read from a ring x [W, K] in place: row r = x[(ring_first + r) % W].
+struct FusedIn {
+  adadecode::XRows x;
+  adadecode::RowNorm norm;
+};
+FusedIn fused_in(const at::Tensor& x, const c10::optional<at::Tensor>& norm_weight, double eps, int64_t ring_first,
+                 int64_t R) {
+  FusedIn f{};
+  f.x.base = ada_ptr<const bf16>(x);
+  if (ring_first >= 0) {
+    TORCH_CHECK(R <= x.size(0), "a ring of ", x.size(0), " rows cannot hold ", R, " rows");
+    f.x.first = static_cast<int>(ring_first);
+    f.x.wrap = static_cast<int>(x.size(0));
+  } else {
+    TORCH_CHECK(R == x.size(0), "x must have ", R, " rows, got ", x.sizes());
+  }
+  if (norm_weight.has_value()) {
+    ADA_CHECK_CUDA_TENSOR(*norm_weight, at::kBFloat16);
+    TORCH_CHECK(norm_weight->numel() == x.size(1), "norm_weight must be [", x.size(1), "], got ", norm_weight->sizes());
+    f.norm.weight = ada_ptr<const bf16>(*norm_weight);
+    f.norm.eps = static_cast<float>(eps);
+  }
+  return f;
+}
+
 // Shared checks of the three GEMM entry points; returns (M, N, K).
 struct GemmArgs {
   const bf16 *x, *w, *w_up, *residual;
@@ -70,11 +96,10 @@ GemmArgs gemm_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& o
   TORCH_CHECK(x.dim() == 2, "x must be [M, K], got ", x.sizes());
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "w must be [N, ", x.size(1), "], got ", w.sizes());
   TORCH_CHECK(x.size(1) % 8 == 0, "K (x.shape[1]) must be a multiple of 8, got ", x.size(1));
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == w.size(0), "out must be [", x.size(0), ", ",
-              w.size(0), "], got ", out.sizes());
+  TORCH_CHECK(out.dim() == 2 && out.size(1) == w.size(0), "out must be [M, ", w.size(0), "], got ", out.sizes());
   check_same_device(x, w, "x", "w");
   GemmArgs a{ada_ptr<const bf16>(x), ada_ptr<const bf16>(w), nullptr, nullptr, ada_ptr<bf16>(out),
-             static_cast<int>(x.size(0)), static_cast<int>(w.size(0)), static_cast<int>(x.size(1))};
+             static_cast<int>(out.size(0)), static_cast<int>(w.size(0)), static_cast<int>(x.size(1))};
   TORCH_CHECK(!(residual.has_value() && w_up.has_value()), "give residual or w_up, not both");
   if (residual.has_value()) {
     ADA_CHECK_CUDA_TENSOR(*residual, at::kBFloat16);
@@ -90,15 +115,19 @@ GemmArgs gemm_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& o
 }
 
 void skinny_gemm(at::Tensor x, at::Tensor w, at::Tensor out, c10::optional<at::Tensor> residual,
-                 c10::optional<at::Tensor> w_up) {
+                 c10::optional<at::Tensor> w_up, c10::optional<at::Tensor> norm_weight, double eps,
+                 int64_t ring_first, bool pdl) {
   const GemmArgs a = gemm_args(x, w, out, residual, w_up);
   TORCH_CHECK(a.M >= 1 && a.M <= 16, "skinny_gemm takes 1..16 rows, got ", a.M);
-  ADA_CHECK_LAUNCH(adadecode::skinny_gemm(a.x, a.w, a.w_up, a.residual, a.out, a.M, a.N, a.K, ada_stream()));
+  const FusedIn f = fused_in(x, norm_weight, eps, ring_first, a.M);
+  ADA_CHECK_LAUNCH(adadecode::skinny_gemm(f.x, f.norm, a.w, a.w_up, a.residual, a.out, a.M, a.N, a.K, ada_stream(),
+                                          pdl));
 }
 
 void gemm_tc(at::Tensor x, at::Tensor w, at::Tensor out, c10::optional<at::Tensor> residual,
              c10::optional<at::Tensor> w_up) {
   const GemmArgs a = gemm_args(x, w, out, residual, w_up);
+  TORCH_CHECK(a.M == x.size(0), "out must have x's ", x.size(0), " rows, got ", out.sizes());
   if (a.M == 0) return;
   ADA_CHECK_LAUNCH(adadecode::gemm_tc(a.x, a.w, a.w_up, a.residual, a.out, a.M, a.N, a.K, ada_stream()));
 }
@@ -106,6 +135,7 @@ void gemm_tc(at::Tensor x, at::Tensor w, at::Tensor out, c10::optional<at::Tenso
 void linear(at::Tensor x, at::Tensor w, at::Tensor out, c10::optional<at::Tensor> residual,
             c10::optional<at::Tensor> w_up) {
   const GemmArgs a = gemm_args(x, w, out, residual, w_up);
+  TORCH_CHECK(a.M == x.size(0), "out must have x's ", x.size(0), " rows, got ", out.sizes());
   if (a.M == 0) return;
   ADA_CHECK_LAUNCH(adadecode::linear(a.x, a.w, a.w_up, a.residual, a.out, a.M, a.N, a.K, ada_stream()));
 }
@@ -135,6 +165,44 @@ void rope_append_kv(at::Tensor qkv, at::Tensor k_cache, at::Tensor v_cache, at::
                                              ada_ptr<const float>(cos), ada_ptr<const float>(sin),
                                              ada_ptr<const int32_t>(first_pos), qkv.size(0), n_heads, n_kv_heads, hd,
                                              max_seq, ada_stream()));
+}
+
+// Decode's QKV in one launch: norm (norm_weight) -> x @ wqkv.T -> RoPE + K/V append = add_rmsnorm, skinny_gemm,
+// rope_append_kv bit for bit. Writes the rotated q part of qkv_out [R, (H + 2 Hkv) hd] (not its k / v parts).
+void qkv_rope(at::Tensor x, at::Tensor wqkv, at::Tensor qkv_out, at::Tensor k_cache, at::Tensor v_cache,
+              at::Tensor cos, at::Tensor sin, at::Tensor first_pos, int64_t n_heads, int64_t n_kv_heads,
+              c10::optional<at::Tensor> norm_weight, double eps, int64_t ring_first, bool pdl) {
+  ADA_CHECK_CUDA_TENSOR(x, at::kBFloat16);
+  ADA_CHECK_CUDA_TENSOR(wqkv, at::kBFloat16);
+  ADA_CHECK_CUDA_TENSOR(qkv_out, at::kBFloat16);
+  ADA_CHECK_CUDA_TENSOR(k_cache, at::kBFloat16);
+  ADA_CHECK_CUDA_TENSOR(v_cache, at::kBFloat16);
+  ADA_CHECK_CUDA_TENSOR(cos, at::kFloat);
+  ADA_CHECK_CUDA_TENSOR(sin, at::kFloat);
+  ADA_CHECK_CUDA_TENSOR(first_pos, at::kInt);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 8 == 0, "x must be [rows, d] with d % 8 == 0, got ", x.sizes());
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.size(1) == n_kv_heads, "k_cache must be [max_seq, ", n_kv_heads,
+              ", head_dim], got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must be ", k_cache.sizes(), ", got ", v_cache.sizes());
+  const int64_t max_seq = k_cache.size(0), hd = k_cache.size(2), d = x.size(1);
+  const int64_t qkv_n = (n_heads + 2 * n_kv_heads) * hd;
+  TORCH_CHECK(hd % 16 == 0, "head_dim must be a multiple of 16, got ", hd);
+  TORCH_CHECK(wqkv.dim() == 2 && wqkv.size(0) == qkv_n && wqkv.size(1) == d, "wqkv must be [", qkv_n, ", ", d,
+              "], got ", wqkv.sizes());
+  TORCH_CHECK(qkv_out.dim() == 2 && qkv_out.size(1) == qkv_n, "qkv_out must be [R, ", qkv_n, "], got ",
+              qkv_out.sizes());
+  const int64_t R = qkv_out.size(0);
+  TORCH_CHECK(R >= 1 && R <= 16, "qkv_rope takes 1..16 rows, got ", R);
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) >= max_seq && cos.size(1) == hd / 2, "cos must be [>= ", max_seq, ", ",
+              hd / 2, "], got ", cos.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), "sin must be ", cos.sizes(), ", got ", sin.sizes());
+  TORCH_CHECK(first_pos.numel() == 1, "first_pos must hold one int32, got ", first_pos.sizes());
+  const FusedIn f = fused_in(x, norm_weight, eps, ring_first, R);
+  ADA_CHECK_LAUNCH(adadecode::skinny_qkv_rope(f.x, f.norm, ada_ptr<const bf16>(wqkv), ada_ptr<bf16>(qkv_out),
+                                              ada_ptr<bf16>(k_cache), ada_ptr<bf16>(v_cache),
+                                              ada_ptr<const float>(cos), ada_ptr<const float>(sin),
+                                              ada_ptr<const int32_t>(first_pos), R, d, n_heads, n_kv_heads, hd,
+                                              max_seq, ada_stream(), pdl));
 }
 
 int64_t attention_workspace_floats(int64_t R, int64_t n_heads, int64_t head_dim, int64_t max_ctx) {
@@ -178,13 +246,14 @@ int64_t lm_head_workspace_floats(int64_t R, int64_t n) {
 void lm_head_checked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& token, const at::Tensor& max_prob,
                      const c10::optional<at::Tensor>& lse, const c10::optional<at::Tensor>& vocab_subset,
                      const c10::optional<at::Tensor>& w_rest, bool round_bf16,
-                     const c10::optional<at::Tensor>& workspace, const adadecode::SampleParams* params) {
+                     const c10::optional<at::Tensor>& workspace, const adadecode::SampleParams* params,
+                     const c10::optional<at::Tensor>& norm_weight, double eps, int64_t ring_first, bool pdl) {
   ADA_CHECK_CUDA_TENSOR(x, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(w, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(token, at::kInt);
   ADA_CHECK_CUDA_TENSOR(max_prob, at::kFloat);
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 8 == 0, "x must be [R, d] with d % 8 == 0, got ", x.sizes());
-  const int64_t R = x.size(0), d = x.size(1);
+  const int64_t R = ring_first >= 0 ? token.numel() : x.size(0), d = x.size(1);
   TORCH_CHECK(R >= 1 && R <= 16, "lm_head_argmax takes 1..16 rows, got ", R);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == d, "w must be [vocab, ", d, "], got ", w.sizes());
   TORCH_CHECK(token.numel() == R, "token must be [", R, "], got ", token.sizes());
@@ -212,20 +281,24 @@ void lm_head_checked(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   }
   const int64_t need = params ? adadecode::lm_head_sample_workspace_floats(R, n) : adadecode::lm_head_workspace_floats(R, n);
   const at::Tensor ws = ada_workspace(workspace, need, x);
+  const FusedIn f = fused_in(x, norm_weight, eps, ring_first, R);
+  TORCH_CHECK(!(f.norm.weight && rest), "norm_weight and w_rest cannot be combined (the rest logit reads raw rows)");
   if (params)
-    ADA_CHECK_LAUNCH(adadecode::lm_head_sample(ada_ptr<const bf16>(x), ada_ptr<const bf16>(w), sub, n, rest, params,
+    ADA_CHECK_LAUNCH(adadecode::lm_head_sample(f.x, f.norm, ada_ptr<const bf16>(w), sub, n, rest, params,
                                                ada_ptr<int32_t>(token), ada_ptr<float>(max_prob), lse_ptr,
-                                               ada_ptr<float>(ws), R, d, round_bf16, ada_stream()));
+                                               ada_ptr<float>(ws), R, d, round_bf16, ada_stream(), pdl));
   else
-    ADA_CHECK_LAUNCH(adadecode::lm_head_argmax(ada_ptr<const bf16>(x), ada_ptr<const bf16>(w), sub, n, rest,
+    ADA_CHECK_LAUNCH(adadecode::lm_head_argmax(f.x, f.norm, ada_ptr<const bf16>(w), sub, n, rest,
                                                ada_ptr<int32_t>(token), ada_ptr<float>(max_prob), lse_ptr,
-                                               ada_ptr<float>(ws), R, d, round_bf16, ada_stream()));
+                                               ada_ptr<float>(ws), R, d, round_bf16, ada_stream(), pdl));
 }
 
 void lm_head_argmax(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max_prob, c10::optional<at::Tensor> lse,
                     c10::optional<at::Tensor> vocab_subset, c10::optional<at::Tensor> w_rest, bool round_bf16,
-                    c10::optional<at::Tensor> workspace) {
-  lm_head_checked(x, w, token, max_prob, lse, vocab_subset, w_rest, round_bf16, workspace, nullptr);
+                    c10::optional<at::Tensor> workspace, c10::optional<at::Tensor> norm_weight, double eps,
+                    int64_t ring_first, bool pdl) {
+  lm_head_checked(x, w, token, max_prob, lse, vocab_subset, w_rest, round_bf16, workspace, nullptr, norm_weight, eps,
+                  ring_first, pdl);
 }
 
 int64_t lm_head_sample_workspace_floats(int64_t R, int64_t n) {
@@ -237,9 +310,11 @@ int64_t lm_head_sample_workspace_floats(int64_t R, int64_t n) {
 void lm_head_sample(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max_prob, uint64_t seed, int64_t pos,
                     double inv_temperature, int64_t top_k, double top_p,
                     c10::optional<at::Tensor> lse, c10::optional<at::Tensor> vocab_subset,
-                    c10::optional<at::Tensor> w_rest, bool round_bf16, c10::optional<at::Tensor> workspace) {
+                    c10::optional<at::Tensor> w_rest, bool round_bf16, c10::optional<at::Tensor> workspace,
+                    c10::optional<at::Tensor> norm_weight, double eps, int64_t ring_first, bool pdl) {
   ADA_CHECK_CUDA_TENSOR(x, at::kBFloat16);
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "x must be [R, d], got ", x.sizes());
+  const int64_t R = ring_first >= 0 ? token.numel() : x.size(0);
   TORCH_CHECK(inv_temperature > 0 && std::isfinite(inv_temperature), "inv_temperature must be > 0, got ",
               inv_temperature);
   TORCH_CHECK(top_k >= 0, "top_k must be >= 0, got ", top_k);
@@ -255,9 +330,10 @@ void lm_head_sample(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max
   std::memcpy(params.data_ptr(), &p, sizeof p);
   params = params.to(x.device());  // ordered before the launch on the current stream
   const int64_t n = vocab_subset.has_value() ? vocab_subset->numel() : w.size(0);
-  const at::Tensor ws = ada_workspace(workspace, adadecode::lm_head_sample_workspace_floats(x.size(0), n), x);
+  const at::Tensor ws = ada_workspace(workspace, adadecode::lm_head_sample_workspace_floats(R, n), x);
   lm_head_checked(x, w, token, max_prob, lse, vocab_subset, w_rest, round_bf16, ws,
-                  reinterpret_cast<const adadecode::SampleParams*>(params.data_ptr()));
+                  reinterpret_cast<const adadecode::SampleParams*>(params.data_ptr()), norm_weight, eps, ring_first,
+                  pdl);
 }
 
 }  // namespace
@@ -280,7 +356,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("tokens"), py::arg("table"), py::arg("out"));
   m.def("skinny_gemm", &skinny_gemm,
         "out = x @ w.T for 1..16 rows (batch invariant); + residual, or silu(x @ w.T) * (x @ w_up.T)",
-        py::arg("x"), py::arg("w"), py::arg("out"), py::arg("residual") = py::none(), py::arg("w_up") = py::none());
+        py::arg("x"), py::arg("w"), py::arg("out"), py::arg("residual") = py::none(), py::arg("w_up") = py::none(),
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5, py::arg("ring_first") = -1, py::arg("pdl") = false);
   m.def("gemm_tc", &gemm_tc, "tensor-core out = x @ w.T for any rows (prefill); same epilogues as skinny_gemm",
         py::arg("x"), py::arg("w"), py::arg("out"), py::arg("residual") = py::none(), py::arg("w_up") = py::none());
   m.def("linear", &linear, "skinny_gemm for <= 16 rows, gemm_tc above", py::arg("x"), py::arg("w"), py::arg("out"),
@@ -289,6 +366,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "RoPE on the q/k parts of qkv (q in place, k into k_cache) and v into v_cache at positions first_pos + r",
         py::arg("qkv"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin"), py::arg("first_pos"),
         py::arg("n_heads"), py::arg("n_kv_heads"));
+  m.def("qkv_rope", &qkv_rope,
+        "decode QKV in one launch: [norm] -> x @ wqkv.T -> RoPE, K/V into the caches at first_pos + r (q into qkv_out)",
+        py::arg("x"), py::arg("wqkv"), py::arg("qkv_out"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"),
+        py::arg("sin"), py::arg("first_pos"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5, py::arg("ring_first") = -1, py::arg("pdl") = false);
   m.def("attention_workspace_floats", &attention_workspace_floats, "fp32 workspace size of attention",
         py::arg("R"), py::arg("n_heads"), py::arg("head_dim"), py::arg("max_ctx"));
   m.def("attention", &attention,
@@ -301,7 +382,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "token = argmax(x @ w[subset].T) (lowest id on ties), max_prob and lse via log-sum-exp; no logits written",
         py::arg("x"), py::arg("w"), py::arg("token"), py::arg("max_prob"), py::arg("lse") = py::none(),
         py::arg("vocab_subset") = py::none(), py::arg("w_rest") = py::none(), py::arg("round_bf16") = false,
-        py::arg("workspace") = py::none());
+        py::arg("workspace") = py::none(), py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5, py::arg("ring_first") = -1, py::arg("pdl") = false);
   m.def("lm_head_sample_workspace_floats", &lm_head_sample_workspace_floats, "fp32 workspace size of lm_head_sample",
         py::arg("R"), py::arg("n"));
   m.def("lm_head_sample", &lm_head_sample,
@@ -310,5 +391,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("token"), py::arg("max_prob"), py::arg("seed"), py::arg("pos"),
         py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("lse") = py::none(),
         py::arg("vocab_subset") = py::none(), py::arg("w_rest") = py::none(), py::arg("round_bf16") = false,
-        py::arg("workspace") = py::none());
+        py::arg("workspace") = py::none(), py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5, py::arg("ring_first") = -1, py::arg("pdl") = false);
 }

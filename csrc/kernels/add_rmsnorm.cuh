@@ -4,9 +4,9 @@
 //   out[r]       = weight * (residual[r] * rsqrt(mean(residual[r]^2) + eps))
 //
 // Shapes: residual, delta, out [rows, d] bf16 row-major; weight [d] bf16. d % 8 == 0, pointers 16-byte aligned.
-// Invariants: one thread block per row, a fixed reduction order per row (fp32 statistics, block
-// tree reduction over a fixed thread count), so a row's bits never depend on `rows` or its index.
-// The normalised value is rounded to bf16 before the weight multiply, as HF Llama does.
+// Invariants: one warp per row, the reduction order of rmsnorm_core.cuh (a function of d alone), so a row's bits
+// never depend on `rows`, its index, or on which kernel computes the norm (the fused GEMM prologues use the same
+// core). The normalised value is rounded to bf16 before the weight multiply, as HF Llama does.
 #pragma once
 #include "common.cuh"
 

@@ -9,6 +9,13 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <cstdlib>
+
+#ifdef __CUDACC__
+#define ADADECODE_HOST_DEVICE __host__ __device__
+#else
+#define ADADECODE_HOST_DEVICE
+#endif
 
 namespace adadecode {
 
@@ -21,6 +28,23 @@ struct alignas(16) bf16x8 {
 inline cudaError_t launch_status() { return cudaGetLastError(); }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Where the R input rows of a skinny kernel are: row r at base + ((first + r) % wrap) * K, or base + r * K with
+// wrap == 0. (The engine's ring of in-flight rows is read in place this way, without a gather launch.)
+struct XRows {
+  const __nv_bfloat16* base = nullptr;
+  int first = 0, wrap = 0;
+  ADADECODE_HOST_DEVICE const __nv_bfloat16* row(int r, int K) const {
+    return base + static_cast<int64_t>(wrap ? (first + r) % wrap : r) * K;
+  }
+};
+
+// An RMSNorm folded into the kernel that consumes its output (weight == nullptr: none). See rmsnorm_core.cuh.
+struct RowNorm {
+  const __nv_bfloat16* weight = nullptr;
+  float eps = 0.f;
+};
+
 
 #ifdef __CUDACC__  // device helpers: the launcher headers are also included by host-only C++ (the bindings)
 
@@ -47,6 +71,22 @@ __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
   }
 }
 
+// Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-serialization attribute may
+// start while its predecessor drains: before pdl_wait() it may only touch memory no earlier kernel writes
+// (weights: prefetch_l2); pdl_wait() returns once the predecessor has completed and its writes are visible.
+// Without the attribute (or before sm_90) both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -62,5 +102,39 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 #endif  // __CUDACC__
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when `pdl` is true (the
+// kernel must call pdl_wait() before it touches what earlier kernels write). Evaluates to the launch's cudaError_t.
+#define ADADECODE_LAUNCH(pdl, kernel, grid, block, smem, stream, ...)                                      \
+  ((pdl) ? ::adadecode::launch_programmatic(kernel, grid, block, smem, stream, __VA_ARGS__)                 \
+         : (kernel<<<grid, block, smem, stream>>>(__VA_ARGS__), ::adadecode::launch_status()))
+
+template <typename... P, typename... A>
+cudaError_t launch_programmatic(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                A... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<P>(args)...);
+  return e != cudaSuccess ? e : launch_status();
+}
+
+// Whether `device` runs programmatic dependent launches (sm_90+), unless ADADECODE_PDL=0 turns them off.
+inline bool pdl_supported(int device) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const char* env = std::getenv("ADADECODE_PDL");
+  return major >= 9 && !(env != nullptr && env[0] == '0');
+}
 
 }  // namespace adadecode

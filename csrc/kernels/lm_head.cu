@@ -28,24 +28,33 @@ __device__ __forceinline__ Stat combine(const Stat& a, const Stat& b) {
 // grid: ceil(n / kLmHeadCols) blocks; writes part[blk * R + r] = (m, s, idx) for r < R, and with kLogits the
 // (rounded) logits themselves to logits[r * n + j] for the sampling kernel.
 template <int RB, bool kLogits>
-__global__ void __launch_bounds__(256) lm_head_partial_kernel(const __nv_bfloat16* __restrict__ x,
+__global__ void __launch_bounds__(256) lm_head_partial_kernel(XRows x, RowNorm norm,
                                                               const __nv_bfloat16* __restrict__ w,
                                                               const int32_t* __restrict__ subset, int n, int R, int d,
                                                               bool round_bf16, float4* __restrict__ part,
                                                               float* __restrict__ logits) {
   __shared__ float red[kSkinnyMaxWarps * RB * kCols];
   __shared__ float res[RB * kCols];
+  __shared__ float inv[RB];
   const int j_begin = blockIdx.x * kLmHeadCols;
   const int j_end = min(n, j_begin + kLmHeadCols);
-  Stat st{-INFINITY, 0.f, -1};
-  for (int j0 = j_begin; j0 < j_end; j0 += kCols) {
-    const __nv_bfloat16* wrow[kCols];
+  auto rows_of = [&](int j0, const __nv_bfloat16* (&wrow)[kCols]) {
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int j = j0 + c;
       wrow[c] = j < j_end ? w + static_cast<int64_t>(subset ? subset[j] : j) * d : nullptr;
     }
-    skinny_block_dot<RB, kCols>(x, R, d, wrow, red, res);
+  };
+  {
+    const __nv_bfloat16* wrow[kCols];
+    rows_of(j_begin, wrow);  // the subset ids are a head's own weights: never written by an earlier kernel
+    skinny_prologue<RB>(wrow, x, R, d, norm, inv);
+  }
+  Stat st{-INFINITY, 0.f, -1};
+  for (int j0 = j_begin; j0 < j_end; j0 += kCols) {
+    const __nv_bfloat16* wrow[kCols];
+    rows_of(j0, wrow);
+    skinny_block_dot<RB, kCols>(x, R, d, wrow, red, res, norm, inv);
     if (threadIdx.x < R) {
       const int r = threadIdx.x;
       for (int c = 0; c < kCols && j0 + c < j_end; ++c) {
@@ -66,12 +75,14 @@ __global__ void __launch_bounds__(256) lm_head_partial_kernel(const __nv_bfloat1
 
 // grid: R blocks. Merges the row's partials (strided per thread, then a fixed tree), adds the rest logit.
 __global__ void __launch_bounds__(kMergeThreads) lm_head_merge_kernel(
-    const float4* __restrict__ part, int nblk, const __nv_bfloat16* __restrict__ x,
+    const float4* __restrict__ part, int nblk, XRows x,
     const __nv_bfloat16* __restrict__ w_rest, const int32_t* __restrict__ subset, int R, int d, bool round_bf16,
     int32_t* __restrict__ token, float* __restrict__ max_prob, float* __restrict__ lse) {
   __shared__ float sm[kMergeThreads], ss[kMergeThreads], sr[kMergeThreads / 32];
   __shared__ int si[kMergeThreads];
   const int r = blockIdx.x, tid = threadIdx.x;
+  pdl_wait();
+  pdl_launch_dependents();
   Stat st{-INFINITY, 0.f, -1};
   for (int b = tid; b < nblk; b += kMergeThreads) {
     const float4 p = part[static_cast<int64_t>(b) * R + r];
@@ -92,7 +103,7 @@ __global__ void __launch_bounds__(kMergeThreads) lm_head_merge_kernel(
     float a = 0.f;
     for (int i = tid; i < d / 8; i += kMergeThreads) {
       float xf[8], wf[8];
-      unpack8(ld_ro16(x + static_cast<int64_t>(r) * d + i * 8), xf);
+      unpack8(ld_ro16(x.row(r, d) + i * 8), xf);
       unpack8(ld_ro16(w_rest + i * 8), wf);
 #pragma unroll
       for (int e = 0; e < 8; ++e) a = __fmaf_rn(wf[e], xf[e], a);
@@ -136,6 +147,8 @@ __global__ void __launch_bounds__(kPerturbThreads) lm_head_perturb_kernel(const 
                                                                           const SampleParams* __restrict__ params,
                                                                           float* __restrict__ y) {
   const int r = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
+  pdl_wait();
+  pdl_launch_dependents();
   if (j >= n) return;
   const int64_t at = static_cast<int64_t>(r) * n + j;
   const float z = __fmul_rn(logits[at], params->inv_temperature);
@@ -196,6 +209,8 @@ __global__ void __launch_bounds__(kSelectThreads) lm_head_select_kernel(const fl
   __shared__ int s_j[kSelectThreads];
   __shared__ int s_bad;
   const int r = blockIdx.x, tid = threadIdx.x;
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t row = static_cast<int64_t>(r) * n;
   const float* l = logits + row;
   const SampleParams p = *params;
@@ -267,47 +282,47 @@ __global__ void __launch_bounds__(kSelectThreads) lm_head_select_kernel(const fl
 size_t partial_floats(int R, int n) { return static_cast<size_t>((n + kLmHeadCols - 1) / kLmHeadCols) * R * 4; }
 
 template <int RB>
-cudaError_t launch(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* subset, int n,
+cudaError_t launch(XRows x, RowNorm norm, const __nv_bfloat16* w, const int32_t* subset, int n,
                    const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse, float* workspace, int R,
-                   int d, bool round_bf16, const SampleParams* params, cudaStream_t stream) {
+                   int d, bool round_bf16, const SampleParams* params, cudaStream_t stream, bool pdl) {
   const int nblk = (n + kLmHeadCols - 1) / kLmHeadCols;
   float4* part = reinterpret_cast<float4*>(workspace);
   const size_t rn = static_cast<size_t>(R) * n;
   float* logits = workspace + partial_floats(R, n);  // sampling only: logits, perturbed scores, top-p weights
   float* y = logits + rn;
   uint32_t* wbuf = reinterpret_cast<uint32_t*>(y + rn);
-  if (params)
-    lm_head_partial_kernel<RB, true><<<nblk, skinny_threads(d), 0, stream>>>(x, w, subset, n, R, d, round_bf16, part,
-                                                                             logits);
-  else
-    lm_head_partial_kernel<RB, false><<<nblk, skinny_threads(d), 0, stream>>>(x, w, subset, n, R, d, round_bf16, part,
-                                                                              nullptr);
-  cudaError_t e = launch_status();
+  auto* partial = params ? &lm_head_partial_kernel<RB, true> : &lm_head_partial_kernel<RB, false>;
+  cudaError_t e = ADADECODE_LAUNCH(pdl, partial, dim3(nblk), dim3(skinny_threads(d)), 0, stream, x, norm, w, subset, n,
+                                   R, d, round_bf16, part, params ? logits : nullptr);
   if (e != cudaSuccess) return e;
-  lm_head_merge_kernel<<<R, kMergeThreads, 0, stream>>>(part, nblk, x, w_rest, subset, R, d, round_bf16, token,
-                                                        max_prob, lse);
-  e = launch_status();
+  auto* merge = &lm_head_merge_kernel;
+  e = ADADECODE_LAUNCH(pdl, merge, dim3(R), dim3(kMergeThreads), 0, stream, part, nblk, x, w_rest, subset, R, d,
+                       round_bf16, token, max_prob, lse);
   if (e != cudaSuccess || !params) return e;
-  lm_head_perturb_kernel<<<dim3((n + kPerturbThreads - 1) / kPerturbThreads, R), kPerturbThreads, 0, stream>>>(
-      logits, n, subset, params, y);
-  e = launch_status();
+  auto* perturb = &lm_head_perturb_kernel;
+  e = ADADECODE_LAUNCH(pdl, perturb, dim3((n + kPerturbThreads - 1) / kPerturbThreads, R), dim3(kPerturbThreads), 0,
+                       stream, logits, n, subset, params, y);
   if (e != cudaSuccess) return e;
-  lm_head_select_kernel<<<R, kSelectThreads, 0, stream>>>(logits, y, n, subset, params, wbuf, token);
-  return launch_status();
+  auto* select = &lm_head_select_kernel;
+  return ADADECODE_LAUNCH(pdl, select, dim3(R), dim3(kSelectThreads), 0, stream, logits, y, n, subset, params, wbuf,
+                          token);
 }
 
-cudaError_t dispatch(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* subset, int n,
+cudaError_t dispatch(XRows x, RowNorm norm, const __nv_bfloat16* w, const int32_t* subset, int n,
                      const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse, float* workspace, int R,
-                     int d, bool round_bf16, const SampleParams* params, cudaStream_t stream) {
+                     int d, bool round_bf16, const SampleParams* params, cudaStream_t stream, bool pdl) {
   if (R < 1 || R > kSkinnyMaxRows || n < 1 || d < 8 || d % 8 != 0) return cudaErrorInvalidValue;
-  if (!aligned16(x) || !aligned16(w) || (w_rest && !aligned16(w_rest)) || !aligned16(workspace))
+  if (x.wrap != 0 && (x.first < 0 || R > x.wrap)) return cudaErrorInvalidValue;
+  if (norm.weight && w_rest) return cudaErrorInvalidValue;  // the rest logit reads the rows un-normed
+  if (!aligned16(x.base) || !aligned16(w) || (w_rest && !aligned16(w_rest)) || !aligned16(workspace) ||
+      (norm.weight && !aligned16(norm.weight)))
     return cudaErrorInvalidValue;
   switch (skinny_bucket(R)) {
-    case 1: return launch<1>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
-    case 2: return launch<2>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
-    case 4: return launch<4>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
-    case 8: return launch<8>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
-    default: return launch<16>(x, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
+    case 1: return launch<1>(x, norm, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream, pdl);
+    case 2: return launch<2>(x, norm, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream, pdl);
+    case 4: return launch<4>(x, norm, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream, pdl);
+    case 8: return launch<8>(x, norm, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream, pdl);
+    default: return launch<16>(x, norm, w, subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream, pdl);
   }
 }
 
@@ -319,17 +334,33 @@ size_t lm_head_sample_workspace_floats(int R, int n) {
   return partial_floats(R, n) + 3 * static_cast<size_t>(R) * n;
 }
 
+cudaError_t lm_head_argmax(XRows x, RowNorm norm, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
+                           const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse,
+                           float* workspace, int R, int d, bool round_bf16, cudaStream_t stream, bool pdl) {
+  return dispatch(x, norm, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, nullptr,
+                  stream, pdl);
+}
+
+cudaError_t lm_head_sample(XRows x, RowNorm norm, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
+                           const __nv_bfloat16* w_rest, const SampleParams* params, int32_t* token, float* max_prob,
+                           float* lse, float* workspace, int R, int d, bool round_bf16, cudaStream_t stream, bool pdl) {
+  if (params == nullptr) return cudaErrorInvalidValue;
+  return dispatch(x, norm, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params,
+                  stream, pdl);
+}
+
 cudaError_t lm_head_argmax(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
                            const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse,
                            float* workspace, int R, int d, bool round_bf16, cudaStream_t stream) {
-  return dispatch(x, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, nullptr, stream);
+  return lm_head_argmax(XRows{x}, RowNorm{}, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d,
+                        round_bf16, stream, false);
 }
 
 cudaError_t lm_head_sample(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
                            const __nv_bfloat16* w_rest, const SampleParams* params, int32_t* token, float* max_prob,
                            float* lse, float* workspace, int R, int d, bool round_bf16, cudaStream_t stream) {
-  if (params == nullptr) return cudaErrorInvalidValue;
-  return dispatch(x, w, vocab_subset, n, w_rest, token, max_prob, lse, workspace, R, d, round_bf16, params, stream);
+  return lm_head_sample(XRows{x}, RowNorm{}, w, vocab_subset, n, w_rest, params, token, max_prob, lse, workspace, R, d,
+                        round_bf16, stream, false);
 }
 
 }  // namespace adadecode

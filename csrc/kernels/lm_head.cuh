@@ -37,6 +37,16 @@ cudaError_t lm_head_argmax(const __nv_bfloat16* x, const __nv_bfloat16* w, const
 
 size_t lm_head_sample_workspace_floats(int R, int n);
 
+// The same with the rows read in place (XRows: e.g. the engine's ring slots) and the final RMSNorm folded into the
+// partial kernel's prologue (RowNorm; not with w_rest), bit for bit add_rmsnorm into a buffer then the above;
+// pdl: programmatic dependent launches (common.cuh).
+cudaError_t lm_head_argmax(XRows x, RowNorm norm, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
+                           const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse,
+                           float* workspace, int R, int d, bool round_bf16, cudaStream_t stream, bool pdl);
+cudaError_t lm_head_sample(XRows x, RowNorm norm, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
+                           const __nv_bfloat16* w_rest, const SampleParams* params, int32_t* token, float* max_prob,
+                           float* lse, float* workspace, int R, int d, bool round_bf16, cudaStream_t stream, bool pdl);
+
 cudaError_t lm_head_sample(const __nv_bfloat16* x, const __nv_bfloat16* w, const int32_t* vocab_subset, int n,
                            const __nv_bfloat16* w_rest, const SampleParams* params, int32_t* token, float* max_prob,
                            float* lse, float* workspace, int R, int d, bool round_bf16, cudaStream_t stream);

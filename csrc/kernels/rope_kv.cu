@@ -1,11 +1,10 @@
 #include "rope_kv.cuh"
+#include "rope_core.cuh"
 
 namespace adadecode {
 namespace {
 
 constexpr int kThreads = 128;
-
-__device__ __forceinline__ float bmul(float a, float b) { return bf16_round(a * b); }
 
 // One block per row. Work item = (head among q/k heads, 8-wide slice of the first half), or a 16-byte chunk of v.
 __global__ void __launch_bounds__(kThreads) rope_append_kv_kernel(__nv_bfloat16* __restrict__ qkv,
@@ -43,28 +42,19 @@ __global__ void __launch_bounds__(kThreads) rope_append_kv_kernel(__nv_bfloat16*
       }
       continue;
     }
-    float a[8], b[8], c[8], s[8];
+    float a[8], b[8];
     unpack8(*reinterpret_cast<const uint4*>(src + i0), a);
     unpack8(*reinterpret_cast<const uint4*>(src + half + i0), b);
-    const float4* ct = reinterpret_cast<const float4*>(cos_tab + static_cast<int64_t>(pos) * half + i0);
-    const float4* st = reinterpret_cast<const float4*>(sin_tab + static_cast<int64_t>(pos) * half + i0);
-    const float4 c0 = __ldg(ct), c1 = __ldg(ct + 1), s0 = __ldg(st), s1 = __ldg(st + 1);
-    const float cc[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-    const float ss[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+    const float* ct = cos_tab + static_cast<int64_t>(pos) * half + i0;
+    const float* st = sin_tab + static_cast<int64_t>(pos) * half + i0;
+    float lo_f[8], hi_f[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      c[e] = bf16_round(cc[e]);
-      s[e] = bf16_round(ss[e]);
-    }
+    for (int e = 0; e < 8; ++e) rope_pair(a[e], b[e], __ldg(ct + e), __ldg(st + e), lo_f[e], hi_f[e]);
     bf16x8 lo, hi;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float l0 = bmul(a[2 * e], c[2 * e]) - bmul(b[2 * e], s[2 * e]);
-      const float l1 = bmul(a[2 * e + 1], c[2 * e + 1]) - bmul(b[2 * e + 1], s[2 * e + 1]);
-      const float h0 = bmul(b[2 * e], c[2 * e]) + bmul(a[2 * e], s[2 * e]);
-      const float h1 = bmul(b[2 * e + 1], c[2 * e + 1]) + bmul(a[2 * e + 1], s[2 * e + 1]);
-      lo.v[e] = __floats2bfloat162_rn(l0, l1);
-      hi.v[e] = __floats2bfloat162_rn(h0, h1);
+      lo.v[e] = __floats2bfloat162_rn(lo_f[2 * e], lo_f[2 * e + 1]);
+      hi.v[e] = __floats2bfloat162_rn(hi_f[2 * e], hi_f[2 * e + 1]);
     }
     __nv_bfloat16* dst = src;
     if (head >= n_heads)

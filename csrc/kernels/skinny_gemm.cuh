@@ -12,6 +12,15 @@
 //
 // Batch invariance: the reduction order of every output element is a function of K alone (see
 // skinny_core.cuh); R picks only which instantiation runs, never the order. No atomics, no split-K.
+//
+// Fused forms (decode: a layer in 5 launches), each bit for bit the unfused sequence it replaces:
+//   skinny_gemm(XRows, RowNorm, ...): the rows may be ring slots (XRows) and RMS-normalised on the fly (RowNorm,
+//     rmsnorm_core.cuh) = add_rmsnorm(delta = nullptr) into a buffer, then skinny_gemm on it;
+//   skinny_qkv_rope: norm -> x Wqkv^T -> RoPE + K/V append = add_rmsnorm, skinny_gemm(wqkv), rope_append_kv
+//     (rope_kv.cuh): the rotated q goes to the q part of qkv_out [R, (H + 2 Hkv) hd] (its k and v parts are not
+//     written), rotated k and v to the caches [max_seq, Hkv, hd] at p_r = *first_pos + r; a row with p_r outside
+//     0..max_seq-1 gets NaN q and writes no cache. Constraints of rope_append_kv: hd % 16 == 0.
+// pdl: launched as a programmatic dependent (common.cuh); the kernels wait before reading anything but weights.
 #pragma once
 #include "common.cuh"
 
@@ -19,5 +28,14 @@ namespace adadecode {
 
 cudaError_t skinny_gemm(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* w_up,
                         const __nv_bfloat16* residual, __nv_bfloat16* out, int R, int N, int K, cudaStream_t stream);
+
+cudaError_t skinny_gemm(XRows x, RowNorm norm, const __nv_bfloat16* w, const __nv_bfloat16* w_up,
+                        const __nv_bfloat16* residual, __nv_bfloat16* out, int R, int N, int K, cudaStream_t stream,
+                        bool pdl);
+
+cudaError_t skinny_qkv_rope(XRows x, RowNorm norm, const __nv_bfloat16* wqkv, __nv_bfloat16* qkv_out,
+                            __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const float* cos_tab,
+                            const float* sin_tab, const int32_t* first_pos, int R, int d, int n_heads,
+                            int n_kv_heads, int head_dim, int max_seq, cudaStream_t stream, bool pdl);
 
 }  // namespace adadecode

@@ -232,6 +232,7 @@ Engine::Engine(const ModelDims& dims, WeightPtrs weights, int max_seq, int max_r
     // reproducible), positions 0..max_seq-1 for the prefill chunks.
     RT_CHECK(cudaMemsetAsync(kv_, 0, kv_bytes_, stream_));
     RT_CHECK(cudaMemsetAsync(arena_, 0, ws_bytes_, stream_));
+    pdl_ = adadecode::pdl_supported(device_);
     iota_kernel<<<(max_seq + 255) / 256, 256, 0, stream_>>>(d_iota_, max_seq);
     RT_CHECK(cudaGetLastError());
     RT_CHECK(cudaStreamSynchronize(stream_));
@@ -246,8 +247,6 @@ Engine::~Engine() { release(); }
 void Engine::release() {
   if (stream_) cudaStreamSynchronize(stream_);
   free_graphs(layer_graphs_);
-  free_graphs(final_graphs_);
-  free_graphs(head_graphs_);
   if (kv_) cudaFree(kv_);
   if (arena_) cudaFree(arena_);
   if (h_out_) cudaFreeHost(h_out_);
@@ -284,15 +283,25 @@ void Engine::gather(int first, int R, bf16* dst, int32_t* pos_out) {
 }
 
 // Layers [l0, l1) over rows hw_[0..R) at positions *pos + r. Every launch on stream_, nothing else: capturable.
+// Decode rows (R <= kMaxRows) take the fused path unless set_fused(false): 5 launches per layer, each bit for bit
+// the unfused sequence it replaces (the RMSNorms in the prologues of the QKV and gate/up GEMMs, RoPE and the K/V
+// append in the QKV epilogue, the residual adds in the o_proj and down epilogues, attention in one launch).
 void Engine::enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int max_ctx) {
   const ModelDims& m = dims_;
   const int d = m.d, H = m.n_heads, Hkv = m.n_kv_heads, hd = m.head_dim, qn = H * hd;
   cudaStream_t s = stream_;
+  const bool fused = fused_ && R <= kMaxRows;
   for (int l = l0; l < l1; ++l) {
     const LayerPtrs& L = w_.layers[l];
-    RT_CHECK(adadecode::add_rmsnorm(hw_, nullptr, L.attn_norm, xn_, R, d, m.eps, s));
-    RT_CHECK(adadecode::linear(xn_, L.wqkv, nullptr, nullptr, qkv_, R, qkv_n_, d, s));
-    RT_CHECK(adadecode::rope_append_kv(qkv_, k_cache(l), v_cache(l), w_.cos, w_.sin, pos, R, H, Hkv, hd, max_seq_, s));
+    if (fused) {
+      RT_CHECK(adadecode::skinny_qkv_rope(adadecode::XRows{hw_}, adadecode::RowNorm{L.attn_norm, m.eps}, L.wqkv, qkv_,
+                                          k_cache(l), v_cache(l), w_.cos, w_.sin, pos, R, d, H, Hkv, hd, max_seq_, s,
+                                          pdl_));
+    } else {
+      RT_CHECK(adadecode::add_rmsnorm(hw_, nullptr, L.attn_norm, xn_, R, d, m.eps, s));
+      RT_CHECK(adadecode::linear(xn_, L.wqkv, nullptr, nullptr, qkv_, R, qkv_n_, d, s));
+      RT_CHECK(adadecode::rope_append_kv(qkv_, k_cache(l), v_cache(l), w_.cos, w_.sin, pos, R, H, Hkv, hd, max_seq_, s));
+    }
     // Rows [r0, r0 + n) per attention launch, n bounded by the workspace (decode: all R rows in one launch).
     for (int r0 = 0; r0 < R;) {
       int n = R - r0;
@@ -303,6 +312,14 @@ void Engine::enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int m
       RT_CHECK(adadecode::attention(qkv_ + static_cast<size_t>(r0) * qkv_n_, qkv_n_, k_cache(l), v_cache(l), pos + r0,
                                     attn_ + static_cast<size_t>(r0) * qn, attn_ws_, n, H, Hkv, hd, max_ctx, s));
       r0 += n;
+    }
+    if (fused) {
+      const adadecode::RowNorm none{};
+      RT_CHECK(adadecode::skinny_gemm(adadecode::XRows{attn_}, none, L.wo, nullptr, hw_, hw_, R, d, qn, s, pdl_));
+      RT_CHECK(adadecode::skinny_gemm(adadecode::XRows{hw_}, adadecode::RowNorm{L.mlp_norm, m.eps}, L.w_gate, L.w_up,
+                                      nullptr, act_, R, m.ffn, d, s, pdl_));
+      RT_CHECK(adadecode::skinny_gemm(adadecode::XRows{act_}, none, L.w_down, nullptr, hw_, hw_, R, d, m.ffn, s, pdl_));
+      continue;
     }
     RT_CHECK(adadecode::linear(attn_, L.wo, nullptr, hw_, hw_, R, d, qn, s));  // h += o_proj(attn), in place
     RT_CHECK(adadecode::add_rmsnorm(hw_, nullptr, L.mlp_norm, xn_, R, d, m.eps, s));
@@ -323,31 +340,51 @@ void Engine::enqueue_readback() {
                            cudaMemcpyDeviceToHost, stream_));
 }
 
-void Engine::enqueue_final(int R, bool sample) {
+// Final norm + LM head (+ sampling) of rows first..first+R-1, then the read-back copy. Launched eagerly (a graph
+// would freeze `first`): fused, the LM head reads the ring slots in place with the norm in its prologue (2 kernels
+// greedy); unfused, gather + add_rmsnorm + LM head.
+void Engine::enqueue_final(int first, int R, bool sample) {
   const ModelDims& m = dims_;
   float* probs = reinterpret_cast<float*>(d_out_ + max_rows_);
-  RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, xn_, R, m.d, m.eps, stream_));
+  adadecode::XRows x{ring_, first, max_rows_};
+  adadecode::RowNorm norm{w_.norm, m.eps};
+  if (!fused_) {
+    gather(first, R, hx_, nullptr);
+    RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, xn_, R, m.d, m.eps, stream_));
+    x = adadecode::XRows{xn_};
+    norm = adadecode::RowNorm{};
+  }
+  const bool pdl = pdl_ && fused_;
   if (sample)
-    RT_CHECK(adadecode::lm_head_sample(xn_, w_.lm_head, nullptr, m.vocab, nullptr, d_sample_, d_out_, probs, nullptr,
-                                       lm_ws_, R, m.d, /*round_bf16=*/true, stream_));
+    RT_CHECK(adadecode::lm_head_sample(x, norm, w_.lm_head, nullptr, m.vocab, nullptr, d_sample_, d_out_, probs,
+                                       nullptr, lm_ws_, R, m.d, /*round_bf16=*/true, stream_, pdl));
   else
-    RT_CHECK(adadecode::lm_head_argmax(xn_, w_.lm_head, nullptr, m.vocab, nullptr, d_out_, probs, nullptr, lm_ws_, R,
-                                       m.d, /*round_bf16=*/true, stream_));
+    RT_CHECK(adadecode::lm_head_argmax(x, norm, w_.lm_head, nullptr, m.vocab, nullptr, d_out_, probs, nullptr, lm_ws_,
+                                       R, m.d, /*round_bf16=*/true, stream_, pdl));
   enqueue_readback();
 }
 
-void Engine::enqueue_head(int i, bool sample) {
+// Head i on row pos: norm + T (fused: one skinny launch reading the ring slot) + LM head over the head's vocabulary.
+void Engine::enqueue_head(int pos, int i, bool sample) {
   const ModelDims& m = dims_;
   const HeadPtrs& h = heads_.at(i);
   float* probs = reinterpret_cast<float*>(d_out_ + max_rows_);
-  RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, xn_, 1, m.d, m.eps, stream_));
-  RT_CHECK(adadecode::skinny_gemm(xn_, h.T, nullptr, nullptr, z_, 1, m.d, m.d, stream_));
+  const bool pdl = pdl_ && fused_;
+  if (fused_) {
+    RT_CHECK(adadecode::skinny_gemm(adadecode::XRows{ring_, pos, max_rows_}, adadecode::RowNorm{w_.norm, m.eps}, h.T,
+                                    nullptr, nullptr, z_, 1, m.d, m.d, stream_, pdl));
+  } else {
+    gather(pos, 1, hx_, nullptr);
+    RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, xn_, 1, m.d, m.eps, stream_));
+    RT_CHECK(adadecode::skinny_gemm(xn_, h.T, nullptr, nullptr, z_, 1, m.d, m.d, stream_));
+  }
+  const adadecode::XRows z{z_};
   if (sample)
-    RT_CHECK(adadecode::lm_head_sample(z_, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_sample_, d_out_, probs,
-                                       nullptr, lm_ws_, 1, m.d, /*round_bf16=*/true, stream_));
+    RT_CHECK(adadecode::lm_head_sample(z, adadecode::RowNorm{}, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_sample_,
+                                       d_out_, probs, nullptr, lm_ws_, 1, m.d, /*round_bf16=*/true, stream_, pdl));
   else
-    RT_CHECK(adadecode::lm_head_argmax(z_, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_out_, probs, nullptr, lm_ws_,
-                                       1, m.d, /*round_bf16=*/true, stream_));
+    RT_CHECK(adadecode::lm_head_argmax(z, adadecode::RowNorm{}, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_out_,
+                                       probs, nullptr, lm_ws_, 1, m.d, /*round_bf16=*/true, stream_, pdl));
   enqueue_readback();
 }
 
@@ -455,9 +492,7 @@ void Engine::final_tokens(int first, int last, int32_t* tokens, float* probs, co
   const int R = last - first + 1;
   const bool sample = sampling != nullptr;
   if (sample) set_sample_params(*sampling, first + 1);
-  gather(first, R, hx_, nullptr);
-  run_cached(final_graphs_, Key{R, sample, 0}, [&] { enqueue_final(R, sample); },
-             std::string(sample ? "sampled " : "") + "final R=" + std::to_string(R));
+  enqueue_final(first, R, sample);
   RT_CHECK(cudaStreamSynchronize(stream_));
   for (int r = 0; r < R; ++r) {
     tokens[r] = h_out_[r];
@@ -484,8 +519,7 @@ void Engine::set_heads(std::vector<HeadPtrs> heads) {
       throw std::invalid_argument(p + "vocabulary of " + std::to_string(h.n_vocab) + " ids, model vocab " +
                                   std::to_string(dims_.vocab));
   }
-  RT_CHECK(cudaStreamSynchronize(stream_));  // graphs of the old heads may still run
-  free_graphs(head_graphs_);
+  RT_CHECK(cudaStreamSynchronize(stream_));  // launches of the old heads may still run
   heads_ = std::move(heads);
 }
 
@@ -496,9 +530,7 @@ std::pair<int32_t, float> Engine::head(int pos, int i, const SampleParams* sampl
   check_rows("head", pos, pos);
   const bool sample = sampling != nullptr;
   if (sample) set_sample_params(*sampling, pos + 1);
-  gather(pos, 1, hx_, nullptr);
-  run_cached(head_graphs_, Key{i, sample, 0}, [&] { enqueue_head(i, sample); },
-             std::string(sample ? "sampled " : "") + "head " + std::to_string(i));
+  enqueue_head(pos, i, sample);
   RT_CHECK(cudaStreamSynchronize(stream_));
   float p;
   std::memcpy(&p, &h_out_[max_rows_], sizeof(float));
@@ -521,6 +553,13 @@ void Engine::copy_kv(int layer, int length, bf16* k_dst, bf16* v_dst) {
     RT_CHECK(cudaMemcpyAsync(v_dst, v_cache(layer), bytes, cudaMemcpyDeviceToDevice, stream_));
   }
   RT_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void Engine::set_fused(bool on) {
+  if (on == fused_) return;
+  RT_CHECK(cudaStreamSynchronize(stream_));
+  free_graphs(layer_graphs_);  // captured with the other kernels
+  fused_ = on;
 }
 
 void Engine::synchronize() { RT_CHECK(cudaStreamSynchronize(stream_)); }

@@ -12,8 +12,13 @@
 // Graphs: run_layers(first, last, l0, l1) = one by-value "gather" launch (copies the R rows from the ring into
 // the contiguous work buffer and writes first_pos to a device int32) + one replay of a CUDA graph captured
 // once per (R, l0, l1): the layers [l0, l1) over the work buffer (positions read from the device int32) and a
-// final scatter back into the ring. final(first, last) and head(pos, i) likewise: a gather launch + a graph per
-// R (final) or per head (head) that ends with one device-to-host copy of (token, max_prob) into pinned memory.
+// final scatter back into the ring. final(first, last) and head(pos, i) launch eagerly (their few kernels read
+// the ring slots in place, by value) and end with one device-to-host copy of (token, max_prob) into pinned memory.
+//
+// Fused (default): a decode layer is 5 launches (QKV with the norm, RoPE and K/V append; attention; o_proj with the
+// residual add; gate/up with the norm; down with the residual add), the final step 2 (norm + LM head, merge), each
+// bit for bit the unfused launches it replaces; set_fused(false) runs those (the reference of the tests). On sm_90+
+// the fused launches are programmatic dependents (PDL): each kernel's weight prefetch overlaps its predecessor.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -111,8 +116,12 @@ class Engine {
   // Graphs on (default) or every call launched eagerly (same kernels, same arguments: the same bits).
   void set_use_graphs(bool on) { use_graphs_ = on; }
   bool use_graphs() const { return use_graphs_; }
+  // Fused decode kernels on (default) or the unfused sequence (same bits, more launches). Drops the layer graphs.
+  void set_fused(bool on);
+  bool fused() const { return fused_; }
+  bool pdl() const { return pdl_ && fused_; }  // programmatic dependent launches in use
 
-  int n_graphs() const { return static_cast<int>(layer_graphs_.size() + final_graphs_.size() + head_graphs_.size()); }
+  int n_graphs() const { return static_cast<int>(layer_graphs_.size()); }
   size_t kv_bytes() const { return kv_bytes_; }
   size_t workspace_bytes() const { return ws_bytes_; }
   cudaStream_t stream() const { return stream_; }
@@ -124,7 +133,7 @@ class Engine {
   struct Graph {
     cudaGraphExec_t exec = nullptr;
   };
-  using Key = std::tuple<int, int, int>;  // (R, l0, l1) / (R, sampling, 0) / (head, sampling, 0)
+  using Key = std::tuple<int, int, int>;  // (R, l0, l1)
 
   bf16* k_cache(int l) const { return kv_ + static_cast<size_t>(2 * l) * layer_kv_elems_; }
   bf16* v_cache(int l) const { return kv_ + static_cast<size_t>(2 * l + 1) * layer_kv_elems_; }
@@ -134,8 +143,8 @@ class Engine {
   // Layers [l0, l1) over hw_[0..R) at positions *pos + r (device int32); attention grid sized for max_ctx.
   void enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int max_ctx);
   void enqueue_layers(int R, int l0, int l1);  // captured: layer body at *d_pos_ + scatter back to the ring
-  void enqueue_final(int R, bool sample);      // captured: norm + lm head (+ sampling) + read-back copy
-  void enqueue_head(int i, bool sample);       // captured: norm + T + lm head (+ sampling) + read-back copy
+  void enqueue_final(int first, int R, bool sample);  // norm + lm head (+ sampling) + read-back copy
+  void enqueue_head(int pos, int i, bool sample);     // norm + T + lm head (+ sampling) + read-back copy
   void enqueue_readback();
   void set_sample_params(const SampleParams& p, int pos);  // into d_sample_, in stream order
   void gather(int first, int R, bf16* dst, int32_t* pos_out);
@@ -154,6 +163,8 @@ class Engine {
   size_t attn_ws_floats_ = 0;
   size_t kv_bytes_ = 0, ws_bytes_ = 0;
   bool use_graphs_ = true;
+  bool fused_ = true;
+  bool pdl_ = false;
   cudaStream_t stream_ = nullptr;
 
   // device memory
@@ -178,8 +189,6 @@ class Engine {
   SampleParams* h_sample_ = nullptr;  // pinned staging for d_sample_ (every call that writes it synchronizes)
 
   std::map<Key, Graph> layer_graphs_;
-  std::map<Key, Graph> final_graphs_;  // key (R, sampling, 0)
-  std::map<Key, Graph> head_graphs_;   // key (i, sampling, 0)
   std::vector<HeadPtrs> heads_;
 };
 
