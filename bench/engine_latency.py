@@ -5,6 +5,10 @@
   vocab 128256; target >= 85% of the device-to-device copy bandwidth measured in the same run).
 
     python bench/engine_latency.py [--models smol,8b] [--contexts 128,2048] [--new-tokens 128] [--repeats 3]
+                                   [--paths fused,unfused]
+
+Each context runs on both decode paths of the engine (issue 16): `fused` (5 launches per layer, programmatic
+dependent launches on sm_90) and `unfused` (9 per layer, the bitwise-identical reference): before and after.
 
 ms/token is what `generate_vanilla` measures (wall time per token after the first, Python loop included: one
 graph replay for the layers, one for the LM head, one small read-back per token). Bytes per token count what a
@@ -40,7 +44,7 @@ TARGETS = {"smol": {"ms_per_token_max": 0.25, "hf_eager_ms_per_token_h100": 91.0
 
 
 def run_model(name: str, cfg: LlamaConfig, weights: LlamaWeights, contexts: list[int], new_tokens: int,
-              repeats: int, copy_bw: float) -> dict:
+              repeats: int, copy_bw: float, paths: list[str]) -> dict:
     from adadecode.cuda_engine import CudaEngine
 
     engine = CudaEngine(cfg, weights, max_seq=max(contexts) + new_tokens + 8)
@@ -50,18 +54,21 @@ def run_model(name: str, cfg: LlamaConfig, weights: LlamaWeights, contexts: list
            "kv_cache_bytes": engine.kv_bytes, "workspace_bytes": engine.workspace_bytes, "contexts": {}}
     for ctx in contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,), generator=g).tolist()
-        generate_vanilla(engine, prompt, 8)  # warm-up: captures the graphs
-        runs = [generate_vanilla(engine, prompt, new_tokens).ms_per_token for _ in range(repeats)]
-        ms = statistics.median(runs)
-        nbytes = bytes_per_token(cfg, ctx + new_tokens / 2)
-        achieved = nbytes / (ms / 1e3)
-        row = {"prompt_tokens": ctx, "new_tokens": new_tokens, "ms_per_token": ms, "ms_per_token_runs": runs,
-               "bytes_per_token": nbytes, "achieved_bytes_per_s": achieved,
-               "pct_copy_bandwidth": 100 * achieved / copy_bw, "floor_ms_per_token": 1e3 * nbytes / copy_bw}
-        out["contexts"][str(ctx)] = row
-        print(f"{name:5s} context {ctx:5d}: {ms:8.4f} ms/token ({1e3 / ms:8.1f} tokens/s), "
-              f"{nbytes / 1e9:7.3f} GB/token, {achieved / 1e12:6.3f} TB/s = {row['pct_copy_bandwidth']:5.1f}% of copy "
-              f"bandwidth (floor {row['floor_ms_per_token']:.4f} ms)")
+        for path in paths:
+            engine.fused = path == "fused"
+            generate_vanilla(engine, prompt, 8)  # warm-up: captures the graphs
+            runs = [generate_vanilla(engine, prompt, new_tokens).ms_per_token for _ in range(repeats)]
+            ms = statistics.median(runs)
+            nbytes = bytes_per_token(cfg, ctx + new_tokens / 2)
+            achieved = nbytes / (ms / 1e3)
+            row = {"prompt_tokens": ctx, "new_tokens": new_tokens, "path": path, "pdl": engine.pdl,
+                   "ms_per_token": ms, "ms_per_token_runs": runs, "bytes_per_token": nbytes,
+                   "achieved_bytes_per_s": achieved, "pct_copy_bandwidth": 100 * achieved / copy_bw,
+                   "floor_ms_per_token": 1e3 * nbytes / copy_bw}
+            out["contexts"][f"{ctx}-{path}" if len(paths) > 1 else str(ctx)] = row
+            print(f"{name:5s} context {ctx:5d} {path:8s}: {ms:8.4f} ms/token ({1e3 / ms:8.1f} tokens/s), "
+                  f"{nbytes / 1e9:7.3f} GB/token, {achieved / 1e12:6.3f} TB/s = {row['pct_copy_bandwidth']:5.1f}% of "
+                  f"copy bandwidth (floor {row['floor_ms_per_token']:.4f} ms)")
     out["n_graphs"] = engine.n_graphs
     del engine
     torch.cuda.empty_cache()
@@ -74,8 +81,12 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="128,2048")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--paths", default="fused,unfused", help="decode paths: fused (default engine), unfused (before)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if not paths or set(paths) - {"fused", "unfused"}:
+        p.error(f"--paths takes fused and/or unfused, got {args.paths!r}")
     why = cuda_unavailable_reason()
     if why:
         print(f"engine_latency needs the CUDA engine: {why}", file=sys.stderr)
@@ -91,12 +102,12 @@ def main(argv=None) -> int:
             from adadecode.loader import load_model
 
             model = load_model("default")
-            results[name] = run_model(name, model.cfg, model.weights, contexts, args.new_tokens, args.repeats, copy_bw)
+            results[name] = run_model(name, model.cfg, model.weights, contexts, args.new_tokens, args.repeats, copy_bw, paths)
             results[name]["model"] = model.source
         elif name == "8b":
             cfg = llama31_8b()
             weights = LlamaWeights.random(cfg, device="cuda", dtype=torch.bfloat16)
-            results[name] = run_model(name, cfg, weights, contexts, args.new_tokens, args.repeats, copy_bw)
+            results[name] = run_model(name, cfg, weights, contexts, args.new_tokens, args.repeats, copy_bw, paths)
             results[name]["model"] = "Llama-3.1-8B shape, random bf16 weights"
             del weights
             torch.cuda.empty_cache()
