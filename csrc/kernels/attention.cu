@@ -43,30 +43,50 @@ inline int rows_per_block(int G) {
 template <int HD>
 __host__ __device__ constexpr size_t kv_smem_bytes() { return 2 * size_t(CH) * (HD + 8) * sizeof(__nv_bfloat16); }
 
-// Row r, head h merged over its chunks 0..p_r/128 in increasing order; thread d owns output dim d. The one merge
-// of both paths (the fused tail below and attn_merge_kernel): the bits cannot depend on the path.
-template <int HD>
-__device__ __forceinline__ void merge_row_head(const float* part_o, const float* part_ml, int pr, int r, int h,
-                                               int n_heads, int n_chunks, int max_ctx, int d,
-                                               __nv_bfloat16* __restrict__ out) {
-  const int64_t base = (static_cast<int64_t>(r) * n_heads + h) * n_chunks;
-  __nv_bfloat16* dst = out + (static_cast<int64_t>(r) * n_heads + h) * HD + d;
-  const int nc = pr / CH + 1;
-  if (pr < 0 || pr >= max_ctx || nc > n_chunks) {
-    *dst = __float2bfloat16_rn(NAN);
-    return;
+// Output dim d of up to NQ (row, head) pairs: pair i (i < n) is row r[i] at position pr[i], head h[i], merged
+// over its chunks 0..pr[i]/128 in increasing order. The pairs are interleaved only so that their loads are in flight
+// together; each pair's operations are those of the pair alone. The one merge of both paths (the fused tail and
+// attn_merge_kernel): the bits cannot depend on the path.
+template <int HD, int NQ>
+__device__ __forceinline__ void merge_pairs(const float* part_o, const float* part_ml, const int (&pr)[NQ],
+                                            const int (&r)[NQ], const int (&h)[NQ], int n, int n_heads, int n_chunks,
+                                            int max_ctx, int d, __nv_bfloat16* __restrict__ out) {
+  const float2* ml = reinterpret_cast<const float2*>(part_ml);
+  int64_t base[NQ];
+  int nc[NQ];
+  float M[NQ], L[NQ], acc[NQ];
+  int nc_max = 0;
+#pragma unroll
+  for (int i = 0; i < NQ; ++i) {
+    base[i] = (static_cast<int64_t>(r[i]) * n_heads + h[i]) * n_chunks;
+    nc[i] = pr[i] / CH + 1;
+    if (i >= n || pr[i] < 0 || pr[i] >= max_ctx || nc[i] > n_chunks) nc[i] = 0;  // 0: NaN (past max_ctx)
+    nc_max = max(nc_max, nc[i]);
+    M[i] = -INFINITY;
+    L[i] = 0.f;
+    acc[i] = 0.f;
   }
-  const float2* ml = reinterpret_cast<const float2*>(part_ml) + base;
-  float M = -INFINITY;
-  for (int c = 0; c < nc; ++c) M = fmaxf(M, ml[c].x);
-  float L = 0.f, acc = 0.f;
-  for (int c = 0; c < nc; ++c) {
-    const float2 v = ml[c];
-    const float w = exp2f(v.x - M);
-    L = __fmaf_rn(v.y, w, L);
-    acc = __fmaf_rn(part_o[(base + c) * HD + d], w, acc);
+  for (int c = 0; c < nc_max; ++c) {
+#pragma unroll
+    for (int i = 0; i < NQ; ++i)
+      if (c < nc[i]) M[i] = fmaxf(M[i], ml[base[i] + c].x);
   }
-  *dst = __float2bfloat16_rn(acc / L);
+  for (int c = 0; c < nc_max; ++c) {
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) {
+      if (c < nc[i]) {
+        const float2 v = ml[base[i] + c];
+        const float w = exp2f(v.x - M[i]);
+        L[i] = __fmaf_rn(v.y, w, L[i]);
+        acc[i] = __fmaf_rn(part_o[(base[i] + c) * HD + d], w, acc[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NQ; ++i)
+    if (i < n)
+      out[(static_cast<int64_t>(r[i]) * n_heads + h[i]) * HD + d] =
+          __float2bfloat16_rn(nc[i] == 0 ? NAN : acc[i] / L[i]);
 }
 
 // grid: (S splits, Hkv, row groups); block (s, kh, z) computes the chunks c = s, s + S, ... below the group's live
@@ -249,10 +269,19 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  for (int idx = tid; idx < Q * HD; idx += kThreads) {
-    const int qi = idx / HD, d = idx % HD;
-    const int r = r_begin + qi / G, h = kh * G + qi % G;
-    merge_row_head<HD>(part_o, part_ml, p0 + r, r, h, n_heads, n_chunks, max_ctx, d, out);
+  // Thread tid: output dim tid % HD of the group's queries tid / HD, tid / HD + QS, ..., kMergeQ at a time.
+  constexpr int QS = kThreads / HD, kMergeQ = 4;
+  for (int qi0 = tid / HD; qi0 < Q; qi0 += QS * kMergeQ) {
+    int pr[kMergeQ], r[kMergeQ], h[kMergeQ];
+#pragma unroll
+    for (int i = 0; i < kMergeQ; ++i) {
+      const int qi = min(qi0 + i * QS, Q - 1);  // clamped: pairs from n on are not written
+      r[i] = r_begin + qi / G;
+      h[i] = kh * G + qi % G;
+      pr[i] = p0 + r[i];
+    }
+    const int n = min(kMergeQ, (Q - qi0 + QS - 1) / QS);
+    merge_pairs<HD, kMergeQ>(part_o, part_ml, pr, r, h, n, n_heads, n_chunks, max_ctx, tid % HD, out);
   }
 }
 
@@ -263,8 +292,9 @@ __global__ void __launch_bounds__(HD) attn_merge_kernel(const float* __restrict_
                                                          const int32_t* __restrict__ first_pos,
                                                          __nv_bfloat16* __restrict__ out, int n_heads, int n_chunks,
                                                          int max_ctx) {
-  const int h = blockIdx.x, r = blockIdx.y;
-  merge_row_head<HD>(part_o, part_ml, *first_pos + r, r, h, n_heads, n_chunks, max_ctx, threadIdx.x, out);
+  const int h[1] = {static_cast<int>(blockIdx.x)}, r[1] = {static_cast<int>(blockIdx.y)};
+  const int pr[1] = {*first_pos + r[0]};
+  merge_pairs<HD, 1>(part_o, part_ml, pr, r, h, 1, n_heads, n_chunks, max_ctx, threadIdx.x, out);
 }
 
 template <int HD>
