@@ -36,7 +36,7 @@
 namespace adadecode {
 
 constexpr int kAttnChunk = 128;
-constexpr int kAttnTargetBlocks = 256;  // about two blocks per SM of an H100: more splits only add merge work
+constexpr int kAttnTargetBlocks = 256;  // about two per SM of an H100 (132 SMs); the bits never depend on it
 constexpr int kAttnCounters = 4096;     // int32 slots at the start of the workspace
 
 size_t attention_workspace_floats(int R, int n_heads, int head_dim, int max_ctx);
