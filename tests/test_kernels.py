@@ -407,13 +407,34 @@ def attention_ref(dev, q, kc, vc, first_pos, H, Hkv, hd):
     return torch.einsum("hrt,thd->rhd", scores.softmax(-1), v).reshape(R, H * hd)
 
 
-def run_attention(dev, q, kc, vc, first_pos, H, max_ctx):
-    R = q.shape[0]
-    out = nan_like(dev, (R, H * kc.shape[2]))
-    ws = nan_like(dev, (dev.ops.attention_workspace_floats(R, H, kc.shape[2], max_ctx),), torch.float32)
+def attention_workspace(dev, R, H, hd, max_ctx):
+    """NaN partials (never read before written) behind the zero counters that attention.cuh requires."""
+    ws = nan_like(dev, (dev.ops.attention_workspace_floats(R, H, hd, max_ctx),), torch.float32)
+    ws[:dev.ops.attention_counters] = 0
+    return ws
+
+
+def attention_launch(dev, q, kc, vc, first_pos, H, max_ctx, single_launch, ws):
+    """One call on a given workspace; on the emulated device also checks the number of kernels it launched and
+    that it left the counters zero."""
+    out = nan_like(dev, (q.shape[0], H * kc.shape[2]))
     fp = dev.put(torch.tensor([first_pos], device=dev.torch, dtype=torch.int32))
-    dev.ops.attention(q, kc, vc, fp, out, H, max_ctx, workspace=ws)
+    before = dev.ops.stats()["launches"] if dev.emu else 0
+    dev.ops.attention(q, kc, vc, fp, out, H, max_ctx, workspace=ws, single_launch=single_launch)
+    if dev.emu:
+        assert dev.ops.stats()["launches"] - before == (1 if single_launch else 2)
+    counters = ws[:dev.ops.attention_counters].view(torch.int32)
+    assert not counters.any(), f"attention left {counters.count_nonzero().item()} counters non-zero"
     return out
+
+
+def run_attention(dev, q, kc, vc, first_pos, H, max_ctx):
+    """The one-launch result, checked bitwise against the two-launch one."""
+    R, hd = q.shape[0], kc.shape[2]
+    two = attention_launch(dev, q, kc, vc, first_pos, H, max_ctx, False, attention_workspace(dev, R, H, hd, max_ctx))
+    one = attention_launch(dev, q, kc, vc, first_pos, H, max_ctx, True, attention_workspace(dev, R, H, hd, max_ctx))
+    assert_bitwise(one, two, f"attention first_pos={first_pos} R={R} max_ctx={max_ctx}: one launch vs two")
+    return one
 
 
 ATTN_CASES = [(shape, fp, R) for shape in ("smol", "8b", "odd", "odd128")
@@ -503,6 +524,61 @@ def test_attention_row_past_max_ctx_is_nan(dev):
     q = randn(dev, 4, s["H"] * s["hd"], g=g)
     out = run_attention(dev, q, kc, vc, 254, s["H"], 256)  # rows at 254, 255 fit; 256, 257 do not
     assert torch.isfinite(out[:2].float()).all() and torch.isnan(out[2:].float()).all()
+    out = run_attention(dev, q, kc, vc, 300, s["H"], 256)  # every row of the group past max_ctx
+    assert torch.isnan(out.float()).all()
+
+
+def attention_inputs(dev, shape, max_seq, R, seed):
+    s = SHAPES[shape]
+    H, Hkv, hd = s["H"], s["Hkv"], s["hd"]
+    g = gen(dev, seed)
+    kc, vc = randn(dev, max_seq, Hkv, hd, g=g), randn(dev, max_seq, Hkv, hd, g=g)
+    q = randn(dev, R, (H + 2 * Hkv) * hd, g=g, scale=2.0)
+    return q, kc, vc
+
+
+@pytest.mark.parametrize("dev,shape,R", on_devices([(sh, R) for sh in ("smol", "8b", "odd128")
+                                                     for R in (1, 2, 3, 5, 8, 16)], not_8b), indirect=["dev"])
+def test_attention_one_launch_equals_two(dev, shape, R):
+    """Contexts inside the first chunk, ending at and around the chunk boundaries (127, 128, 129 positions), the
+    rows straddling a boundary, several chunks: one launch == two, bit for bit (run_attention checks it)."""
+    H, max_seq = SHAPES[shape]["H"], 1024
+    q, kc, vc = attention_inputs(dev, shape, max_seq, R, 14 + R)
+    for first_pos in sorted({0, 40, 127 - R, 128 - R, 129 - R, 126, 127, 128, 700} - {-1}):
+        out = run_attention(dev, q, kc, vc, first_pos, H, max_seq)
+        assert torch.isfinite(out.float()).all(), f"attention {shape} R={R} first_pos={first_pos}"
+
+
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_attention_blocks_loop_over_chunks(dev):
+    """max_ctx with more chunks than splits (S < chunks): a block computes several chunks; the bits never depend
+    on S (a tight max_ctx gives another S) and match the reference."""
+    s = SMOL
+    H, Hkv, hd = s["H"], s["Hkv"], s["hd"]
+    for first_pos, R, max_ctx in ((12000, 1, 16384), (4000, 40, 8192)):  # S = 85 < 94 live chunks; 28 < 32
+        q, kc, vc = attention_inputs(dev, "smol", max_ctx, R, 15)
+        out = run_attention(dev, q, kc, vc, first_pos, H, max_ctx)
+        ref = attention_ref(dev, q[:, :H * hd], kc, vc, first_pos, H, Hkv, hd)
+        assert_close_bf16(out, ref, f"attention first_pos={first_pos} R={R} max_ctx={max_ctx}")
+        tight = run_attention(dev, q, kc, vc, first_pos, H, first_pos + R)
+        assert_bitwise(tight, out, f"attention first_pos={first_pos} R={R}: max_ctx (so S) changed the bits")
+
+
+@pytest.mark.parametrize("dev", BOTH, indirect=True)
+def test_attention_one_launch_reuses_its_workspace(dev):
+    """Launches of different R and max_ctx in turn on one workspace (as the engine's decode and prefill calls):
+    each leaves the counters zero for the next, so each is still right; a counter left non-zero would leave the
+    next launch's rows unmerged (NaN)."""
+    s = SMOL
+    H, max_seq = s["H"], 2048
+    ws = attention_workspace(dev, 40, H, s["hd"], max_seq)
+    for first_pos, R, max_ctx, seed in ((100, 1, 2048, 16), (100, 1, 2048, 17), (1500, 40, 2048, 18),
+                                        (129, 3, 256, 19), (1999, 5, 2048, 20)):
+        q, kc, vc = attention_inputs(dev, "smol", max_seq, R, seed)
+        once = attention_launch(dev, q, kc, vc, first_pos, H, max_ctx, True, ws)
+        fresh = attention_launch(dev, q, kc, vc, first_pos, H, max_ctx, False,
+                                 attention_workspace(dev, R, H, s["hd"], max_ctx))
+        assert_bitwise(once, fresh, f"attention first_pos={first_pos} R={R} on a reused workspace")
 
 
 # ---------------------------------------------------------------------------------------------------------------

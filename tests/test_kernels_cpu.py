@@ -32,7 +32,8 @@ SIGNATURES = {
     "qkv_rope": ["x", "wqkv", "qkv_out", "k_cache", "v_cache", "cos", "sin", "first_pos", "n_heads", "n_kv_heads",
                  *FUSED],
     "attention_workspace_floats": ["R", "n_heads", "head_dim", "max_ctx"],
-    "attention": ["q", "k_cache", "v_cache", "first_pos", "out", "n_heads", "max_ctx", "workspace=None"],
+    "attention": ["q", "k_cache", "v_cache", "first_pos", "out", "n_heads", "max_ctx", "workspace=None",
+                  "single_launch=True"],
     "lm_head_workspace_floats": ["R", "n"],
     "lm_head_argmax": ["x", "w", "token", "max_prob", "lse=None", "vocab_subset=None", "w_rest=None",
                        "round_bf16=False", "workspace=None", *FUSED],
@@ -64,9 +65,10 @@ def test_op_signature(module, name):
 @pytest.mark.parametrize("module", MODULES)
 def test_workspace_sizes(module):
     adadecode_cuda = ext(module)
-    # attention: R * H * ceil(max_ctx / 128) * (hd + 2) floats; lm head: ceil(n / 64) * R * 4 floats.
-    assert adadecode_cuda.attention_workspace_floats(1, 32, 128, 4096) == 32 * 32 * 130
-    assert adadecode_cuda.attention_workspace_floats(3, 9, 64, 129) == 3 * 9 * 2 * 66
+    # attention: 4096 counters + R * H * ceil(max_ctx / 128) * (hd + 2) floats; lm head: ceil(n / 64) * R * 4 floats.
+    assert adadecode_cuda.attention_counters == 4096
+    assert adadecode_cuda.attention_workspace_floats(1, 32, 128, 4096) == 4096 + 32 * 32 * 130
+    assert adadecode_cuda.attention_workspace_floats(3, 9, 64, 129) == 4096 + 3 * 9 * 2 * 66
     assert adadecode_cuda.lm_head_workspace_floats(16, 128256) == 2004 * 16 * 4
     assert adadecode_cuda.lm_head_workspace_floats(1, 65) == 2 * 4
     # sampling keeps the logits, the perturbed scores and the top-p weights too: 3 R n more floats

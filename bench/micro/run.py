@@ -127,7 +127,7 @@ def bench_ops(cuda, name: str, s: dict, rows: list[int], ctxs: list[int], replay
             q = rand(R, H * hd)
             o = torch.empty(R, H * hd, dtype=BF, device=DEV)
             fp = torch.tensor([ctx - R], dtype=torch.int32, device=DEV)
-            wsp = torch.empty(cuda.attention_workspace_floats(R, H, hd, ctx), device=DEV)
+            wsp = torch.zeros(cuda.attention_workspace_floats(R, H, hd, ctx), device=DEV)  # zero counters
             ours = [lambda kc=kc, vc=vc: cuda.attention(q, kc, vc, fp, o, H, ctx, workspace=wsp) for kc, vc in caches]
             mask = torch.ones(R, ctx, dtype=torch.bool, device=DEV).tril(ctx - R)
             qt = q.view(R, H, hd).transpose(0, 1)[None]

@@ -209,9 +209,10 @@ int64_t attention_workspace_floats(int64_t R, int64_t n_heads, int64_t head_dim,
   return static_cast<int64_t>(adadecode::attention_workspace_floats(R, n_heads, head_dim, max_ctx));
 }
 
-// q: [R, q_stride] bf16 (head h of row r at column h*hd); out [R, H*hd] bf16.
+// q: [R, q_stride] bf16 (head h of row r at column h*hd); out [R, H*hd] bf16. A given workspace holds zero
+// counters (its first attention_counters floats: see attention.cuh); without one a zeroed one is made.
 void attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor first_pos, at::Tensor out,
-               int64_t n_heads, int64_t max_ctx, c10::optional<at::Tensor> workspace) {
+               int64_t n_heads, int64_t max_ctx, c10::optional<at::Tensor> workspace, bool single_launch) {
   ADA_CHECK_CUDA_TENSOR(q, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(k_cache, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(v_cache, at::kBFloat16);
@@ -230,11 +231,12 @@ void attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor 
   TORCH_CHECK(max_ctx >= 1 && max_ctx <= k_cache.size(0), "max_ctx must be in 1..", k_cache.size(0), ", got ", max_ctx);
   if (R == 0) return;
   const int64_t need = adadecode::attention_workspace_floats(R, n_heads, hd, max_ctx);
-  const at::Tensor ws = ada_workspace(workspace, need, q);
+  const at::Tensor ws = workspace.has_value() ? ada_workspace(workspace, need, q)
+                                              : at::zeros({need}, q.options().dtype(at::kFloat));
   ADA_CHECK_LAUNCH(adadecode::attention(ada_ptr<const bf16>(q), q.size(1), ada_ptr<const bf16>(k_cache),
                                         ada_ptr<const bf16>(v_cache), ada_ptr<const int32_t>(first_pos),
                                         ada_ptr<bf16>(out), ada_ptr<float>(ws), R, n_heads, n_kv, hd, max_ctx,
-                                        ada_stream()));
+                                        ada_stream(), single_launch));
 }
 
 int64_t lm_head_workspace_floats(int64_t R, int64_t n) {
@@ -373,9 +375,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_workspace_floats", &attention_workspace_floats, "fp32 workspace size of attention",
         py::arg("R"), py::arg("n_heads"), py::arg("head_dim"), py::arg("max_ctx"));
   m.def("attention", &attention,
-        "causal GQA attention of R rows at first_pos.. against the cache 0..pos (split-sequence, LSE merge)",
+        "causal GQA attention of R rows at first_pos.. against the cache 0..pos (split-sequence, LSE merge; "
+        "single_launch: the merge in the last block of each group, else a second kernel)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("first_pos"), py::arg("out"),
-        py::arg("n_heads"), py::arg("max_ctx"), py::arg("workspace") = py::none());
+        py::arg("n_heads"), py::arg("max_ctx"), py::arg("workspace") = py::none(), py::arg("single_launch") = true);
+  m.attr("attention_counters") = adadecode::kAttnCounters;  // leading workspace floats that must start zero
   m.def("lm_head_workspace_floats", &lm_head_workspace_floats, "fp32 workspace size of lm_head_argmax",
         py::arg("R"), py::arg("n"));
   m.def("lm_head_argmax", &lm_head_argmax,

@@ -12,24 +12,38 @@
 // fused qkv buffer: q_stride = (H + 2 Hkv) hd; or a plain [R, H*hd] buffer: q_stride = H*hd);
 // k_cache, v_cache [max_seq, Hkv, hd] bf16; out [R, H*hd] bf16; first_pos: device int32.
 // max_ctx: host-side upper bound on *first_pos + R (the cache capacity when the launch is captured in a graph):
-// it sizes the grid and the workspace. A row with p_r >= max_ctx gets NaN.
-// workspace: fp32, attention_workspace_floats(R, H, hd, max_ctx) floats, 16-byte aligned.
+// it sizes the workspace, and bounds the grid. A row with p_r >= max_ctx gets NaN.
 // Constraints: hd in {64, 128}; H % Hkv == 0; q_stride % 8 == 0; pointers 16-byte aligned.
 //
 // Split: positions are cut into fixed chunks of kAttnChunk = 128 (chunk c = [128c, 128c + 128)); a row's
 // partial for chunk c is computed from positions <= p_r only, in a fixed order, and the merge walks the
-// chunks 0..p_r/128 in order. Nothing depends on R or on the row's index: batch invariant bit for bit.
+// chunks 0..p_r/128 in order. Nothing depends on R, on the row's index, on the grid or on which block merges:
+// batch invariant bit for bit, and single_launch = true and false give the same bits.
+//
+// Launches: blocks (s, kv head, row group of up to 16 rows), s < S = min(chunks of max_ctx, max(1,
+// kAttnTargetBlocks / (Hkv * row groups))); block s computes chunks s, s + S, ... up to the live ones (read from
+// *first_pos on the device: a captured graph stays right as the context grows). single_launch: the last block of
+// each (row group, kv head) to finish merges it (a counter in the workspace); else a merge kernel follows, and
+// also when Hkv * row groups > kAttnCounters (same bits).
+//
+// Workspace: fp32, attention_workspace_floats(R, H, hd, max_ctx) floats, 16-byte aligned: kAttnCounters int32
+// counters first (at the same place for every R and max_ctx, so launches of any shape may share one buffer),
+// then the partials. Contract: the counters are zero before the first launch (allocate the workspace zeroed)
+// and every launch leaves them zero; nothing else may write there. The partials need no initialisation.
 #pragma once
 #include "common.cuh"
 
 namespace adadecode {
 
 constexpr int kAttnChunk = 128;
+constexpr int kAttnTargetBlocks = 256;  // about two per SM of an H100 (132 SMs); the bits never depend on it
+constexpr int kAttnCounters = 4096;     // int32 slots at the start of the workspace
 
 size_t attention_workspace_floats(int R, int n_heads, int head_dim, int max_ctx);
 
 cudaError_t attention(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_cache,
                       const __nv_bfloat16* v_cache, const int32_t* first_pos, __nv_bfloat16* out, float* workspace,
-                      int R, int n_heads, int n_kv_heads, int head_dim, int max_ctx, cudaStream_t stream);
+                      int R, int n_heads, int n_kv_heads, int head_dim, int max_ctx, cudaStream_t stream,
+                      bool single_launch = true);
 
 }  // namespace adadecode
