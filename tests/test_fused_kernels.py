@@ -153,3 +153,26 @@ def test_fused_inputs_are_checked(dev):
     with pytest.raises(RuntimeError, match="norm_weight and w_rest"):
         dev.ops.lm_head_argmax(h[:2].contiguous(), w, token, prob, w_rest=randn(dev, d, g=g),
                                norm_weight=randn(dev, d, g=g))
+
+
+@pytest.mark.parametrize("dev,shape", on_devices(SHAPE_NAMES, not_8b), indirect=["dev"])
+def test_attention_as_a_programmatic_dependent(dev, shape):
+    """The one-launch attention of the fused layer, launched with PDL: the bits of the two-launch reference."""
+    s = SHAPES[shape]
+    H, Hkv, hd, max_seq = s["H"], s["Hkv"], s["hd"], 512
+    g = gen(dev, 35)
+    kc, vc = randn(dev, max_seq, Hkv, hd, g=g), randn(dev, max_seq, Hkv, hd, g=g)
+    for first_pos, R in ((0, 1), (126, 5), (300, 16)):
+        q = randn(dev, R, H * hd, g=g)
+        fp = dev.put(torch.tensor([first_pos], device=dev.torch, dtype=torch.int32))
+        outs = []
+        for single, pdl in ((False, False), (True, True)):
+            out = nan_like(dev, (R, H * hd))
+            ws = dev.put(torch.zeros(dev.ops.attention_workspace_floats(R, H, hd, max_seq), device=dev.torch))
+            before = pdl_launches(dev)
+            dev.ops.attention(q, kc, vc, fp, out, H, max_seq, workspace=ws, single_launch=single, pdl=pdl)
+            if dev.emu:
+                assert pdl_launches(dev) - before == int(pdl)
+            outs.append(out)
+        assert torch.isfinite(outs[1].float()).all()
+        assert_bitwise(outs[1], outs[0], f"{shape} first_pos={first_pos} R={R}: one PDL launch vs two launches")

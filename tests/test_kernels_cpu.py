@@ -33,7 +33,7 @@ SIGNATURES = {
                  *FUSED],
     "attention_workspace_floats": ["R", "n_heads", "head_dim", "max_ctx"],
     "attention": ["q", "k_cache", "v_cache", "first_pos", "out", "n_heads", "max_ctx", "workspace=None",
-                  "single_launch=True"],
+                  "single_launch=True", "pdl=False"],
     "lm_head_workspace_floats": ["R", "n"],
     "lm_head_argmax": ["x", "w", "token", "max_prob", "lse=None", "vocab_subset=None", "w_rest=None",
                        "round_bf16=False", "workspace=None", *FUSED],

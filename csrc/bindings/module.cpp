@@ -212,7 +212,7 @@ int64_t attention_workspace_floats(int64_t R, int64_t n_heads, int64_t head_dim,
 // q: [R, q_stride] bf16 (head h of row r at column h*hd); out [R, H*hd] bf16. A given workspace holds zero
 // counters (its first attention_counters floats: see attention.cuh); without one a zeroed one is made.
 void attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor first_pos, at::Tensor out,
-               int64_t n_heads, int64_t max_ctx, c10::optional<at::Tensor> workspace, bool single_launch) {
+               int64_t n_heads, int64_t max_ctx, c10::optional<at::Tensor> workspace, bool single_launch, bool pdl) {
   ADA_CHECK_CUDA_TENSOR(q, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(k_cache, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(v_cache, at::kBFloat16);
@@ -236,7 +236,7 @@ void attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor 
   ADA_CHECK_LAUNCH(adadecode::attention(ada_ptr<const bf16>(q), q.size(1), ada_ptr<const bf16>(k_cache),
                                         ada_ptr<const bf16>(v_cache), ada_ptr<const int32_t>(first_pos),
                                         ada_ptr<bf16>(out), ada_ptr<float>(ws), R, n_heads, n_kv, hd, max_ctx,
-                                        ada_stream(), single_launch));
+                                        ada_stream(), single_launch, pdl));
 }
 
 int64_t lm_head_workspace_floats(int64_t R, int64_t n) {
@@ -378,7 +378,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal GQA attention of R rows at first_pos.. against the cache 0..pos (split-sequence, LSE merge; "
         "single_launch: the merge in the last block of each group, else a second kernel)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("first_pos"), py::arg("out"),
-        py::arg("n_heads"), py::arg("max_ctx"), py::arg("workspace") = py::none(), py::arg("single_launch") = true);
+        py::arg("n_heads"), py::arg("max_ctx"), py::arg("workspace") = py::none(), py::arg("single_launch") = true, py::arg("pdl") = false);
   m.attr("attention_counters") = adadecode::kAttnCounters;  // leading workspace floats that must start zero
   m.def("lm_head_workspace_floats", &lm_head_workspace_floats, "fp32 workspace size of lm_head_argmax",
         py::arg("R"), py::arg("n"));

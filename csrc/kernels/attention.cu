@@ -107,6 +107,8 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
   __nv_bfloat16* Vs = Ks + CH * LDK;
   float* qs = reinterpret_cast<float*>(smem + kv_smem_bytes<HD>());
 
+  pdl_wait();  // before first_pos, q, the caches and the counters: all written by earlier kernels
+  pdl_launch_dependents();
   const int tid = threadIdx.x;
   const int kh = blockIdx.y;
   const int G = n_heads / n_kv_heads;
@@ -292,6 +294,8 @@ __global__ void __launch_bounds__(HD) attn_merge_kernel(const float* __restrict_
                                                          const int32_t* __restrict__ first_pos,
                                                          __nv_bfloat16* __restrict__ out, int n_heads, int n_chunks,
                                                          int max_ctx) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int h[1] = {static_cast<int>(blockIdx.x)}, r[1] = {static_cast<int>(blockIdx.y)};
   const int pr[1] = {*first_pos + r[0]};
   merge_pairs<HD, 1>(part_o, part_ml, pr, r, h, 1, n_heads, n_chunks, max_ctx, threadIdx.x, out);
@@ -300,7 +304,8 @@ __global__ void __launch_bounds__(HD) attn_merge_kernel(const float* __restrict_
 template <int HD>
 cudaError_t launch(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_cache,
                    const __nv_bfloat16* v_cache, const int32_t* first_pos, __nv_bfloat16* out, float* workspace,
-                   int R, int n_heads, int n_kv_heads, int max_ctx, bool single_launch, cudaStream_t stream) {
+                   int R, int n_heads, int n_kv_heads, int max_ctx, bool single_launch, cudaStream_t stream,
+                   bool pdl) {
   const int G = n_heads / n_kv_heads;
   const int rpb = rows_per_block(G);
   const int nr = R < rpb ? R : rpb;
@@ -319,14 +324,14 @@ cudaError_t launch(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_
   const int splits = std::min(n_chunks, std::max(1, kAttnTargetBlocks / groups));
   const bool fused = single_launch && groups <= kAttnCounters;
   const dim3 grid(splits, n_kv_heads, row_groups);
-  attn_split_kernel<HD><<<grid, kThreads, smem, stream>>>(q, q_stride, k_cache, v_cache, first_pos, R, n_heads,
-                                                          n_kv_heads, rpb, n_chunks, max_ctx, qscale, part_o,
-                                                          part_ml, fused ? counters : nullptr, out);
-  cudaError_t e = launch_status();
+  auto* split = &attn_split_kernel<HD>;
+  const cudaError_t e = ADADECODE_LAUNCH(pdl, split, grid, dim3(kThreads), smem, stream, q, q_stride, k_cache, v_cache,
+                                         first_pos, R, n_heads, n_kv_heads, rpb, n_chunks, max_ctx, qscale, part_o,
+                                         part_ml, fused ? counters : nullptr, out);
   if (e != cudaSuccess || fused) return e;
-  attn_merge_kernel<HD><<<dim3(n_heads, R), HD, 0, stream>>>(part_o, part_ml, first_pos, out, n_heads, n_chunks,
-                                                                  max_ctx);
-  return launch_status();
+  auto* merge = &attn_merge_kernel<HD>;
+  return ADADECODE_LAUNCH(pdl, merge, dim3(n_heads, R), dim3(HD), 0, stream, part_o, part_ml, first_pos, out, n_heads,
+                          n_chunks, max_ctx);
 }
 
 }  // namespace
@@ -339,7 +344,7 @@ size_t attention_workspace_floats(int R, int n_heads, int head_dim, int max_ctx)
 cudaError_t attention(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_cache,
                       const __nv_bfloat16* v_cache, const int32_t* first_pos, __nv_bfloat16* out, float* workspace,
                       int R, int n_heads, int n_kv_heads, int head_dim, int max_ctx, cudaStream_t stream,
-                      bool single_launch) {
+                      bool single_launch, bool pdl) {
   if (R < 1 || R > 65535 || n_kv_heads < 1 || n_heads < n_kv_heads || n_heads % n_kv_heads != 0 || max_ctx < 1 ||
       q_stride % 8 != 0 || q_stride < n_heads * head_dim)
     return cudaErrorInvalidValue;
@@ -347,8 +352,8 @@ cudaError_t attention(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16*
   if (!aligned16(q) || !aligned16(k_cache) || !aligned16(v_cache) || !aligned16(workspace))
     return cudaErrorInvalidValue;
   switch (head_dim) {
-    case 64: return launch<64>(q, q_stride, k_cache, v_cache, first_pos, out, workspace, R, n_heads, n_kv_heads, max_ctx, single_launch, stream);
-    case 128: return launch<128>(q, q_stride, k_cache, v_cache, first_pos, out, workspace, R, n_heads, n_kv_heads, max_ctx, single_launch, stream);
+    case 64: return launch<64>(q, q_stride, k_cache, v_cache, first_pos, out, workspace, R, n_heads, n_kv_heads, max_ctx, single_launch, stream, pdl);
+    case 128: return launch<128>(q, q_stride, k_cache, v_cache, first_pos, out, workspace, R, n_heads, n_kv_heads, max_ctx, single_launch, stream, pdl);
     default: return cudaErrorInvalidValue;
   }
 }

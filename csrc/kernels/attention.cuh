@@ -24,7 +24,7 @@
 // kAttnTargetBlocks / (Hkv * row groups))); block s computes chunks s, s + S, ... up to the live ones (read from
 // *first_pos on the device: a captured graph stays right as the context grows). single_launch: the last block of
 // each (row group, kv head) to finish merges it (a counter in the workspace); else a merge kernel follows, and
-// also when Hkv * row groups > kAttnCounters (same bits).
+// also when Hkv * row groups > kAttnCounters (same bits). pdl: programmatic dependent launches (common.cuh).
 //
 // Workspace: fp32, attention_workspace_floats(R, H, hd, max_ctx) floats, 16-byte aligned: kAttnCounters int32
 // counters first (at the same place for every R and max_ctx, so launches of any shape may share one buffer),
@@ -44,6 +44,6 @@ size_t attention_workspace_floats(int R, int n_heads, int head_dim, int max_ctx)
 cudaError_t attention(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_cache,
                       const __nv_bfloat16* v_cache, const int32_t* first_pos, __nv_bfloat16* out, float* workspace,
                       int R, int n_heads, int n_kv_heads, int head_dim, int max_ctx, cudaStream_t stream,
-                      bool single_launch = true);
+                      bool single_launch = true, bool pdl = false);
 
 }  // namespace adadecode

@@ -310,7 +310,8 @@ void Engine::enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int m
       // workspace is sized for max_rows decode rows over max_seq, so decode never splits; keep it that way.
       if (pos == d_pos_ && n != R) throw std::logic_error("CUDA engine: decode attention would split its rows");
       RT_CHECK(adadecode::attention(qkv_ + static_cast<size_t>(r0) * qkv_n_, qkv_n_, k_cache(l), v_cache(l), pos + r0,
-                                    attn_ + static_cast<size_t>(r0) * qn, attn_ws_, n, H, Hkv, hd, max_ctx, s));
+                                    attn_ + static_cast<size_t>(r0) * qn, attn_ws_, n, H, Hkv, hd, max_ctx, s,
+                                    /*single_launch=*/fused, /*pdl=*/fused && pdl_));
       r0 += n;
     }
     if (fused) {
