@@ -107,13 +107,18 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = [count(s) for s in a.shapes.split(",")]
-    md = table(rows)
+    meta = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python bench/launch_count.py", *(argv or sys.argv[1:])]),
+            "device": "emulated device (adadecode_emu: csrc/ on the CPU; counts, not times)"}
+    md = report(meta, rows)
     print(md)
-    Path(a.out + ".json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "command":
-                                                 "python bench/launch_count.py " + " ".join(argv or sys.argv[1:]),
-                                                 "device": "emulated (adadecode_emu)", "rows": rows}, indent=1) + "\n")
-    Path(a.out + ".md").write_text(md + "\n")
+    Path(a.out + ".json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    Path(a.out + ".md").write_text(md)
     return 0
+
+
+def report(meta: dict, rows: list[dict]) -> str:
+    return (f"# Launches per decode token, fused vs unfused\n\n`{meta['command']}`, {meta['date']}, "
+            f"{meta['device']}.\n\n{table(rows)}\n\n{__doc__.split(chr(10) + chr(10), 1)[1]}")
 
 
 if __name__ == "__main__":
