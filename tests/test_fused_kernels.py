@@ -55,7 +55,7 @@ def test_skinny_gemm_with_the_norm_in_its_prologue(dev, shape, epilogue):
         dev.ops.skinny_gemm(xn[:R].contiguous(), w, ref, residual=res, w_up=w_up)
         before = pdl_launches(dev)
         dev.ops.skinny_gemm(h[:R].contiguous(), w, out, residual=res, w_up=w_up, norm_weight=gamma, eps=EPS, pdl=pdl)
-        assert torch.isfinite(out.float()).all()
+        assert torch.isfinite(out.float()).all(), f"{shape} {epilogue} R={R}: non-finite output of the fused norm"
         assert_bitwise(out, ref, f"{shape} {epilogue} R={R} fused norm")
         if dev.emu:
             assert pdl_launches(dev) - before == int(pdl)
@@ -174,5 +174,5 @@ def test_attention_as_a_programmatic_dependent(dev, shape):
             if dev.emu:
                 assert pdl_launches(dev) - before == int(pdl)
             outs.append(out)
-        assert torch.isfinite(outs[1].float()).all()
+        assert torch.isfinite(outs[1].float()).all(), f"{shape}: non-finite attention output"
         assert_bitwise(outs[1], outs[0], f"{shape} first_pos={first_pos} R={R}: one PDL launch vs two launches")
