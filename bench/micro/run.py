@@ -116,6 +116,11 @@ def bench_ops(cuda, name: str, s: dict, rows: list[int], ctxs: list[int], replay
                 theirs = [lambda w=w, wu=wu: (torch.matmul(x, w.T, out=tmp), torch.matmul(x, wu.T, out=tmp2),
                                               torch.mul(F.silu(tmp), tmp2, out=y)) for w, wu in zip(ws, wus)]
             add(op, R, None, wbytes + R * K * 2 + R * N * 2 * (2 if ep == "res" else 1), ours, theirs)
+            if ep != "res":  # the fused decode path: the layer's RMSNorm computed in the GEMM's prologue
+                gamma = rand(K, scale=0.1) + 1
+                fused = [lambda w=w, wu=wu: cuda.skinny_gemm(x, w, y, w_up=wu, norm_weight=gamma)
+                         for w, wu in zip(ws, wus)]
+                add(op + "+norm", R, None, wbytes + R * K * 2 + K * 2 + R * N * 2, fused, None)
         del ws, wus
 
     # attention: KV of one layer at context ctx (K and V of positions 0..ctx-1)
@@ -129,6 +134,8 @@ def bench_ops(cuda, name: str, s: dict, rows: list[int], ctxs: list[int], replay
             fp = torch.tensor([ctx - R], dtype=torch.int32, device=DEV)
             wsp = torch.zeros(cuda.attention_workspace_floats(R, H, hd, ctx), device=DEV)  # zero counters
             ours = [lambda kc=kc, vc=vc: cuda.attention(q, kc, vc, fp, o, H, ctx, workspace=wsp) for kc, vc in caches]
+            two = [lambda kc=kc, vc=vc: cuda.attention(q, kc, vc, fp, o, H, ctx, workspace=wsp, single_launch=False)
+                   for kc, vc in caches]
             mask = torch.ones(R, ctx, dtype=torch.bool, device=DEV).tril(ctx - R)
             qt = q.view(R, H, hd).transpose(0, 1)[None]
 
@@ -139,6 +146,7 @@ def bench_ops(cuda, name: str, s: dict, rows: list[int], ctxs: list[int], replay
 
             theirs = [lambda kc=kc, vc=vc: sdpa(kc, vc) for kc, vc in caches]
             add(f"attention@{ctx}", R, ctx, kvbytes + 2 * R * H * hd * 2, ours, theirs)
+            add(f"attention(2 launches)@{ctx}", R, ctx, kvbytes + 2 * R * H * hd * 2, two, None)
         del caches
 
     # rope + KV append, add_rmsnorm, embedding: small, latency-bound ops
@@ -149,6 +157,7 @@ def bench_ops(cuda, name: str, s: dict, rows: list[int], ctxs: list[int], replay
     kc, vc = rand(max_seq, Hkv, hd), rand(max_seq, Hkv, hd)
     table = rand(V, d)
     wn = rand(d)
+    wqkvs = [rand(qkv_n, d, scale=d ** -0.5) for _ in range(copies_for(qkv_n * d * 2))]
     for R in rows:
         qkv = rand(R, qkv_n)
         fp = torch.tensor([100], dtype=torch.int32, device=DEV)
@@ -165,6 +174,11 @@ def bench_ops(cuda, name: str, s: dict, rows: list[int], ctxs: list[int], replay
 
         add("rope_append_kv", R, None, R * qkv_n * 2 * 2,
             [lambda: cuda.rope_append_kv(qkv, kc, vc, cos, sin, fp, H, Hkv)], [torch_rope])
+        # the fused decode QKV: norm in the prologue, RoPE + K/V append in the epilogue (one launch for three)
+        xq, qkv_out = rand(R, d), torch.empty(R, qkv_n, dtype=BF, device=DEV)
+        add("qkv_rope (norm+gemm+rope)", R, None, qkv_n * d * 2 + R * d * 2 + R * qkv_n * 2,
+            [lambda w=w: cuda.qkv_rope(xq, w, qkv_out, kc, vc, cos, sin, fp, H, Hkv, norm_weight=wn) for w in wqkvs],
+            None)
         res, dl, o = rand(R, d), rand(R, d), torch.empty(R, d, dtype=BF, device=DEV)
 
         def torch_norm():
