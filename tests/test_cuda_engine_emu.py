@@ -176,16 +176,21 @@ def test_graph_replays_equal_eager_launches(gqa):
     assert adadecode_emu.stats()["capture_violations"] == 0
 
 
+def two_heads(cfg, g: torch.Generator) -> list[Head]:
+    """A logit-lens head at layer 1 and a perturbed one at layer 2 with a restricted vocabulary + rest logit (the
+    kernels' subset path)."""
+    d = cfg.d
+    vocab = torch.randperm(cfg.vocab_size, generator=g)[:100].sort().values
+    return [Head.identity(1, d), Head(layer=2, T=torch.eye(d) + 0.05 * torch.randn(d, d, generator=g), vocab=vocab,
+                                      w_rest=0.05 * torch.randn(d, generator=g))]
+
+
 @pytest.mark.parametrize("name", ["gqa-untied", "mqa-tied"])
 def test_adadecode_equals_vanilla(name):
     cfg, weights = tiny_model(name, seed=3)
     e = CudaEngine(cfg, weights, max_seq=128, device="emu", prefill_chunk=32)
     g = torch.Generator().manual_seed(7)
-    d = cfg.d
-    # a logit-lens head and a perturbed one with a restricted vocabulary + rest logit (the kernels' subset path)
-    vocab = torch.randperm(cfg.vocab_size, generator=g)[:100].sort().values
-    heads = [Head.identity(1, d), Head(layer=2, T=torch.eye(d) + 0.05 * torch.randn(d, d, generator=g), vocab=vocab,
-                                       w_rest=0.05 * torch.randn(d, generator=g))]
+    heads = two_heads(cfg, g)
     prompt = torch.randint(0, cfg.vocab_size, (19,), generator=g).tolist()
     want = generate_vanilla(e, prompt, 30).tokens
     for gamma in (0.0, 0.02):  # 0: every head exits on every token (most rollbacks); then only confident ones
@@ -227,10 +232,7 @@ def test_fused_engine_equals_unfused(name):
     bit, through an AdaDecode-shaped schedule (several rows, split layer ranges) and vanilla decoding."""
     cfg, weights = tiny_model(name, seed=5)
     g = torch.Generator().manual_seed(11)
-    d = cfg.d
-    vocab = torch.randperm(cfg.vocab_size, generator=g)[:100].sort().values
-    heads = [Head.identity(1, d), Head(layer=2, T=torch.eye(d) + 0.05 * torch.randn(d, d, generator=g), vocab=vocab,
-                                       w_rest=0.05 * torch.randn(d, generator=g))]
+    heads = two_heads(cfg, g)
     prompt = torch.randint(0, cfg.vocab_size, (21,), generator=g).tolist()
     new = torch.randint(0, cfg.vocab_size, (6,), generator=g).tolist()
     schedule = _random_schedule(g, len(prompt), len(prompt) + len(new) - 1, cfg.n_layers)

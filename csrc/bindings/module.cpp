@@ -3,6 +3,7 @@
 // checks the launch. Outputs are written into tensors the caller allocates (CUDA-graph friendly).
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "checks.h"
 #include "../kernels/add_rmsnorm.cuh"
@@ -140,10 +141,10 @@ void linear(at::Tensor x, at::Tensor w, at::Tensor out, c10::optional<at::Tensor
   ADA_CHECK_LAUNCH(adadecode::linear(a.x, a.w, a.w_up, a.residual, a.out, a.M, a.N, a.K, ada_stream()));
 }
 
-// Rotates the q and k parts of qkv [R, (H + 2 Hkv) hd] in place (q) / into k_cache, copies v into v_cache.
-void rope_append_kv(at::Tensor qkv, at::Tensor k_cache, at::Tensor v_cache, at::Tensor cos, at::Tensor sin,
-                    at::Tensor first_pos, int64_t n_heads, int64_t n_kv_heads) {
-  ADA_CHECK_CUDA_TENSOR(qkv, at::kBFloat16);
+// The checks rope_append_kv and qkv_rope share: caches [max_seq, Hkv, hd], fp32 cos/sin tables [>= max_seq,
+// hd/2], one int32 first_pos. Returns (max_seq, head_dim).
+std::pair<int64_t, int64_t> rope_cache_args(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos,
+                                            const at::Tensor& sin, const at::Tensor& first_pos, int64_t n_kv_heads) {
   ADA_CHECK_CUDA_TENSOR(k_cache, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(v_cache, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(cos, at::kFloat);
@@ -154,12 +155,20 @@ void rope_append_kv(at::Tensor qkv, at::Tensor k_cache, at::Tensor v_cache, at::
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must be ", k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t max_seq = k_cache.size(0), hd = k_cache.size(2);
   TORCH_CHECK(hd % 16 == 0, "head_dim must be a multiple of 16, got ", hd);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (n_heads + 2 * n_kv_heads) * hd, "qkv must be [R, ",
-              (n_heads + 2 * n_kv_heads) * hd, "], got ", qkv.sizes());
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) >= max_seq && cos.size(1) == hd / 2, "cos must be [>= ", max_seq, ", ",
               hd / 2, "], got ", cos.sizes());
   TORCH_CHECK(sin.sizes() == cos.sizes(), "sin must be ", cos.sizes(), ", got ", sin.sizes());
   TORCH_CHECK(first_pos.numel() == 1, "first_pos must hold one int32, got ", first_pos.sizes());
+  return {max_seq, hd};
+}
+
+// Rotates the q and k parts of qkv [R, (H + 2 Hkv) hd] in place (q) / into k_cache, copies v into v_cache.
+void rope_append_kv(at::Tensor qkv, at::Tensor k_cache, at::Tensor v_cache, at::Tensor cos, at::Tensor sin,
+                    at::Tensor first_pos, int64_t n_heads, int64_t n_kv_heads) {
+  ADA_CHECK_CUDA_TENSOR(qkv, at::kBFloat16);
+  const auto [max_seq, hd] = rope_cache_args(k_cache, v_cache, cos, sin, first_pos, n_kv_heads);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (n_heads + 2 * n_kv_heads) * hd, "qkv must be [R, ",
+              (n_heads + 2 * n_kv_heads) * hd, "], got ", qkv.sizes());
   if (qkv.size(0) == 0) return;
   ADA_CHECK_LAUNCH(adadecode::rope_append_kv(ada_ptr<bf16>(qkv), ada_ptr<bf16>(k_cache), ada_ptr<bf16>(v_cache),
                                              ada_ptr<const float>(cos), ada_ptr<const float>(sin),
@@ -175,28 +184,15 @@ void qkv_rope(at::Tensor x, at::Tensor wqkv, at::Tensor qkv_out, at::Tensor k_ca
   ADA_CHECK_CUDA_TENSOR(x, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(wqkv, at::kBFloat16);
   ADA_CHECK_CUDA_TENSOR(qkv_out, at::kBFloat16);
-  ADA_CHECK_CUDA_TENSOR(k_cache, at::kBFloat16);
-  ADA_CHECK_CUDA_TENSOR(v_cache, at::kBFloat16);
-  ADA_CHECK_CUDA_TENSOR(cos, at::kFloat);
-  ADA_CHECK_CUDA_TENSOR(sin, at::kFloat);
-  ADA_CHECK_CUDA_TENSOR(first_pos, at::kInt);
+  const auto [max_seq, hd] = rope_cache_args(k_cache, v_cache, cos, sin, first_pos, n_kv_heads);
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 8 == 0, "x must be [rows, d] with d % 8 == 0, got ", x.sizes());
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.size(1) == n_kv_heads, "k_cache must be [max_seq, ", n_kv_heads,
-              ", head_dim], got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must be ", k_cache.sizes(), ", got ", v_cache.sizes());
-  const int64_t max_seq = k_cache.size(0), hd = k_cache.size(2), d = x.size(1);
-  const int64_t qkv_n = (n_heads + 2 * n_kv_heads) * hd;
-  TORCH_CHECK(hd % 16 == 0, "head_dim must be a multiple of 16, got ", hd);
+  const int64_t d = x.size(1), qkv_n = (n_heads + 2 * n_kv_heads) * hd;
   TORCH_CHECK(wqkv.dim() == 2 && wqkv.size(0) == qkv_n && wqkv.size(1) == d, "wqkv must be [", qkv_n, ", ", d,
               "], got ", wqkv.sizes());
   TORCH_CHECK(qkv_out.dim() == 2 && qkv_out.size(1) == qkv_n, "qkv_out must be [R, ", qkv_n, "], got ",
               qkv_out.sizes());
   const int64_t R = qkv_out.size(0);
   TORCH_CHECK(R >= 1 && R <= 16, "qkv_rope takes 1..16 rows, got ", R);
-  TORCH_CHECK(cos.dim() == 2 && cos.size(0) >= max_seq && cos.size(1) == hd / 2, "cos must be [>= ", max_seq, ", ",
-              hd / 2, "], got ", cos.sizes());
-  TORCH_CHECK(sin.sizes() == cos.sizes(), "sin must be ", cos.sizes(), ", got ", sin.sizes());
-  TORCH_CHECK(first_pos.numel() == 1, "first_pos must hold one int32, got ", first_pos.sizes());
   const FusedIn f = fused_in(x, norm_weight, eps, ring_first, R);
   ADA_CHECK_LAUNCH(adadecode::skinny_qkv_rope(f.x, f.norm, ada_ptr<const bf16>(wqkv), ada_ptr<bf16>(qkv_out),
                                               ada_ptr<bf16>(k_cache), ada_ptr<bf16>(v_cache),

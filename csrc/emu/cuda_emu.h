@@ -55,13 +55,14 @@ struct Cfg {
   dim3 grid, block;
   size_t smem;
   cudaStream_t stream;
+  bool pdl = false;  // a programmatic dependent launch (cudaLaunchKernelEx with the serialization attribute)
   template <class... A>
   Pending<std::decay_t<A>...> operator()(A&&... a) const {
     return Pending<std::decay_t<A>...>{*this, std::tuple<std::decay_t<A>...>(std::forward<A>(a)...)};
   }
 };
 inline Cfg cfg(const char* file, int line, dim3 g, dim3 b, size_t smem = 0, cudaStream_t s = nullptr) {
-  return Cfg{file, line, g, b, smem, s};
+  return Cfg{file, line, g, b, smem, s, false};
 }
 template <class... A>
 struct Pending {
@@ -79,7 +80,7 @@ void operator|(void (*k)(P...), Pending<A...>&& p) {
   // converted to the parameter types once and owned: a captured launch replays these values, as CUDA does
   auto args = std::make_shared<const std::tuple<std::decay_t<P>...>>(std::move(p.args));
   launch(reinterpret_cast<const void*>(k), &thunk<P...>, args, p.c.grid, p.c.block, p.c.smem, p.c.stream, p.c.file,
-         p.c.line);
+         p.c.line, p.c.pdl);
 }
 void pdl_wait();  // griddepcontrol.wait: marks the running block (a programmatic dependent must reach it)
 
@@ -166,15 +167,12 @@ inline void ptx_call(const char* tmpl, std::tuple<T*...> outs, std::initializer_
 // ---- cudaLaunchKernelEx: the launch attributes csrc/ uses (programmatic stream serialization) ----
 template <class... P, class... A>
 inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* c, void (*k)(P...), A&&... a) {
-  static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
-  bool pdl = false;
+  ::emu::Cfg cfg{"cudaLaunchKernelEx", 0, c->gridDim, c->blockDim, c->dynamicSmemBytes, c->stream, false};
   for (unsigned i = 0; i < c->numAttrs; ++i) {
     if (c->attrs[i].id != cudaLaunchAttributeProgrammaticStreamSerialization) return cudaErrorNotSupported;
-    pdl = c->attrs[i].val.programmaticStreamSerializationAllowed != 0;
+    cfg.pdl = c->attrs[i].val.programmaticStreamSerializationAllowed != 0;
   }
-  auto args = std::make_shared<const std::tuple<std::decay_t<P>...>>(std::forward<A>(a)...);
-  ::emu::launch(reinterpret_cast<const void*>(k), &::emu::thunk<P...>, args, c->gridDim, c->blockDim,
-                c->dynamicSmemBytes, c->stream, "cudaLaunchKernelEx", 0, pdl);
+  k | cfg(std::forward<A>(a)...);
   return cudaSuccess;  // launch errors: cudaGetLastError, as after <<<>>>
 }
 

@@ -37,6 +37,7 @@ struct XRows {
   ADADECODE_HOST_DEVICE const __nv_bfloat16* row(int r, int K) const {
     return base + static_cast<int64_t>(wrap ? (first + r) % wrap : r) * K;
   }
+  bool holds(int R) const { return wrap == 0 || (first >= 0 && R <= wrap); }  // R distinct rows, none before base
 };
 
 // An RMSNorm folded into the kernel that consumes its output (weight == nullptr: none). See rmsnorm_core.cuh.

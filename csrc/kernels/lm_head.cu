@@ -312,7 +312,7 @@ cudaError_t dispatch(XRows x, RowNorm norm, const __nv_bfloat16* w, const int32_
                      const __nv_bfloat16* w_rest, int32_t* token, float* max_prob, float* lse, float* workspace, int R,
                      int d, bool round_bf16, const SampleParams* params, cudaStream_t stream, bool pdl) {
   if (R < 1 || R > kSkinnyMaxRows || n < 1 || d < 8 || d % 8 != 0) return cudaErrorInvalidValue;
-  if (x.wrap != 0 && (x.first < 0 || R > x.wrap)) return cudaErrorInvalidValue;
+  if (!x.holds(R)) return cudaErrorInvalidValue;
   if (norm.weight && w_rest) return cudaErrorInvalidValue;  // the rest logit reads the rows un-normed
   if (!aligned16(x.base) || !aligned16(w) || (w_rest && !aligned16(w_rest)) || !aligned16(workspace) ||
       (norm.weight && !aligned16(norm.weight)))

@@ -121,14 +121,12 @@ cudaError_t launch_rb(XRows x, RowNorm norm, const __nv_bfloat16* w, const __nv_
                           residual, out, R, N, K);
 }
 
-bool rows_ok(const XRows& x, int R) { return x.wrap == 0 || (x.first >= 0 && R <= x.wrap); }
-
 }  // namespace
 
 cudaError_t skinny_gemm(XRows x, RowNorm norm, const __nv_bfloat16* w, const __nv_bfloat16* w_up,
                         const __nv_bfloat16* residual, __nv_bfloat16* out, int R, int N, int K, cudaStream_t stream,
                         bool pdl) {
-  if (R < 1 || R > kSkinnyMaxRows || N < 1 || K < 8 || K % 8 != 0 || (w_up && residual) || !rows_ok(x, R))
+  if (R < 1 || R > kSkinnyMaxRows || N < 1 || K < 8 || K % 8 != 0 || (w_up && residual) || !x.holds(R))
     return cudaErrorInvalidValue;
   if (!aligned16(x.base) || !aligned16(w) || (w_up && !aligned16(w_up)) || (norm.weight && !aligned16(norm.weight)))
     return cudaErrorInvalidValue;
@@ -151,7 +149,7 @@ cudaError_t skinny_qkv_rope(XRows x, RowNorm norm, const __nv_bfloat16* wqkv, __
                             const float* sin_tab, const int32_t* first_pos, int R, int d, int n_heads,
                             int n_kv_heads, int head_dim, int max_seq, cudaStream_t stream, bool pdl) {
   if (R < 1 || R > kSkinnyMaxRows || d < 8 || d % 8 != 0 || n_heads < 1 || n_kv_heads < 1 || head_dim < 16 ||
-      head_dim % 16 != 0 || max_seq < 1 || !rows_ok(x, R))
+      head_dim % 16 != 0 || max_seq < 1 || !x.holds(R))
     return cudaErrorInvalidValue;
   if (!aligned16(x.base) || !aligned16(wqkv) || (norm.weight && !aligned16(norm.weight)))
     return cudaErrorInvalidValue;

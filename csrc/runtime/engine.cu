@@ -355,13 +355,12 @@ void Engine::enqueue_final(int first, int R, bool sample) {
     x = adadecode::XRows{xn_};
     norm = adadecode::RowNorm{};
   }
-  const bool pdl = pdl_ && fused_;
   if (sample)
     RT_CHECK(adadecode::lm_head_sample(x, norm, w_.lm_head, nullptr, m.vocab, nullptr, d_sample_, d_out_, probs,
-                                       nullptr, lm_ws_, R, m.d, /*round_bf16=*/true, stream_, pdl));
+                                       nullptr, lm_ws_, R, m.d, /*round_bf16=*/true, stream_, pdl()));
   else
     RT_CHECK(adadecode::lm_head_argmax(x, norm, w_.lm_head, nullptr, m.vocab, nullptr, d_out_, probs, nullptr, lm_ws_,
-                                       R, m.d, /*round_bf16=*/true, stream_, pdl));
+                                       R, m.d, /*round_bf16=*/true, stream_, pdl()));
   enqueue_readback();
 }
 
@@ -370,10 +369,9 @@ void Engine::enqueue_head(int pos, int i, bool sample) {
   const ModelDims& m = dims_;
   const HeadPtrs& h = heads_.at(i);
   float* probs = reinterpret_cast<float*>(d_out_ + max_rows_);
-  const bool pdl = pdl_ && fused_;
   if (fused_) {
     RT_CHECK(adadecode::skinny_gemm(adadecode::XRows{ring_, pos, max_rows_}, adadecode::RowNorm{w_.norm, m.eps}, h.T,
-                                    nullptr, nullptr, z_, 1, m.d, m.d, stream_, pdl));
+                                    nullptr, nullptr, z_, 1, m.d, m.d, stream_, pdl()));
   } else {
     gather(pos, 1, hx_, nullptr);
     RT_CHECK(adadecode::add_rmsnorm(hx_, nullptr, w_.norm, xn_, 1, m.d, m.eps, stream_));
@@ -382,10 +380,10 @@ void Engine::enqueue_head(int pos, int i, bool sample) {
   const adadecode::XRows z{z_};
   if (sample)
     RT_CHECK(adadecode::lm_head_sample(z, adadecode::RowNorm{}, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_sample_,
-                                       d_out_, probs, nullptr, lm_ws_, 1, m.d, /*round_bf16=*/true, stream_, pdl));
+                                       d_out_, probs, nullptr, lm_ws_, 1, m.d, /*round_bf16=*/true, stream_, pdl()));
   else
     RT_CHECK(adadecode::lm_head_argmax(z, adadecode::RowNorm{}, w_.lm_head, h.vocab, h.n_vocab, h.w_rest, d_out_,
-                                       probs, nullptr, lm_ws_, 1, m.d, /*round_bf16=*/true, stream_, pdl));
+                                       probs, nullptr, lm_ws_, 1, m.d, /*round_bf16=*/true, stream_, pdl()));
   enqueue_readback();
 }
 
