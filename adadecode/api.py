@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 from .decode import check_request, generate_vanilla
 from .driver import generate_adadecode, generate_layerskip
-from .loader import Model, load_model
+from .model.loader import Model, load_model
 from .sampling import make_sampling
 
 METHODS = ("vanilla", "adadecode", "layerskip")
@@ -84,7 +84,7 @@ class TextStream:
     Text that could be the start of a stop string is held back until the next tokens settle it."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        from .tokenizer import StreamDecoder
+        from .model.tokenizer import StreamDecoder
 
         self.decoder, self.stop = StreamDecoder(tokenizer), list(stop)
         self.text, self.sent, self.hit = "", 0, None
@@ -124,7 +124,7 @@ class LLM:
     """A model on an engine, with optional intermediate heads, ready to decode.
 
     model: "default" (SmolLM2-135M-Instruct), an HF Llama checkpoint directory, a .gguf file, or a loaded
-        `loader.Model`.
+        `adadecode.Model`.
     heads: None, a head file, or "default" / "default:code" / "default:general" (the default model's heads).
     engine: "auto" (CUDA where it can run, else torch), "cuda", "emu" (the CUDA engine on the emulated device: the
         product's kernels on the CPU, slow) or "torch"; device and dtype: the torch engine's.

@@ -78,7 +78,7 @@ def _sampling_arguments(g) -> None:
 def _serve(args) -> int:
     from .server import main as serve_main
 
-    from .loader import load_model
+    from .model.loader import load_model
 
     model = load_model(args.model)  # a server's cache is fixed: requests that do not fit are refused, not grown for
     llm = LLM(model, heads=args.heads, engine=args.engine, device=args.device, dtype=args.dtype,

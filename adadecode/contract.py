@@ -10,7 +10,7 @@ runs, with one set of messages for both engines. Subclasses compute through thre
 """
 from __future__ import annotations
 
-from .config import LlamaConfig
+from .model.config import LlamaConfig
 from .sampling import sample
 
 

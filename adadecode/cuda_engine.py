@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from .config import LlamaConfig
 from .contract import EngineContract
+from .model.config import LlamaConfig
+from .model.weights import LlamaWeights
 from .torch_engine import rope_inv_freq
-from .weights import LlamaWeights
 
 MAX_ROWS = 16  # the batch-invariant skinny GEMM takes at most 16 rows
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .loader import Model
+from .model.loader import Model
 from .torch_engine import TorchEngine
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}

@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import LlamaConfig
+from .model.config import LlamaConfig
+from .model.weights import LlamaWeights
 from .torch_engine import rms_norm, rope_inv_freq, rotate_half
-from .weights import LlamaWeights
 
 
 class BatchedForward:

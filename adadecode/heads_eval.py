@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import LlamaConfig
 from .heads import Head
+from .model.config import LlamaConfig
 from .schedule_sim import GAMMAS, simulate_set, traces_of
 
 

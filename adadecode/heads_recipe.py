@@ -147,7 +147,7 @@ def _build_one(path: Path, prompts: list[dict], max_new_tokens: int, model, log)
 
 
 def main(argv=None) -> int:
-    from .loader import load_model
+    from .model.loader import load_model
 
     p = argparse.ArgumentParser(prog="python -m adadecode.heads_recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("set", choices=sorted(SETS))

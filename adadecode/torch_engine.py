@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import LlamaConfig
+from .model.config import LlamaConfig
 from .contract import EngineContract, EngineError  # noqa: F401 (EngineError is part of this module's API)
+from .model.weights import LlamaWeights
 from .sampling import sample
-from .weights import LlamaWeights
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:

@@ -177,7 +177,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from .heads import save_heads
-    from .loader import load_model
+    from .model.loader import load_model
     from .prompts import load_prompts
 
     if args.threads:

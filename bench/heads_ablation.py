@@ -26,7 +26,7 @@ from adadecode.heads import Head  # noqa: E402
 from adadecode.heads_data import merge_data  # noqa: E402
 from adadecode.heads_eval import head_cost_layers, head_predictions  # noqa: E402
 from adadecode.heads_train import HeadData, build_vocab, heldout_kl, round_like_file, train_head  # noqa: E402
-from adadecode.loader import load_model  # noqa: E402
+from adadecode.model.loader import load_model  # noqa: E402
 from adadecode.schedule_sim import simulate_set, traces_of  # noqa: E402
 from adadecode.torch_engine import rms_norm  # noqa: E402
 

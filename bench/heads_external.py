@@ -25,7 +25,7 @@ from adadecode import heads_recipe  # noqa: E402
 from adadecode.heads import Head, load_heads  # noqa: E402
 from adadecode.heads_data import merge_data  # noqa: E402
 from adadecode.heads_eval import evaluate_set, head_predictions  # noqa: E402
-from adadecode.loader import load_model  # noqa: E402
+from adadecode.model.loader import load_model  # noqa: E402
 from adadecode.schedule_sim import simulate_set, traces_of  # noqa: E402
 
 DEFAULT_RUNS = "default:code@humaneval,default:general@general-heldout,default:general@humaneval,default:code@general-heldout"

@@ -70,7 +70,7 @@ class HFMethod:
     def __init__(self, model, compile_: bool):
         from transformers import LlamaForCausalLM
 
-        from adadecode.loader import default_model_dir
+        from adadecode.model.loader import default_model_dir
 
         src = model.source
         path = default_model_dir() if src.startswith("default") else Path(src)
@@ -134,7 +134,7 @@ def summarize(name: str, gens: list[Generation], ref: list[Generation] | None, n
 
 def random_8b_engine(max_seq: int):
     """A CudaEngine of the Llama-3.1-8B shape with random bf16 weights made on the GPU."""
-    from adadecode.weights import LlamaWeights
+    from adadecode.model.weights import LlamaWeights
 
     cfg = llama31_8b()
     weights = LlamaWeights.random(cfg, device="cuda", dtype=torch.bfloat16)

@@ -11,7 +11,7 @@ import adadecode
 from adadecode.api import TextStream
 from adadecode.decode import generate_vanilla
 from adadecode.heads import Head, save_heads
-from adadecode.tokenizer import StreamDecoder, Tokenizer
+from adadecode.model.tokenizer import StreamDecoder, Tokenizer
 from adadecode.torch_engine import TorchEngine
 from conftest import tiny_chat_model
 

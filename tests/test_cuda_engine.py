@@ -20,13 +20,13 @@ import math
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
 from adadecode.cuda_engine import MAX_ROWS, CudaEngine, check_supported
 from adadecode.decode import generate_vanilla
 from adadecode.driver import generate_adadecode
 from adadecode.engines import cuda_unavailable_reason, make_engine
 from adadecode.heads import Head, load_heads
-from adadecode.loader import Model
+from adadecode.model.config import LlamaConfig
+from adadecode.model.loader import Model
 from adadecode.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
 from adadecode.torch_engine import EngineError, TorchEngine, rms_norm
 

@@ -17,13 +17,13 @@ import os
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
 from adadecode.cuda_engine import CudaEngine
 from adadecode.decode import generate_vanilla
 from adadecode.driver import generate_adadecode
 from adadecode.engines import emu_unavailable_reason, make_engine
 from adadecode.heads import Head
-from adadecode.loader import Model
+from adadecode.model.config import LlamaConfig
+from adadecode.model.loader import Model
 from adadecode.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict
 from adadecode.sampling import make_sampling
 from adadecode.torch_engine import TorchEngine

@@ -21,7 +21,7 @@ PROMPTS = ["Write a Python function that reverses a string.", "What is the capit
 def hf_default(default_model):
     from transformers import LlamaForCausalLM
 
-    from adadecode.loader import default_model_dir
+    from adadecode.model.loader import default_model_dir
 
     return LlamaForCausalLM.from_pretrained(str(default_model_dir()), dtype=torch.float32,
                                             attn_implementation="eager").eval()

@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adadecode.config import LlamaConfig
 from adadecode.decode import generate_vanilla
 from adadecode.driver import generate_adadecode, generate_layerskip
 from adadecode.heads import Head
+from adadecode.model.config import LlamaConfig
 from adadecode.torch_engine import TorchEngine
 
 from conftest import random_weights, tiny_hf_config
@@ -389,8 +389,8 @@ def tiny_hf_dir(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
 
-    from adadecode.loader import Model, write_hf_dir
-    from adadecode.tokenizer import Tokenizer
+    from adadecode.model.loader import Model, write_hf_dir
+    from adadecode.model.tokenizer import Tokenizer
 
     cfg, w = tiny_model(4, 0)
     hf = HFTokenizer(models.WordLevel({f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
@@ -442,7 +442,7 @@ def test_cli_with_a_head_file(tmp_path, capsys):
     """The real head-file path: save_heads (issue 5) -> --heads FILE -> the driver, restricted vocab included."""
     import adadecode.heads
     from adadecode.cli import main
-    from adadecode.loader import load_model
+    from adadecode.model.loader import load_model
 
     if not hasattr(adadecode.heads, "save_heads"):
         pytest.skip("adadecode.heads has no save_heads yet (issue 5: head files)")

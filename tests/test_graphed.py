@@ -7,9 +7,9 @@ tokens only where the reference's top-2 gap exceeds that: a flip inside it would
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
 from adadecode.decode import generate_vanilla
 from adadecode.graphed import GraphedDecoder
+from adadecode.model.config import LlamaConfig
 from adadecode.parity import decode_path_logits, tie_verdict
 from adadecode.torch_engine import TorchEngine
 

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
+from adadecode import heads_data as hd, heads_train as ht, schedule_sim as sim, train_heads as th
 from adadecode.decode import generate_vanilla
 from adadecode.heads import Head, HeadFileError, heads_path, load_heads, save_heads
-from adadecode.loader import Model
+from adadecode.model.config import LlamaConfig
+from adadecode.model.loader import Model
 from adadecode.torch_engine import TorchEngine, rms_norm
-from adadecode import heads_data as hd, heads_train as ht, schedule_sim as sim, train_heads as th
 
 from conftest import random_weights, tiny_hf_config
 
@@ -246,12 +246,12 @@ class _StubTokenizer:
 
 
 def test_cli_train_heads_end_to_end(tmp_path, monkeypatch, capsys):
-    import adadecode.loader
+    import adadecode.model.loader
     from adadecode.cli import main
 
     m = tiny_model()
     m.tokenizer = _StubTokenizer()
-    monkeypatch.setattr(adadecode.loader, "load_model", lambda spec: m)
+    monkeypatch.setattr(adadecode.model.loader, "load_model", lambda spec: m)
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps([f"prompt number {i} says {'ab' * (i % 5)}" for i in range(10)]))
     out, res = tmp_path / "h.safetensors", tmp_path / "r.json"

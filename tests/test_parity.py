@@ -4,8 +4,8 @@ fp32_tie_verdict (CudaEngine on a GPU or the emulated device vs TorchEngine bf16
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
 from adadecode.decode import generate_vanilla
+from adadecode.model.config import LlamaConfig
 from adadecode.parity import (ENGINE_TIE_ULPS, FP32_TIE_ULPS, bf16_tols, bf16_ulp, decode_path_logits,
                               fp32_tie_verdict, tie_verdict)
 from adadecode.torch_engine import TorchEngine

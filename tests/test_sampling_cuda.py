@@ -114,11 +114,11 @@ def test_epilogue_refuses_non_finite_tempered_logits(dev):
 def test_cuda_engine_sampled_adadecode_equals_sampled_vanilla(dev, request):
     """The default model with its code heads on a GPU; emulated, a tiny GQA model with a logit-lens head and a
     perturbed head over a vocabulary subset (the head draws through the subset path)."""
-    from adadecode.config import LlamaConfig
     from adadecode.cuda_engine import CudaEngine
     from adadecode.decode import generate_vanilla
     from adadecode.driver import generate_adadecode, generate_layerskip
     from adadecode.heads import Head, load_heads
+    from adadecode.model.config import LlamaConfig
 
     from conftest import random_weights, tiny_hf_config
 

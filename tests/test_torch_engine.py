@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
+from adadecode.model.config import LlamaConfig
 from adadecode.parity import decode_path_logits
 from adadecode.torch_engine import EngineError, TorchEngine
 

@@ -3,9 +3,9 @@ import dataclasses
 
 import torch
 
-from adadecode.config import LlamaConfig
 from adadecode.driver import generate_adadecode
 from adadecode.heads import Head
+from adadecode.model.config import LlamaConfig
 from adadecode.torch_engine import TorchEngine
 from adadecode.trace import RecordingEngine, Trace, replay
 
