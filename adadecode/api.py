@@ -27,8 +27,8 @@ from typing import Callable, Iterator, Sequence
 
 from .decode import check_request, generate_vanilla
 from .driver import generate_adadecode, generate_layerskip
+from .engines.sampling import make_sampling
 from .model.loader import Model, load_model
-from .sampling import make_sampling
 
 METHODS = ("vanilla", "adadecode", "layerskip")
 DEFAULT_GAMMA = 0.75  # adadecode's threshold when neither the call nor the heads file gives one
@@ -171,7 +171,7 @@ class LLM:
 
     def _fit(self, seq: int, rows: int) -> None:
         """(Re)build the engine so that it holds `seq` positions and `rows` rows in flight; the caller holds the lock."""
-        from .engines import make_engine
+        from .engines.select import make_engine
 
         if self._engine is not None and seq <= self._max_seq and rows <= self._max_rows:
             return

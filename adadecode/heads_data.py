@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .engines.torch import rms_norm, rope_inv_freq, rotate_half
 from .model.config import LlamaConfig
 from .model.weights import LlamaWeights
-from .torch_engine import rms_norm, rope_inv_freq, rotate_half
 
 
 class BatchedForward:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .heads import Head
+from .engines.head import Head
 from .model.config import LlamaConfig
 from .schedule_sim import GAMMAS, simulate_set, traces_of
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .heads import Head
+from .engines.head import Head
 from .heads_data import Captured, make_data, merge_data
 from .heads_eval import exit_table, head_params, head_predictions, layer_params
 from .heads_train import HeadData, build_vocab, heldout_kl, round_like_file, train_head

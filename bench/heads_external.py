@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adadecode import heads_recipe  # noqa: E402
-from adadecode.heads import Head, load_heads  # noqa: E402
+from adadecode.engines.head import Head  # noqa: E402
+from adadecode.heads import load_heads  # noqa: E402
 from adadecode.heads_data import merge_data  # noqa: E402
 from adadecode.heads_eval import evaluate_set, head_predictions  # noqa: E402
 from adadecode.model.loader import load_model  # noqa: E402

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dataclasses  # noqa: E402
 
-from adadecode.cuda_engine import CudaEngine  # noqa: E402
-from adadecode.heads import Head  # noqa: E402
+from adadecode.engines.cuda import CudaEngine  # noqa: E402
+from adadecode.engines.head import Head  # noqa: E402
 from adadecode.model.weights import LlamaWeights  # noqa: E402
 from common import llama31_8b  # noqa: E402
 

@@ -20,15 +20,17 @@ import math
 import pytest
 import torch
 
-from adadecode.cuda_engine import MAX_ROWS, CudaEngine, check_supported
 from adadecode.decode import generate_vanilla
 from adadecode.driver import generate_adadecode
-from adadecode.engines import cuda_unavailable_reason, make_engine
-from adadecode.heads import Head, load_heads
+from adadecode.engines.contract import EngineError
+from adadecode.engines.cuda import MAX_ROWS, CudaEngine, check_supported, cuda_unavailable_reason
+from adadecode.engines.head import Head
+from adadecode.engines.select import make_engine
+from adadecode.engines.torch import TorchEngine, rms_norm
+from adadecode.heads import load_heads
 from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import Model
 from adadecode.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
-from adadecode.torch_engine import EngineError, TorchEngine, rms_norm
 
 from conftest import random_weights, tiny_hf_config
 
@@ -134,7 +136,7 @@ def test_head_checks(tiny):
 
 def test_sampling_reaches_the_backend(tiny):
     """Greedy calls stay as they were; a Sampling goes to the kernel as (seed, fp32 1/T, top_k, top_p)."""
-    from adadecode.sampling import Sampling
+    from adadecode.engines.sampling import Sampling
 
     cfg, _ = tiny
     backend = FakeBackend()

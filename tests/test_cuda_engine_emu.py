@@ -17,16 +17,16 @@ import os
 import pytest
 import torch
 
-from adadecode.cuda_engine import CudaEngine
 from adadecode.decode import generate_vanilla
 from adadecode.driver import generate_adadecode
-from adadecode.engines import emu_unavailable_reason, make_engine
-from adadecode.heads import Head
+from adadecode.engines.cuda import CudaEngine, emu_unavailable_reason
+from adadecode.engines.head import Head
+from adadecode.engines.sampling import make_sampling
+from adadecode.engines.select import make_engine
+from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import Model
 from adadecode.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict
-from adadecode.sampling import make_sampling
-from adadecode.torch_engine import TorchEngine
 
 from conftest import random_weights, tiny_hf_config
 from test_cuda_engine import _assert_bitwise, _check_schedules, _random_schedule, _start, _state

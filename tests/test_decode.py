@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from adadecode.decode import generate_vanilla
-from adadecode.engines import cuda_unavailable_reason, make_engine
-from adadecode.torch_engine import TorchEngine
+from adadecode.engines.cuda import cuda_unavailable_reason
+from adadecode.engines.select import make_engine
+from adadecode.engines.torch import TorchEngine
 
 from conftest import random_weights
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from adadecode.decode import generate_vanilla
 from adadecode.driver import generate_adadecode, generate_layerskip
-from adadecode.heads import Head
+from adadecode.engines.head import Head
+from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig
-from adadecode.torch_engine import TorchEngine
 
 from conftest import random_weights, tiny_hf_config
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from adadecode.decode import generate_vanilla
+from adadecode.engines.torch import TorchEngine
 from adadecode.graphed import GraphedDecoder
 from adadecode.model.config import LlamaConfig
 from adadecode.parity import decode_path_logits, tie_verdict
-from adadecode.torch_engine import TorchEngine
 
 from conftest import random_weights, tiny_hf_config
 

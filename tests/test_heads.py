@@ -7,10 +7,11 @@ import torch
 
 from adadecode import heads_data as hd, heads_train as ht, schedule_sim as sim, train_heads as th
 from adadecode.decode import generate_vanilla
-from adadecode.heads import Head, HeadFileError, heads_path, load_heads, save_heads
+from adadecode.engines.head import Head
+from adadecode.engines.torch import TorchEngine, rms_norm
+from adadecode.heads import HeadFileError, heads_path, load_heads, save_heads
 from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import Model
-from adadecode.torch_engine import TorchEngine, rms_norm
 
 from conftest import random_weights, tiny_hf_config
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from adadecode.decode import generate_vanilla
-from adadecode.engines import make_engine
+from adadecode.engines.select import make_engine
 from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import load_model
 

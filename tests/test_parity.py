@@ -8,7 +8,7 @@ from adadecode.decode import generate_vanilla
 from adadecode.model.config import LlamaConfig
 from adadecode.parity import (ENGINE_TIE_ULPS, FP32_TIE_ULPS, bf16_tols, bf16_ulp, decode_path_logits,
                               fp32_tie_verdict, tie_verdict)
-from adadecode.torch_engine import TorchEngine
+from adadecode.engines.torch import TorchEngine
 
 from conftest import random_weights, tiny_hf_config
 

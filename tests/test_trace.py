@@ -4,9 +4,9 @@ import dataclasses
 import torch
 
 from adadecode.driver import generate_adadecode
-from adadecode.heads import Head
+from adadecode.engines.head import Head
+from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig
-from adadecode.torch_engine import TorchEngine
 from adadecode.trace import RecordingEngine, Trace, replay
 
 from conftest import random_weights, tiny_hf_config

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model.config import LlamaConfig
-from .contract import EngineContract, EngineError  # noqa: F401 (EngineError is part of this module's API)
-from .model.weights import LlamaWeights
+from ..model.config import LlamaConfig
+from ..model.weights import LlamaWeights
+from .contract import EngineContract
 from .sampling import sample
 
 
@@ -135,7 +135,7 @@ class TorchEngine(EngineContract):
         return logits
 
     def set_heads(self, heads) -> None:
-        """Intermediate heads (adadecode.heads.Head), indexed by `head_index` in `head()`."""
+        """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
         self.heads = [h.to(self.device, self.dtype) for h in heads]
 
     def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
