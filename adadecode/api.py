@@ -13,8 +13,8 @@ cancelled between tokens (`cancel`, a threading.Event), which frees the engine a
 tokens of vanilla greedy decoding; they differ in speed and statistics only.
 
 Options of a decoding method that this file does not name (the sampling options, for one) are passed through
-to the method's function (`decode.generate_vanilla`, `driver.generate_adadecode`, `driver.generate_layerskip`)
-as keyword arguments; one that the function does not take is a ValueError.
+to the method's function (`decoding.vanilla.generate_vanilla`, `decoding.driver.generate_adadecode`,
+`decoding.driver.generate_layerskip`) as keyword arguments; one that the function does not take is a ValueError.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import time
 import types
 from typing import Callable, Iterator, Sequence
 
-from .decode import check_request, generate_vanilla
-from .driver import generate_adadecode, generate_layerskip
+from .decoding.driver import generate_adadecode, generate_layerskip
+from .decoding.vanilla import check_request, generate_vanilla
 from .engines.sampling import make_sampling
 from .model.loader import Model, load_model
 
@@ -59,7 +59,7 @@ class Completion:
     method: str
     engine: str
     options: dict  # the method's settings as used: heads, head_layers, gamma, max_pending / head_layer, k
-    stats: dict  # Generation.stats (driver.py's docstring); a stop string cuts the run short: then tokens only
+    stats: dict  # Generation.stats (decoding/driver.py's docstring); cut short by a stop string: tokens only
     seconds: float
     ms_per_token: float  # after the first token
     stop: str | None = None  # the stop string that ended the text

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from adadecode.decode import generate_vanilla  # noqa: E402
+from adadecode.decoding.vanilla import generate_vanilla  # noqa: E402
 from adadecode.engines.cuda import cuda_unavailable_reason  # noqa: E402
 from adadecode.model.config import LlamaConfig  # noqa: E402
 from adadecode.model.weights import LlamaWeights  # noqa: E402

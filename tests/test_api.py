@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import adadecode
 from adadecode.api import TextStream
-from adadecode.decode import generate_vanilla
+from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.head import Head
 from adadecode.engines.torch import TorchEngine
 from adadecode.heads import save_heads

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from adadecode.decode import generate_vanilla
+from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.cuda import cuda_unavailable_reason
 from adadecode.engines.select import make_engine
 from adadecode.engines.torch import TorchEngine

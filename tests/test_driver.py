@@ -1,4 +1,4 @@
-"""AdaDecode and LayerSkip drivers (adadecode/driver.py) on TorchEngine: exactly vanilla's tokens, whatever
+"""AdaDecode and LayerSkip drivers (adadecode/decoding/driver.py) on TorchEngine: exactly vanilla's tokens, whatever
 the heads say, with the schedule's invariants checked at every engine call and the statistics adding up."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adadecode.decode import generate_vanilla
-from adadecode.driver import generate_adadecode, generate_layerskip
+from adadecode.decoding.driver import generate_adadecode, generate_layerskip
+from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.head import Head
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig

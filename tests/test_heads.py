@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adadecode import heads_data as hd, heads_train as ht, schedule_sim as sim, train_heads as th
-from adadecode.decode import generate_vanilla
+from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.head import Head
 from adadecode.engines.torch import TorchEngine, rms_norm
 from adadecode.heads import HeadFileError, heads_path, load_heads, save_heads

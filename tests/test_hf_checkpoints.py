@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from adadecode.decode import generate_vanilla
+from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.select import make_engine
 from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import load_model

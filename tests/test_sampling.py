@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adadecode.decode import generate_vanilla
-from adadecode.driver import generate_adadecode, generate_layerskip
+from adadecode.decoding.driver import generate_adadecode, generate_layerskip
+from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines import sampling as S
 from adadecode.engines.head import Head
 from adadecode.engines.sampling import Sampling, make_sampling, sample

@@ -114,8 +114,8 @@ def test_epilogue_refuses_non_finite_tempered_logits(dev):
 def test_cuda_engine_sampled_adadecode_equals_sampled_vanilla(dev, request):
     """The default model with its code heads on a GPU; emulated, a tiny GQA model with a logit-lens head and a
     perturbed head over a vocabulary subset (the head draws through the subset path)."""
-    from adadecode.decode import generate_vanilla
-    from adadecode.driver import generate_adadecode, generate_layerskip
+    from adadecode.decoding.driver import generate_adadecode, generate_layerskip
+    from adadecode.decoding.vanilla import generate_vanilla
     from adadecode.engines.cuda import CudaEngine
     from adadecode.engines.head import Head
     from adadecode.heads import load_heads

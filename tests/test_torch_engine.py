@@ -2,10 +2,10 @@
 import pytest
 import torch
 
+from adadecode.decoding.parity import decode_path_logits
 from adadecode.engines.contract import EngineError
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig
-from adadecode.parity import decode_path_logits
 
 from conftest import random_weights, tiny_hf_config
 
