@@ -139,9 +139,9 @@ class LLM:
         self.tokenizer = self.model.tokenizer
         self.heads, self.heads_meta, self.heads_spec = [], {}, heads
         if heads is not None:
-            from . import heads as heads_mod
+            from .heads import files as head_files
 
-            loaded, meta = heads_mod.load_heads(heads, self.model)
+            loaded, meta = head_files.load_heads(heads, self.model)
             self.heads, self.heads_meta = list(loaded), dict(meta or {})
             if not self.heads:
                 raise ValueError(f"heads {heads}: no heads in it")

@@ -42,14 +42,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import bytes_per_token, copy_bandwidth, llama31_8b, run_facts  # noqa: E402
-from adadecode import DEFAULT_GAMMA, LLM, heads_prompts  # noqa: E402
+from adadecode import DEFAULT_GAMMA, LLM  # noqa: E402
 from adadecode.decoding.driver import generate_adadecode  # noqa: E402
 from adadecode.decoding.trace import RecordingEngine, Trace, replay  # noqa: E402
 from adadecode.decoding.vanilla import Generation  # noqa: E402
 from adadecode.engines.cuda import cuda_unavailable_reason  # noqa: E402
 from adadecode.engines.head import Head  # noqa: E402
 from adadecode.engines.select import make_engine  # noqa: E402
-from adadecode.prompts import load_prompts  # noqa: E402
+from adadecode.heads import prompts as heads_prompts  # noqa: E402
+from adadecode.heads.prompt_sets import load_prompts  # noqa: E402
 
 ALL_METHODS = ["hf-eager", "hf-compile", "torch-graph", "vanilla", "adadecode", "layerskip"]
 EXACT = ("adadecode", "layerskip")

@@ -12,7 +12,7 @@ from adadecode.api import TextStream
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.head import Head
 from adadecode.engines.torch import TorchEngine
-from adadecode.heads import save_heads
+from adadecode.heads.files import save_heads
 from adadecode.model.tokenizer import StreamDecoder, Tokenizer
 from conftest import tiny_chat_model
 

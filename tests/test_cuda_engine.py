@@ -28,7 +28,7 @@ from adadecode.engines.cuda import MAX_ROWS, CudaEngine, check_supported, cuda_u
 from adadecode.engines.head import Head
 from adadecode.engines.select import make_engine
 from adadecode.engines.torch import TorchEngine, rms_norm
-from adadecode.heads import load_heads
+from adadecode.heads.files import load_heads
 from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import Model
 
@@ -208,7 +208,7 @@ def engines(default_model):
 
 
 def chat_prompts(model, n: int) -> list[list[int]]:
-    from adadecode.prompts import load_prompts
+    from adadecode.heads.prompt_sets import load_prompts
 
     texts = load_prompts("general")[: n // 2] + load_prompts("code")[: n - n // 2]
     return [model.tokenizer.encode_chat(t) for t in texts]

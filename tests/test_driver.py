@@ -401,7 +401,7 @@ def tiny_hf_dir(tmp_path):
 
 
 def test_cli_methods_agree(tmp_path, monkeypatch, capsys):
-    import adadecode.heads
+    import adadecode.heads.files
     from adadecode.cli import main
 
     d = tiny_hf_dir(tmp_path / "m")
@@ -411,7 +411,7 @@ def test_cli_methods_agree(tmp_path, monkeypatch, capsys):
         calls.append(spec)
         return [Head.identity(1, model.cfg.d), Head.identity(3, model.cfg.d)], {"gamma": 0.01}
 
-    monkeypatch.setattr(adadecode.heads, "load_heads", load_heads, raising=False)
+    monkeypatch.setattr(adadecode.heads.files, "load_heads", load_heads, raising=False)
     base = ["generate", "--model", str(d), "--prompt", "w5 w9 w13", "--max-new-tokens", "24", "--engine", "torch",
             "--device", "cpu", "--dtype", "fp32", "--json"]
     outs = {}
@@ -440,16 +440,16 @@ def test_cli_methods_agree(tmp_path, monkeypatch, capsys):
 
 def test_cli_with_a_head_file(tmp_path, capsys):
     """The real head-file path: save_heads (issue 5) -> --heads FILE -> the driver, restricted vocab included."""
-    import adadecode.heads
+    import adadecode.heads.files
     from adadecode.cli import main
     from adadecode.model.loader import load_model
 
-    if not hasattr(adadecode.heads, "save_heads"):
-        pytest.skip("adadecode.heads has no save_heads yet (issue 5: head files)")
+    if not hasattr(adadecode.heads.files, "save_heads"):
+        pytest.skip("adadecode.heads.files has no save_heads yet (issue 5: head files)")
     d = tiny_hf_dir(tmp_path / "m")
     model = load_model(d)
     heads = [Head.identity(1, model.cfg.d), Head.identity(2, model.cfg.d, vocab=torch.arange(0, 97, 2))]
-    adadecode.heads.save_heads(tmp_path / "h.safetensors", heads, model, {"gamma": 0.02, "description": "test"})
+    adadecode.heads.files.save_heads(tmp_path / "h.safetensors", heads, model, {"gamma": 0.02, "description": "test"})
     base = ["generate", "--model", str(d), "--prompt", "w7 w1", "--max-new-tokens", "20", "--engine", "torch",
             "--device", "cpu", "--dtype", "fp32", "--json"]
     assert main(base) == 0
@@ -483,12 +483,12 @@ def test_default_model_logit_lens_rollbacks(default_model):
 
 @pytest.mark.slow
 def test_default_model_with_default_heads(default_model):
-    import adadecode.heads
+    import adadecode.heads.files
 
-    if not hasattr(adadecode.heads, "load_heads"):
-        pytest.skip("adadecode.heads has no load_heads yet (issue 5: head files)")
+    if not hasattr(adadecode.heads.files, "load_heads"):
+        pytest.skip("adadecode.heads.files has no load_heads yet (issue 5: head files)")
     try:
-        heads, meta = adadecode.heads.load_heads("default", default_model)
+        heads, meta = adadecode.heads.files.load_heads("default", default_model)
     except FileNotFoundError as e:
         pytest.skip(f"no default heads shipped yet: {e}")
     m, eng = default_model, default_engine(default_model)

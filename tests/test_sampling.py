@@ -307,12 +307,12 @@ def test_head_sample_shares_the_final_noise():
 def test_cli_sampling_flags(tmp_path, monkeypatch, capsys):
     import json
 
-    import adadecode.heads
+    import adadecode.heads.files
     from adadecode.cli import main
     from test_driver import tiny_hf_dir
 
     d = tiny_hf_dir(tmp_path / "m")
-    monkeypatch.setattr(adadecode.heads, "load_heads",
+    monkeypatch.setattr(adadecode.heads.files, "load_heads",
                         lambda spec, model: ([Head.identity(1, model.cfg.d), Head.identity(3, model.cfg.d)],
                                              {"gamma": 0.01}), raising=False)
     base = ["generate", "--model", str(d), "--prompt", "w5 w9 w13", "--max-new-tokens", "24", "--engine", "torch",
@@ -340,7 +340,7 @@ def test_cli_sampling_flags(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_default_model_sampled_adadecode_equals_sampled_vanilla(default_model):
     """The shipped code heads under sampling, both guess rules, top-k/top-p on and off: vanilla's tokens."""
-    from adadecode.heads import load_heads
+    from adadecode.heads.files import load_heads
 
     m = default_model
     heads, meta = load_heads("default:code", m)

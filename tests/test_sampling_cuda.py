@@ -118,7 +118,7 @@ def test_cuda_engine_sampled_adadecode_equals_sampled_vanilla(dev, request):
     from adadecode.decoding.vanilla import generate_vanilla
     from adadecode.engines.cuda import CudaEngine
     from adadecode.engines.head import Head
-    from adadecode.heads import load_heads
+    from adadecode.heads.files import load_heads
     from adadecode.model.config import LlamaConfig
 
     from conftest import random_weights, tiny_hf_config

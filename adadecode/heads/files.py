@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .engines.head import Head
+from ..engines.head import Head
 
 FORMAT = "adadecode-heads"
 FORMAT_VERSION = "1"
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "shipped"
 SHIPPED = {"general": "heads_default_general.safetensors", "code": "heads_default_code.safetensors"}
 REQUIRED_META = ("format", "format_version", "model_fingerprint", "d", "layers", "gamma", "description")
 

@@ -10,8 +10,8 @@ from collections import Counter
 
 import torch
 
-from .engines.head import Head
-from .heads_data import Captured
+from ..engines.head import Head
+from .data import Captured
 
 
 def build_vocab(conts: list[list[int]], k: int, vocab_size: int) -> torch.Tensor | None:
