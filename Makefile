@@ -1,6 +1,7 @@
 # make test   create .venv, install everything, build adadecode_cuda (where nvcc is) and adadecode_emu (the
 #             emulated device, g++ only), run the test suite (what CI runs)
 # make bench  the same set-up, then bench/latency.py on the default model
+# make layers which part of the package may import which (tests/check_layers.py; make test runs it too)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ export MAX_JOBS ?= 2
 export ADADECODE_REQUIRE_CUDA ?= $(if $(shell command -v nvcc),1,0)
 CSRC := $(shell find csrc -type f)
 
-.PHONY: test bench build cmake-check clean
+.PHONY: test bench layers build cmake-check clean
 
 $(BIN)/.deps: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +35,10 @@ test: build
 
 bench: build
 	$(BIN)/python bench/latency.py $(BENCH_ARGS)
+
+# Only the standard library: no venv needed.
+layers:
+	$(PY) tests/check_layers.py
 
 # The same kernels through CMake (C++-side checks and microbenchmarks in csrc/tests).
 cmake-check:

@@ -143,7 +143,7 @@ setup(
     version="0.1.0",
     description="AdaDecode: exact early-exit greedy decoding for Llama-family models, on custom CUDA kernels",
     packages=find_packages(include=["adadecode", "adadecode.*"]),
-    package_data={"adadecode": ["data/*"]},
+    package_data={"adadecode.heads": ["shipped/*"]},
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "safetensors", "tokenizers", "gguf", "jinja2", "tqdm"],
     ext_modules=ext_modules,

@@ -8,6 +8,6 @@
 and its options; `python -m adadecode serve` puts it behind an OpenAI-compatible HTTP server.
 """
 from .api import DEFAULT_GAMMA, METHODS, Cancelled, Completion, Delta, LLM
-from .loader import Model, load_model
+from .model.loader import Model, load_model
 
 __all__ = ["LLM", "Completion", "Delta", "Cancelled", "METHODS", "DEFAULT_GAMMA", "Model", "load_model"]

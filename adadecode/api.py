@@ -13,8 +13,8 @@ cancelled between tokens (`cancel`, a threading.Event), which frees the engine a
 tokens of vanilla greedy decoding; they differ in speed and statistics only.
 
 Options of a decoding method that this file does not name (the sampling options, for one) are passed through
-to the method's function (`decode.generate_vanilla`, `driver.generate_adadecode`, `driver.generate_layerskip`)
-as keyword arguments; one that the function does not take is a ValueError.
+to the method's function (`decoding.vanilla.generate_vanilla`, `decoding.driver.generate_adadecode`,
+`decoding.driver.generate_layerskip`) as keyword arguments; one that the function does not take is a ValueError.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ import time
 import types
 from typing import Callable, Iterator, Sequence
 
-from .decode import check_request, generate_vanilla
-from .driver import generate_adadecode, generate_layerskip
-from .loader import Model, load_model
-from .sampling import make_sampling
+from .decoding.driver import generate_adadecode, generate_layerskip
+from .decoding.vanilla import check_request, generate_vanilla
+from .engines.sampling import make_sampling
+from .model.loader import Model, load_model
 
 METHODS = ("vanilla", "adadecode", "layerskip")
 DEFAULT_GAMMA = 0.75  # adadecode's threshold when neither the call nor the heads file gives one
@@ -59,7 +59,7 @@ class Completion:
     method: str
     engine: str
     options: dict  # the method's settings as used: heads, head_layers, gamma, max_pending / head_layer, k
-    stats: dict  # Generation.stats (driver.py's docstring); a stop string cuts the run short: then tokens only
+    stats: dict  # Generation.stats (decoding/driver.py's docstring); cut short by a stop string: tokens only
     seconds: float
     ms_per_token: float  # after the first token
     stop: str | None = None  # the stop string that ended the text
@@ -84,7 +84,7 @@ class TextStream:
     Text that could be the start of a stop string is held back until the next tokens settle it."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        from .tokenizer import StreamDecoder
+        from .model.tokenizer import StreamDecoder
 
         self.decoder, self.stop = StreamDecoder(tokenizer), list(stop)
         self.text, self.sent, self.hit = "", 0, None
@@ -124,7 +124,7 @@ class LLM:
     """A model on an engine, with optional intermediate heads, ready to decode.
 
     model: "default" (SmolLM2-135M-Instruct), an HF Llama checkpoint directory, a .gguf file, or a loaded
-        `loader.Model`.
+        `adadecode.Model`.
     heads: None, a head file, or "default" / "default:code" / "default:general" (the default model's heads).
     engine: "auto" (CUDA where it can run, else torch), "cuda", "emu" (the CUDA engine on the emulated device: the
         product's kernels on the CPU, slow) or "torch"; device and dtype: the torch engine's.
@@ -139,9 +139,9 @@ class LLM:
         self.tokenizer = self.model.tokenizer
         self.heads, self.heads_meta, self.heads_spec = [], {}, heads
         if heads is not None:
-            from . import heads as heads_mod
+            from .heads import files as head_files
 
-            loaded, meta = heads_mod.load_heads(heads, self.model)
+            loaded, meta = head_files.load_heads(heads, self.model)
             self.heads, self.heads_meta = list(loaded), dict(meta or {})
             if not self.heads:
                 raise ValueError(f"heads {heads}: no heads in it")
@@ -171,7 +171,7 @@ class LLM:
 
     def _fit(self, seq: int, rows: int) -> None:
         """(Re)build the engine so that it holds `seq` positions and `rows` rows in flight; the caller holds the lock."""
-        from .engines import make_engine
+        from .engines.select import make_engine
 
         if self._engine is not None and seq <= self._max_seq and rows <= self._max_rows:
             return

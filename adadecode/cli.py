@@ -78,7 +78,7 @@ def _sampling_arguments(g) -> None:
 def _serve(args) -> int:
     from .server import main as serve_main
 
-    from .loader import load_model
+    from .model.loader import load_model
 
     model = load_model(args.model)  # a server's cache is fixed: requests that do not fit are refused, not grown for
     llm = LLM(model, heads=args.heads, engine=args.engine, device=args.device, dtype=args.dtype,
@@ -100,12 +100,12 @@ def main(argv=None) -> int:
     _model_arguments(s, serve=True)
     from .server import add_arguments as _serve_arguments
     _serve_arguments(s)
-    from .train_heads import add_arguments as _train_heads_arguments
+    from .heads.pipeline import add_arguments as _train_heads_arguments
     _train_heads_arguments(sub.add_parser("train-heads", help="train intermediate heads on the model's own greedy continuations"))
     args = p.parse_args(argv)
     try:
         if args.command == "train-heads":
-            from .train_heads import main as _train_heads_main
+            from .heads.pipeline import main as _train_heads_main
             return _train_heads_main(args)
         if args.command == "serve":
             return _serve(args)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import LLM, METHODS, Cancelled, Completion, Delta
-from .sampling import make_sampling
+from .engines.sampling import make_sampling
 
 log = logging.getLogger("adadecode.server")
 
@@ -50,7 +50,7 @@ def error_response(status: int, message: str, param=None, code=None, type_="inva
 
 
 def sampling_options(body: "_Common") -> dict:
-    """The decoding options that OpenAI's sampling parameters ask for (adadecode.sampling).
+    """The decoding options that OpenAI's sampling parameters ask for (adadecode.engines.sampling).
 
     temperature None or 0 is greedy: this server's default, unlike OpenAI's 1, so a request that names no
     temperature gets the model's greedy answer. With temperature > 0, top_p, top_k (adadecode's own) and seed

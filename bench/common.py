@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from adadecode.config import LlamaConfig
+from adadecode.model.config import LlamaConfig
 
 LLAMA31_8B = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,

@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from adadecode.config import LlamaConfig  # noqa: E402
-from adadecode.decode import generate_vanilla  # noqa: E402
-from adadecode.engines import cuda_unavailable_reason  # noqa: E402
-from adadecode.weights import LlamaWeights  # noqa: E402
+from adadecode.decoding.vanilla import generate_vanilla  # noqa: E402
+from adadecode.engines.cuda import cuda_unavailable_reason  # noqa: E402
+from adadecode.model.config import LlamaConfig  # noqa: E402
+from adadecode.model.weights import LlamaWeights  # noqa: E402
 from common import bytes_per_token, copy_bandwidth, llama31_8b  # noqa: E402
 
 TARGETS = {"smol": {"ms_per_token_max": 0.25, "hf_eager_ms_per_token_h100": 91.0},
@@ -45,7 +45,7 @@ TARGETS = {"smol": {"ms_per_token_max": 0.25, "hf_eager_ms_per_token_h100": 91.0
 
 def run_model(name: str, cfg: LlamaConfig, weights: LlamaWeights, contexts: list[int], new_tokens: int,
               repeats: int, copy_bw: float, paths: list[str]) -> dict:
-    from adadecode.cuda_engine import CudaEngine
+    from adadecode.engines.cuda import CudaEngine
 
     engine = CudaEngine(cfg, weights, max_seq=max(contexts) + new_tokens + 8)
     g = torch.Generator().manual_seed(0)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     results = {}
     for name in models:
         if name == "smol":
-            from adadecode.loader import load_model
+            from adadecode.model.loader import load_model
 
             model = load_model("default")
             results[name] = run_model(name, model.cfg, model.weights, contexts, args.new_tokens, args.repeats, copy_bw, paths)

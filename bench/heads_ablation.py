@@ -21,14 +21,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adadecode import heads_recipe  # noqa: E402
-from adadecode.heads import Head  # noqa: E402
-from adadecode.heads_data import merge_data  # noqa: E402
-from adadecode.heads_eval import head_cost_layers, head_predictions  # noqa: E402
-from adadecode.heads_train import HeadData, build_vocab, heldout_kl, round_like_file, train_head  # noqa: E402
-from adadecode.loader import load_model  # noqa: E402
-from adadecode.schedule_sim import simulate_set, traces_of  # noqa: E402
-from adadecode.torch_engine import rms_norm  # noqa: E402
+from adadecode.engines.head import Head  # noqa: E402
+from adadecode.engines.torch import rms_norm  # noqa: E402
+from adadecode.heads import recipe as heads_recipe  # noqa: E402
+from adadecode.heads.data import merge_data  # noqa: E402
+from adadecode.heads.evaluate import head_cost_layers, head_predictions  # noqa: E402
+from adadecode.heads.schedule_sim import simulate_set, traces_of  # noqa: E402
+from adadecode.heads.train import HeadData, build_vocab, heldout_kl, round_like_file, train_head  # noqa: E402
+from adadecode.model.loader import load_model  # noqa: E402
 
 FINE = tuple(round(0.3 + 0.025 * i, 3) for i in range(28)) + (0.99,)
 

@@ -3,8 +3,8 @@
     python bench/heads_external.py [--cache DIR] [--runs default:code@humaneval,default:general@general-heldout,...]
 
 Per run (a head file on a set): the early-exit rate, the share of early tokens accepted, and the ideal and
-cost-counted layer-step speedup of AdaDecode's schedule (schedule_sim, max 5 pending), simulated on the set's
-captured greedy continuations (heads_recipe caches: the continuations vanilla greedy decoding produces, with the
+cost-counted layer-step speedup of AdaDecode's schedule (heads.schedule_sim, max 5 pending), simulated on the set's
+captured greedy continuations (heads.recipe caches: the continuations vanilla greedy decoding produces, with the
 hidden states the heads read). Also the heads' top-1 agreement with the final layer and what a perfect gate on the
 same heads would give (exit exactly when right): the ceiling of the exit rule. The real driver, with parity, is
 bench/latency.py --prompts humaneval|general-heldout. Writes bench/results/heads-external.{json,md,png}.
@@ -21,12 +21,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adadecode import heads_recipe  # noqa: E402
-from adadecode.heads import Head, load_heads  # noqa: E402
-from adadecode.heads_data import merge_data  # noqa: E402
-from adadecode.heads_eval import evaluate_set, head_predictions  # noqa: E402
-from adadecode.loader import load_model  # noqa: E402
-from adadecode.schedule_sim import simulate_set, traces_of  # noqa: E402
+from adadecode.engines.head import Head  # noqa: E402
+from adadecode.heads import recipe as heads_recipe  # noqa: E402
+from adadecode.heads.data import merge_data  # noqa: E402
+from adadecode.heads.evaluate import evaluate_set, head_predictions  # noqa: E402
+from adadecode.heads.files import load_heads  # noqa: E402
+from adadecode.heads.schedule_sim import simulate_set, traces_of  # noqa: E402
+from adadecode.model.loader import load_model  # noqa: E402
 
 DEFAULT_RUNS = "default:code@humaneval,default:general@general-heldout,default:general@humaneval,default:code@general-heldout"
 

@@ -42,13 +42,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import bytes_per_token, copy_bandwidth, llama31_8b, run_facts  # noqa: E402
-from adadecode import DEFAULT_GAMMA, LLM, heads_prompts  # noqa: E402
-from adadecode.decode import Generation  # noqa: E402
-from adadecode.driver import generate_adadecode  # noqa: E402
-from adadecode.engines import cuda_unavailable_reason, make_engine  # noqa: E402
-from adadecode.heads import Head  # noqa: E402
-from adadecode.prompts import load_prompts  # noqa: E402
-from adadecode.trace import RecordingEngine, Trace, replay  # noqa: E402
+from adadecode import DEFAULT_GAMMA, LLM  # noqa: E402
+from adadecode.decoding.driver import generate_adadecode  # noqa: E402
+from adadecode.decoding.trace import RecordingEngine, Trace, replay  # noqa: E402
+from adadecode.decoding.vanilla import Generation  # noqa: E402
+from adadecode.engines.cuda import cuda_unavailable_reason  # noqa: E402
+from adadecode.engines.head import Head  # noqa: E402
+from adadecode.engines.select import make_engine  # noqa: E402
+from adadecode.heads import prompts as heads_prompts  # noqa: E402
+from adadecode.heads.prompt_sets import load_prompts  # noqa: E402
 
 ALL_METHODS = ["hf-eager", "hf-compile", "torch-graph", "vanilla", "adadecode", "layerskip"]
 EXACT = ("adadecode", "layerskip")
@@ -70,7 +72,7 @@ class HFMethod:
     def __init__(self, model, compile_: bool):
         from transformers import LlamaForCausalLM
 
-        from adadecode.loader import default_model_dir
+        from adadecode.model.loader import default_model_dir
 
         src = model.source
         path = default_model_dir() if src.startswith("default") else Path(src)
@@ -134,7 +136,7 @@ def summarize(name: str, gens: list[Generation], ref: list[Generation] | None, n
 
 def random_8b_engine(max_seq: int):
     """A CudaEngine of the Llama-3.1-8B shape with random bf16 weights made on the GPU."""
-    from adadecode.weights import LlamaWeights
+    from adadecode.model.weights import LlamaWeights
 
     cfg = llama31_8b()
     weights = LlamaWeights.random(cfg, device="cuda", dtype=torch.bfloat16)
@@ -279,8 +281,8 @@ def main(argv=None) -> int:
             continue
         try:
             if name == "torch-graph":
-                from adadecode.graphed import GraphedDecoder
-                from adadecode.torch_engine import TorchEngine
+                from adadecode.decoding.graphed import GraphedDecoder
+                from adadecode.engines.torch import TorchEngine
 
                 dec = GraphedDecoder(TorchEngine(model.cfg, model.weights, device="cuda" if gpu else "cpu",
                                                  dtype=torch.bfloat16 if gpu else torch.float32, max_seq=max_seq))

@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dataclasses  # noqa: E402
 
-from adadecode.cuda_engine import CudaEngine  # noqa: E402
-from adadecode.heads import Head  # noqa: E402
-from adadecode.weights import LlamaWeights  # noqa: E402
+from adadecode.engines.cuda import CudaEngine  # noqa: E402
+from adadecode.engines.head import Head  # noqa: E402
+from adadecode.model.weights import LlamaWeights  # noqa: E402
 from common import llama31_8b  # noqa: E402
 
 def model(shape: str):
     if shape == "smollm2":
-        from adadecode.loader import load_gguf_model, default_gguf_path
+        from adadecode.model.loader import load_gguf_model, default_gguf_path
         m = load_gguf_model(default_gguf_path())
         return m.cfg, m.weights, m.cfg.n_layers
     full = llama31_8b()

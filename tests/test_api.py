@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 
 import adadecode
 from adadecode.api import TextStream
-from adadecode.decode import generate_vanilla
-from adadecode.heads import Head, save_heads
-from adadecode.tokenizer import StreamDecoder, Tokenizer
-from adadecode.torch_engine import TorchEngine
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.head import Head
+from adadecode.engines.torch import TorchEngine
+from adadecode.heads.files import save_heads
+from adadecode.model.tokenizer import StreamDecoder, Tokenizer
 from conftest import tiny_chat_model
 
 

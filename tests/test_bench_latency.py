@@ -8,7 +8,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_latency_bench_cpu_smoke(default_model, tmp_path):
-    from adadecode.heads import Head, save_heads
+    from adadecode.engines.head import Head
+    from adadecode.heads.files import save_heads
 
     heads = tmp_path / "heads.safetensors"
     save_heads(heads, [Head.identity(22, default_model.cfg.d), Head.identity(26, default_model.cfg.d)], default_model,

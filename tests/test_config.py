@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from adadecode.config import ConfigError, LlamaConfig
+from adadecode.model.config import ConfigError, LlamaConfig
 
 from conftest import tiny_hf_config
 

@@ -3,8 +3,8 @@
 GPU tests (marked `gpu`, skipped without one):
 * greedy tokens of CudaEngine == TorchEngine (bf16 on the GPU, no reduced-precision GEMM reductions) over 20 prompts
   x 256 tokens of the default model, or every first divergence is a logit tie within bf16 rounding, judged on the
-  decode-path logits of the fp32 model and of the engine itself (adadecode.parity.fp32_tie_verdict, the criterion
-  of the emulated-device tests too; its CPU unit test is tests/test_parity.py);
+  decode-path logits of the fp32 model and of the engine itself (adadecode.decoding.parity.fp32_tie_verdict, the
+  criterion of the emulated-device tests too; its CPU unit test is tests/test_parity.py);
 * run_layers in any split of rows and layers == one call, bitwise (hidden states, K/V cache, tokens), graphs on
   and off;
 * truncate + re-run == never having run, bitwise;
@@ -20,15 +20,17 @@ import math
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
-from adadecode.cuda_engine import MAX_ROWS, CudaEngine, check_supported
-from adadecode.decode import generate_vanilla
-from adadecode.driver import generate_adadecode
-from adadecode.engines import cuda_unavailable_reason, make_engine
-from adadecode.heads import Head, load_heads
-from adadecode.loader import Model
-from adadecode.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
-from adadecode.torch_engine import EngineError, TorchEngine, rms_norm
+from adadecode.decoding.driver import generate_adadecode
+from adadecode.decoding.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.contract import EngineError
+from adadecode.engines.cuda import MAX_ROWS, CudaEngine, check_supported, cuda_unavailable_reason
+from adadecode.engines.head import Head
+from adadecode.engines.select import make_engine
+from adadecode.engines.torch import TorchEngine, rms_norm
+from adadecode.heads.files import load_heads
+from adadecode.model.config import LlamaConfig
+from adadecode.model.loader import Model
 
 from conftest import random_weights, tiny_hf_config
 
@@ -134,7 +136,7 @@ def test_head_checks(tiny):
 
 def test_sampling_reaches_the_backend(tiny):
     """Greedy calls stay as they were; a Sampling goes to the kernel as (seed, fp32 1/T, top_k, top_p)."""
-    from adadecode.sampling import Sampling
+    from adadecode.engines.sampling import Sampling
 
     cfg, _ = tiny
     backend = FakeBackend()
@@ -206,7 +208,7 @@ def engines(default_model):
 
 
 def chat_prompts(model, n: int) -> list[list[int]]:
-    from adadecode.prompts import load_prompts
+    from adadecode.heads.prompt_sets import load_prompts
 
     texts = load_prompts("general")[: n // 2] + load_prompts("code")[: n - n // 2]
     return [model.tokenizer.encode_chat(t) for t in texts]

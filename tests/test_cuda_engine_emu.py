@@ -2,7 +2,7 @@
 the oracle, on tiny random models: no GPU needed, CI runs these.
 
 * greedy tokens of CudaEngine(emu) == TorchEngine (bf16, CPU), or the first divergence is a bf16 logit tie
-  (adadecode.parity.fp32_tie_verdict: the fp32 model's and the engine's own logits on the decode path);
+  (adadecode.decoding.parity.fp32_tie_verdict: the fp32 model's and the engine's own logits on the decode path);
 * run_layers in any split of rows and layers == one call, bitwise, graphs on and off; truncate + re-run == never
   having run; graph replays == eager launches;
 * AdaDecode on CudaEngine(emu) == vanilla greedy on CudaEngine(emu), token for token;
@@ -17,16 +17,16 @@ import os
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
-from adadecode.cuda_engine import CudaEngine
-from adadecode.decode import generate_vanilla
-from adadecode.driver import generate_adadecode
-from adadecode.engines import emu_unavailable_reason, make_engine
-from adadecode.heads import Head
-from adadecode.loader import Model
-from adadecode.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict
-from adadecode.sampling import make_sampling
-from adadecode.torch_engine import TorchEngine
+from adadecode.decoding.driver import generate_adadecode
+from adadecode.decoding.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.cuda import CudaEngine, emu_unavailable_reason
+from adadecode.engines.head import Head
+from adadecode.engines.sampling import make_sampling
+from adadecode.engines.select import make_engine
+from adadecode.engines.torch import TorchEngine
+from adadecode.model.config import LlamaConfig
+from adadecode.model.loader import Model
 
 from conftest import random_weights, tiny_hf_config
 from test_cuda_engine import _assert_bitwise, _check_schedules, _random_schedule, _start, _state

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from adadecode.decode import generate_vanilla
-from adadecode.engines import cuda_unavailable_reason, make_engine
-from adadecode.torch_engine import TorchEngine
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.cuda import cuda_unavailable_reason
+from adadecode.engines.select import make_engine
+from adadecode.engines.torch import TorchEngine
 
 from conftest import random_weights
 
@@ -21,7 +22,7 @@ PROMPTS = ["Write a Python function that reverses a string.", "What is the capit
 def hf_default(default_model):
     from transformers import LlamaForCausalLM
 
-    from adadecode.loader import default_model_dir
+    from adadecode.model.loader import default_model_dir
 
     return LlamaForCausalLM.from_pretrained(str(default_model_dir()), dtype=torch.float32,
                                             attn_implementation="eager").eval()

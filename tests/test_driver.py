@@ -1,4 +1,4 @@
-"""AdaDecode and LayerSkip drivers (adadecode/driver.py) on TorchEngine: exactly vanilla's tokens, whatever
+"""AdaDecode and LayerSkip drivers (adadecode/decoding/driver.py) on TorchEngine: exactly vanilla's tokens, whatever
 the heads say, with the schedule's invariants checked at every engine call and the statistics adding up."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adadecode.config import LlamaConfig
-from adadecode.decode import generate_vanilla
-from adadecode.driver import generate_adadecode, generate_layerskip
-from adadecode.heads import Head
-from adadecode.torch_engine import TorchEngine
+from adadecode.decoding.driver import generate_adadecode, generate_layerskip
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.head import Head
+from adadecode.engines.torch import TorchEngine
+from adadecode.model.config import LlamaConfig
 
 from conftest import random_weights, tiny_hf_config
 
@@ -389,8 +389,8 @@ def tiny_hf_dir(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
 
-    from adadecode.loader import Model, write_hf_dir
-    from adadecode.tokenizer import Tokenizer
+    from adadecode.model.loader import Model, write_hf_dir
+    from adadecode.model.tokenizer import Tokenizer
 
     cfg, w = tiny_model(4, 0)
     hf = HFTokenizer(models.WordLevel({f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
@@ -401,7 +401,7 @@ def tiny_hf_dir(tmp_path):
 
 
 def test_cli_methods_agree(tmp_path, monkeypatch, capsys):
-    import adadecode.heads
+    import adadecode.heads.files
     from adadecode.cli import main
 
     d = tiny_hf_dir(tmp_path / "m")
@@ -411,7 +411,7 @@ def test_cli_methods_agree(tmp_path, monkeypatch, capsys):
         calls.append(spec)
         return [Head.identity(1, model.cfg.d), Head.identity(3, model.cfg.d)], {"gamma": 0.01}
 
-    monkeypatch.setattr(adadecode.heads, "load_heads", load_heads, raising=False)
+    monkeypatch.setattr(adadecode.heads.files, "load_heads", load_heads, raising=False)
     base = ["generate", "--model", str(d), "--prompt", "w5 w9 w13", "--max-new-tokens", "24", "--engine", "torch",
             "--device", "cpu", "--dtype", "fp32", "--json"]
     outs = {}
@@ -440,16 +440,16 @@ def test_cli_methods_agree(tmp_path, monkeypatch, capsys):
 
 def test_cli_with_a_head_file(tmp_path, capsys):
     """The real head-file path: save_heads (issue 5) -> --heads FILE -> the driver, restricted vocab included."""
-    import adadecode.heads
+    import adadecode.heads.files
     from adadecode.cli import main
-    from adadecode.loader import load_model
+    from adadecode.model.loader import load_model
 
-    if not hasattr(adadecode.heads, "save_heads"):
-        pytest.skip("adadecode.heads has no save_heads yet (issue 5: head files)")
+    if not hasattr(adadecode.heads.files, "save_heads"):
+        pytest.skip("adadecode.heads.files has no save_heads yet (issue 5: head files)")
     d = tiny_hf_dir(tmp_path / "m")
     model = load_model(d)
     heads = [Head.identity(1, model.cfg.d), Head.identity(2, model.cfg.d, vocab=torch.arange(0, 97, 2))]
-    adadecode.heads.save_heads(tmp_path / "h.safetensors", heads, model, {"gamma": 0.02, "description": "test"})
+    adadecode.heads.files.save_heads(tmp_path / "h.safetensors", heads, model, {"gamma": 0.02, "description": "test"})
     base = ["generate", "--model", str(d), "--prompt", "w7 w1", "--max-new-tokens", "20", "--engine", "torch",
             "--device", "cpu", "--dtype", "fp32", "--json"]
     assert main(base) == 0
@@ -483,12 +483,12 @@ def test_default_model_logit_lens_rollbacks(default_model):
 
 @pytest.mark.slow
 def test_default_model_with_default_heads(default_model):
-    import adadecode.heads
+    import adadecode.heads.files
 
-    if not hasattr(adadecode.heads, "load_heads"):
-        pytest.skip("adadecode.heads has no load_heads yet (issue 5: head files)")
+    if not hasattr(adadecode.heads.files, "load_heads"):
+        pytest.skip("adadecode.heads.files has no load_heads yet (issue 5: head files)")
     try:
-        heads, meta = adadecode.heads.load_heads("default", default_model)
+        heads, meta = adadecode.heads.files.load_heads("default", default_model)
     except FileNotFoundError as e:
         pytest.skip(f"no default heads shipped yet: {e}")
     m, eng = default_model, default_engine(default_model)

@@ -7,11 +7,11 @@ tokens only where the reference's top-2 gap exceeds that: a flip inside it would
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
-from adadecode.decode import generate_vanilla
-from adadecode.graphed import GraphedDecoder
-from adadecode.parity import decode_path_logits, tie_verdict
-from adadecode.torch_engine import TorchEngine
+from adadecode.decoding.graphed import GraphedDecoder
+from adadecode.decoding.parity import decode_path_logits, tie_verdict
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.torch import TorchEngine
+from adadecode.model.config import LlamaConfig
 
 from conftest import random_weights, tiny_hf_config
 

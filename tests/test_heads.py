@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
-from adadecode.decode import generate_vanilla
-from adadecode.heads import Head, HeadFileError, heads_path, load_heads, save_heads
-from adadecode.loader import Model
-from adadecode.torch_engine import TorchEngine, rms_norm
-from adadecode import heads_data as hd, heads_train as ht, schedule_sim as sim, train_heads as th
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.head import Head
+from adadecode.engines.torch import TorchEngine, rms_norm
+from adadecode.heads import data as hd, train as ht, schedule_sim as sim, pipeline as th
+from adadecode.heads.files import HeadFileError, heads_path, load_heads, save_heads
+from adadecode.model.config import LlamaConfig
+from adadecode.model.loader import Model
 
 from conftest import random_weights, tiny_hf_config
 
@@ -246,12 +247,12 @@ class _StubTokenizer:
 
 
 def test_cli_train_heads_end_to_end(tmp_path, monkeypatch, capsys):
-    import adadecode.loader
+    import adadecode.model.loader
     from adadecode.cli import main
 
     m = tiny_model()
     m.tokenizer = _StubTokenizer()
-    monkeypatch.setattr(adadecode.loader, "load_model", lambda spec: m)
+    monkeypatch.setattr(adadecode.model.loader, "load_model", lambda spec: m)
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps([f"prompt number {i} says {'ab' * (i % 5)}" for i in range(10)]))
     out, res = tmp_path / "h.safetensors", tmp_path / "r.json"
@@ -314,7 +315,7 @@ def test_shard_cache_resumes_and_matches_the_generator(tmp_path):
 
 # ---- prompts from real sources --------------------------------------------------------------------------------------
 def test_code_prompts_come_from_documented_functions(tmp_path):
-    from adadecode import heads_prompts as hp
+    from adadecode.heads import prompts as hp
 
     src = tmp_path / "mod.py"
     src.write_text('from typing import List\n\n\ndef add_all(xs: List[int]) -> int:\n    """Return the sum of all the '
@@ -328,7 +329,7 @@ def test_code_prompts_come_from_documented_functions(tmp_path):
 
 
 def test_near_duplicates_of_the_evaluation_set_are_found():
-    from adadecode import heads_prompts as hp
+    from adadecode.heads import prompts as hp
 
     ref = 'def has_close_elements(numbers, threshold):\n    """ Check if in given list of numbers, are any two numbers closer ' \
           'to each other than given threshold."""\n'

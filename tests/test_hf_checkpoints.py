@@ -14,10 +14,10 @@ import json
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
-from adadecode.decode import generate_vanilla
-from adadecode.engines import make_engine
-from adadecode.loader import load_model
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.select import make_engine
+from adadecode.model.config import LlamaConfig
+from adadecode.model.loader import load_model
 
 N_NEW = 48
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,

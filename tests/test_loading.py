@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adadecode.config import ConfigError, LlamaConfig
-from adadecode.loader import Model, load_model, write_hf_dir
+from adadecode.model.config import ConfigError, LlamaConfig
+from adadecode.model.loader import Model, load_model, write_hf_dir
 
 from conftest import random_weights, tiny_hf_config
 
@@ -190,7 +190,7 @@ def test_default_model_config(default_model):
 def test_default_tokenizer_matches_transformers_gguf_tokenizer(default_model):
     from transformers import AutoTokenizer
 
-    from adadecode.loader import default_gguf_path
+    from adadecode.model.loader import default_gguf_path
 
     path = default_gguf_path()
     ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -204,7 +204,7 @@ def test_default_tokenizer_matches_transformers_gguf_tokenizer(default_model):
 
 
 def test_default_gguf_path_override(tmp_path, monkeypatch):
-    from adadecode.loader import default_gguf_path
+    from adadecode.model.loader import default_gguf_path
 
     f = tmp_path / "model.gguf"
     f.write_bytes(b"GGUF")

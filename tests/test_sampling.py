@@ -1,5 +1,5 @@
-"""Seeded sampling (adadecode/sampling.py, DESIGN.md §9): the generator, the rule, its distribution, and AdaDecode /
-LayerSkip equal to vanilla sampling token for token on TorchEngine. The CUDA epilogue against this reference:
+"""Seeded sampling (adadecode/engines/sampling.py, DESIGN.md §9): the generator, the rule, its distribution, and
+AdaDecode / LayerSkip equal to vanilla sampling token for token on TorchEngine. The CUDA epilogue against this reference:
 test_sampling_cuda.py."""
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adadecode import sampling as S
-from adadecode.decode import generate_vanilla
-from adadecode.driver import generate_adadecode, generate_layerskip
-from adadecode.heads import Head
-from adadecode.sampling import Sampling, make_sampling, sample
-from adadecode.torch_engine import TorchEngine
+from adadecode.decoding.driver import generate_adadecode, generate_layerskip
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines import sampling as S
+from adadecode.engines.head import Head
+from adadecode.engines.sampling import Sampling, make_sampling, sample
+from adadecode.engines.torch import TorchEngine
 
 from test_driver import CheckedEngine, cases, check_stats, run_case, tiny_model
 
@@ -124,7 +124,7 @@ def test_rule_basics():
 
 
 def kept_by_definition(z: torch.Tensor, s: Sampling) -> set[int]:
-    """The kept set straight from the definition in adadecode/sampling.py (one row, brute force)."""
+    """The kept set straight from the definition in adadecode/engines/sampling.py (one row, brute force)."""
     zs = z.tolist()
     keep = set(range(len(zs)))
     if 0 < s.top_k < len(zs):
@@ -297,7 +297,7 @@ def test_head_sample_shares_the_final_noise():
     eng.run_layers(3, 3, 0, 2)
     s = Sampling(0.9, top_k=10, seed=77)
     tok, _ = eng.head(3, 0, sampling=s)
-    from adadecode.torch_engine import rms_norm
+    from adadecode.engines.torch import rms_norm
 
     x = rms_norm(eng.hidden(3)[None], eng.w.norm, cfg.rms_norm_eps)
     assert tok == sample(x @ eng.w.lm_head.T, s, [4]).item()
@@ -307,12 +307,12 @@ def test_head_sample_shares_the_final_noise():
 def test_cli_sampling_flags(tmp_path, monkeypatch, capsys):
     import json
 
-    import adadecode.heads
+    import adadecode.heads.files
     from adadecode.cli import main
     from test_driver import tiny_hf_dir
 
     d = tiny_hf_dir(tmp_path / "m")
-    monkeypatch.setattr(adadecode.heads, "load_heads",
+    monkeypatch.setattr(adadecode.heads.files, "load_heads",
                         lambda spec, model: ([Head.identity(1, model.cfg.d), Head.identity(3, model.cfg.d)],
                                              {"gamma": 0.01}), raising=False)
     base = ["generate", "--model", str(d), "--prompt", "w5 w9 w13", "--max-new-tokens", "24", "--engine", "torch",
@@ -340,7 +340,7 @@ def test_cli_sampling_flags(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_default_model_sampled_adadecode_equals_sampled_vanilla(default_model):
     """The shipped code heads under sampling, both guess rules, top-k/top-p on and off: vanilla's tokens."""
-    from adadecode.heads import load_heads
+    from adadecode.heads.files import load_heads
 
     m = default_model
     heads, meta = load_heads("default:code", m)

@@ -1,6 +1,6 @@
-"""The sampling epilogue of the LM-head kernel (lm_head_sample) against the reference (adadecode.sampling.sample):
-the same token, bit for bit, for the same logits, seed and position; and the CUDA engine's sampled AdaDecode /
-LayerSkip equal to its sampled vanilla decoding. On a GPU (adadecode_cuda, marked `gpu`) and on the emulated device
+"""The sampling epilogue of the LM-head kernel (lm_head_sample) against the reference
+(adadecode.engines.sampling.sample): the same token, bit for bit, for the same logits, seed and position; and the CUDA
+engine's sampled AdaDecode / LayerSkip equal to its sampled vanilla decoding. On a GPU (adadecode_cuda, marked `gpu`) and on the emulated device
 (adadecode_emu, the same csrc/ sources on the CPU: CI runs these).
 
 The logits are made exact so that both sides see the same values: x[r] is a power of two times a one-hot vector,
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adadecode.sampling import Sampling, sample
+from adadecode.engines.sampling import Sampling, sample
 
 from test_kernels import dev, on_devices  # noqa: F401  (dev: the device fixture, cuda or emu)
 
@@ -114,11 +114,12 @@ def test_epilogue_refuses_non_finite_tempered_logits(dev):
 def test_cuda_engine_sampled_adadecode_equals_sampled_vanilla(dev, request):
     """The default model with its code heads on a GPU; emulated, a tiny GQA model with a logit-lens head and a
     perturbed head over a vocabulary subset (the head draws through the subset path)."""
-    from adadecode.config import LlamaConfig
-    from adadecode.cuda_engine import CudaEngine
-    from adadecode.decode import generate_vanilla
-    from adadecode.driver import generate_adadecode, generate_layerskip
-    from adadecode.heads import Head, load_heads
+    from adadecode.decoding.driver import generate_adadecode, generate_layerskip
+    from adadecode.decoding.vanilla import generate_vanilla
+    from adadecode.engines.cuda import CudaEngine
+    from adadecode.engines.head import Head
+    from adadecode.heads.files import load_heads
+    from adadecode.model.config import LlamaConfig
 
     from conftest import random_weights, tiny_hf_config
 

@@ -22,8 +22,9 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from adadecode import LLM  # noqa: E402
-from adadecode.heads import Head, save_heads  # noqa: E402
-from adadecode.loader import write_hf_dir  # noqa: E402
+from adadecode.engines.head import Head  # noqa: E402
+from adadecode.heads.files import save_heads  # noqa: E402
+from adadecode.model.loader import write_hf_dir  # noqa: E402
 from conftest import tiny_chat_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent  # the package under test, whatever the working directory

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
-from adadecode.parity import decode_path_logits
-from adadecode.torch_engine import EngineError, TorchEngine
+from adadecode.decoding.parity import decode_path_logits
+from adadecode.engines.contract import EngineError
+from adadecode.engines.torch import TorchEngine
+from adadecode.model.config import LlamaConfig
 
 from conftest import random_weights, tiny_hf_config
 
@@ -148,8 +149,8 @@ def test_contract_violations_are_refused(tiny):
 
 
 def test_identity_head_is_the_logit_lens(tiny):
-    from adadecode.heads import Head
-    from adadecode.torch_engine import rms_norm
+    from adadecode.engines.head import Head
+    from adadecode.engines.torch import rms_norm
 
     cfg, weights = tiny
     e = TorchEngine(cfg, weights, max_seq=32)

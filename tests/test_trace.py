@@ -3,11 +3,11 @@ import dataclasses
 
 import torch
 
-from adadecode.config import LlamaConfig
-from adadecode.driver import generate_adadecode
-from adadecode.heads import Head
-from adadecode.torch_engine import TorchEngine
-from adadecode.trace import RecordingEngine, Trace, replay
+from adadecode.decoding.driver import generate_adadecode
+from adadecode.decoding.trace import RecordingEngine, Trace, replay
+from adadecode.engines.head import Head
+from adadecode.engines.torch import TorchEngine
+from adadecode.model.config import LlamaConfig
 
 from conftest import random_weights, tiny_hf_config
 

@@ -28,7 +28,7 @@ void check_weight(const at::Tensor& t, const std::string& name, at::IntArrayRef 
   TORCH_CHECK((reinterpret_cast<uintptr_t>(t.data_ptr()) & 15u) == 0, name, " must be 16-byte aligned");
 }
 
-// (seed, inv_temperature, top_k, top_p), as adadecode.cuda_engine passes an adadecode.sampling.Sampling.
+// (seed, inv_temperature, top_k, top_p), as adadecode.engines.cuda passes an adadecode.engines.sampling.Sampling.
 using SamplingArg = std::tuple<uint64_t, double, int64_t, double>;
 
 c10::optional<adadecode::SampleParams> sample_params(const c10::optional<SamplingArg>& s) {
@@ -233,7 +233,7 @@ void register_engine(pybind11::module_& m) {
   py::class_<PyEngine>(m, "Engine",
                        "The CUDA engine runtime (DESIGN.md §3): weights, KV cache and workspace on one device, "
                        "run_layers replayed from CUDA graphs cached per (rows, l0, l1). Host-side contract checks "
-                       "live in adadecode.cuda_engine.CudaEngine; this class only keeps memory accesses in bounds.")
+                       "live in adadecode.engines.cuda.CudaEngine; this class only keeps memory accesses in bounds.")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor,
                     at::Tensor, std::vector<std::vector<at::Tensor>>, at::Tensor, at::Tensor, int64_t, int64_t,
                     int64_t>(),

@@ -303,7 +303,7 @@ int64_t lm_head_sample_workspace_floats(int64_t R, int64_t n) {
   return static_cast<int64_t>(adadecode::lm_head_sample_workspace_floats(R, n));
 }
 
-// lm_head_argmax's logits, then token[r] drawn by the seeded sampling rule (adadecode/sampling.py) for position
+// lm_head_argmax's logits, then token[r] drawn by the seeded sampling rule (adadecode/engines/sampling.py) for position
 // pos + r; max_prob / lse as lm_head_argmax's. Same tensors as lm_head_argmax.
 void lm_head_sample(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max_prob, uint64_t seed, int64_t pos,
                     double inv_temperature, int64_t top_k, double top_p,
@@ -386,8 +386,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lm_head_sample_workspace_floats", &lm_head_sample_workspace_floats, "fp32 workspace size of lm_head_sample",
         py::arg("R"), py::arg("n"));
   m.def("lm_head_sample", &lm_head_sample,
-        "token = the seeded draw (adadecode.sampling) from x @ w[subset].T for positions pos + r; max_prob, lse as "
-        "lm_head_argmax",
+        "token = the seeded draw (adadecode.engines.sampling) from x @ w[subset].T for positions pos + r; max_prob, "
+        "lse as lm_head_argmax",
         py::arg("x"), py::arg("w"), py::arg("token"), py::arg("max_prob"), py::arg("seed"), py::arg("pos"),
         py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("lse") = py::none(),
         py::arg("vocab_subset") = py::none(), py::arg("w_rest") = py::none(), py::arg("round_bf16") = false,

@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kMergeThreads) lm_head_merge_kernel(
   }
 }
 
-// ---- seeded sampling (the rule of adadecode/sampling.py) ----------------------------------------------------------
+// ---- seeded sampling (the rule of adadecode/engines/sampling.py) --------------------------------------------------
 // Three stages after the partial kernel kept the logits l [R, n]:
 //   perturb: y[r, j] = fl(l * inv_t) + gumbel(seed, pos + r, id_j)   one thread per logit: the Philox and log work
 //   select:  one block per row: top-k and top-p thresholds by radix select over order_key (8 bits per pass, integer

@@ -17,7 +17,7 @@
 // order per logit, see skinny_core.cuh) and fold them in increasing j into (max, argmax, sum exp(l - max));
 // one block per row then merges the partials in a fixed tree order. Batch invariant bit for bit.
 //
-// lm_head_sample: the same, and then token[r] is drawn by the seeded sampling rule of adadecode/sampling.py
+// lm_head_sample: the same, and then token[r] is drawn by the seeded sampling rule of adadecode/engines/sampling.py
 // (temperature, top-k, top-p, Gumbel noise keyed by (seed, params->pos + r, id_j)) from the same logits, bit for bit
 // what the Python reference draws from them; max_prob and lse stay those of the untempered logits. params is in
 // device memory (graph friendly). The logits are kept in the workspace: lm_head_sample_workspace_floats(R, n).

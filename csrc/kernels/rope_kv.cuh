@@ -12,7 +12,7 @@
 // (-bf16(q[i+h]*s[i]) is exactly bf16(-q[i+h]*s[i]), so this is bit-for-bit q*cos + rotate_half(q)*sin.)
 //
 // Tables: cos_tab, sin_tab [max_seq, hd/2] fp32 row-major, cos/sin(p * inv_freq[i]) (host-built from
-// adadecode.torch_engine.rope_inv_freq, which applies the Llama-3 scaling).
+// adadecode.engines.torch.rope_inv_freq, which applies the Llama-3 scaling).
 // Caches: k_cache, v_cache [max_seq, Hkv, hd] bf16 row-major (separate buffers).
 // first_pos: device int32 (so a captured CUDA graph replays at new positions).
 // Constraints: hd % 16 == 0, all pointers 16-byte aligned. A row with p_r outside 0..max_seq-1 writes nothing

@@ -1,4 +1,4 @@
-// Seeded sampling math: the twin of adadecode/sampling.py (read its docstring for the rule and for why the two
+// Seeded sampling math: the twin of adadecode/engines/sampling.py (read its docstring for the rule and for why the two
 // agree bit for bit). Integer arithmetic, exact bit manipulation, floor, and IEEE fp32 +, -, *, / through add_rn,
 // sub_rn, mul_rn, div_rn: on the GPU the __f*_rn intrinsics (nvcc never contracts those into FMAs), on a host
 // compiler a volatile store after every operation (no contraction either). The Python reference runs the same

@@ -1,14 +1,14 @@
 """The data recipe of the shipped heads: which prompts, how many, which split, into which cache.
 
-    python -m adadecode.heads_recipe code|general|humaneval|general-heldout [--cache DIR] [--n N]
+    python -m adadecode.heads.recipe code|general|humaneval|general-heldout [--cache DIR] [--n N]
 
 builds (or resumes) the data cache of one set under DIR/<set> (default $ADADECODE_CACHE/heads-data or
 ~/.cache/adadecode/heads-data). Sets:
 
-* code: documented functions of the installed Python source (heads_prompts.code_prompts), 3/4 plain completion
+* code: documented functions of the installed Python source (heads.prompts.code_prompts), 3/4 plain completion
   prompts (imports + signature + docstring) and 1/4 chat requests; split by top-level package: packages whose
   name hashes to 0 mod 10 are the validation set (layers and gamma are chosen there, never on HumanEval).
-* general: the model writes user requests itself (heads_prompts.instruction_requests: 3 of 6 styles per topic),
+* general: the model writes user requests itself (heads.prompts.instruction_requests: 3 of 6 styles per topic),
   its replies become chat prompts; a quarter of them get a second turn (the model's answer + a follow-up). Split by
   topic, as code by package. Built in chunks of 60 topics (--n topics), so a larger --n adds to the cache.
 * humaneval, general-heldout: the evaluation sets (never trained on).
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import heads_prompts as hp
-from .heads_data import BatchedForward, ShardCache, generate_batched
+from . import prompts as hp
+from .data import BatchedForward, ShardCache, generate_batched
 
 LAYERS = (4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26)
 SETS = {"code": 96, "general": 96, "humaneval": 64, "general-heldout": 64}  # max new tokens per set
@@ -111,7 +111,7 @@ def cached(name: str, model, root: Path | None = None) -> list[ShardCache]:
     subs = sorted(d.name for d in root.glob("general-t*")) if name == "general" else PARTS[name]
     out = [ShardCache(root / sub, model, LAYERS, SETS[name]) for sub in subs if (root / sub / "manifest.json").is_file()]
     if not out:
-        raise FileNotFoundError(f"{root}: no cache of set {name!r} (build it: python -m adadecode.heads_recipe {name})")
+        raise FileNotFoundError(f"{root}: no cache of set {name!r} (build it: python -m adadecode.heads.recipe {name})")
     return out
 
 
@@ -147,9 +147,9 @@ def _build_one(path: Path, prompts: list[dict], max_new_tokens: int, model, log)
 
 
 def main(argv=None) -> int:
-    from .loader import load_model
+    from ..model.loader import load_model
 
-    p = argparse.ArgumentParser(prog="python -m adadecode.heads_recipe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m adadecode.heads.recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("set", choices=sorted(SETS))
     p.add_argument("--cache", default=None, help="cache root (default: $ADADECODE_CACHE/heads-data)")
     p.add_argument("--n", type=int, default=None, help="code: prompts; general: topics (default: all)")

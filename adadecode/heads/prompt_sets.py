@@ -1,11 +1,11 @@
 """Built-in prompt sets for training heads (no network): a code set and a general set.
 
 Both are composed deterministically from templates x topics by `build()` and shipped as
-adadecode/data/prompts_code.json and adadecode/data/prompts_general.json (lists of strings, user
-messages meant for the chat template). `load_prompts('code'|'general'|PATH)` reads them back; a PATH is
+adadecode/heads/shipped/prompts_code.json and adadecode/heads/shipped/prompts_general.json (lists of strings,
+user messages meant for the chat template). `load_prompts('code'|'general'|PATH)` reads them back; a PATH is
 a JSON list of strings or a text file with one prompt per line.
 
-Regenerate the shipped files with `python -m adadecode.prompts`.
+Regenerate the shipped files with `python -m adadecode.heads.prompt_sets`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "shipped"
 
 CODE_TASKS = [
     "reverses a string", "checks whether a string is a palindrome", "returns the factorial of n",

@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .decode import Generation, check_request
-from .torch_engine import TorchEngine, rms_norm, rotate_half
+from ..engines.torch import TorchEngine, rms_norm, rotate_half
+from .vanilla import Generation, check_request
 
 
 class GraphedDecoder:

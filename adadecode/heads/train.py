@@ -1,6 +1,7 @@
 """Training one head (DESIGN.md §5): the restricted vocabulary, the distillation target, and forward
 KL(p_final || p_head) with the base model frozen, T from the identity, Adam with a cosine schedule.
-Optional ablation parts (heads.Head): an MLP adapter of rank `adapter_rank`, the previous token (rank `prev_rank`)."""
+Optional ablation parts (adadecode.engines.head.Head): an MLP adapter of rank `adapter_rank`, the previous token
+(rank `prev_rank`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,8 @@ from collections import Counter
 
 import torch
 
-from .heads import Head
-from .heads_data import Captured
+from ..engines.head import Head
+from .data import Captured
 
 
 def build_vocab(conts: list[list[int]], k: int, vocab_size: int) -> torch.Tensor | None:

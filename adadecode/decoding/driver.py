@@ -1,8 +1,8 @@
 """AdaDecode and a LayerSkip-style baseline on any engine of the contract (DESIGN.md §1 and §3).
 
 Both are exact: every token they output is the greedy token of the full model, so the output equals
-`decode.generate_vanilla`'s on the same engine (the engine must be batch-invariant, DESIGN.md §4). Under seeded
-sampling (temperature > 0, adadecode.sampling) `final` draws each row's token with noise that depends only on
+`vanilla.generate_vanilla`'s on the same engine (the engine must be batch-invariant, DESIGN.md §4). Under seeded
+sampling (temperature > 0, adadecode.engines.sampling) `final` draws each row's token with noise that depends only on
 (seed, position), so verification is the same equality test and the output is vanilla sampling's with that seed;
 a head then guesses its own draw with the same noise (head_guess="sample") or its argmax.
 
@@ -60,8 +60,8 @@ import time
 from collections import Counter
 from typing import Callable, Sequence
 
-from .decode import Generation, check_request, final_tokens
-from .sampling import make_sampling
+from ..engines.sampling import make_sampling
+from .vanilla import Generation, check_request, final_tokens
 
 HEAD_GUESSES = ("sample", "argmax")
 

@@ -2,7 +2,9 @@
 
 One token = embed + run_layers over all layers for one row + final. It stops after an EOS token
 (which is part of the output, as in HF `generate`) or after `max_new_tokens`. With temperature > 0 the token at
-position p is drawn by adadecode.sampling with randomness that depends only on (seed, p).
+position p is drawn by adadecode.engines.sampling with randomness that depends only on (seed, p).
+
+Every decoding method returns a `Generation` and checks its request with `check_request` before it touches the cache.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import dataclasses
 import time
 from typing import Callable, Sequence
 
-from .sampling import make_sampling
+from ..engines.sampling import make_sampling
 
 
 @dataclasses.dataclass

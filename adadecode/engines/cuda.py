@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from .config import LlamaConfig
+from ..model.config import LlamaConfig
+from ..model.weights import LlamaWeights
 from .contract import EngineContract
-from .torch_engine import rope_inv_freq
-from .weights import LlamaWeights
+from .torch import rope_inv_freq
 
 MAX_ROWS = 16  # the batch-invariant skinny GEMM takes at most 16 rows
 
@@ -53,6 +53,32 @@ def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[torch.Tensor, torch.Ten
     return emb.cos()[:, :half].contiguous(), emb.sin()[:, :half].contiguous()
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA engine cannot run here, or None when it can."""
+    try:
+        import adadecode_cuda  # noqa: F401
+    except ImportError as e:
+        return (f"the extension adadecode_cuda is not built or does not load ({e}); it needs nvcc and a CUDA build "
+                f"of torch at install time (see README)")
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU is visible to torch {torch.__version__} (CUDA {torch.version.cuda})"
+    if not hasattr(adadecode_cuda, "Engine"):
+        return "this build of adadecode_cuda has no Engine (rebuild: pip install --no-build-isolation -e .)"
+    return None
+
+
+def emu_unavailable_reason() -> str | None:
+    """Why the CUDA engine cannot run on the emulated device here, or None when it can."""
+    try:
+        import adadecode_emu
+    except ImportError as e:
+        return (f"the extension adadecode_emu is not built or does not load ({e}); `pip install --no-build-isolation "
+                f"-e .` builds it with g++ wherever torch is installed (see README)")
+    if not hasattr(adadecode_emu, "Engine"):
+        return "this build of adadecode_emu has no Engine (rebuild: pip install --no-build-isolation -e .)"
+    return None
+
+
 def check_supported(cfg: LlamaConfig, max_rows: int) -> None:
     """The shapes the kernels take; a clear ValueError naming the field otherwise."""
     if cfg.head_dim not in (64, 128):
@@ -70,7 +96,8 @@ def check_supported(cfg: LlamaConfig, max_rows: int) -> None:
 
 
 def _sampling_kw(s) -> dict:
-    """adadecode.sampling.Sampling -> the binding's sampling=(seed, inv_temperature, top_k, top_p); greedy: none."""
+    """adadecode.engines.sampling.Sampling -> the binding's sampling=(seed, inv_temperature, top_k, top_p);
+    greedy: none."""
     return {} if s is None else {"sampling": (s.seed, s.inv_temperature, s.top_k, s.top_p)}
 
 
@@ -80,8 +107,6 @@ class CudaEngine(EngineContract):
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, max_seq: int | None = None, max_rows: int = 16,
                  prefill_chunk: int = 256, device: str | torch.device | None = None):
-        from .engines import cuda_unavailable_reason, emu_unavailable_reason
-
         if str(device) == "emu":  # the emulated device: adadecode_emu, CPU tensors
             why = emu_unavailable_reason()
             if why:
@@ -206,7 +231,7 @@ class CudaEngine(EngineContract):
 
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling`
-        (adadecode.sampling.Sampling) for positions row + 1, in the LM-head kernel's epilogue."""
+        (adadecode.engines.sampling.Sampling) for positions row + 1, in the LM-head kernel's epilogue."""
         self._rows(first_pos, last_pos, self.n_layers)
         tokens, probs = self._eng.final(first_pos, last_pos, **_sampling_kw(sampling))
         if not all(math.isfinite(p) for p in probs) or min(tokens) < 0:
@@ -214,7 +239,7 @@ class CudaEngine(EngineContract):
         return tokens
 
     def set_heads(self, heads) -> None:
-        """Intermediate heads (adadecode.heads.Head), indexed by `head_index` in `head()`."""
+        """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
         heads = list(heads)
         d, vocab = self.cfg.d, self.cfg.vocab_size
         dev = self.device

@@ -10,7 +10,7 @@ runs, with one set of messages for both engines. Subclasses compute through thre
 """
 from __future__ import annotations
 
-from .config import LlamaConfig
+from ..model.config import LlamaConfig
 from .sampling import sample
 
 
@@ -95,7 +95,7 @@ class EngineContract:
 
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling`
-        (adadecode.sampling.Sampling) with the noise of each drawn token's position, row + 1."""
+        (adadecode.engines.sampling.Sampling) with the noise of each drawn token's position, row + 1."""
         logits = self.final_logits(first_pos, last_pos)
         if sampling is None:
             return logits.argmax(dim=-1).tolist()

@@ -2,11 +2,11 @@
 
 `python -m adadecode train-heads` (or `train_pipeline()`) runs the steps, each in its own module:
 
-1. **Data** (heads_data): the model's own greedy continuations of a prompt set, generated batched, with the
+1. **Data** (heads.data): the model's own greedy continuations of a prompt set, generated batched, with the
    hidden states at the candidate layers and the final distribution captured in the same pass.
-2. **Train** (heads_train): the restricted vocabulary, then each head by forward KL(p_final || p_head).
-3. **Evaluate** (heads_eval): on held-out prompts, per head and gamma, exit rate and early-token accuracy.
-4. **Choose** (schedule_sim): simulate AdaDecode's schedule over layer sets and gammas and recommend the best.
+2. **Train** (heads.train): the restricted vocabulary, then each head by forward KL(p_final || p_head).
+3. **Evaluate** (heads.evaluate): on held-out prompts, per head and gamma, exit rate and early-token accuracy.
+4. **Choose** (heads.schedule_sim): simulate AdaDecode's schedule over layer sets and gammas and recommend the best.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from typing import Sequence
 
 import torch
 
-from .heads import Head
-from .heads_data import Captured, make_data, merge_data
-from .heads_eval import exit_table, head_params, head_predictions, layer_params
-from .heads_train import HeadData, build_vocab, heldout_kl, round_like_file, train_head
+from ..engines.head import Head
+from .data import Captured, make_data, merge_data
+from .evaluate import exit_table, head_params, head_predictions, layer_params
 from .schedule_sim import GAMMAS, recommend, tune_gammas
+from .train import HeadData, build_vocab, heldout_kl, round_like_file, train_head
 
 
 def split_prompts(n: int, heldout_frac: float, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -46,7 +46,7 @@ def train_pipeline(model, data: dict, layers: Sequence[int], *, vocab_k: int = 4
         raise ValueError(f"head layers must be in 1..{cfg.n_layers - 1}, got {bad}")
     n_prompts = len(data["prompts"])
     if all(isinstance(p, dict) and p.get("split") in ("train", "val") for p in data["prompts"]):
-        # split by construction (heads_recipe: by package / topic): validation prompts share no source with training
+        # split by construction (heads.recipe: by package / topic): validation prompts share no source with training
         held_ids = [i for i, p in enumerate(data["prompts"]) if p["split"] == "val"]
         train_ids = [i for i, p in enumerate(data["prompts"]) if p["split"] == "train"]
     else:
@@ -146,7 +146,7 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", required=True, help="candidate head layers, e.g. '18,20,22-26' (a head reads h after that many layers)")
     p.add_argument("--prompts", default="general", help="'code', 'general' (templated sets) or a file (JSON list or one prompt per line)")
     p.add_argument("--recipe", choices=("code", "general"), default=None,
-                   help="train on the shipped heads' data recipe (adadecode/heads_recipe.py: real Python source / "
+                   help="train on the shipped heads' data recipe (adadecode/heads/recipe.py: real Python source / "
                         "model-written requests, split by construction) instead of --prompts; --data-cache is then "
                         "the cache directory (built or resumed first)")
     p.add_argument("--no-generate", action="store_true", help="--recipe: train on the shards already cached")
@@ -176,9 +176,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .heads import save_heads
-    from .loader import load_model
-    from .prompts import load_prompts
+    from ..model.loader import load_model
+    from .files import save_heads
+    from .prompt_sets import load_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,11 +191,11 @@ def main(args) -> int:
     gammas = tuple(float(g) for g in args.gammas.split(","))
     log = (lambda s: print(s, flush=True))
     if args.recipe:
-        from . import heads_recipe
-        caches = (heads_recipe.cached(args.recipe, model, args.data_cache) if args.no_generate else
-                  heads_recipe.build(args.recipe, model, args.data_cache, args.n_prompts, log=log))
+        from . import recipe
+        caches = (recipe.cached(args.recipe, model, args.data_cache) if args.no_generate else
+                  recipe.build(args.recipe, model, args.data_cache, args.n_prompts, log=log))
         data = merge_data([c.load(layers) for c in caches])
-        source = f"the '{args.recipe}' recipe (adadecode/heads_recipe.py)"
+        source = f"the '{args.recipe}' recipe (adadecode/heads/recipe.py)"
     else:
         texts = load_prompts(args.prompts)
         if args.n_prompts:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import LlamaConfig
-from .heads import Head
+from ..engines.head import Head
+from ..model.config import LlamaConfig
 from .schedule_sim import GAMMAS, simulate_set, traces_of
 
 
@@ -61,7 +61,7 @@ def head_cost_layers(cfg: LlamaConfig, head: Head) -> float:
 
 def evaluate_set(heads: list[Head], gammas, data: dict, model, max_pending: int = 5) -> dict:
     """Early-exit rate, accuracy of early tokens, ideal and cost-counted layer-step speedup of `heads` at `gammas`
-    (one, or one per head) on captured `data` (heads_data: 'cap', rows in (prompt, step) order)."""
+    (one, or one per head) on captured `data` (heads.data: 'cap', rows in (prompt, step) order)."""
     cap = data["cap"]
     lm = model.weights.lm_head.float()
     per_layer = {}

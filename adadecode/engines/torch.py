@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import LlamaConfig
-from .contract import EngineContract, EngineError  # noqa: F401 (EngineError is part of this module's API)
+from ..model.config import LlamaConfig
+from ..model.weights import LlamaWeights
+from .contract import EngineContract
 from .sampling import sample
-from .weights import LlamaWeights
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -135,7 +135,7 @@ class TorchEngine(EngineContract):
         return logits
 
     def set_heads(self, heads) -> None:
-        """Intermediate heads (adadecode.heads.Head), indexed by `head_index` in `head()`."""
+        """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
         self.heads = [h.to(self.device, self.dtype) for h in heads]
 
     def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
