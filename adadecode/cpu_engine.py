@@ -137,6 +137,12 @@ class CpuEngine(EngineContract):
         elif weights.cfg != cfg:
             raise ValueError("CpuWeights were packed for another model config")
         self.packed = weights
+        kv = 2 * cfg.n_layers * -(-self.max_seq // 16) * 16 * cfg.n_kv_heads * cfg.head_dim * 2
+        free = ext.available_memory()
+        if kv > free:  # before the RoPE tables of max_seq rows are built
+            raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads x "
+                              f"head_dim {cfg.head_dim} ({kv / 2**30:.2f} GiB, bf16) does not fit in the "
+                              f"{free / 2**30:.2f} GiB of memory available")
         cos, sin = rope_tables(cfg, self.max_seq)
         self._eng = ext.Engine(weights._w, cos, sin, max_seq=self.max_seq, max_rows=self.max_rows,
                                prefill_chunk=prefill_chunk, threads=threads, isa=isa or "")

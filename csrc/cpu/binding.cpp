@@ -4,6 +4,10 @@
 // exceptions: OutOfMemory -> MemoryError, std::invalid_argument -> ValueError, std::out_of_range -> IndexError.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -266,6 +270,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("kv_bytes", &PyEngine::kv_bytes)
       .def_property_readonly("weight_bytes", &PyEngine::weight_bytes);
   m.def("isas", &isas, "the kernel paths this CPU runs, best first");
+  m.def("available_memory", [] { return static_cast<int64_t>(std::min<size_t>(cpu::available_memory(), INT64_MAX)); },
+        "bytes of memory this process may still take (MemAvailable)");
   m.def("fixed_exp", &fixed_exp, py::arg("x"), py::arg("isa"), py::arg("base2"));
   m.def("fixed_exp_scalar", &fixed_exp_scalar, py::arg("x"), py::arg("base2"));
   m.def("lane_dot", &lane_dot, py::arg("x"), py::arg("w"), py::arg("isa"));

@@ -38,6 +38,20 @@ inline uint16_t bf16_bits(float f) {  // f already a bf16 value
 
 }  // namespace
 
+size_t available_memory() {
+#if defined(__linux__)
+  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    unsigned long long kb = 0;
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    std::fclose(f);
+    if (kb) return static_cast<size_t>(kb) * 1024;
+  }
+#endif
+  return SIZE_MAX;  // unknown: the allocation itself decides
+}
+
 // ---- buffers ------------------------------------------------------------------------------------------------------
 template <class T>
 Buffer<T>::Buffer(size_t n, const char* what) : n_(n) {
@@ -424,13 +438,16 @@ Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* 
   const int hd = m.head_dim, H = m.n_heads, Hkv = m.n_kv_heads, q = H * hd;
   const size_t kv_elems = static_cast<size_t>(m.n_layers) * Hkv * hd;
   const size_t k_elems = kv_elems * nkb_ * kKBlock, v_elems = kv_elems * max_seq;
+  const size_t kv_bytes = (k_elems + v_elems) * sizeof(uint16_t);
   try {
+    // Refused before it is touched: a cache larger than the free memory would be killed mid-fill, not refused.
+    if (kv_bytes > available_memory()) throw OutOfMemory("");
     k_cache_ = Buffer<uint16_t>(k_elems, "K cache");
     v_cache_ = Buffer<uint16_t>(v_elems, "V cache");
   } catch (const OutOfMemory&) {
     throw OutOfMemory("CPU engine: KV cache of max_seq=" + std::to_string(max_seq) + " x " + std::to_string(m.n_layers) +
                       " layers x " + std::to_string(Hkv) + " kv heads x head_dim " + std::to_string(hd) + " = " +
-                      gib((k_elems + v_elems) * 2) + " (bf16) does not fit in memory");
+                      gib(kv_bytes) + " (bf16) does not fit in the " + gib(available_memory()) + " of memory available");
   }
   const int P = std::max(max_rows, prefill_chunk);
   ring_ = Buffer<uint16_t>(static_cast<size_t>(max_rows) * m.d, "rows");

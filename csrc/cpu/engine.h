@@ -36,6 +36,9 @@ struct OutOfMemory : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Memory this process may still take (MemAvailable), SIZE_MAX when unknown.
+size_t available_memory();
+
 struct ModelDims {
   int n_layers = 0, d = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, vocab = 0;
   float eps = 1e-5f;

@@ -99,7 +99,8 @@ void ThreadPool::work(uint32_t id, int thread) {
 }
 
 void ThreadPool::worker(int index) {
-  uint32_t seen = gen_.load();
+  // gen_'s value when the pool was made, not when this thread got to run: a job or the shutdown may come first
+  uint32_t seen = 0;
   for (;;) {
     if (!spin_until([&] { return gen_.load(std::memory_order_acquire) != seen; })) {
       sleepers_.fetch_add(1);
