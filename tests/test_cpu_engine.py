@@ -18,11 +18,11 @@ import os
 import pytest
 import torch
 
-from adadecode.config import LlamaConfig
-from adadecode.cpu_engine import CpuEngine, CpuWeights, cpu_unavailable_reason
-from adadecode.decode import generate_vanilla
-from adadecode.heads import Head
-from adadecode.sampling import make_sampling
+from adadecode.model.config import LlamaConfig
+from adadecode.engines.cpu import CpuEngine, CpuWeights, cpu_unavailable_reason
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.head import Head
+from adadecode.engines.sampling import make_sampling
 
 from conftest import random_weights, tiny_hf_config
 from test_cuda_engine import _assert_bitwise, _random_schedule, _start, _state
@@ -120,7 +120,7 @@ def test_every_path_and_thread_count_gives_the_same_bits(name):
 @pytest.mark.exactness
 @pytest.mark.parametrize("name", list(MODELS))
 def test_matches_the_emulated_cuda_engine_bit_for_bit(name):
-    from adadecode.cuda_engine import CudaEngine
+    from adadecode.engines.cuda import CudaEngine
 
     cfg, weights = tiny_model(name, seed=3)
     if cfg.head_dim not in (64, 128):
@@ -140,7 +140,7 @@ def test_matches_the_emulated_cuda_engine_bit_for_bit(name):
 def test_default_model_matches_the_emulated_cuda_engine(default_model):
     """SmolLM2-135M: a 12-token prompt (one prefill chunk on both), two decode steps and two rows at once: hidden
     states, K/V and tokens bit for bit."""
-    from adadecode.cuda_engine import CudaEngine
+    from adadecode.engines.cuda import CudaEngine
 
     m = default_model
     prompt = m.tokenizer.encode("The capital of France is")[:12]

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -128,9 +129,9 @@ class PyEngine {
       check(T, p + "T", {d, d}, at::kBFloat16);
       cpu::Head h;
       h.layer = static_cast<int>(layer);
-      const uint16_t* parts[1] = {bf16_ptr(T)};
-      const int rows[1] = {static_cast<int>(d)};
-      W.pack(h.T, static_cast<int>(d), static_cast<int>(d), parts, rows, 1);
+      std::vector<const uint16_t*> rows;
+      for (int64_t n = 0; n < d; ++n) rows.push_back(bf16_ptr(T) + n * d);
+      W.pack(h.T, static_cast<int>(d), rows);
       if (vocab) {
         TORCH_CHECK(vocab->device().is_cpu() && vocab->scalar_type() == at::kInt && vocab->dim() == 1 &&
                         vocab->is_contiguous() && vocab->numel() >= 1,
@@ -242,6 +243,36 @@ at::Tensor lane_dot(const at::Tensor& x, const at::Tensor& w, const std::string&
   return out;
 }
 
+// Read bandwidth (bytes/s) of `threads` threads summing a buffer of `mib` MiB that no cache holds, best of `reps`
+// passes: the ceiling a decode step (every weight read once) can reach on this machine, measured in the same run.
+double read_bandwidth(int64_t mib, int64_t threads, int64_t reps, const std::string& isa) {
+  TORCH_CHECK(mib >= 1 && threads >= 1 && reps >= 1, "read_bandwidth: mib, threads, reps must be >= 1");
+  const cpu::Kernels* k = kernels_named(isa);
+  const size_t n = static_cast<size_t>(mib) << 18;  // floats
+  cpu::Buffer<float> buf(n, "bandwidth probe");
+  for (size_t i = 0; i < n; ++i) buf.data()[i] = static_cast<float>(i & 1023);
+  cpu::ThreadPool pool(static_cast<int>(threads));
+  struct Ctx {
+    const cpu::Kernels* k;
+    const float* p;
+    float sink[1024];
+  } ctx{k, buf.data(), {}};
+  constexpr int64_t kChunk = 1 << 18;  // 1 MiB of floats per item
+  const int items = static_cast<int>(n / kChunk);
+  py::gil_scoped_release nogil;
+  double best = 1e30;
+  for (int64_t r = 0; r < reps + 1; ++r) {  // the first pass warms the pages and the threads
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.run(items, [](void* c, int thread, int item, bool) {
+      auto& x = *static_cast<Ctx*>(c);
+      x.sink[thread & 1023] += x.k->read_sum(x.p + static_cast<int64_t>(item) * kChunk, kChunk);
+    }, &ctx);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::min(best, s);
+  }
+  return static_cast<double>(items) * kChunk * sizeof(float) / best;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -269,6 +300,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("threads", &PyEngine::threads)
       .def_property_readonly("kv_bytes", &PyEngine::kv_bytes)
       .def_property_readonly("weight_bytes", &PyEngine::weight_bytes);
+  m.def("read_bandwidth", &read_bandwidth, py::arg("mib") = 1024, py::arg("threads") = 1, py::arg("reps") = 5,
+        py::arg("isa") = "", "bytes/s of `threads` threads reading a buffer of `mib` MiB (best of `reps`)");
   m.def("isas", &isas, "the kernel paths this CPU runs, best first");
   m.def("available_memory", [] { return static_cast<int64_t>(std::min<size_t>(cpu::available_memory(), INT64_MAX)); },
         "bytes of memory this process may still take (MemAvailable)");

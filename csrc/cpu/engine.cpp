@@ -75,6 +75,16 @@ template class Buffer<uint16_t>;
 template class Buffer<float>;
 
 // ---- weights ------------------------------------------------------------------------------------------------------
+namespace {
+// The row pointers of matrices (pointer, rows) stacked in order, each row K values.
+std::vector<const uint16_t*> rows_of(std::initializer_list<std::pair<const uint16_t*, int>> parts, int K) {
+  std::vector<const uint16_t*> out;
+  for (const auto& [p, n] : parts)
+    for (int i = 0; i < n; ++i) out.push_back(p + static_cast<size_t>(i) * K);
+  return out;
+}
+}  // namespace
+
 const LaneLayout& Weights::layout(int K, int NT) {
   if (NT == 0) NT = skinny_lanes(K);
   auto& slot = layouts_[{K, NT}];
@@ -82,20 +92,26 @@ const LaneLayout& Weights::layout(int K, int NT) {
   return *slot;
 }
 
-void Weights::pack(PackedMatrix& m, int N, int K, const uint16_t* const* parts, const int* part_rows, int n_parts) {
+void Weights::pack(PackedMatrix& m, int K, const std::vector<const uint16_t*>& rows) {
+  const int N = static_cast<int>(rows.size());
   m.N = N;
   m.K = K;
   m.L = &layout(K, 0);
-  m.w = Buffer<uint16_t>(static_cast<size_t>(N) * K, "packed weights");
+  const size_t n_elems = static_cast<size_t>(N) * K;
+  if (arena_used_ + n_elems <= arena_.size()) {
+    m.data = arena_.data() + arena_used_;
+    arena_used_ += n_elems;
+  } else {
+    m.own = Buffer<uint16_t>(n_elems, "packed weights");
+    m.data = m.own.data();
+  }
   const int32_t* src = m.L->wsrc.data();
-  int n = 0;
-  for (int p = 0; p < n_parts; ++p)
-    for (int i = 0; i < part_rows[p]; ++i, ++n) {
-      const uint16_t* in = parts[p] + static_cast<size_t>(i) * K;
-      uint16_t* out = m.w.data() + static_cast<size_t>(n) * K;
-      for (int j = 0; j < K; ++j) out[j] = in[src[j]];
-    }
-  bytes_ += m.w.bytes();
+  for (int n = 0; n < N; ++n) {
+    const uint16_t* in = rows[n];
+    uint16_t* out = m.data + static_cast<size_t>(n) * K;
+    for (int j = 0; j < K; ++j) out[j] = in[src[j]];
+  }
+  bytes_ += n_elems * sizeof(uint16_t);
 }
 
 Weights::Weights(const ModelDims& dims, const uint16_t* embed, const uint16_t* lm_head, const uint16_t* norm,
@@ -120,31 +136,26 @@ Weights::Weights(const ModelDims& dims, const uint16_t* embed, const uint16_t* l
   };
   copy(this->norm, norm, d);
   if (!tied_) copy(this->embed, embed, static_cast<size_t>(m.vocab) * d);
-  {
-    const uint16_t* parts[1] = {tied_ ? embed : lm_head};
-    const int rows[1] = {m.vocab};
-    pack(this->lm_head, m.vocab, d, parts, rows, 1);
-  }
+  const size_t per_layer = static_cast<size_t>(q + 2 * kv) * d + static_cast<size_t>(d) * q + 3 * static_cast<size_t>(m.ffn) * d;
+  arena_ = Buffer<uint16_t>(per_layer * m.n_layers + static_cast<size_t>(m.vocab) * d, "packed weights");
   layers.resize(m.n_layers);
   for (int l = 0; l < m.n_layers; ++l) {
     const LayerSource& s = layers_in[l];
     Layer& L = layers[l];
     copy(L.attn_norm, s.attn_norm, d);
     copy(L.mlp_norm, s.mlp_norm, d);
-    const uint16_t* qkv[3] = {s.wq, s.wk, s.wv};
-    const int qkv_rows[3] = {q, kv, kv};
-    pack(L.wqkv, q + 2 * kv, d, qkv, qkv_rows, 3);
-    const uint16_t* one[1];
-    int rows[1];
-    one[0] = s.wo, rows[0] = d;
-    pack(L.wo, d, q, one, rows, 1);
-    one[0] = s.w_gate, rows[0] = m.ffn;
-    pack(L.w_gate, m.ffn, d, one, rows, 1);
-    one[0] = s.w_up;
-    pack(L.w_up, m.ffn, d, one, rows, 1);
-    one[0] = s.w_down, rows[0] = d;
-    pack(L.w_down, d, m.ffn, one, rows, 1);
+    pack(L.wqkv, d, rows_of({{s.wq, q}, {s.wk, kv}, {s.wv, kv}}, d));
+    pack(L.wo, q, rows_of({{s.wo, d}}, q));
+    std::vector<const uint16_t*> gu;
+    for (int n0 = 0; n0 < m.ffn; n0 += kGateUpBlock) {
+      const int cn = std::min(kGateUpBlock, m.ffn - n0);
+      for (int c = 0; c < cn; ++c) gu.push_back(s.w_gate + static_cast<size_t>(n0 + c) * d);
+      for (int c = 0; c < cn; ++c) gu.push_back(s.w_up + static_cast<size_t>(n0 + c) * d);
+    }
+    pack(L.gate_up, d, gu);
+    pack(L.w_down, m.ffn, rows_of({{s.w_down, d}}, m.ffn));
   }
+  pack(this->lm_head, d, rows_of({{tied_ ? embed : lm_head, m.vocab}}, d));  // last: read after the layers
 }
 
 void Weights::embedding(int token, uint16_t* out) const {
@@ -270,9 +281,9 @@ void gate_up_item(void* ctx, int thread, int item, bool first) {
   ThreadWs& t = e.ws_[thread];
   const Weights::Layer& W = e.w_->layers[j.layer];
   if (first) prep_norm(e, t, e.hw_.data(), j.R, W.mlp_norm.data());
-  const int ffn = e.dims().ffn, n0 = item * kColsPerItem, cn = std::min(kColsPerItem, ffn - n0);
-  const uint16_t* ptrs[2 * kColsPerItem];
-  for (int c = 0; c < cn; ++c) ptrs[c] = W.w_gate.row(n0 + c), ptrs[cn + c] = W.w_up.row(n0 + c);
+  const int ffn = e.dims().ffn, n0 = item * kGateUpBlock, cn = std::min(kGateUpBlock, ffn - n0);
+  const uint16_t* ptrs[2 * kGateUpBlock];
+  for (int c = 0; c < 2 * cn; ++c) ptrs[c] = W.gate_up.row(2 * n0 + c);  // cn gate rows, then the same cn up rows
   e.k_.dot_tile(*e.L_d_, ptrs, 2 * cn, t.xp.data(), e.L_d_->xlen, j.R, t.out.data());
   for (int r = 0; r < j.R; ++r) {
     const float* gu = t.out.data() + static_cast<size_t>(r) * 2 * cn;
@@ -523,7 +534,7 @@ void Engine::forward(int R, int first, int l0, int l1) {
     pool_.run(H + 2 * Hkv, qkv_item, &j);
     pool_.run(static_cast<int>(j.item_c.size()), attn_item, &j);
     pool_.run(col_items(m.d, kColsPerItem), o_item, &j);
-    pool_.run(col_items(m.ffn, kColsPerItem), gate_up_item, &j);
+    pool_.run(col_items(m.ffn, kGateUpBlock), gate_up_item, &j);
     pool_.run(col_items(m.d, kColsPerItem), down_item, &j);
   }
 }

@@ -63,12 +63,14 @@ class Buffer {
   size_t n_ = 0;
 };
 
-// A linear layer's weights [N, K] in lane order: row n at data + n * K.
+// A linear layer's weights [N, K] in lane order: row n at data + n * K. The model's matrices live in one arena of
+// the Weights, in the order a token reads them (huge pages, one stream); a head's T owns its buffer.
 struct PackedMatrix {
   int N = 0, K = 0;
   const LaneLayout* L = nullptr;
-  Buffer<uint16_t> w;
-  const uint16_t* row(int n) const { return w.data() + static_cast<size_t>(n) * K; }
+  uint16_t* data = nullptr;
+  Buffer<uint16_t> own;
+  const uint16_t* row(int n) const { return data + static_cast<size_t>(n) * K; }
 };
 
 // Raw bf16 weights of one layer as the caller holds them (HF layout), only read by the constructor.
@@ -87,21 +89,29 @@ class Weights {
   bool tied() const { return tied_; }
   void embedding(int token, uint16_t* out) const;  // the HF row of `token` (unpacked when tied)
 
+  // gate_up: the rows of W_gate and W_up interleaved by blocks of kGateUpBlock (16 gate rows, the same 16 up rows,
+  // ...; the last block may be shorter), so a gate/up item reads one contiguous stream.
   struct Layer {
     Buffer<uint16_t> attn_norm, mlp_norm;
-    PackedMatrix wqkv, wo, w_gate, w_up, w_down;
+    PackedMatrix wqkv, wo, gate_up, w_down;
   };
   std::vector<Layer> layers;
   Buffer<uint16_t> norm, embed;  // embed: only when untied (tied: lm_head's rows, unpacked on lookup)
   PackedMatrix lm_head;
-  void pack(PackedMatrix& m, int N, int K, const uint16_t* const* parts, const int* part_rows, int n_parts);
+  // Packs the rows (HF layout, K values each) into m in this order: in the arena while it has room, else into m's
+  // own buffer (heads, packed after the model).
+  void pack(PackedMatrix& m, int K, const std::vector<const uint16_t*>& rows);
 
  private:
+  Buffer<uint16_t> arena_;
+  size_t arena_used_ = 0;
   ModelDims dims_;
   bool tied_ = false;
   size_t bytes_ = 0;
   std::map<std::pair<int, int>, std::unique_ptr<LaneLayout>> layouts_;
 };
+
+constexpr int kGateUpBlock = 16;  // = the gate/up job's columns per item (engine.cpp: kColsPerItem)
 
 struct Head {
   int layer = 0;

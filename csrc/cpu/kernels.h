@@ -72,6 +72,8 @@ struct Kernels {
   // exp_fixed / exp2_fixed over an array (tests and the LM-head statistics)
   void (*exp)(const float* x, float* y, int n);
   void (*exp2)(const float* x, float* y, int n);
+  // sum of n floats (n % 64 == 0): the read-bandwidth probe of the benchmarks
+  float (*read_sum)(const float* p, int64_t n);
 };
 
 // The kernels of one instruction set: "avx512", "avx2" or "portable". nullptr when this build or CPU lacks it.

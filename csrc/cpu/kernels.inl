@@ -7,7 +7,9 @@
 // Nothing here depends on which instruction set runs it except through V: the tile shapes (register blocking) vary
 // with kAccBudget, and a tile shape only decides which outputs are computed together, never an output's order.
 
-constexpr int kPrefetchElems = 1024;  // software prefetch distance in a weight stream: 2 KB ahead
+// Software prefetch distance in a weight stream, 16 KB ahead: the hardware prefetchers alone leave a decode step far
+// from the read bandwidth, and 2 KB ahead is too close on the EPYC machines measured (bench/results/cpu-*.md).
+constexpr int kPrefetchElems = 8192;
 
 // acc[r][c] = the lane partial sums of one lane block: rows x (stride xs), packed weight rows w[c] (both already at
 // the block's start), gfull full groups then tl tail lanes.
@@ -32,7 +34,7 @@ inline void block_dot(const uint16_t* const (&w)[CT], const float* x, int xs, in
     for (int r = 0; r < RT; ++r) xv[r] = vload(x + r * xs + (steps + e) * 16);
     for (int c = 0; c < CT; ++c) {
       const V wv = vload_bf16_n(w[c] + steps * 16 + e * tl, tl);
-      for (int r = 0; r < RT; ++r) acc[r][c] = vblend_first(acc[r][c], vfma(wv, xv[r], acc[r][c]), tl);
+      for (int r = 0; r < RT; ++r) acc[r][c] = vfma_first(wv, xv[r], acc[r][c], tl);
     }
   }
 }
@@ -101,7 +103,7 @@ inline float k_dot_f32(const LaneLayout& L, const float* a, const float* b) {
       const int tl = L.tail_lanes[blk + h];
       if (tl)
         for (int e = 0; e < 8; ++e)
-          s = vblend_first(s, vfma(vload(pa + (steps + e) * 16), vload(pb + (steps + e) * 16), s), tl);
+          s = vfma_first(vload(pa + (steps + e) * 16), vload(pb + (steps + e) * 16), s, tl);
       acc[h] = s;
     }
     const float w = vreduce16(vadd(acc[0], acc[1]));
@@ -329,9 +331,21 @@ inline void k_attn_merge(const AttnArgs& a, int r, int h) {
   for (int v = 0; v < nvec; ++v) store_any(out + 16 * v, vbf16_round(vdiv(acc[v], Lv)), v == nvec - 1 ? last : 16);
 }
 
+// Sum of n floats with four vector accumulators (the read-bandwidth probe: loads, few operations; n % 64 == 0).
+inline float k_read_sum(const float* p, int64_t n) {
+  V a = vzero(), b = vzero(), c = vzero(), d = vzero();
+  for (int64_t i = 0; i < n; i += 64) {
+    a = vadd(a, vload(p + i));
+    b = vadd(b, vload(p + i + 16));
+    c = vadd(c, vload(p + i + 32));
+    d = vadd(d, vload(p + i + 48));
+  }
+  return vreduce16(vadd(vadd(a, b), vadd(c, d)));
+}
+
 inline const Kernels* make_kernels() {
   static const Kernels k{kIsaName,       k_permute,  k_dot_tile,     k_dot_f32, k_bf16_to_f32, k_f32_to_bf16,
                          k_round_bf16,   k_norm_apply, k_residual_add, k_silu_mul, k_rope,       k_attn_chunk,
-                         k_attn_merge,   k_argmax,   k_exp,          k_exp2};
+                         k_attn_merge,   k_argmax,   k_exp,          k_exp2,       k_read_sum};
   return &k;
 }

@@ -61,6 +61,8 @@ inline __m256 lanes_below(int n, int base) {  // all-ones where base + j < n
 inline V vblend_first(V a, V b, int n) {
   return {_mm256_blendv_ps(a.lo, b.lo, lanes_below(n, 0)), _mm256_blendv_ps(a.hi, b.hi, lanes_below(n, 8))};
 }
+// lanes j < n: fma(a, b, c); the others keep c (a chain that has ended)
+inline V vfma_first(V a, V b, V c, int n) { return vblend_first(c, vfma(a, b, c), n); }
 inline V vzero_where_neginf(V a, V b) {
   const __m256 ninf = _mm256_set1_ps(-INFINITY), z = _mm256_setzero_ps();
   return {_mm256_blendv_ps(b.lo, z, _mm256_cmp_ps(a.lo, ninf, _CMP_EQ_OQ)),

@@ -35,6 +35,8 @@ inline V vdiv(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
 inline V vneg(V a) { return {_mm512_xor_ps(a.v, _mm512_set1_ps(-0.f))}; }
 inline V vmax(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline V vblend_first(V a, V b, int n) { return {_mm512_mask_blend_ps(first_n(n), a.v, b.v)}; }
+// lanes j < n: fma(a, b, c); the others keep c (a chain that has ended)
+inline V vfma_first(V a, V b, V c, int n) { return {_mm512_mask3_fmadd_ps(a.v, b.v, c.v, first_n(n))}; }
 inline V vzero_where_neginf(V a, V b) {
   const __mmask16 m = _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
   return {_mm512_mask_blend_ps(m, b.v, _mm512_setzero_ps())};

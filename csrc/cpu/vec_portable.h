@@ -54,6 +54,8 @@ inline V vmax(V a, V b) { ADA_LANES(a.f[j] > b.f[j] ? a.f[j] : b.f[j]); }
 // lanes j < n from b, the others from a
 inline V vblend_first(V a, V b, int n) { ADA_LANES(j < n ? b.f[j] : a.f[j]); }
 // lanes where a == -inf -> 0, else b
+// lanes j < n: fma(a, b, c); the others keep c (a chain that has ended)
+inline V vfma_first(V a, V b, V c, int n) { ADA_LANES(j < n ? std::fmaf(a.f[j], b.f[j], c.f[j]) : c.f[j]); }
 inline V vzero_where_neginf(V a, V b) { ADA_LANES(a.f[j] == -INFINITY ? 0.f : b.f[j]); }
 // lanes where idx[j] > limit -> -inf, else a (the causal mask)
 inline V vmask_after(V a, int first_idx, int limit) { ADA_LANES(first_idx + j > limit ? -INFINITY : a.f[j]); }

@@ -10,7 +10,7 @@ EngineContract's; the compute runs in `adadecode_cpu.Engine` (csrc/cpu/engine.cp
   runs R rows in one pass over the cache, and the RMSNorms, RoPE, the K/V append, SiLU * up and the residual adds
   are folded into the GEMM jobs that consume or produce them, as on the GPU;
 * `final` returns the greedy tokens of the native LM head; with sampling, the token is drawn by the reference rule
-  (adadecode.sampling.sample) from the same bf16-rounded logits the CUDA kernel samples from.
+  (adadecode.engines.sampling.sample) from the same bf16-rounded logits the CUDA kernel samples from.
 
 Bitwise by construction (DESIGN.md §4): every output's reduction order is the CUDA kernels' (csrc/cpu/lanes.h),
 a function of the shapes alone, never of the rows in a call, the thread count or the instruction set (AVX-512,
@@ -28,11 +28,11 @@ import os
 
 import torch
 
-from .config import LlamaConfig
+from ..model.config import LlamaConfig
+from ..model.weights import LlamaWeights
 from .contract import EngineContract
 from .sampling import sample
-from .torch_engine import rope_inv_freq
-from .weights import LlamaWeights
+from .torch import rope_inv_freq
 
 
 def cpu_unavailable_reason() -> str | None:
@@ -181,7 +181,7 @@ class CpuEngine(EngineContract):
 
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling` for positions
-        row + 1 from the bf16-rounded logits (adadecode.sampling: the CUDA epilogue's rule, bit for bit)."""
+        row + 1 from the bf16-rounded logits (adadecode.engines.sampling: the CUDA epilogue's rule, bit for bit)."""
         if sampling is not None:
             return sample(self.final_logits(first_pos, last_pos), sampling,
                           range(first_pos + 1, last_pos + 2)).tolist()
@@ -192,7 +192,7 @@ class CpuEngine(EngineContract):
         return tokens
 
     def set_heads(self, heads) -> None:
-        """Intermediate heads (adadecode.heads.Head), indexed by `head_index` in `head()`."""
+        """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
         heads = list(heads)
         d, vocab = self.cfg.d, self.cfg.vocab_size
         specs = []
