@@ -526,16 +526,18 @@ void Engine::forward(int R, int first, int l0, int l1) {
   a.R = R, a.first = first, a.n_heads = H, a.n_kv_heads = Hkv, a.head_dim = hd, a.max_seq = max_seq_;
   a.n_chunks = (max_seq_ + kAttnChunk - 1) / kAttnChunk;
   a.qscale = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));  // attention.cu's launcher, the same bits
+  const size_t kv_read = 4 * static_cast<size_t>(Hkv) * hd * (first + R);  // K and V bf16 of every position read
   for (int l = l0; l < l1; ++l) {
     j.layer = l;
     a.k_blocks = k_layer(l);
     a.v = v_layer(l);
     for (size_t i = 0; i < static_cast<size_t>(n_rb) * Hkv; ++i) j.count[i].store(0);
-    pool_.run(H + 2 * Hkv, qkv_item, &j);
-    pool_.run(static_cast<int>(j.item_c.size()), attn_item, &j);
-    pool_.run(col_items(m.d, kColsPerItem), o_item, &j);
-    pool_.run(col_items(m.ffn, kGateUpBlock), gate_up_item, &j);
-    pool_.run(col_items(m.d, kColsPerItem), down_item, &j);
+    const Weights::Layer& W = w_->layers[l];
+    pool_.run(H + 2 * Hkv, qkv_item, &j, W.wqkv.bytes());
+    pool_.run(static_cast<int>(j.item_c.size()), attn_item, &j, kv_read);
+    pool_.run(col_items(m.d, kColsPerItem), o_item, &j, W.wo.bytes());
+    pool_.run(col_items(m.ffn, kGateUpBlock), gate_up_item, &j, W.gate_up.bytes());
+    pool_.run(col_items(m.d, kColsPerItem), down_item, &j, W.w_down.bytes());
   }
 }
 
@@ -581,7 +583,7 @@ void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
   const int R = last - first + 1, d = dims().d, V = dims().vocab;
   for (int r = 0; r < R; ++r) std::memcpy(hw_.data() + static_cast<size_t>(r) * d, ring_row(first + r), d * sizeof(uint16_t));
   LmJob j{this, R, V, ++job_counter_, nullptr, hw_.data(), nullptr, logits};
-  pool_.run(col_items(V, kVocabPerItem), lm_item, &j);
+  pool_.run(col_items(V, kVocabPerItem), lm_item, &j, w_->lm_head.bytes());
   for (int r = 0; r < R; ++r) {
     float best = -INFINITY;
     int idx = -1;
@@ -620,11 +622,11 @@ std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
   std::memcpy(hw_.data(), ring_row(pos), d * sizeof(uint16_t));
   float* z = q_.data();
   HeadTJob tj{this, &h.T, hw_.data(), z};
-  pool_.run(col_items(d, kColsPerItem), head_t_item, &tj);
+  pool_.run(col_items(d, kColsPerItem), head_t_item, &tj, h.T.bytes());
   const int n = h.vocab.empty() ? dims().vocab : static_cast<int>(h.vocab.size());
   float* lg = lg_.data();
   LmJob j{this, 1, n, ++job_counter_, h.vocab.empty() ? nullptr : h.vocab.data(), nullptr, z, lg};
-  pool_.run(col_items(n, kVocabPerItem), lm_item, &j);
+  pool_.run(col_items(n, kVocabPerItem), lm_item, &j, static_cast<size_t>(n) * d * sizeof(uint16_t));
   float rest = 0.f;
   if (!h.w_rest.empty()) {  // lm_head.cu's merge: x . w_rest over 256 threads (8 warps), rounded to bf16
     ThreadWs& t = ws_[0];

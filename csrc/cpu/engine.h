@@ -71,6 +71,7 @@ struct PackedMatrix {
   uint16_t* data = nullptr;
   Buffer<uint16_t> own;
   const uint16_t* row(int n) const { return data + static_cast<size_t>(n) * K; }
+  size_t bytes() const { return static_cast<size_t>(N) * K * sizeof(uint16_t); }
 };
 
 // Raw bf16 weights of one layer as the caller holds them (HF layout), only read by the constructor.

@@ -113,8 +113,12 @@ void ThreadPool::worker(int index) {
   }
 }
 
-void ThreadPool::run(int n_items, ItemFn fn, void* ctx) {
+void ThreadPool::run(int n_items, ItemFn fn, void* ctx, size_t bytes) {
   if (n_items <= 0) return;
+  if (n_threads_ == 1 || bytes < kInlineBytes) {
+    for (int i = 0; i < n_items; ++i) fn(ctx, 0, i, i == 0);
+    return;
+  }
   if (n_items > kMaxItems) throw std::invalid_argument("CPU engine: a job of " + std::to_string(n_items) + " items");
   fn_ = fn;
   ctx_ = ctx;

@@ -12,6 +12,7 @@
 // (Python runs the driver) they go to sleep and cost nothing.
 #pragma once
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -30,8 +31,11 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int size() const { return n_threads_; }
-  // Runs items 0..n_items-1 and returns when all are done. Not reentrant: one job at a time.
-  void run(int n_items, ItemFn fn, void* ctx);
+  // Runs items 0..n_items-1 and returns when all are done. Not reentrant: one job at a time. bytes: what the job
+  // reads; below kInlineBytes the caller runs it alone (waking a thread costs more than such a job).
+  void run(int n_items, ItemFn fn, void* ctx, size_t bytes = SIZE_MAX);
+
+  static constexpr size_t kInlineBytes = 128 << 10;
 
   static constexpr int kSpinMicros = 200;
   static constexpr int kMaxItems = (1 << 24) - 1;
