@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 export ADADECODE_REQUIRE_CUDA ?= $(if $(shell command -v nvcc),1,0)
 CSRC := $(shell find csrc -type f)
 
-.PHONY: test bench build cmake-check clean
+.PHONY: test bench build cmake-check kernel-resources clean
 
 $(BIN)/.deps: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: build
 
 bench: build
 	$(BIN)/python bench/latency.py $(BENCH_ARGS)
+
+# bench/results/kernel-resources.md and .json: registers, spills, stack, shared memory and occupancy of every kernel
+# instantiation the engine launches (nvcc -Xptxas -v for sm_90; launch geometry from the emulated device)
+kernel-resources: build
+	$(BIN)/python bench/kernel_resources.py
 
 # The same kernels through CMake (C++-side checks and microbenchmarks in csrc/tests).
 cmake-check:
