@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     missing = {n: why for n in names if (why := engine_known(n))}
     if args.check:
         if missing:
-            print(f"check: not in this checkout: " + "; ".join(f"{n} ({w})" for n, w in missing.items()))
+            print("check: not in this checkout: " + "; ".join(f"{n} ({w})" for n, w in missing.items()))
             return NOT_HERE
         if args.prompts in ("humaneval", "general-heldout"):
             from adadecode import heads_prompts

@@ -376,7 +376,7 @@ def emu_launches() -> list[dict]:
                 for i, what in enumerate(("head (full vocabulary)", "head (1024-token subset + rest)")):
                     logged(what + " greedy", 1, lambda i=i: eng.head(pos, i))
                     logged(what + " sampled", 1, lambda i=i: eng.head(pos, i, sampling=sampling))
-                del eng
+                eng = None  # the next engine reuses its memory
     finally:
         emu.set_execute(True)
         emu.set_launch_log(False)
