@@ -736,12 +736,26 @@ sys.meta_path.insert(0, _NotOnDevice())
 
 
 def denied_modules() -> list[str]:
-    """Top-level modules of the local distributions that are neither on the device nor carried as wheels."""
+    """Top-level modules of the local distributions that are neither on the device nor carried as wheels, nor needed
+    here by a device package (this machine's version of a device package may need others than the device's version:
+    huggingface-hub on httpx2 here, on httpx there). A carried wheel's own needs stay denied: they are not carried."""
     from importlib import metadata
 
-    allowed = {norm_dist(n) for n in DEVICE_PACKAGES} | {norm_dist(w.split("==")[0]) for w in WHEELS} | {"adadecode"}
+    dists = {norm_dist(d.metadata.get("Name") or ""): d for d in metadata.distributions()}
+    device = {norm_dist(n) for n in DEVICE_PACKAGES}
+    allowed = device | {norm_dist(w.split("==")[0]) for w in WHEELS} | {"adadecode"}
+    todo = [n for n in device if n in dists]
+    while todo:  # what the device packages need here, transitively (not their optional extras)
+        for req in dists[todo.pop()].requires or []:
+            if "extra ==" in req.replace('"', "").replace("'", ""):
+                continue
+            m = re.match(r"[A-Za-z0-9._-]+", req)
+            name = norm_dist(m.group(0)) if m else ""
+            if name in dists and name not in allowed:
+                allowed.add(name)
+                todo.append(name)
     provided_by_allowed, deny = set(), set()
-    for dist in metadata.distributions():
+    for dist in dists.values():
         name = norm_dist(dist.metadata.get("Name") or "")
         tops = set()
         top = dist.read_text("top_level.txt")
