@@ -174,7 +174,7 @@ def plan(call: str) -> list[Step]:
               "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target \"$LEASE/site\" \"$@\"")
     no_wheels = {5: "no wheels staged in .gpu/wheels"}
     build = Step("build", "setup.py build_ext --inplace (sm_90, all cores; reused when the stamp matches)", "build",
-                 None, 200, min_time=90, needs=("stage1",) if call == "call1" else ("stage2",))
+                 None, 200, min_time=90, needs=() if call == "call1" else ("stage2",))  # call 2: not on a cold machine
     if call == "call1":
         return [
             facts,
