@@ -21,9 +21,10 @@ The lease (the device tool's `run`, exactly as `plan` prints it):
     call 1: command "python3 bench/gpu_lease.py call1", carry [".gpu/part1", ".gpu/wheels"], timeout_s 360
     call 2: command "python3 bench/gpu_lease.py call2", carry [".gpu/part2", ".gpu/wheels"], timeout_s 360
 
-Call 1 (no real weights): facts (nvidia-smi, versions); the wheels into /tmp, the first half of the model to /tmp;
-the build (setup.py build_ext --inplace, sm_90, MAX_JOBS = all cores, the emulated device not built; about 1.5 min
-on 16 cores: the two binding units with torch's headers dominate); the GPU tests that need no real weights (the
+Call 1 (no real weights): facts (nvidia-smi, versions); the first half of the model and the wheels into
+/tmp/adadecode-lease; the build (setup.py build_ext --inplace, sm_90, MAX_JOBS = all cores, the emulated device not
+built; 4 min on 2 cores here, where the two binding units with torch's headers take about 70 s of CPU each and are
+the critical path, so 1 to 1.5 min expected on 16); the GPU tests that need no real weights (the
 kernels at SmolLM2, 8B and odd shapes, fused kernels, CudaEngine against TorchEngine on random weights at the
 default model's and the 8B shape, run_layers splits with graphs on and off, fused == unfused, sampling up to vocab
 128256); the 8B-shape speed runs (engine_latency vanilla fused/unfused at contexts 128 and 2048, the kernel micro
@@ -33,7 +34,9 @@ vanilla on 8 HumanEval prompts (parity 100% or the run fails, ms/token, acceptan
 the 8B-shape trace replay), fused and then unfused; engine_latency on the default model; the GPU tests that need
 the real weights; and the CPU-engine parity step (below).
 
-Every step has its own timeout, and the call a budget (330 s of steps, then the summary): a step that would start
+Expected (estimates: nothing has run on a GPU yet; the summaries give the real times): call 1 about 10 s of set-up,
+80 s of build, 100 s of tests, 100 s of speed runs; call 2 about 10 s of set-up and conversion, 60 s for each HumanEval
+run, 20 s for engine_latency, 100 s of tests. Every step has its own timeout, and the call a budget (330 s of steps, then the summary): a step that would start
 with less time left than it needs is skipped and named, so one hang costs that step, not the lease. A step whose
 prerequisite failed is skipped too. Every step's output is tee'd to the call's log and to stdout (the tool's
 output_tail shows the end). $OUT gets four files per call:
