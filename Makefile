@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 export ADADECODE_REQUIRE_CUDA ?= $(if $(shell command -v nvcc),1,0)
 CSRC := $(shell find csrc -type f)
 
-.PHONY: test bench layers build cmake-check clean
+.PHONY: test bench layers build cmake-check kernel-resources gpu-dry-run clean
 
 $(BIN)/.deps: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,16 @@ bench: build
 # Only the standard library: no venv needed.
 layers:
 	$(PY) tests/check_layers.py
+
+# bench/results/kernel-resources.md and .json: registers, spills, stack, shared memory and occupancy of every kernel
+# instantiation the engine launches (nvcc -Xptxas -v for sm_90; launch geometry from the emulated device)
+kernel-resources: build
+	$(BIN)/python bench/kernel_resources.py
+
+# The GPU lease's rehearsal on this machine (bench/gpu_lease.py): stages .gpu/, checks both device calls, converts
+# the default model from the staged halves and decodes on the CPU (--full); CI runs the shorter form in make test
+gpu-dry-run: build
+	$(BIN)/python bench/gpu_lease.py dry-run --full
 
 # The same kernels through CMake (C++-side checks and microbenchmarks in csrc/tests).
 cmake-check:

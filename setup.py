@@ -18,6 +18,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+# nvcc's flags for csrc/ (torch's cpp_extension adds its COMMON_NVCC_FLAGS and the -gencode of TORCH_CUDA_ARCH_LIST);
+# bench/kernel_resources.py reads this list to compile the kernels for the resource report exactly as here.
+NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 def cuda_home() -> str | None:
@@ -78,7 +81,7 @@ def cuda_extensions():
         # so that `import adadecode_cuda` finds libc10 & co. without torch imported first
         extra_link_args=[f"-Wl,-rpath,{Path(torch.__file__).parent / 'lib'}"],
         extra_compile_args={"cxx": ["-O3", "-std=c++20"],
-                            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]},
+                            "nvcc": list(NVCC_FLAGS)},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -5,7 +5,7 @@
   vocab 128256; target >= 85% of the device-to-device copy bandwidth measured in the same run).
 
     python bench/engine_latency.py [--models smol,8b] [--contexts 128,2048] [--new-tokens 128] [--repeats 3]
-                                   [--paths fused,unfused]
+                                   [--paths fused,unfused] [--check]
 
 Each context runs on both decode paths of the engine (issue 16): `fused` (5 launches per layer, programmatic
 dependent launches on sm_90) and `unfused` (9 per layer, the bitwise-identical reference): before and after.
@@ -75,6 +75,11 @@ def run_model(name: str, cfg: LlamaConfig, weights: LlamaWeights, contexts: list
     return out
 
 
+def result_name(models: list[str], date: str) -> str:
+    """engine-latency-<models>-<date>.json: runs of other models on the same day keep their own files."""
+    return f"engine-latency-{'-'.join(models)}-{date}.json"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smol,8b", help="comma-separated: smol (the default model), 8b")
@@ -83,16 +88,33 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--paths", default="fused,unfused", help="decode paths: fused (default engine), unfused (before)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--check", action="store_true",
+                   help="check the arguments and the inputs, say what would run, and exit (no GPU needed)")
     args = p.parse_args(argv)
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     if not paths or set(paths) - {"fused", "unfused"}:
         p.error(f"--paths takes fused and/or unfused, got {args.paths!r}")
+    try:
+        contexts = [int(c) for c in args.contexts.split(",")]
+    except ValueError:
+        p.error(f"--contexts takes comma-separated token counts, got {args.contexts!r}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or set(models) - set(TARGETS):
+        p.error(f"--models takes {sorted(TARGETS)}, got {args.models!r}")
+    if min(contexts) < 1 or args.new_tokens < 2 or args.repeats < 1:
+        p.error("--contexts, --new-tokens (>= 2) and --repeats must be positive")
+    if args.check:
+        if "smol" in models:
+            from adadecode.model.loader import default_gguf_path
+
+            print(f"check: the default model's GGUF is {default_gguf_path()}")
+        print(f"check: would time {models} at contexts {contexts} x {args.new_tokens} new tokens, {args.repeats} "
+              f"repeats, paths {paths}; results to {Path(args.out) / result_name(models, '<date>')}")
+        return 0
     why = cuda_unavailable_reason()
     if why:
         print(f"engine_latency needs the CUDA engine: {why}", file=sys.stderr)
         return 2
-    contexts = [int(c) for c in args.contexts.split(",")]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
 
     copy_bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_bw / 1e12:.3f} TB/s (read + write)")
@@ -111,8 +133,6 @@ def main(argv=None) -> int:
             results[name]["model"] = "Llama-3.1-8B shape, random bf16 weights"
             del weights
             torch.cuda.empty_cache()
-        else:
-            p.error(f"unknown model {name!r} (smol, 8b)")
         results[name]["targets"] = TARGETS[name]
 
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -124,7 +144,7 @@ def main(argv=None) -> int:
               "models": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"engine-latency-{now:%Y-%m-%d}.json"
+    path = out / result_name(models, f"{now:%Y-%m-%d}")
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0

@@ -2,7 +2,7 @@
 
     python bench/latency.py [--model default|PATH] [--heads default|FILE] [--prompts code|general|FILE]
                             [--n-prompts 8] [--max-new-tokens 256] [--methods a,b,...] [--no-replay]
-                            [--temperatures 0.7,1.0] [--top-k 0] [--top-p 1.0] [--seed 0]
+                            [--temperatures 0.7,1.0] [--top-k 0] [--top-p 1.0] [--seed 0] [--unfused] [--check]
 
 Methods, on the same prompts and model:
   hf-eager       transformers `generate`, eager attention (bf16 on the GPU, fp32 on the CPU)
@@ -134,17 +134,19 @@ def summarize(name: str, gens: list[Generation], ref: list[Generation] | None, n
     return row
 
 
-def random_8b_engine(max_seq: int):
+def random_8b_engine(max_seq: int, fused: bool = True):
     """A CudaEngine of the Llama-3.1-8B shape with random bf16 weights made on the GPU."""
     from adadecode.model.weights import LlamaWeights
 
     cfg = llama31_8b()
     weights = LlamaWeights.random(cfg, device="cuda", dtype=torch.bfloat16)
-    return make_engine(type("M", (), {"cfg": cfg, "weights": weights})(), "cuda", max_seq=max_seq, max_rows=16), cfg
+    engine = make_engine(type("M", (), {"cfg": cfg, "weights": weights})(), "cuda", max_seq=max_seq, max_rows=16)
+    engine.fused = fused
+    return engine, cfg
 
 
-def trace_replay(traces: list[Trace], max_seq: int) -> dict:
-    engine, cfg = random_8b_engine(max_seq)
+def trace_replay(traces: list[Trace], max_seq: int, fused: bool = True) -> dict:
+    engine, cfg = random_8b_engine(max_seq, fused)
     rows = []
     for tr in traces:
         ada, van = tr.scaled(cfg.n_layers), tr.vanilla().scaled(cfg.n_layers)
@@ -162,7 +164,7 @@ def trace_replay(traces: list[Trace], max_seq: int) -> dict:
         realized = min(times["vanilla"], times["vanilla2"]) / min(times["adadecode"], times["adadecode2"])
         ideal = van.layer_steps / max(1, ada.layer_steps)
         rows.append({"ideal": ideal, "realized": realized, "ratio": realized / ideal})
-    return {"shape": "Llama-3.1-8B (random bf16 weights)", "per_prompt": rows,
+    return {"shape": "Llama-3.1-8B (random bf16 weights)", "path": "fused" if fused else "unfused", "per_prompt": rows,
             "ideal_speedup": statistics.median(r["ideal"] for r in rows),
             "realized_speedup": statistics.median(r["realized"] for r in rows),
             "realized_over_ideal": statistics.median(r["ratio"] for r in rows)}
@@ -226,6 +228,10 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0, help="sampled runs: top-p (1: off)")
     p.add_argument("--seed", type=int, default=0, help="sampled runs: the seed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--unfused", action="store_true",
+                   help="the CUDA engine's unfused decode path (9 launches per layer), here and in the trace replay")
+    p.add_argument("--check", action="store_true",
+                   help="check the arguments and the inputs (prompt set, heads), say what would run, and exit")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
@@ -236,11 +242,27 @@ def main(argv=None) -> int:
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {ALL_METHODS}")
+    temps = [v for v in args.temperatures.split(",") if v.strip()]
+    try:
+        bad_t = [t for t in temps if not float(t) > 0]
+    except ValueError:
+        p.error(f"--temperatures takes comma-separated numbers, got {args.temperatures!r}")
+    if bad_t:
+        p.error(f"--temperatures: {bad_t} not > 0 (greedy always runs)")
+    heads_spec = args.heads or DEFAULT_HEADS.get(args.prompts, "default")
+    if args.check:
+        n_set = len(EVAL_SETS[args.prompts]()) if args.prompts in EVAL_SETS else len(load_prompts(args.prompts))
+        if not (heads_spec.startswith("default") or Path(heads_spec).is_file()):
+            p.error(f"--heads {heads_spec}: no such head file")
+        print(f"check: would decode {min(n_prompts, n_set)} of {n_set} '{args.prompts}' prompts x {max_new} tokens with "
+              f"{methods} (+ {len(temps)} sampled temperatures), heads {heads_spec}, "
+              f"{'unfused' if args.unfused else 'fused'} decode path, trace replay {'off' if args.no_replay else 'on'}; "
+              f"results to {args.out}")
+        return 0
     if not gpu:
         print(f"note: no GPU ({cuda_unavailable_reason()}); the torch reference engine runs on the CPU. "
               f"These numbers are NOT representative of the CUDA engine.", file=sys.stderr)
 
-    heads_spec = args.heads or DEFAULT_HEADS.get(args.prompts, "default")
     llm = LLM(args.model, heads=heads_spec, max_rows=max(16, args.max_pending + 1, args.k + 1))
     model, heads, meta = llm.model, llm.heads, llm.heads_meta
     gamma = args.gamma if args.gamma is not None else meta.get("gammas") or float(meta.get("gamma", DEFAULT_GAMMA))
@@ -248,6 +270,10 @@ def main(argv=None) -> int:
     max_seq = max(len(x) for x in prompts) + max_new + 8
     engine = llm.engine
     eos = model.eos_ids
+    if args.unfused:
+        if not hasattr(engine, "fused"):
+            p.error(f"--unfused needs the CUDA engine (this run's engine is {engine.name})")
+        engine.fused = False
 
     # the API's generate, without text options: the driver runs with no per-token callback, as a bare call would
     runners = {
@@ -257,9 +283,7 @@ def main(argv=None) -> int:
         "layerskip": lambda x, n: llm.generate(x, max_new_tokens=n, method="layerskip", k=args.k),
     }
     sampled = []  # method@T rows: the exact methods again under seeded sampling
-    for t in [float(v) for v in args.temperatures.split(",") if v.strip()]:
-        if t <= 0:
-            p.error(f"--temperatures: {t} is not > 0 (greedy always runs)")
+    for t in [float(v) for v in temps]:
         kw = dict(temperature=t, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         tag = f"@T{t:g}"
         runs = {"vanilla": lambda x, n, kw=kw: llm.generate(x, max_new_tokens=n, method="vanilla", **kw)}
@@ -340,7 +364,7 @@ def main(argv=None) -> int:
 
     facts = run_facts("bench/latency.py", argv)
     result = {**facts, "representative": gpu,
-              "engine": engine.name, "model": model.source, "heads": heads_spec, "head_layers": [h.layer for h in heads],
+              "engine": engine.name, "path": "unfused" if args.unfused else "fused", "model": model.source, "heads": heads_spec, "head_layers": [h.layer for h in heads],
               "gamma": gamma, "max_pending": args.max_pending, "prompts": args.prompts, "n_prompts": len(prompts),
               "sampling": {"temperatures": args.temperatures, "top_k": args.top_k, "top_p": args.top_p,
                            "seed": args.seed},
@@ -349,7 +373,7 @@ def main(argv=None) -> int:
     result["versions"]["transformers"] = __import__("transformers").__version__
     if traces:
         try:
-            result["trace_replay"] = trace_replay(traces, max_seq=max_seq)
+            result["trace_replay"] = trace_replay(traces, max_seq=max_seq, fused=not args.unfused)
         except Exception as e:
             result["trace_replay"] = {"error": f"{type(e).__name__}: {e}"}
 
@@ -379,7 +403,8 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in DEFAULT_HEADS else 'custom'}-{facts['date'][:10]}"
+    stem = out / (f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in DEFAULT_HEADS else 'custom'}"
+                  f"{'-unfused' if args.unfused else ''}-{facts['date'][:10]}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and .png")

@@ -22,6 +22,11 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # `default_model`: the test needs the default model's real weights (its fixture, directly or through another);
+    # the GPU lease runs the GPU tests without them first (bench/gpu_lease.py: -m "gpu and not default_model")
+    for item in items:
+        if "default_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.default_model)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False here)")

@@ -110,7 +110,8 @@ def test_epilogue_refuses_non_finite_tempered_logits(dev):
     assert token.tolist() == [-1, -1]
 
 
-@pytest.mark.parametrize("dev", on_devices([()]), indirect=True)
+@pytest.mark.parametrize("dev", [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.default_model]),
+                                 pytest.param("emu")], indirect=True)
 def test_cuda_engine_sampled_adadecode_equals_sampled_vanilla(dev, request):
     """The default model with its code heads on a GPU; emulated, a tiny GQA model with a logit-lens head and a
     perturbed head over a vocabulary subset (the head draws through the subset path)."""

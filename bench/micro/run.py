@@ -7,6 +7,7 @@ copies to exceed the L2 cache, so small models are measured from DRAM too.
 
     python bench/micro/run.py            # full suite
     python bench/micro/run.py --quick    # fewer rows/replays (smoke run)
+    python bench/micro/run.py --check    # the arguments only (no GPU)
 
 Writes bench/results/micro-<date>.json and .png and prints a table. Targets (reported, never asserted):
 skinny GEMM on 8B shapes at R <= 8 >= 90% of copy bandwidth and ahead of torch; R = 8 within 5% of R = 1;
@@ -246,19 +247,33 @@ def main(argv=None):
     ap.add_argument("--ctx", default="1024,4096", help="attention contexts")
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--check", action="store_true",
+                    help="check the arguments, say what would run, and exit (no GPU needed)")
     args = ap.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    if not shapes or set(shapes) - set(SHAPES):
+        ap.error(f"--shapes takes {sorted(SHAPES)}, got {args.shapes!r}")
+    try:
+        rows = [1, 8, 16] if args.quick else [int(r) for r in args.rows.split(",")]
+        ctxs = [4096] if args.quick else [int(c) for c in args.ctx.split(",")]
+    except ValueError:
+        ap.error(f"--rows and --ctx take comma-separated integers, got {args.rows!r}, {args.ctx!r}")
+    if not all(1 <= r <= 16 for r in rows) or min(ctxs) < 1 or args.replays < 1:
+        ap.error("--rows must be in 1..16 (the skinny kernels' rows), --ctx and --replays positive")
+    if args.check:
+        print(f"check: would time {shapes} at R {rows}, attention contexts {ctxs}, {args.replays} replays, and the "
+              f"prefill GEMMs; results to {args.out_dir}")
+        return 0
     if not torch.cuda.is_available():
         sys.exit("bench/micro/run.py needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     import adadecode_cuda as cuda
 
-    rows = [1, 8, 16] if args.quick else [int(r) for r in args.rows.split(",")]
-    ctxs = [4096] if args.quick else [int(c) for c in args.ctx.split(",")]
     replays = 5 if args.quick else args.replays
     inner = 10 if args.quick else 20
 
     copy_gbps = copy_bandwidth(replays)
     results = []
-    for name in args.shapes.split(","):
+    for name in shapes:
         results += bench_ops(cuda, name, SHAPES[name], rows, ctxs, replays, inner)
     prefill = bench_prefill(cuda, replays, 3 if args.quick else 5)
     for r in results:
@@ -349,4 +364,4 @@ def plot(results, meta, path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -54,4 +54,25 @@ void register_emu(py::module_& m) {
     d["capture_violations"] = s.violations;
     return d;
   }, "counters of the emulated device since the module loaded");
+  m.def("set_launch_log", &emu::set_launch_log,
+        "start (True, cleared) or stop logging the geometry of every launch", py::arg("on"));
+  m.def("launch_log", [] {
+    py::list out;
+    for (const emu::LaunchRec& r : emu::launch_log()) {
+      py::dict d;
+      d["kernel_offset"] = r.kernel;
+      d["grid"] = py::make_tuple(r.grid[0], r.grid[1], r.grid[2]);
+      d["block"] = py::make_tuple(r.block[0], r.block[1], r.block[2]);
+      d["dynamic_smem"] = r.smem;
+      d["pdl"] = r.pdl;
+      d["count"] = r.count;
+      out.append(d);
+    }
+    return out;
+  }, "the launches logged since set_launch_log(True): kernel (offset into this module, as nm prints it), grid, "
+     "block, dynamic shared memory bytes, programmatic, count");
+  m.def("set_execute", &emu::set_execute,
+        "False: launches are checked and logged, their blocks do not run (launch geometry at any shape)",
+        py::arg("on"));
+  m.def("executes", &emu::executes);
 }

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "cuda_bf16.h"  // and vector_types.h
 
@@ -112,4 +113,22 @@ struct Stats {
   uint64_t launches, pdl_launches, blocks, switches, graph_launches, graph_kernels, graph_copies, violations;
 };
 Stats stats();
+// The launch log: every launch that passed the launch checks (eager or replayed from a graph), one record per
+// distinct (kernel, grid, block, dynamic shared memory, programmatic) with its count. `kernel` is the kernel's
+// address as an offset into this module's image (dladdr's dli_fbase), the value `nm` prints for its symbol: the
+// resource report (bench/kernel_resources.py) names it that way. set_launch_log(true) clears and starts it.
+struct LaunchRec {
+  uint64_t kernel;
+  unsigned grid[3], block[3];
+  uint64_t smem;
+  bool pdl;
+  uint64_t count;
+};
+void set_launch_log(bool on);
+std::vector<LaunchRec> launch_log();
+// set_execute(false): launches are checked, counted and logged, and their blocks do not run (their outputs stay as
+// they were). The engine's launch sequence at shapes too large to emulate (the Llama-3.1-8B shape), for the
+// resource report; every other use runs the kernels (the default).
+void set_execute(bool on);
+bool executes();
 }  // namespace emu

@@ -6,6 +6,7 @@
 // launch fails with a message that names the kernel, the block, the thread and the allocation. Streams run
 // synchronously in order; stream capture records launches and async copies into a graph that cudaGraphLaunch
 // replays with the captured arguments; the calls CUDA refuses while a stream captures are refused here too.
+#include <dlfcn.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -161,6 +163,10 @@ std::string g_last_msg;
 std::map<const void*, int> g_max_dyn_smem;
 const char* g_kfile = "";
 int g_kline = 0;
+bool g_execute = true;
+bool g_log_on = false;
+using LaunchKey = std::tuple<const void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, size_t, bool>;
+std::map<LaunchKey, uint64_t> g_log;  // ordered: the log reads the same in every run
 
 // dynamic shared memory ends at a guard page: reading past the launch's size faults
 char* g_dyn_region = nullptr;
@@ -504,6 +510,8 @@ void launch_now(const void* kernel, Thunk thunk, const void* args, dim3 grid, di
                                          std::to_string(limit) + " (cudaFuncAttributeMaxDynamicSharedMemorySize): " + at);
     return;
   }
+  if (g_log_on) ++g_log[LaunchKey{kernel, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, pdl}];
+  if (!g_execute) return;  // checked and logged only (set_execute)
   if (!g_dyn_region) {
     g_dyn_region = map_guarded(kMaxDynSmem);
     g_shared.insert(g_shared.begin(), SharedVar{nullptr, 0, 0});
@@ -689,6 +697,37 @@ void set_schedule(int order, uint64_t seed) {
 }
 int schedule_order() { return g_order; }
 Stats stats() { return g_stats; }
+
+void set_launch_log(bool on) {
+  std::lock_guard<std::recursive_mutex> lk(g_mtx);
+  g_log.clear();
+  g_log_on = on;
+}
+
+std::vector<LaunchRec> launch_log() {
+  std::lock_guard<std::recursive_mutex> lk(g_mtx);
+  std::vector<LaunchRec> out;
+  for (const auto& [k, count] : g_log) {
+    const void* fn = std::get<0>(k);
+    Dl_info info{};
+    const uintptr_t base = dladdr(fn, &info) && info.dli_fbase ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0;
+    LaunchRec r{};
+    r.kernel = reinterpret_cast<uintptr_t>(fn) - base;
+    r.grid[0] = std::get<1>(k), r.grid[1] = std::get<2>(k), r.grid[2] = std::get<3>(k);
+    r.block[0] = std::get<4>(k), r.block[1] = std::get<5>(k), r.block[2] = std::get<6>(k);
+    r.smem = std::get<7>(k);
+    r.pdl = std::get<8>(k);
+    r.count = count;
+    out.push_back(r);
+  }
+  return out;
+}
+
+void set_execute(bool on) {
+  std::lock_guard<std::recursive_mutex> lk(g_mtx);
+  g_execute = on;
+}
+bool executes() { return g_execute; }
 
 }  // namespace emu
 
