@@ -4,7 +4,7 @@
                                [--peers llama.cpp,transformers,torch] [--layers] [--out bench/results]
 
 Per thread count (each peer is told the same count):
-  read bandwidth  a STREAM-like read of 1 GiB (adadecode_cpu.read_bandwidth): the ceiling, measured in this run
+  read bandwidth  a STREAM-like read of 1 GiB (adadecode.engines.cpu.read_bandwidth): the ceiling, measured in this run
   cpu             CpuEngine (bf16 weights, fp32 accumulation), vanilla greedy decoding of chat prompts
   llama.cpp       llama-bench tg (decode) and pp (prefill) on a BF16 GGUF of the same weights (its requantisation of
                   the shipped Q4_1 GGUF: the values the project's loader holds, checked bit for bit here)
@@ -14,6 +14,8 @@ ms/token (the median over prompts of decode time / tokens, prefill excluded), to
 of the read bandwidth: the bytes a decode step must read (every weight once, the KV cache at the mean context) over
 the bandwidth and the time. Prefill: tokens/s of one prompt of --prefill tokens, beside llama.cpp's pp of the same
 length. --layers adds one layer's time for R = 1..8 rows (run_layers on the default model, the fused step).
+--load adds the same decoding while other processes keep cores busy (a spinning process per core named: `--load
+1,2`), CpuEngine beside TorchEngine bf16, each at 1 and 2 threads: the thread pool must not collapse there.
 
 llama.cpp is not a dependency: `make bench-peers` builds llama-bench and llama-quantize from the llama-cpp-python
 source package into .peers/ (about 15 minutes on 2 cores) and writes .peers/smollm2-BF16.gguf. Without it the
@@ -23,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import bytes_per_token, run_facts  # noqa: E402
 from adadecode.decoding.vanilla import generate_vanilla  # noqa: E402
-from adadecode.engines.cpu import CpuEngine, CpuWeights, cpu_unavailable_reason  # noqa: E402
+from adadecode.engines.cpu import CpuEngine, CpuWeights, cpu_unavailable_reason, read_bandwidth  # noqa: E402
 from adadecode.engines.torch import TorchEngine  # noqa: E402
 from adadecode.heads.prompt_sets import load_prompts  # noqa: E402
 from adadecode.model.loader import default_model_dir, load_model  # noqa: E402
@@ -137,6 +137,40 @@ def layer_times(model, packed, threads: int, prompt: list[int]) -> dict:
     return out
 
 
+class Load:
+    """n processes that spin on a core each while the block runs (another job on a shared machine)."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        for pr in self.procs:
+            pr.kill()
+        for pr in self.procs:
+            pr.wait()
+
+
+def contended(model, packed, prompts, n, loads: list[int], threads: list[int]) -> dict:
+    """ms/token of CpuEngine and TorchEngine bf16 at each thread count, with `load` spinning processes."""
+    out = {}
+    max_seq = max(map(len, prompts)) + n + 8
+    for load in loads:
+        for t in threads:
+            torch.set_num_threads(t)
+            cpu = CpuEngine(model.cfg, packed, max_seq=max_seq, threads=t)
+            ref = TorchEngine(model.cfg, model.weights, dtype=torch.bfloat16, max_seq=max_seq)
+            with Load(load):
+                a, _ = decode_ms(engine_runner(cpu), prompts, n)
+                b, _ = decode_ms(engine_runner(ref), prompts[:1], min(n, 16))
+            out[f"load {load}, {t} threads"] = {"cpu (bf16)": a, "TorchEngine (bf16)": b}
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -171,12 +205,12 @@ def main(argv=None) -> int:
     p.add_argument("--llama-bench", default=str(PEERS_DIR / "llama-bench"))
     p.add_argument("--gguf", default=str(PEERS_DIR / "smollm2-BF16.gguf"))
     p.add_argument("--layers", action="store_true", help="one layer's time for R = 1..8 rows")
+    p.add_argument("--load", default="", help="spinning processes to run beside (comma list, e.g. 1,2; '' for none)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     why = cpu_unavailable_reason()
     if why:
         p.error(why)
-    import adadecode_cpu
 
     threads = [int(t) for t in args.threads.split(",") if t]
     peers = [x for x in args.peers.split(",") if x]
@@ -205,7 +239,7 @@ def main(argv=None) -> int:
     for t in threads:
         torch.set_num_threads(t)
         rows = {}
-        bw = adadecode_cpu.read_bandwidth(1024, t, 5)
+        bw = read_bandwidth(t)
         result["floor_ms"][str(t)] = 1e3 * need / bw
         eng = CpuEngine(model.cfg, packed, max_seq=max(max_seq, args.prefill + 1), threads=t)
         result["isa"] = eng.isa
@@ -240,6 +274,9 @@ def main(argv=None) -> int:
         result["rows"][str(t)] = rows
     if args.layers:
         result["layer_ms"] = {str(t): layer_times(model, packed, t, prompts[0]) for t in threads}
+    loads = [int(x) for x in args.load.split(",") if x]
+    if loads:
+        result["contended_ms_per_token"] = contended(model, packed, prompts, args.tokens, loads, threads)
 
     names = [k for k in result["rows"][str(threads[0])] if k != "read_GBps"]
     lines = [f"{result['model']} on {result['cpu']} ({result['isa']} kernels), {result['date'][:10]}; "
@@ -262,6 +299,10 @@ def main(argv=None) -> int:
         lines += ["", "One layer (ms) for R rows: " + "; ".join(
             f"{t} thread{'s' if t > 1 else ''}: " + ", ".join(f"R={r} {v:.3f}" for r, v in result["layer_ms"][str(t)].items())
             + f" (R=4 / R=1: {result['layer_ms'][str(t)][4] / result['layer_ms'][str(t)][1]:.2f})" for t in threads)]
+    if loads:
+        lines += ["", "Beside other processes that each keep a core busy (ms/token): " + "; ".join(
+            f"{k}: " + ", ".join(f"{n} {v:.1f}" for n, v in row.items())
+            for k, row in result["contended_ms_per_token"].items())]
     for k, v in result["skipped"].items():
         lines.append(f"\n{k}: not run ({v})")
     table = "\n".join(lines)

@@ -124,8 +124,8 @@ inline __m256 exp2_8(__m256 x) {  // exp2_fixed lane by lane
   const __m256 M = _mm256_set1_ps(kRoundMagic);
   const __m256 n = _mm256_sub_ps(_mm256_add_ps(xc, M), M);
   const __m256 f = _mm256_sub_ps(xc, n);
-  __m256 p = bits(kExp2Taylor[0]);
-  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, f, bits(kExp2Taylor[i]));
+  __m256 p = bits(exp2_taylor(0));
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, f, bits(exp2_taylor(i)));
   __m256 r = pow2i_scale(p, n);
   r = _mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_LT_OQ));
   r = _mm256_blendv_ps(r, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(128.f), _CMP_GE_OQ));
@@ -138,8 +138,8 @@ inline __m256 exp_8(__m256 x) {  // exp_fixed lane by lane
   const __m256 nn = _mm256_xor_ps(n, _mm256_set1_ps(-0.f));
   __m256 r = _mm256_fmadd_ps(nn, bits(kLn2Hi), xc);
   r = _mm256_fmadd_ps(nn, bits(kLn2Lo), r);
-  __m256 p = bits(kExpTaylor[0]);
-  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, bits(kExpTaylor[i]));
+  __m256 p = bits(exp_taylor(0));
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, bits(exp_taylor(i)));
   __m256 y = pow2i_scale(p, n);
   y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-103.f), _CMP_LT_OQ));
   y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(88.8f), _CMP_GT_OQ));

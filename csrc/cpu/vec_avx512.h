@@ -94,8 +94,8 @@ inline V vexp2(V a) {  // exp2_fixed lane by lane
   const __m512 M = _mm512_set1_ps(kRoundMagic);
   const __m512 n = _mm512_sub_ps(_mm512_add_ps(xc, M), M);
   const __m512 f = _mm512_sub_ps(xc, n);
-  __m512 p = bits(kExp2Taylor[0]);
-  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, f, bits(kExp2Taylor[i]));
+  __m512 p = bits(exp2_taylor(0));
+  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, f, bits(exp2_taylor(i)));
   __m512 r = pow2i_scale(p, n);
   r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_LT_OQ), r, _mm512_setzero_ps());
   r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(128.f), _CMP_GE_OQ), r, _mm512_set1_ps(INFINITY));
@@ -110,8 +110,8 @@ inline V vexp(V a) {  // exp_fixed lane by lane
   const __m512 nn = _mm512_xor_ps(n, _mm512_set1_ps(-0.f));  // -n: the sign flipped, as the scalar negation
   __m512 r = _mm512_fmadd_ps(nn, bits(kLn2Hi), xc);
   r = _mm512_fmadd_ps(nn, bits(kLn2Lo), r);
-  __m512 p = bits(kExpTaylor[0]);
-  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, bits(kExpTaylor[i]));
+  __m512 p = bits(exp_taylor(0));
+  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, bits(exp_taylor(i)));
   __m512 y = pow2i_scale(p, n);
   y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-103.f), _CMP_LT_OQ), y, _mm512_setzero_ps());
   y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(88.8f), _CMP_GT_OQ), y, _mm512_set1_ps(INFINITY));

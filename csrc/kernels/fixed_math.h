@@ -85,8 +85,12 @@ ADA_HD float exp_f32(float d) {
 // series to degree 7 in Horner form with fma (truncation error 5e-9 relative), then two exact power-of-two scalings
 // (2^(n >> 1) then 2^(n - (n >> 1)): each factor is a normal float even where 2^n is not, so the product rounds
 // once, into the subnormal range where it must).
-constexpr uint32_t kExp2Taylor[8] = {0x377FE5FEu, 0x39218489u, 0x3AAEC3FFu, 0x3C1D955Bu,   // ln2^7/7! .. ln2^4/4!
-                                     0x3D635847u, 0x3E75FDF0u, 0x3F317218u, 0x3F800000u};  // ln2^3/3! .. 1
+// (the coefficients by index: a function, since a namespace-scope array is host memory to nvcc)
+ADA_HD uint32_t exp2_taylor(int i) {
+  constexpr uint32_t c[8] = {0x377FE5FEu, 0x39218489u, 0x3AAEC3FFu, 0x3C1D955Bu,   // ln2^7/7! .. ln2^4/4!
+                             0x3D635847u, 0x3E75FDF0u, 0x3F317218u, 0x3F800000u};  // ln2^3/3! .. 1
+  return c[i];
+}
 constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23: (x + M) - M rounds |x| < 2^22 to an integer (ties even)
 
 ADA_HD float pow2i_scale(float p, int n) {  // p * 2^n for n in [-252, 254], one rounding
@@ -101,15 +105,18 @@ ADA_HD float exp2_fixed(float x) {
   if (x >= 128.f) return INFINITY;
   const float n = rn::sub(rn::add(x, kRoundMagic), kRoundMagic);
   const float f = rn::sub(x, n);
-  float p = rn::as_float(kExp2Taylor[0]);
-  for (int i = 1; i < 8; ++i) p = rn::fma(p, f, rn::as_float(kExp2Taylor[i]));
+  float p = rn::as_float(exp2_taylor(0));
+  for (int i = 1; i < 8; ++i) p = rn::fma(p, f, rn::as_float(exp2_taylor(i)));
   return pow2i_scale(p, static_cast<int>(n));
 }
 
 // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln2 in two fma steps (Cody and Waite: ln2 = hi + lo, hi with 9
 // significant bits), |r| <= 0.3466 + 2^-12; e^r by its Taylor series to degree 7 (truncation 5e-9 relative).
-constexpr uint32_t kExpTaylor[8] = {0x39500D01u, 0x3AB60B61u, 0x3C088889u, 0x3D2AAAABu,  // 1/7! .. 1/4!
-                                    0x3E2AAAABu, 0x3F000000u, 0x3F800000u, 0x3F800000u};  // 1/3! .. 1
+ADA_HD uint32_t exp_taylor(int i) {
+  constexpr uint32_t c[8] = {0x39500D01u, 0x3AB60B61u, 0x3C088889u, 0x3D2AAAABu,  // 1/7! .. 1/4!
+                             0x3E2AAAABu, 0x3F000000u, 0x3F800000u, 0x3F800000u};  // 1/3! .. 1
+  return c[i];
+}
 constexpr uint32_t kLog2e = 0x3FB8AA3Bu, kLn2Hi = 0x3F318000u, kLn2Lo = 0xB95E8083u;
 
 ADA_HD float exp_fixed(float x) {
@@ -119,8 +126,8 @@ ADA_HD float exp_fixed(float x) {
   const float n = rn::sub(rn::add(rn::mul(x, rn::as_float(kLog2e)), kRoundMagic), kRoundMagic);
   float r = rn::fma(-n, rn::as_float(kLn2Hi), x);
   r = rn::fma(-n, rn::as_float(kLn2Lo), r);
-  float p = rn::as_float(kExpTaylor[0]);
-  for (int i = 1; i < 8; ++i) p = rn::fma(p, r, rn::as_float(kExpTaylor[i]));
+  float p = rn::as_float(exp_taylor(0));
+  for (int i = 1; i < 8; ++i) p = rn::fma(p, r, rn::as_float(exp_taylor(i)));
   return pow2i_scale(p, static_cast<int>(n));
 }
 
