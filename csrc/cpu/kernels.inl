@@ -5,36 +5,57 @@
 // for bit with each other and with CudaEngine on the emulated device.
 //
 // Nothing here depends on which instruction set runs it except through V: the tile shapes (register blocking) vary
-// with kAccBudget, and a tile shape only decides which outputs are computed together, never an output's order.
+// with kVecRegs (tile_regs), and a tile shape only decides which outputs are computed together, never an output's order.
 
 // Software prefetch distance in a weight stream, 16 KB ahead: the hardware prefetchers alone leave a decode step far
 // from the read bandwidth, and 2 KB ahead is too close on the EPYC machines measured (bench/results/cpu-*.md).
 constexpr int kPrefetchElems = 8192;
 
+// Lane vectors a register tile of RT rows x CT columns keeps live over a step pair: the accumulators, and either
+// the rows' two activation vectors (x kept; one weight pair at a time) or the columns' two weight vectors (w kept;
+// one activation pair at a time), whichever is fewer.
+constexpr int tile_regs(int RT, int CT) { return RT * CT + 2 * (RT < CT ? RT : CT) + 2; }
+
 // acc[r][c] = the lane partial sums of one lane block: rows x (stride xs), packed weight rows w[c] (both already at
-// the block's start), gfull full groups then tl tail lanes.
+// the block's start), gfull full groups then tl tail lanes. Weights come two steps at a time (the pair layout of
+// lanes.h); each lane's FMAs run in step order.
 template <int RT, int CT>
 inline void block_dot(const uint16_t* const (&w)[CT], const float* x, int xs, int gfull, int tl, V (&acc)[RT][CT]) {
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < CT; ++c) acc[r][c] = vzero();
-  const int steps = gfull * 8;
-  for (int s = 0; s < steps; ++s) {
-    V xv[RT];
-    for (int r = 0; r < RT; ++r) xv[r] = vload(x + r * xs + s * 16);
-    for (int c = 0; c < CT; ++c) {
-      if ((s & 1) == 0) prefetch(w[c] + s * 16 + kPrefetchElems);
-      const V wv = vload_bf16(w[c] + s * 16);
-      for (int r = 0; r < RT; ++r) acc[r][c] = vfma(wv, xv[r], acc[r][c]);
+  const int pairs = gfull * 4;
+  for (int t = 0; t < pairs; ++t) {
+    const float* x0 = x + t * 32;
+    if constexpr (RT <= CT) {  // the rows' activations stay in registers
+      V xa[RT], xb[RT];
+      for (int r = 0; r < RT; ++r) xa[r] = vload(x0 + r * xs), xb[r] = vload(x0 + r * xs + 16);
+      for (int c = 0; c < CT; ++c) {
+        prefetch(w[c] + t * 32 + kPrefetchElems);
+        V wa, wb;
+        vload_bf16_pair(w[c] + t * 32, wa, wb);
+        for (int r = 0; r < RT; ++r) acc[r][c] = vfma(wb, xb[r], vfma(wa, xa[r], acc[r][c]));
+      }
+    } else {  // the columns' weights stay in registers
+      V wa[CT], wb[CT];
+      for (int c = 0; c < CT; ++c) {
+        prefetch(w[c] + t * 32 + kPrefetchElems);
+        vload_bf16_pair(w[c] + t * 32, wa[c], wb[c]);
+      }
+      for (int r = 0; r < RT; ++r) {
+        const V xa = vload(x0 + r * xs), xb = vload(x0 + r * xs + 16);
+        for (int c = 0; c < CT; ++c) acc[r][c] = vfma(wb[c], xb, vfma(wa[c], xa, acc[r][c]));
+      }
     }
   }
   if (tl == 0) return;
   // the tail chunks: only the first tl lanes own one (the other lanes' chains have ended: kept as they are)
-  for (int e = 0; e < 8; ++e) {
-    V xv[RT];
-    for (int r = 0; r < RT; ++r) xv[r] = vload(x + r * xs + (steps + e) * 16);
+  for (int t = 0; t < 4; ++t) {
+    const float* x0 = x + (pairs + t) * 32;
     for (int c = 0; c < CT; ++c) {
-      const V wv = vload_bf16_n(w[c] + steps * 16 + e * tl, tl);
-      for (int r = 0; r < RT; ++r) acc[r][c] = vfma_first(wv, xv[r], acc[r][c], tl);
+      V wa, wb;
+      vload_bf16_pair_n(w[c] + pairs * 32 + t * 2 * tl, tl, wa, wb);
+      for (int r = 0; r < RT; ++r)
+        acc[r][c] = vfma_first(wb, vload(x0 + r * xs + 16), vfma_first(wa, vload(x0 + r * xs), acc[r][c], tl), tl);
     }
   }
 }
@@ -64,9 +85,13 @@ inline void dot_tile_rc(const LaneLayout& L, const uint16_t* const* w, const flo
     for (int c = 0; c < CT; ++c) out[r * ldo + c] = total[r][c];
 }
 
+// The widest column tile (4, 2 or 1) whose registers fit beside a spare (tile_regs < kVecRegs).
+constexpr int cols_for(int RT) { return tile_regs(RT, 4) < kVecRegs ? 4 : tile_regs(RT, 2) < kVecRegs ? 2 : 1; }
+constexpr bool rows_fit(int RT) { return tile_regs(RT, 1) < kVecRegs; }
+
 template <int RT>
 inline void dot_rows(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xs, float* out) {
-  constexpr int CT = kAccBudget / RT >= 4 ? 4 : kAccBudget / RT >= 2 ? 2 : 1;
+  constexpr int CT = cols_for(RT);
   int c = 0;
   for (; c + CT <= C; c += CT) dot_tile_rc<RT, CT>(L, w + c, xp, xs, out + c, C);
   if constexpr (CT > 2) {
@@ -78,9 +103,10 @@ inline void dot_rows(const LaneLayout& L, const uint16_t* const* w, int C, const
 inline void k_dot_tile(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xs, int R,
                        float* out) {
   int r = 0;
-  if constexpr (kAccBudget >= 16)
+  if constexpr (rows_fit(8))
     for (; r + 8 <= R; r += 8) dot_rows<8>(L, w, C, xp + r * xs, xs, out + r * C);
-  for (; r + 4 <= R; r += 4) dot_rows<4>(L, w, C, xp + r * xs, xs, out + r * C);
+  if constexpr (rows_fit(4))
+    for (; r + 4 <= R; r += 4) dot_rows<4>(L, w, C, xp + r * xs, xs, out + r * C);
   for (; r + 2 <= R; r += 2) dot_rows<2>(L, w, C, xp + r * xs, xs, out + r * C);
   for (; r < R; ++r) dot_rows<1>(L, w, C, xp + r * xs, xs, out + r * C);
 }

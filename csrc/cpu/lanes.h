@@ -8,11 +8,14 @@
 // lanes) holds threads 16b .. 16b + 15, so a warp is the block pair (2w, 2w + 1) and its butterfly is
 // vreduce16(block 2w + block 2w + 1) (the butterfly's first step adds lane j + 16 to lane j).
 //
-// A packed weight row stores, block after block, the values in the order the block's lanes consume them:
-//   full groups g = 0 .. gfull-1 (each thread's g-th chunk), for e = 0..7: 16 values, lane l <- element
-//   8 * (g * NT + 16 b + l) + e; then, if the block has tail lanes (threads with one more chunk, tail = nchunk % NT
-//   of them in all), for e = 0..7: tail_lanes[b] values. Nothing is padded: a packed row is K values, a
-//   permutation of the row (the weights are held once, in this order).
+// A packed weight row stores, block after block, the values in the order the block's lanes consume them: full
+// groups g = 0 .. gfull-1 (each thread's g-th chunk), then, if the block has tail lanes (threads with one more
+// chunk, tail = nchunk % NT of them in all), the tail group of tail_lanes[b] lanes. Within a group the 8 steps
+// (e = element of the chunk) come in pairs (e, e + 1) = (2t, 2t + 1), interleaved per lane: 32-bit word l of pair
+// t holds lane l's element 2t in its low half and 2t + 1 in its high half. So one 64-byte load gives both steps'
+// 16 lanes by a shift and a mask (no shuffle), on AVX-512 as on two AVX2 loads. Lane l <- element
+// 8 * (g * NT + 16 b + l) + e. Nothing is padded: a packed row is K values, a permutation of the row (the weights
+// are held once, in this order).
 // A permuted activation row (fp32) has the same order, with each block's tail group padded to 16 lanes (slot K
 // of the source is a 0) so that every vector load is whole.
 #pragma once
@@ -56,21 +59,15 @@ struct LaneLayout {
       tail_lanes[b] = tl < 0 ? 0 : tl > 16 ? 16 : tl;
       woff[b] = w;
       xoff[b] = x;
-      for (int g = 0; g < gfull; ++g)
+      auto group = [&](int g, int lanes) {  // lanes active (16 but in the tail)
+        for (int t = 0; t < 4; ++t)
+          for (int l = 0; l < lanes; ++l)
+            for (int h = 0; h < 2; ++h) wsrc.push_back(8 * (g * NT + 16 * b + l) + 2 * t + h);
         for (int e = 0; e < 8; ++e)
-          for (int l = 0; l < 16; ++l) {
-            const int idx = 8 * (g * NT + 16 * b + l) + e;
-            wsrc.push_back(idx);
-            xsrc.push_back(idx);
-          }
-      if (tail_lanes[b]) {
-        for (int e = 0; e < 8; ++e)
-          for (int l = 0; l < 16; ++l) {
-            const int idx = 8 * (gfull * NT + 16 * b + l) + e;
-            if (l < tail_lanes[b]) wsrc.push_back(idx);
-            xsrc.push_back(l < tail_lanes[b] ? idx : K);
-          }
-      }
+          for (int l = 0; l < 16; ++l) xsrc.push_back(l < lanes ? 8 * (g * NT + 16 * b + l) + e : K);
+      };
+      for (int g = 0; g < gfull; ++g) group(g, 16);
+      if (tail_lanes[b]) group(gfull, tail_lanes[b]);
       w = static_cast<int>(wsrc.size());
       x = static_cast<int>(xsrc.size());
     }

@@ -11,6 +11,8 @@
 namespace adadecode::cpu::avx2 {
 
 // Lane vectors of accumulators a register tile may hold (the others: one weight, one activation vector).
+// Lane vectors the register file holds (AVX2: 16 ymm = 8 vectors).
+constexpr int kVecRegs = 8;
 constexpr int kAccBudget = 4;
 constexpr const char* kIsaName = "avx2";
 
@@ -46,6 +48,20 @@ inline void vstore_n(float* p, V a, int n) {
   alignas(32) float t[16];
   vstore(t, a);
   std::memcpy(p, t, sizeof(float) * n);
+}
+// Two steps' 16 lanes from 16 words (the pair layout of lanes.h): a <- the low halves, b <- the high halves (a
+// shift and a mask: no shuffle). _n: the first n words, the other lanes 0.
+inline void vload_bf16_pair(const uint16_t* p, V& a, V& b) {
+  const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  a = {_mm256_castsi256_ps(_mm256_slli_epi32(d0, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(d1, 16))};
+  b = {_mm256_castsi256_ps(_mm256_and_si256(d0, hi)), _mm256_castsi256_ps(_mm256_and_si256(d1, hi))};
+}
+inline void vload_bf16_pair_n(const uint16_t* p, int n, V& a, V& b) {
+  alignas(32) uint16_t t[32] = {};
+  std::memcpy(t, p, sizeof(uint16_t) * 2 * n);
+  vload_bf16_pair(t, a, b);
 }
 inline V vfma(V a, V b, V c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
 inline V vadd(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }

@@ -10,6 +10,8 @@
 namespace adadecode::cpu::avx512 {
 
 // Lane vectors of accumulators a register tile may hold (the others: one weight, one activation vector).
+// Lane vectors the register file holds (AVX2: 16 ymm = 8 vectors).
+constexpr int kVecRegs = 32;
 constexpr int kAccBudget = 16;
 constexpr const char* kIsaName = "avx512";
 
@@ -27,6 +29,16 @@ inline V vload_bf16(const uint16_t* p) { return widen_bf16(_mm256_loadu_si256(re
 inline V vload_bf16_n(const uint16_t* p, int n) { return widen_bf16(_mm256_maskz_loadu_epi16(first_n(n), p)); }
 inline V vload_n(const float* p, int n) { return {_mm512_maskz_loadu_ps(first_n(n), p)}; }
 inline void vstore_n(float* p, V a, int n) { _mm512_mask_storeu_ps(p, first_n(n), a.v); }
+// Two steps' 16 lanes from 16 words (the pair layout of lanes.h): a <- the low halves, b <- the high halves (a
+// shift and a mask: no shuffle). _n: the first n words, the other lanes 0.
+inline void split_pair(__m512i d, V& a, V& b) {
+  a.v = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+  b.v = _mm512_castsi512_ps(_mm512_and_si512(d, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline void vload_bf16_pair(const uint16_t* p, V& a, V& b) { split_pair(_mm512_loadu_si512(p), a, b); }
+inline void vload_bf16_pair_n(const uint16_t* p, int n, V& a, V& b) {
+  split_pair(_mm512_maskz_loadu_epi32(first_n(n), p), a, b);
+}
 inline V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline V vadd(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline V vsub(V a, V b) { return {_mm512_sub_ps(a.v, b.v)}; }

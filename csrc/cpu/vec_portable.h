@@ -13,6 +13,8 @@
 namespace adadecode::cpu::portable {
 
 // Lane vectors of accumulators a register tile may hold (the others: one weight, one activation vector).
+// Lane vectors the register file holds (AVX2: 16 ymm = 8 vectors).
+constexpr int kVecRegs = 64;
 constexpr int kAccBudget = 16;
 constexpr const char* kIsaName = "portable";
 
@@ -43,6 +45,17 @@ inline V vload_bf16(const uint16_t* p) { ADA_LANES(bf16_to_f32(p[j])); }
 inline V vload_bf16_n(const uint16_t* p, int n) { ADA_LANES(j < n ? bf16_to_f32(p[j]) : 0.f); }
 inline V vload_n(const float* p, int n) { ADA_LANES(j < n ? p[j] : 0.f); }
 inline void vstore_n(float* p, V a, int n) { for (int j = 0; j < n; ++j) p[j] = a.f[j]; }
+// Two steps' 16 lanes from 16 words (the pair layout of lanes.h): a <- the low halves, b <- the high halves. _n:
+// the first n words, the other lanes 0.
+inline void vload_bf16_pair(const uint16_t* p, V& a, V& b) {
+  for (int j = 0; j < 16; ++j) a.f[j] = bf16_to_f32(p[2 * j]), b.f[j] = bf16_to_f32(p[2 * j + 1]);
+}
+inline void vload_bf16_pair_n(const uint16_t* p, int n, V& a, V& b) {
+  for (int j = 0; j < 16; ++j) {
+    a.f[j] = j < n ? bf16_to_f32(p[2 * j]) : 0.f;
+    b.f[j] = j < n ? bf16_to_f32(p[2 * j + 1]) : 0.f;
+  }
+}
 inline V vfma(V a, V b, V c) { ADA_LANES(std::fmaf(a.f[j], b.f[j], c.f[j])); }  // a * b + c, one rounding
 inline V vadd(V a, V b) { ADA_LANES(a.f[j] + b.f[j]); }
 inline V vsub(V a, V b) { ADA_LANES(a.f[j] - b.f[j]); }
