@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 export ADADECODE_REQUIRE_CUDA ?= $(if $(shell command -v nvcc),1,0)
 CSRC := $(shell find csrc -type f)
 
-.PHONY: test bench layers build cmake-check kernel-resources gpu-dry-run clean
+.PHONY: test bench bench-cpu bench-peers layers build cmake-check kernel-resources gpu-dry-run clean
 
 $(BIN)/.deps: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,15 @@ test: build
 
 bench: build
 	$(BIN)/python bench/latency.py $(BENCH_ARGS)
+
+# llama.cpp (llama-bench, llama-quantize) from the llama-cpp-python source package, and BF16 / Q8_0 GGUFs of the
+# default model, in .peers/ (about 15 minutes on 2 cores): the peer of bench-cpu; never part of make test
+bench-peers: build
+	PY=$(abspath $(BIN)/python) bash bench/peers.sh
+
+# the CPU engine beside llama.cpp (when bench-peers has run), transformers and TorchEngine, 1 and 2 threads
+bench-cpu: build
+	$(BIN)/python bench/cpu_engine.py --layers $(BENCH_ARGS)
 
 # Only the standard library: no venv needed.
 layers:

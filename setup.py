@@ -3,8 +3,11 @@
 in csrc/bindings/*.cpp). On every machine with torch and g++ it also builds `adadecode_emu`: the same sources
 on the emulated device of csrc/emu (the CUDA execution model on the CPU; no GPU, no nvcc).
 
-Without nvcc or a CUDA build of torch the package installs as pure Python; asking for the CUDA engine
+Wherever torch and g++ are, it also builds `adadecode_cpu`, the CPU engine (csrc/cpu: native kernels, no nvcc).
+
+Without nvcc or a CUDA build of torch the package installs without adadecode_cuda; asking for the CUDA engine
 then raises an error that says what is missing. ADADECODE_REQUIRE_CUDA=1 makes a failed build fatal.
+ADADECODE_BUILD_CUDA=0 / ADADECODE_BUILD_EMU=0 / ADADECODE_BUILD_CPU=0 skip a module.
 """
 import os
 import re
@@ -133,13 +136,40 @@ def emu_extension():
     )]
 
 
+def cpu_extension():
+    """adadecode_cpu: the CPU engine (csrc/cpu), g++ only. Its kernels are built once per instruction set (AVX-512,
+    AVX2 and portable on x86-64; portable elsewhere) and chosen at run time: no -march flag, so the module runs on
+    any CPU of its architecture. -ffp-contract=off: no operation is fused that the source does not fuse."""
+    if os.environ.get("ADADECODE_BUILD_CPU", "1") == "0":
+        return []
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        print("warning: building adadecode without adadecode_cpu: torch is not installed", file=sys.stderr)
+        return []
+    import platform
+
+    import torch
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
+                     if x86 or p.name not in ("kernels_avx512.cpp", "kernels_avx2.cpp"))
+    return [CppExtension(
+        name="adadecode_cpu",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args=["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas"],
+        extra_link_args=[f"-Wl,-rpath,{Path(torch.__file__).parent / 'lib'}"],
+    )]
+
+
 ext_modules, cmdclass = cuda_extensions()
-emu_modules = emu_extension()
-if emu_modules and not cmdclass:
+host_modules = emu_extension() + cpu_extension()
+if host_modules and not cmdclass:
     from torch.utils.cpp_extension import BuildExtension
 
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
-ext_modules += emu_modules
+ext_modules += host_modules
 
 setup(
     name="adadecode",

@@ -126,15 +126,20 @@ class LLM:
     model: "default" (SmolLM2-135M-Instruct), an HF Llama checkpoint directory, a .gguf file, or a loaded
         `adadecode.Model`.
     heads: None, a head file, or "default" / "default:code" / "default:general" (the default model's heads).
-    engine: "auto" (CUDA where it can run, else torch), "cuda", "emu" (the CUDA engine on the emulated device: the
-        product's kernels on the CPU, slow) or "torch"; device and dtype: the torch engine's.
+    engine: "auto" (CUDA where it can run, else the CPU engine), "cuda", "cpu" (native CPU kernels), "torch" (the
+        reference), or "emu" (the CUDA engine on the emulated device: the product's kernels on the CPU, slow); device
+        and dtype: the torch engine's; threads: the CPU engine's (default: the cores this process may use).
+    release_weights: on the CPU engine, drop the model's torch weights once the engine has packed them (held once,
+        not twice). None: when the model was loaded here (a name or path), not when a loaded Model was given.
     max_seq: the KV cache length. None: min(the model's context, 4096), grown (up to the model's context) when a
         request needs more; a number: fixed, and longer requests are refused.
     max_rows: rows in flight (AdaDecode's max_pending + 1, LayerSkip's k + 1). None: 16, grown as needed.
     """
 
     def __init__(self, model: str | Model = "default", *, heads=None, engine: str = "auto", device: str | None = None,
-                 dtype: str | None = None, max_seq: int | None = None, max_rows: int | None = None):
+                 dtype: str | None = None, max_seq: int | None = None, max_rows: int | None = None,
+                 threads: int | None = None, release_weights: bool | None = None):
+        self._release = (not isinstance(model, Model)) if release_weights is None else bool(release_weights)
         self.model = model if isinstance(model, Model) else load_model(model)
         self.tokenizer = self.model.tokenizer
         self.heads, self.heads_meta, self.heads_spec = [], {}, heads
@@ -145,7 +150,7 @@ class LLM:
             self.heads, self.heads_meta = list(loaded), dict(meta or {})
             if not self.heads:
                 raise ValueError(f"heads {heads}: no heads in it")
-        self._engine_args = dict(engine=engine, device=device, dtype=dtype)
+        self._engine_args = dict(engine=engine, device=device, dtype=dtype, threads=threads)
         self._fixed_seq, self._fixed_rows = max_seq is not None, max_rows is not None
         self._max_seq = max_seq if max_seq is not None else min(self.model.cfg.max_position, 4096)
         self._max_rows = max_rows if max_rows is not None else 16
@@ -178,6 +183,8 @@ class LLM:
         self._max_seq, self._max_rows = max(self._max_seq, seq), max(self._max_rows, rows)
         self._engine = None  # free the old cache first
         self._engine = make_engine(self.model, **self._engine_args, max_seq=self._max_seq, max_rows=self._max_rows)
+        if self._release and self._engine.name == "cpu":
+            self.model.release_weights("the CPU engine's packed copy")
         if self.heads:
             self._engine.set_heads(self.heads)
 

@@ -6,11 +6,12 @@ import json
 import sys
 
 from .api import DEFAULT_GAMMA, LLM, METHODS
+from .engines.select import ENGINES
 
 
 def _generate(args) -> int:
     llm = LLM(args.model, heads=None if args.method == "vanilla" else args.heads, engine=args.engine,
-              device=args.device, dtype=args.dtype, max_seq=args.max_seq,
+              device=args.device, dtype=args.dtype, max_seq=args.max_seq, threads=args.threads,
               max_rows=max(16, args.max_pending + 1, args.k + 1))  # rows in flight: pending tokens + 1
     on_text = None
     if not args.json:
@@ -44,8 +45,11 @@ def _generate(args) -> int:
 
 def _model_arguments(g, serve: bool) -> None:
     g.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or an HF directory")
-    g.add_argument("--engine", default="auto", choices=["auto", "cuda", "emu", "torch"],
-                   help="auto: cuda where it can run, else torch; emu: the CUDA engine on the emulated device (slow)")
+    g.add_argument("--engine", default="auto", choices=list(ENGINES),
+                   help="auto: cuda where it can run, else cpu (native kernels); torch: the reference; emu: the CUDA "
+                        "engine on the emulated device (slow)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="cpu engine: threads (default: $ADADECODE_CPU_THREADS, else the cores this process may use)")
     g.add_argument("--device", default=None, help="torch engine: cpu or cuda (default: cuda where available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="torch engine precision")
     g.add_argument("--max-seq", type=int, default=None,
@@ -81,8 +85,9 @@ def _serve(args) -> int:
     from .model.loader import load_model
 
     model = load_model(args.model)  # a server's cache is fixed: requests that do not fit are refused, not grown for
-    llm = LLM(model, heads=args.heads, engine=args.engine, device=args.device, dtype=args.dtype,
-              max_seq=args.max_seq or min(model.cfg.max_position, 4096), max_rows=max(16, args.max_pending + 1, args.k + 1))
+    llm = LLM(model, heads=args.heads, engine=args.engine, device=args.device, dtype=args.dtype, threads=args.threads,
+              max_seq=args.max_seq or min(model.cfg.max_position, 4096), max_rows=max(16, args.max_pending + 1, args.k + 1),
+              release_weights=True)  # the server's model is its own: the CPU engine's packed copy is the only one
     return serve_main(args, llm)
 
 

@@ -52,7 +52,7 @@ def engine_known(name: str) -> str | None:
 
 
 def prompts_of(name: str, tok) -> list[list[int]]:
-    from adadecode import heads_prompts
+    from adadecode.heads import prompts as heads_prompts
     from adadecode.heads.prompt_sets import load_prompts
 
     if name == "humaneval":
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             print("check: not in this checkout: " + "; ".join(f"{n} ({w})" for n, w in missing.items()))
             return NOT_HERE
         if args.prompts in ("humaneval", "general-heldout"):
-            from adadecode import heads_prompts
+            from adadecode.heads import prompts as heads_prompts
 
             n_set = len(heads_prompts.humaneval() if args.prompts == "humaneval" else heads_prompts.general_heldout())
         else:

@@ -8,22 +8,24 @@ Methods, on the same prompts and model:
   hf-eager       transformers `generate`, eager attention (bf16 on the GPU, fp32 on the CPU)
   hf-compile     transformers `generate` with a static cache under torch.compile (GPU only)
   torch-graph    gpt-fast style: the torch reference forward with its decode step in a CUDA graph
-  vanilla        the engine (CudaEngine where it can run, else TorchEngine), vanilla greedy decoding
+  vanilla        the engine (--engine: auto is CudaEngine where it can run, else CpuEngine), vanilla greedy decoding
   adadecode      the same engine, AdaDecode with the heads
   layerskip      the same engine, LayerSkip-style drafting from the deepest head
 Seeded sampling (--temperatures, each > 0; empty: none): vanilla, adadecode (heads guess their own draw),
 adadecode-argmax (heads guess their argmax) and layerskip again at each temperature, as `method@T0.7`, compared
 with vanilla sampling at that temperature and seed (parity must be 100% there too).
 Per method: ms/token (median over prompts), tokens/s, speedup over the engine's vanilla, % of the
-bandwidth floor (GPU: bytes read per token over a device copy measured in this run), token parity
-with vanilla (AdaDecode and LayerSkip must be 100%: anything else is a bug and fails the run),
-early-exit rate, acceptance, mean exit layer, ideal layer-step speedup.
+bandwidth floor (bytes read per token over a device copy measured in this run on a GPU, over a read of 1 GiB
+on the CPU engine's threads), token parity with vanilla (AdaDecode and LayerSkip must be 100%: anything else is a
+bug and fails the run), early-exit rate, acceptance, mean exit layer, ideal layer-step speedup, and realized/ideal
+(the wall-clock speedup over the ideal one of the same run).
 
 Trace replay (GPU): AdaDecode's recorded schedule of every prompt is replayed on a Llama-3.1-8B shape
 with random weights (layers scaled to its depth) against a vanilla replay of the same token count;
 the realized speedup is compared with the ideal layer-step speedup of the scaled trace.
 
-Without a GPU the torch reference engine runs on the CPU and the numbers are not representative.
+Without a GPU the CPU engine runs (and says so); --engine torch runs the reference engine, whose numbers are not
+representative of either product engine.
 JSON and PNG plots go to bench/results/ with the device, versions, command and date.
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ from adadecode.decoding.trace import RecordingEngine, Trace, replay  # noqa: E40
 from adadecode.decoding.vanilla import Generation  # noqa: E402
 from adadecode.engines.cuda import cuda_unavailable_reason  # noqa: E402
 from adadecode.engines.head import Head  # noqa: E402
-from adadecode.engines.select import make_engine  # noqa: E402
+from adadecode.engines.select import auto_engine, make_engine  # noqa: E402
 from adadecode.heads import prompts as heads_prompts  # noqa: E402
 from adadecode.heads.prompt_sets import load_prompts  # noqa: E402
 
@@ -228,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0, help="sampled runs: top-p (1: off)")
     p.add_argument("--seed", type=int, default=0, help="sampled runs: the seed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--engine", default="auto", help="auto (cuda where it can run, else cpu), cuda, cpu, torch")
+    p.add_argument("--threads", type=int, default=None, help="the CPU engine's threads (default: the cores)")
     p.add_argument("--unfused", action="store_true",
                    help="the CUDA engine's unfused decode path (9 launches per layer), here and in the trace replay")
     p.add_argument("--check", action="store_true",
@@ -259,11 +263,15 @@ def main(argv=None) -> int:
               f"{'unfused' if args.unfused else 'fused'} decode path, trace replay {'off' if args.no_replay else 'on'}; "
               f"results to {args.out}")
         return 0
+    engine_name = auto_engine() if args.engine == "auto" else args.engine
     if not gpu:
-        print(f"note: no GPU ({cuda_unavailable_reason()}); the torch reference engine runs on the CPU. "
-              f"These numbers are NOT representative of the CUDA engine.", file=sys.stderr)
+        print(f"note: no GPU ({cuda_unavailable_reason()}); engine {engine_name} on the CPU"
+              + (" (the reference engine: NOT representative of the product engines)" if engine_name == "torch"
+                 else ""), file=sys.stderr)
 
-    llm = LLM(args.model, heads=heads_spec, max_rows=max(16, args.max_pending + 1, args.k + 1))
+    # the baselines read the model's torch weights: the CPU engine's packed copy does not replace them here
+    llm = LLM(args.model, heads=heads_spec, max_rows=max(16, args.max_pending + 1, args.k + 1), engine=args.engine,
+              threads=args.threads, release_weights=False)
     model, heads, meta = llm.model, llm.heads, llm.heads_meta
     gamma = args.gamma if args.gamma is not None else meta.get("gammas") or float(meta.get("gamma", DEFAULT_GAMMA))
     prompts = prompt_set(args.prompts, llm.tokenizer, meta)[:n_prompts]
@@ -348,13 +356,19 @@ def main(argv=None) -> int:
             traces.append(Trace(n_layers=model.cfg.n_layers, head_layers=[h.layer for h in heads], calls=rec.calls,
                                 meta={"tokens": len(g.tokens)}))
 
-    bw = copy_bandwidth() if gpu else None
+    bw = copy_bandwidth() if engine.name == "cuda" else None
+    if engine.name == "cpu":
+        from adadecode.engines.cpu import read_bandwidth
+
+        bw = read_bandwidth(engine.threads)
     rows = []
     for m in order:
         base = "vanilla" + m[m.index("@"):] if "@" in m else "vanilla"  # the same temperature's vanilla
         ref = gens[base]
         row = summarize(m, gens[m], None if m == base else ref, model.cfg.n_layers)
         row["speedup"] = statistics.median(r.ms_per_token for r in ref) / row["ms_per_token"]
+        if row.get("ideal_layer_step_speedup"):
+            row["realized_over_ideal"] = row["speedup"] / row["ideal_layer_step_speedup"]
         if bw:
             ctx = statistics.mean(len(x) + len(g.tokens) / 2 for x, g in zip(prompts, gens[m]))
             row["pct_bandwidth_floor"] = 100 * bytes_per_token(model.cfg, ctx) / bw / (row["ms_per_token"] / 1e3)
@@ -363,12 +377,14 @@ def main(argv=None) -> int:
             if r["method"].split("@")[0] in EXACT + ("adadecode-argmax",) and r.get("parity_prompts") != 1.0]
 
     facts = run_facts("bench/latency.py", argv)
-    result = {**facts, "representative": gpu,
+    result = {**facts, "representative": engine.name in ("cuda", "cpu"),
               "engine": engine.name, "path": "unfused" if args.unfused else "fused", "model": model.source, "heads": heads_spec, "head_layers": [h.layer for h in heads],
               "gamma": gamma, "max_pending": args.max_pending, "prompts": args.prompts, "n_prompts": len(prompts),
               "sampling": {"temperatures": args.temperatures, "top_k": args.top_k, "top_p": args.top_p,
                            "seed": args.seed},
-              "max_new_tokens": max_new, "copy_bandwidth_GBps": bw / 1e9 if bw else None,
+              "max_new_tokens": max_new,
+              ("copy_bandwidth_GBps" if engine.name == "cuda" else "read_bandwidth_GBps"): bw / 1e9 if bw else None,
+              **({"threads": engine.threads, "isa": engine.isa} if engine.name == "cpu" else {}),
               "methods": rows, "skipped": skipped}
     result["versions"]["transformers"] = __import__("transformers").__version__
     if traces:
@@ -380,7 +396,7 @@ def main(argv=None) -> int:
     print(f"\n{result['model']} | {result['device']} | engine {engine.name} | heads {heads_spec} "
           f"{result['head_layers']} gamma {gamma} | {len(prompts)} prompts x {max_new} tokens ({args.prompts})")
     print(f"{'method':<22} {'ms/tok':>9} {'tok/s':>8} {'speedup':>8} {'%floor':>7} {'parity':>7} {'exit':>6} "
-          f"{'accept':>7} {'exit L':>7} {'ideal':>6}")
+          f"{'accept':>7} {'exit L':>7} {'ideal':>6} {'real/id':>7}")
     for r in rows:
         def f(key, fmt, scale=1.0):
             return fmt % (scale * r[key]) if r.get(key) is not None else "-"
@@ -388,7 +404,7 @@ def main(argv=None) -> int:
         print(f"{r['method']:<22} {r['ms_per_token']:9.3f} {r['tokens_per_s']:8.1f} {r['speedup']:8.2f} "
               f"{f('pct_bandwidth_floor', '%.0f%%'):>7} {f('parity_prompts', '%.0f%%', 100):>7} "
               f"{f('early_exit_rate', '%.2f'):>6} {f('acceptance', '%.2f'):>7} {f('mean_exit_layer', '%.1f'):>7} "
-              f"{f('ideal_layer_step_speedup', '%.2f'):>6}")
+              f"{f('ideal_layer_step_speedup', '%.2f'):>6} {f('realized_over_ideal', '%.2f'):>7}")
     for m, why in skipped.items():
         print(f"{m:<22} not run: {why}")
     if "trace_replay" in result:
@@ -398,12 +414,13 @@ def main(argv=None) -> int:
         else:
             print(f"trace replay on {tr['shape']}: ideal {tr['ideal_speedup']:.2f}x, realized {tr['realized_speedup']:.2f}x "
                   f"({100 * tr['realized_over_ideal']:.0f}% of ideal; target >= 90%)")
-    if not gpu:
-        print("(CPU run of the torch reference engine: not representative of the CUDA engine)")
+    if engine.name == "torch":
+        print("(the torch reference engine: not representative of the product engines)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / (f"latency-{'gpu' if gpu else 'cpu'}-{args.prompts if args.prompts in DEFAULT_HEADS else 'custom'}"
+    where = "gpu" if engine.name == "cuda" else "cpu" if engine.name == "cpu" else f"{engine.name}-{'gpu' if gpu else 'cpu'}"
+    stem = out / (f"latency-{where}-{args.prompts if args.prompts in DEFAULT_HEADS else 'custom'}"
                   f"{'-unfused' if args.unfused else ''}-{facts['date'][:10]}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))

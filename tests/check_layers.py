@@ -17,7 +17,7 @@ The parts, bottom to top, and what each may import (PARTS below is the table its
 
 decoding and heads are siblings: a decoding method takes Head objects from its caller and never reads a head file;
 heads train and evaluate without running a decoding method. Only the engines import the compiled extensions
-(adadecode_cuda, adadecode_emu): everything above reaches the kernels through an engine.
+(adadecode_cuda, adadecode_emu, adadecode_cpu): everything above reaches the kernels through an engine.
 
 Where the table puts what an engine needs:
 * Head (engines/head.py) and the sampling rule (engines/sampling.py) sit in engines, not in heads and decoding:
@@ -57,7 +57,7 @@ PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "main": (("adadecode.__main__",), ("cli",)),
     "front": (("adadecode",), ("api",) + BELOW_API),
 }
-EXTENSIONS = ("adadecode_cuda", "adadecode_emu")  # compiled modules; imported by the parts in EXTENSION_USERS only
+EXTENSIONS = ("adadecode_cuda", "adadecode_emu", "adadecode_cpu")  # compiled modules; imported by the parts in EXTENSION_USERS only
 EXTENSION_USERS = ("engines",)
 
 

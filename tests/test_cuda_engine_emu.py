@@ -1,14 +1,12 @@
-"""CudaEngine on the emulated device (device='emu': csrc/ compiled for the CPU by csrc/emu) against TorchEngine,
-the oracle, on tiny random models: no GPU needed, CI runs these.
+"""CudaEngine on the emulated device (device='emu': csrc/ compiled for the CPU by csrc/emu): what only this engine
+has. The engine contract itself (greedy tokens against TorchEngine, run_layers splits, truncate, AdaDecode and
+LayerSkip == vanilla) is the shared suite of tests/test_engines.py, which runs on this engine too.
 
-* greedy tokens of CudaEngine(emu) == TorchEngine (bf16, CPU), or the first divergence is a bf16 logit tie
-  (adadecode.decoding.parity.fp32_tie_verdict: the fp32 model's and the engine's own logits on the decode path);
-* run_layers in any split of rows and layers == one call, bitwise, graphs on and off; truncate + re-run == never
-  having run; graph replays == eager launches;
-* AdaDecode on CudaEngine(emu) == vanilla greedy on CudaEngine(emu), token for token;
-* the C++ runtime's own errors (bad rows, head indices) reach Python as they do on a GPU.
-Models: GQA with untied embeddings, MQA with tied ones, head_dim 128 with Llama-3 RoPE scaling; prompts longer
-than 16 rows go through the tensor-core (wmma) prefill, in several chunks.
+* run_layers splits with graphs on and off; graph replays == eager launches;
+* the C++ runtime's own errors (bad rows, head indices) reach Python as they do on a GPU;
+* the default model's greedy tokens (a tie judged as in test_engines.py where they part);
+* the fused decode path (5 launches per layer) == the unfused one, bit for bit.
+Prompts longer than 16 rows go through the tensor-core (wmma) prefill, in several chunks.
 """
 from __future__ import annotations
 
@@ -17,11 +15,8 @@ import os
 import pytest
 import torch
 
-from adadecode.decoding.driver import generate_adadecode
-from adadecode.decoding.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.cuda import CudaEngine, emu_unavailable_reason
-from adadecode.engines.head import Head
 from adadecode.engines.sampling import make_sampling
 from adadecode.engines.select import make_engine
 from adadecode.engines.torch import TorchEngine
@@ -30,6 +25,7 @@ from adadecode.model.loader import Model
 
 from conftest import random_weights, tiny_hf_config
 from test_cuda_engine import _assert_bitwise, _check_schedules, _random_schedule, _start, _state
+from test_engines import judge_divergence, two_heads
 
 WHY = emu_unavailable_reason()
 if WHY is not None:  # CI builds adadecode_emu on every machine: a missing one is an error, not a skip
@@ -65,49 +61,14 @@ def random_thread_order():
     adadecode_emu.set_schedule(old, 1)
 
 
-def judge_divergence(emu, cfg, weights, prompt: list[int], got: list[int], want: list[int]) -> tuple[bool, str]:
-    """The first divergence of emu's tokens `got` from TorchEngine bf16's `want`, judged by fp32_tie_verdict on the
-    fp32 model's and emu's own logits along the decode path of want[:k]."""
-    k = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
-    f32 = TorchEngine(cfg, weights, device="cpu", dtype=torch.float32, max_seq=len(prompt) + len(want))
-    lf = decode_path_logits(f32, prompt, want[:k])[-1].float()
-    le = decode_path_logits(emu, prompt, want[:k])[-1].float()
-    ok, r = fp32_tie_verdict(lf, le, want[k], got[k])
-    ulp = bf16_ulp(float(lf.max()))
-    return ok, (f"first divergence at token {k}: torch {want[k]} vs emu {got[k]}; fp32 gap {r['ref_gap'] / ulp:.2f} "
-                f"bf16 ulps (tolerance {r['ref_tol'] / ulp:.2f}), emu's own {r['got_gap'] / ulp:.2f} "
-                f"(tolerance {r['got_tol'] / ulp:.2f})")
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_greedy_tokens_match_torch_engine(name):
-    cfg, weights = tiny_model(name)
-    emu = CudaEngine(cfg, weights, max_seq=128, device="emu", prefill_chunk=32)
-    ref = TorchEngine(cfg, weights, device="cpu", dtype=torch.bfloat16, max_seq=128)
-    g = torch.Generator().manual_seed(1)
-    lines, untied = [], []
-    for n in (3, 17, 45):  # skinny-GEMM prefill; wmma prefill; wmma prefill in two chunks
-        prompt = torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
-        got = generate_vanilla(emu, prompt, 24).tokens
-        want = generate_vanilla(ref, prompt, 24).tokens
-        if got == want:
-            lines.append(f"prompt of {n}: 24/24 tokens identical")
-            continue
-        ok, line = judge_divergence(emu, cfg, weights, prompt, got, want)
-        lines.append(f"prompt of {n}: {line}")
-        if not ok:
-            untied.append(lines[-1])
-    print(f"\nCudaEngine(emu) vs TorchEngine (bf16, CPU), {name}:\n" + "\n".join(lines))
-    assert not untied, "divergences that are not bf16 logit ties:\n" + "\n".join(untied)
-
-
 @pytest.fixture(scope="module")
 def gqa():
     cfg, weights = tiny_model("gqa-untied", seed=2)
     return cfg, weights, CudaEngine(cfg, weights, max_seq=96, device="emu", prefill_chunk=16)
 
 
-def test_run_layers_any_split_is_bitwise_one_call(gqa):
+def test_run_layers_splits_with_and_without_graphs(gqa):
+    """The shared suite (test_engines.py) runs the splits with graphs on; here graphs off too, and single rows."""
     cfg, _, e = gqa
     L = cfg.n_layers
     g = torch.Generator().manual_seed(4)
@@ -117,48 +78,8 @@ def test_run_layers_any_split_is_bitwise_one_call(gqa):
     e.run_layers(first, last, 0, L)
     whole = _state(e, first, last)
     whole_tokens = e.final(first, last)
-    schedules = {
-        "rows split": [(first, first + 1, 0, L), (first + 2, first + 2, 0, L), (first + 3, last, 0, L)],
-        "rows one by one": [(p, p, 0, L) for p in range(first, last + 1)],
-        "layers split": [(first, last, 0, 1), (first, last, 1, 3), (first, last, 3, L)],
-        "staircase": [(first, first + 2, 0, 2), (first, first + 1, 2, 3), (first + 3, last, 0, 2),
-                      (first + 2, last, 2, 3), (first, last, 3, L)],
-    }
-    for k in range(2):
-        schedules[f"random {k}"] = _random_schedule(g, first, last, L)
+    schedules = {f"random {k}": _random_schedule(g, first, last, L) for k in range(2)}
     _check_schedules(e, prompt, new, schedules, whole, whole_tokens, (first, first + 7, last))
-
-
-def test_truncate_and_rerun_is_bitwise_never_having_run(gqa):
-    cfg, weights, e = gqa
-    L = cfg.n_layers
-    g = torch.Generator().manual_seed(5)
-    prompt = torch.randint(0, cfg.vocab_size, (20,), generator=g).tolist()
-    cont = torch.randint(0, cfg.vocab_size, (8,), generator=g).tolist()
-    junk = torch.randint(0, cfg.vocab_size, (10,), generator=g).tolist()
-    n = len(prompt)
-
-    def decode(engine, start, tokens):
-        for i, t in enumerate(tokens):
-            engine.embed(start + i, t)
-            engine.run_layers(start + i, start + i, 0, L)
-
-    clean = CudaEngine(cfg, weights, max_seq=96, device="emu", prefill_chunk=16)
-    clean.prefill(prompt)
-    decode(clean, n, cont)
-    ref = _state(clean, n, n + len(cont) - 1)
-    ref_tokens = clean.final(n + len(cont) - 1, n + len(cont) - 1)
-
-    e.prefill(prompt)
-    decode(e, n, junk[:4])
-    for i, t in enumerate(junk[4:]):  # several rows in flight, partial layers, then rolled back
-        e.embed(n + 4 + i, t)
-    e.run_layers(n + 4, n + 9, 0, 2)
-    e.run_layers(n + 4, n + 6, 2, L)
-    e.truncate(n)
-    decode(e, n, cont)
-    _assert_bitwise(_state(e, n, n + len(cont) - 1), ref, "truncate(n) + re-run")
-    assert e.final(n + len(cont) - 1, n + len(cont) - 1) == ref_tokens
 
 
 def test_graph_replays_equal_eager_launches(gqa):
@@ -174,29 +95,6 @@ def test_graph_replays_equal_eager_launches(gqa):
     assert generate_vanilla(e, prompt, 12).tokens == a
     _assert_bitwise(_state(e, len(prompt) + 8, len(prompt) + 10), state_graphs, "eager vs graph replays")
     assert adadecode_emu.stats()["capture_violations"] == 0
-
-
-def two_heads(cfg, g: torch.Generator) -> list[Head]:
-    """A logit-lens head at layer 1 and a perturbed one at layer 2 with a restricted vocabulary + rest logit (the
-    kernels' subset path)."""
-    d = cfg.d
-    vocab = torch.randperm(cfg.vocab_size, generator=g)[:100].sort().values
-    return [Head.identity(1, d), Head(layer=2, T=torch.eye(d) + 0.05 * torch.randn(d, d, generator=g), vocab=vocab,
-                                      w_rest=0.05 * torch.randn(d, generator=g))]
-
-
-@pytest.mark.parametrize("name", ["gqa-untied", "mqa-tied"])
-def test_adadecode_equals_vanilla(name):
-    cfg, weights = tiny_model(name, seed=3)
-    e = CudaEngine(cfg, weights, max_seq=128, device="emu", prefill_chunk=32)
-    g = torch.Generator().manual_seed(7)
-    heads = two_heads(cfg, g)
-    prompt = torch.randint(0, cfg.vocab_size, (19,), generator=g).tolist()
-    want = generate_vanilla(e, prompt, 30).tokens
-    for gamma in (0.0, 0.02):  # 0: every head exits on every token (most rollbacks); then only confident ones
-        gen = generate_adadecode(e, prompt, 30, gamma=gamma, max_pending=5, heads=heads)
-        assert gen.tokens == want, f"gamma {gamma}: AdaDecode differs from vanilla ({gen.stats})"
-    assert gen.stats, "AdaDecode reported no statistics"
 
 
 def test_make_engine_and_runtime_errors():

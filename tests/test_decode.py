@@ -9,7 +9,7 @@ import torch
 
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.cuda import cuda_unavailable_reason
-from adadecode.engines.select import make_engine
+from adadecode.engines.select import auto_engine, make_engine
 from adadecode.engines.torch import TorchEngine
 
 from conftest import random_weights
@@ -113,7 +113,7 @@ def test_cuda_engine_says_what_is_missing(default_model):
         pytest.skip("the CUDA engine can run here")
     with pytest.raises(RuntimeError, match="the CUDA engine cannot run: .+"):
         make_engine(default_model, "cuda")
-    assert make_engine(default_model, "auto", max_seq=64).name == "torch"
+    assert make_engine(default_model, "auto", max_seq=64).name == auto_engine() == "cpu"
 
 
 def run_cli(*args):

@@ -1,5 +1,6 @@
-"""AdaDecode and LayerSkip drivers (adadecode/decoding/driver.py) on TorchEngine: exactly vanilla's tokens, whatever
-the heads say, with the schedule's invariants checked at every engine call and the statistics adding up."""
+"""AdaDecode and LayerSkip drivers (adadecode/decoding/driver.py) on TorchEngine and CpuEngine: exactly vanilla's
+tokens on the same engine, whatever the heads say, with the schedule's invariants checked at every engine call and
+the statistics adding up."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from adadecode.decoding.driver import generate_adadecode, generate_layerskip
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.head import Head
+from adadecode.engines.cpu import CpuEngine
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig
 
@@ -27,86 +29,99 @@ def tiny_model(n_layers: int = 4, seed: int = 0):
     return cfg, random_weights(cfg, seed=seed)
 
 
-class CheckedEngine(TorchEngine):
-    """TorchEngine that checks the driver's schedule at every call and can script the heads' answers.
+def checked(base):
+    class CheckedEngine(base):
+        """An engine that checks the driver's schedule at every call and can script the heads' answers.
 
-    It tracks the rows in flight (embedded, not yet finalized nor truncated) and asserts: they are
-    contiguous positions with depths non-increasing in position; `run_layers` runs exactly the rows at
-    the frontier's depth (a suffix ending at the frontier), never past the next row's depth; `head` is
-    asked on the frontier only; `final` covers every row in flight, all at depth L; a row started from a
-    verified token finds the cache holding exactly 0..pos-1 at every layer.
+        It tracks the rows in flight (embedded, not yet finalized nor truncated) and asserts: they are
+        contiguous positions with depths non-increasing in position; `run_layers` runs exactly the rows at
+        the frontier's depth (a suffix ending at the frontier), never past the next row's depth; `head` is
+        asked on the frontier only; `final` covers every row in flight, all at depth L; a row started from a
+        verified token finds the cache holding exactly 0..pos-1 at every layer.
 
-    script(engine, pos, head_index) -> (token, confidence) replaces the heads' answers when given.
-    """
+        script(engine, pos, head_index) -> (token, confidence) replaces the heads' answers when given.
+        """
 
-    def __init__(self, *a, script=None, max_flight=None, **kw):
-        super().__init__(*a, **kw)
-        self.script, self.max_flight = script, max_flight
-        self.flight: dict[int, int] = {}
-        self.events: list[tuple] = []
+        def __init__(self, *a, script=None, max_flight=None, **kw):
+            super().__init__(*a, **kw)
+            self.script, self.max_flight = script, max_flight
+            self.flight: dict[int, int] = {}
+            self.events: list[tuple] = []
 
-    def _check(self):
-        if not self.flight:
-            return
-        ps = sorted(self.flight)
-        assert ps == list(range(ps[0], ps[-1] + 1)), f"rows in flight not contiguous: {ps}"
-        ds = [self.flight[p] for p in ps]
-        assert all(a >= b for a, b in zip(ds, ds[1:])), f"depths increase with position: {dict(zip(ps, ds))}"
-        if self.max_flight is not None:
-            assert len(ps) <= self.max_flight, f"{len(ps)} rows in flight, at most {self.max_flight} allowed"
+        def _check(self):
+            if not self.flight:
+                return
+            ps = sorted(self.flight)
+            assert ps == list(range(ps[0], ps[-1] + 1)), f"rows in flight not contiguous: {ps}"
+            ds = [self.flight[p] for p in ps]
+            assert all(a >= b for a, b in zip(ds, ds[1:])), f"depths increase with position: {dict(zip(ps, ds))}"
+            if self.max_flight is not None:
+                assert len(ps) <= self.max_flight, f"{len(ps)} rows in flight, at most {self.max_flight} allowed"
 
-    def prefill(self, tokens):
-        super().prefill(tokens)
-        self.flight = {len(tokens) - 1: self.n_layers}
-        self.events = [("prefill", len(tokens))]  # one generation's events
+        def prefill(self, tokens):
+            super().prefill(tokens)
+            self.flight = {len(tokens) - 1: self.n_layers}
+            self.events = [("prefill", len(tokens))]  # one generation's events
 
-    def embed(self, pos, token):
-        if self.flight:
-            assert pos == max(self.flight) + 1, f"embed at {pos}, frontier is {max(self.flight)}"
-        else:  # a token verified: the cache holds exactly the verified prefix
-            assert self.kv_len == [pos] * self.n_layers, f"embed at {pos} with cache lengths {self.kv_len}"
-        super().embed(pos, token)
-        self.flight[pos] = 0
-        self.events.append(("embed", pos, int(token)))
-        self._check()
+        def embed(self, pos, token):
+            if self.flight:
+                assert pos == max(self.flight) + 1, f"embed at {pos}, frontier is {max(self.flight)}"
+            else:  # a token verified: the cache holds exactly the verified prefix
+                assert self.kv_len == [pos] * self.n_layers, f"embed at {pos} with cache lengths {self.kv_len}"
+            super().embed(pos, token)
+            self.flight[pos] = 0
+            self.events.append(("embed", pos, int(token)))
+            self._check()
 
-    def run_layers(self, first, last, l0, l1):
-        self._check()
-        ps = sorted(self.flight)
-        assert last == ps[-1], f"run_layers rows {first}..{last}: the frontier {ps[-1]} must be the last row"
-        assert all(self.flight[p] == l0 for p in range(first, last + 1)), "rows not all at depth l0"
-        if first > ps[0]:
-            assert self.flight[first - 1] > l0, f"row {first - 1} is at depth {l0} too and was left out"
-            assert l1 <= self.flight[first - 1], f"segment [{l0},{l1}) overtakes row {first - 1} at depth {self.flight[first - 1]}"
-        super().run_layers(first, last, l0, l1)
-        for p in range(first, last + 1):
-            self.flight[p] = l1
-        self.events.append(("run", first, last, l0, l1))
-        self._check()
+        def run_layers(self, first, last, l0, l1):
+            self._check()
+            ps = sorted(self.flight)
+            assert last == ps[-1], f"run_layers rows {first}..{last}: the frontier {ps[-1]} must be the last row"
+            assert all(self.flight[p] == l0 for p in range(first, last + 1)), "rows not all at depth l0"
+            if first > ps[0]:
+                assert self.flight[first - 1] > l0, f"row {first - 1} is at depth {l0} too and was left out"
+                assert l1 <= self.flight[first - 1], f"segment [{l0},{l1}) overtakes row {first - 1} at depth {self.flight[first - 1]}"
+            super().run_layers(first, last, l0, l1)
+            for p in range(first, last + 1):
+                self.flight[p] = l1
+            self.events.append(("run", first, last, l0, l1))
+            self._check()
 
-    def head(self, pos, head_index, **kw):
-        assert pos == max(self.flight), f"head asked on row {pos}, the frontier is {max(self.flight)}"
-        assert self.flight[pos] == self.heads[head_index].layer
-        self.events.append(("head", pos, head_index))
-        if self.script is None:
-            return super().head(pos, head_index, **kw)
-        self._row_slot(pos, self.heads[head_index].layer)  # the engine's own contract check
-        tok, conf = self.script(self, pos, head_index)
-        return int(tok), float(conf)
+        def head(self, pos, head_index, **kw):
+            assert pos == max(self.flight), f"head asked on row {pos}, the frontier is {max(self.flight)}"
+            assert self.flight[pos] == self.heads[head_index].layer
+            self.events.append(("head", pos, head_index))
+            if self.script is None:
+                return super().head(pos, head_index, **kw)
+            self._row_slot(pos, self.heads[head_index].layer)  # the engine's own contract check
+            tok, conf = self.script(self, pos, head_index)
+            return int(tok), float(conf)
 
-    def final(self, first, last, **kw):
-        ps = sorted(self.flight)
-        assert (first, last) == (ps[0], ps[-1]), f"final({first}, {last}) with rows {ps[0]}..{ps[-1]} in flight"
-        assert all(self.flight[p] == self.n_layers for p in ps)
-        out = super().final(first, last, **kw)
-        self.flight = {}
-        self.events.append(("final", first, last))
-        return out
+        def final(self, first, last, **kw):
+            ps = sorted(self.flight)
+            assert (first, last) == (ps[0], ps[-1]), f"final({first}, {last}) with rows {ps[0]}..{ps[-1]} in flight"
+            assert all(self.flight[p] == self.n_layers for p in ps)
+            out = super().final(first, last, **kw)
+            self.flight = {}
+            self.events.append(("final", first, last))
+            return out
 
-    def truncate(self, length):
-        super().truncate(length)
-        self.flight = {p: d for p, d in self.flight.items() if p < length}
-        self.events.append(("truncate", length))
+        def truncate(self, length):
+            super().truncate(length)
+            self.flight = {p: d for p, d in self.flight.items() if p < length}
+            self.events.append(("truncate", length))
+
+        def real_head(self, pos, head_index, **kw):
+            """The engine's own head, past the script."""
+            return base.head(self, pos, head_index, **kw)
+
+    CheckedEngine.__name__ = f"Checked{base.__name__}"
+    return CheckedEngine
+
+
+ENGINES = {"torch": TorchEngine, "cpu": lambda *a, **kw: CpuEngine(*a, threads=2, **kw)}
+CHECKED = {"torch": checked(TorchEngine), "cpu": checked(CpuEngine)}
+CheckedEngine = CHECKED["torch"]
 
 
 def check_stats(gen, eng: CheckedEngine, n_prompt: int, max_new: int, *, head_layers):
@@ -151,7 +166,7 @@ def scripted(truth, eos_tok, gamma, entries):
         elif kind == "eos":
             tok = eos_tok
         else:  # the real (identity) head
-            tok = TorchEngine.head(eng, pos, hi)[0]
+            tok = eng.real_head(pos, hi)[0]
         return tok, conf
 
     return script
@@ -177,11 +192,12 @@ def cases(draw):
     )
 
 
-def run_case(c, method, gamma=0.5, head_index=None, **sampling):
-    """sampling: temperature, top_k, top_p, seed, head_guess for the drivers (vanilla gets all but head_guess)."""
+def run_case(c, method, gamma=0.5, head_index=None, kind="torch", **sampling):
+    """sampling: temperature, top_k, top_p, seed, head_guess for the drivers (vanilla gets all but head_guess).
+    kind: the engine, torch or cpu (vanilla decoding on the same kind is the reference)."""
     cfg, w = tiny_model(c["L"], c["seed"])
     n, M = len(c["prompt"]), c["max_new"]
-    ref = TorchEngine(cfg, w, max_seq=64)
+    ref = ENGINES[kind](cfg, w, max_seq=64)
     vs = {k: v for k, v in sampling.items() if k != "head_guess"}
     # vanilla's continuation without EOS: what a "right" guess says; then an EOS somewhere in the middle
     truth = c["prompt"] + generate_vanilla(ref, c["prompt"], M, **vs).tokens
@@ -189,8 +205,9 @@ def run_case(c, method, gamma=0.5, head_index=None, **sampling):
     van = generate_vanilla(ref, c["prompt"], M, eos_ids=[eos_tok], **vs)
     P = c["max_pending"] if method == "adadecode" else c["k"]
     max_rows = P + 1 if c["tight_rows"] else 16
-    eng = CheckedEngine(cfg, w, max_seq=64, max_rows=max_rows, max_flight=P + 1,
-                        script=scripted(truth, eos_tok, gamma, c["entries"]))
+    extra = {"threads": 2} if kind == "cpu" else {}
+    eng = CHECKED[kind](cfg, w, max_seq=64, max_rows=max_rows, max_flight=P + 1,
+                        script=scripted(truth, eos_tok, gamma, c["entries"]), **extra)
     heads = [Head.identity(l, cfg.d) for l in c["head_layers"]]
     seen = []
     if method == "adadecode":
@@ -214,19 +231,21 @@ FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 
 
 @pytest.mark.exactness
+@pytest.mark.parametrize("kind", ["torch", "cpu"])
 @FAST
 @given(c=cases(), gamma=st.one_of(st.sampled_from([0.5, 0.0, 0.99]), st.floats(0, 0.99)))
-def test_adadecode_equals_vanilla_whatever_the_heads_say(c, gamma):
-    run_case(c, "adadecode", gamma=gamma)
+def test_adadecode_equals_vanilla_whatever_the_heads_say(kind, c, gamma):
+    run_case(c, "adadecode", gamma=gamma, kind=kind)
 
 
 @pytest.mark.exactness
+@pytest.mark.parametrize("kind", ["torch", "cpu"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases(), k=st.integers(1, 8), data=st.data())
-def test_layerskip_equals_vanilla_whatever_the_head_says(c, k, data):
+def test_layerskip_equals_vanilla_whatever_the_head_says(kind, c, k, data):
     c["k"] = k
     hi = data.draw(st.integers(0, len(c["head_layers"]) - 1))
-    gen, eng = run_case(c, "layerskip", head_index=hi)
+    gen, eng = run_case(c, "layerskip", head_index=hi, kind=kind)
     l, L = c["head_layers"][hi], c["L"]
     assert all(e[3] in (0, l) and e[4] in (l, L) for e in eng.events if e[0] == "run")
     assert gen.stats["head_calls"] == gen.stats["early"]  # it drafts whatever the confidence

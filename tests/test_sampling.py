@@ -251,17 +251,19 @@ options = st.fixed_dictionaries(dict(
 SAMPLED = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.parametrize("kind", ["torch", "cpu"])
 @SAMPLED
 @given(c=cases(), gamma=st.one_of(st.sampled_from([0.5, 0.0]), st.floats(0, 0.99)), opts=options)
-def test_adadecode_sampling_equals_vanilla_sampling(c, gamma, opts):
-    run_case(c, "adadecode", gamma=gamma, **opts)
+def test_adadecode_sampling_equals_vanilla_sampling(kind, c, gamma, opts):
+    run_case(c, "adadecode", gamma=gamma, kind=kind, **opts)
 
 
+@pytest.mark.parametrize("kind", ["torch", "cpu"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases(), k=st.integers(1, 8), opts=options, data=st.data())
-def test_layerskip_sampling_equals_vanilla_sampling(c, k, opts, data):
+def test_layerskip_sampling_equals_vanilla_sampling(kind, c, k, opts, data):
     c["k"] = k
-    run_case(c, "layerskip", head_index=data.draw(st.integers(0, len(c["head_layers"]) - 1)), **opts)
+    run_case(c, "layerskip", head_index=data.draw(st.integers(0, len(c["head_layers"]) - 1)), kind=kind, **opts)
 
 
 @pytest.mark.parametrize("head_guess", ["sample", "argmax"])

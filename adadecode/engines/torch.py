@@ -159,3 +159,10 @@ class TorchEngine(EngineContract):
     def hidden(self, pos: int) -> torch.Tensor:
         """The residual stream of row `pos` (a copy), for tests."""
         return self.rows[self._row_slot(pos)].clone()
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V [kv_len, n_kv_heads, head_dim] of `layer` (its valid cache entries), for tests."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
+        n = self.kv_len[layer]
+        return self.k_cache[layer][:n].clone(), self.v_cache[layer][:n].clone()

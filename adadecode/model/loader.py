@@ -18,7 +18,7 @@ import torch
 
 from .config import LlamaConfig
 from .tokenizer import Tokenizer
-from .weights import LlamaWeights, expected_shapes
+from .weights import LlamaWeights, ReleasedWeights, expected_shapes
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,6 +38,14 @@ class Model:
         if self._fingerprint is None:
             self._fingerprint = self.weights.fingerprint(self.cfg)
         return self._fingerprint
+
+    def release_weights(self, holder: str) -> None:
+        """Drop the torch weights once `holder` (e.g. the CPU engine's packed copy) holds them: the weights are then
+        held once. The fingerprint (which head files are checked against) is computed first and kept."""
+        if isinstance(self.weights, ReleasedWeights):
+            return
+        self.fingerprint
+        self.weights = ReleasedWeights(self.source, holder)
 
     @property
     def eos_ids(self) -> tuple[int, ...]:

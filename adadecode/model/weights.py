@@ -120,3 +120,17 @@ class LlamaWeights:
             h.update(str(tuple(t.shape)).encode())
             h.update(sample.numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+class ReleasedWeights:
+    """What a Model holds once its torch weights were handed to an engine that keeps its own copy (the CPU engine
+    packs them once, into its lane order): any use names where they went, instead of holding them twice."""
+
+    def __init__(self, source: str, holder: str):
+        self._source, self._holder = source, holder
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(f"{self._source}: the model's torch weights were released ({self._holder} holds them); "
+                           f"load the model again to use them elsewhere")

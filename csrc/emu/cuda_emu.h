@@ -231,11 +231,13 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
 }
-// Approximations on the GPU (a few ulp): glibc's values here, so never bitwise-comparable with a GPU.
+// Approximations on the GPU (a few ulp): glibc's values here, so never bitwise-comparable with a GPU. The kernels
+// call none of them on the decode path (fixed_math.h: exp2_fixed, exp_fixed, log_f32, inv_sqrt instead).
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }

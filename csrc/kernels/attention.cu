@@ -76,7 +76,7 @@ __device__ __forceinline__ void merge_pairs(const float* part_o, const float* pa
     for (int i = 0; i < NQ; ++i) {
       if (c < nc[i]) {
         const float2 v = ml[base[i] + c];
-        const float w = exp2f(v.x - M[i]);
+        const float w = exp2_fixed(v.x - M[i]);
         L[i] = __fmaf_rn(v.y, w, L[i]);
         acc[i] = __fmaf_rn(part_o[(base[i] + c) * HD + d], w, acc[i]);
       }
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
       float l = 0.f;
 #pragma unroll
       for (int i = 0; i < CH / 32; ++i) {
-        const float p = v[i] == -INFINITY ? 0.f : exp2f(v[i] - m);
+        const float p = v[i] == -INFINITY ? 0.f : exp2_fixed(v[i] - m);
         S[qi * CH + lane + 32 * i] = p;
         l = __fadd_rn(l, p);
       }

@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "fixed_math.h"
+
 #ifdef __CUDACC__
 #define ADADECODE_HOST_DEVICE __host__ __device__
 #else

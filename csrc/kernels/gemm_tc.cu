@@ -30,7 +30,7 @@ __device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.a
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 #endif
 
-__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+__device__ __forceinline__ float silu(float g) { return g / (1.f + exp_fixed(-g)); }
 
 // GATEUP: tile columns 0..63 are rows n0..n0+63 of W (gate), 64..127 the same rows of W_up; output 64 columns.
 template <bool GATEUP>

@@ -20,7 +20,7 @@ __device__ __forceinline__ Stat combine(const Stat& a, const Stat& b) {
   Stat o;
   o.m = fmaxf(a.m, b.m);
   o.idx = (b.m > a.m || (b.m == a.m && b.idx < a.idx)) ? b.idx : a.idx;
-  o.s = __fadd_rn(a.s * expf(a.m - o.m), b.s * expf(b.m - o.m));
+  o.s = __fadd_rn(a.s * exp_fixed(a.m - o.m), b.s * exp_fixed(b.m - o.m));
   if (isnan(a.s) || isnan(b.s) || isnan(a.m) || isnan(b.m)) o.s = NAN;
   return o;
 }
@@ -122,13 +122,13 @@ __global__ void __launch_bounds__(kMergeThreads) lm_head_merge_kernel(
     float M = m;
     if (w_rest) {
       M = fmaxf(m, rest);
-      s = __fadd_rn(s * expf(m - M), expf(rest - M));
+      s = __fadd_rn(s * exp_fixed(m - M), exp_fixed(rest - M));
       if (isnan(rest)) s = NAN;
     }
-    const float l = M + logf(s);
+    const float l = isnan(s) ? NAN : M + log_f32(s);  // log_f32 is defined on positive normal floats only
     const bool bad = isnan(l) || idx < 0;
     token[r] = bad ? -1 : (subset ? subset[idx] : idx);
-    max_prob[r] = bad ? NAN : expf(m - l);
+    max_prob[r] = bad ? NAN : exp_fixed(m - l);
     if (lse) lse[r] = bad ? NAN : l;
   }
 }

@@ -24,7 +24,7 @@ __device__ __forceinline__ float warp_row_inv_rms(const __nv_bfloat16* x, int d,
 #pragma unroll
     for (int e = 0; e < 8; ++e) ss = __fmaf_rn(f[e], f[e], ss);
   }
-  return rsqrtf(__fadd_rn(__fdiv_rn(warp_sum(ss), static_cast<float>(d)), eps));
+  return inv_sqrt(__fadd_rn(__fdiv_rn(warp_sum(ss), static_cast<float>(d)), eps));
 }
 
 // One normalised element: x, g exact bf16 values as floats. (g * n is exact in fp32: the rounding is bf16's alone,

@@ -7,7 +7,7 @@ namespace {
 
 constexpr int kCols = 4;  // weight rows per block (NMAT == 2: 2 of W_gate + the same 2 of W_up)
 
-__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+__device__ __forceinline__ float silu(float g) { return g / (1.f + exp_fixed(-g)); }
 
 // NMAT = 1: plain / residual epilogue; NMAT = 2: silu(gate) * up.
 template <int RB, int NMAT>

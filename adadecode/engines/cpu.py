@@ -1,0 +1,253 @@
+"""CpuEngine: the engine contract (DESIGN.md §3) on native CPU kernels, through the C++ runtime of adadecode_cpu.
+
+The same Python API and semantics as TorchEngine (the oracle) and CudaEngine: prefill, embed, run_layers, head,
+final, final_logits, set_heads, truncate, hidden, kv. The host-side bookkeeping and the contract checks are
+EngineContract's; the compute runs in `adadecode_cpu.Engine` (csrc/cpu/engine.cpp):
+
+* the weights are packed once, in bf16, into the kernels' lane order (`CpuWeights`, held by the C++ side: the
+  caller may drop its own tensors, and `Model.cpu_weights()` packs a model once for every engine built from it);
+* `run_layers` on R rows reads each weight once for all R rows (the rows sit inside the weight tile), attention
+  runs R rows in one pass over the cache, and the RMSNorms, RoPE, the K/V append, SiLU * up and the residual adds
+  are folded into the GEMM jobs that consume or produce them, as on the GPU;
+* `final` returns the greedy tokens of the native LM head; with sampling, the token is drawn by the reference rule
+  (adadecode.engines.sampling.sample) from the same bf16-rounded logits the CUDA kernel samples from.
+
+Bitwise by construction (DESIGN.md §4): every output's reduction order is the CUDA kernels' (csrc/cpu/lanes.h),
+a function of the shapes alone, never of the rows in a call, the thread count or the instruction set (AVX-512,
+AVX2 and a portable path compute the same bits; threads split output columns and (kv head, chunk) items, never a
+reduction). So CpuEngine agrees bit for bit with CudaEngine on the emulated device wherever that one runs the same
+kernels (decode, and prefill in chunks of at most 16 rows), and with itself across machines.
+
+Threads: `threads=None` takes ADADECODE_CPU_THREADS or the cores this process may use. `isa=None` takes
+ADADECODE_CPU_ISA or the best path of this CPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..model.config import LlamaConfig
+from ..model.weights import LlamaWeights
+from .contract import EngineContract
+from .sampling import sample
+from .torch import rope_inv_freq
+
+
+def cpu_unavailable_reason() -> str | None:
+    """Why the CPU engine cannot run here, or None when it can."""
+    try:
+        import adadecode_cpu  # noqa: F401
+    except ImportError as e:
+        return (f"the extension adadecode_cpu is not built or does not load ({e}); `pip install --no-build-isolation "
+                f"-e .` builds it with g++ wherever torch is installed (see README)")
+    return None
+
+
+def _ext():
+    why = cpu_unavailable_reason()
+    if why:
+        raise RuntimeError(f"the CPU engine cannot run: {why}")
+    import adadecode_cpu
+
+    return adadecode_cpu
+
+
+def read_bandwidth(threads: int = 1, mib: int = 1024, reps: int = 5) -> float:
+    """Bytes/s of `threads` threads reading `mib` MiB that no cache holds (a STREAM-like sum, best of `reps`): the
+    ceiling of a decode step, which reads every weight once. The benchmarks measure it in the same run."""
+    return float(_ext().read_bandwidth(mib, threads, reps))
+
+
+def default_threads() -> int:
+    env = os.environ.get("ADADECODE_CPU_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"ADADECODE_CPU_THREADS={env!r} is not an integer") from None
+        if n < 1:
+            raise ValueError(f"ADADECODE_CPU_THREADS={env!r} must be >= 1")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [max_seq, head_dim/2], computed exactly as TorchEngine and CudaEngine compute theirs."""
+    t = torch.arange(max_seq, dtype=torch.float32)
+    freqs = torch.outer(t, rope_inv_freq(cfg))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    half = cfg.head_dim // 2
+    return emb.cos()[:, :half].contiguous(), emb.sin()[:, :half].contiguous()
+
+
+def check_supported(cfg: LlamaConfig) -> None:
+    """The shapes the CPU kernels take; a clear ValueError naming the field otherwise."""
+    if cfg.head_dim > 256:
+        raise ValueError(f"the CPU engine supports head_dim up to 256, this model has {cfg.head_dim}")
+    if cfg.n_heads * cfg.head_dim % 8:
+        raise ValueError(f"the CPU engine needs num_attention_heads * head_dim % 8 == 0, this model has "
+                         f"{cfg.n_heads} x {cfg.head_dim}")
+    if cfg.d % 8:
+        raise ValueError(f"the CPU engine needs hidden_size % 8 == 0, this model has {cfg.d}")
+    if cfg.ffn_dim % 8:
+        raise ValueError(f"the CPU engine needs intermediate_size % 8 == 0, this model has {cfg.ffn_dim}")
+
+
+class CpuWeights:
+    """A model's weights packed for the CPU kernels (bf16, lane order), held once by the C++ side."""
+
+    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights):
+        check_supported(cfg)
+        ext = _ext()
+
+        def bf(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", torch.bfloat16).contiguous()
+
+        layers = [[bf(lw.attn_norm), bf(lw.wq), bf(lw.wk), bf(lw.wv), bf(lw.wo), bf(lw.mlp_norm), bf(lw.w_gate),
+                   bf(lw.w_up), bf(lw.w_down)] for lw in weights.layers]
+        tied = weights.lm_head is weights.embed
+        self.cfg = cfg
+        self._w = ext.Weights(
+            n_layers=cfg.n_layers, d=cfg.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps), embed=bf(weights.embed),
+            norm=bf(weights.norm), lm_head=None if tied else bf(weights.lm_head), layers=layers)
+
+    @property
+    def bytes(self) -> int:
+        return self._w.bytes
+
+
+class CpuEngine(EngineContract):
+    name = "cpu"
+    dtype = torch.bfloat16
+
+    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | CpuWeights, *, max_seq: int | None = None,
+                 max_rows: int = 16, threads: int | None = None, isa: str | None = None, prefill_chunk: int = 64):
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or not 1 <= max_rows <= 256:
+            raise ValueError(f"max_rows={max_rows!r} must be an integer in 1..256 for the CPU engine")
+        if not isinstance(prefill_chunk, int) or not 1 <= prefill_chunk <= 1024:
+            raise ValueError(f"prefill_chunk must be an integer in 1..1024, got {prefill_chunk!r}")
+        threads = default_threads() if threads is None else threads
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
+            raise ValueError(f"threads={threads!r} must be an integer in 1..1024")
+        ext = _ext()
+        self._init_contract(cfg, max_seq, max_rows)
+        self.device = torch.device("cpu")
+        if not isinstance(weights, CpuWeights):
+            weights = CpuWeights(cfg, weights)
+        elif weights.cfg != cfg:
+            raise ValueError("CpuWeights were packed for another model config")
+        self.packed = weights
+        kv = 2 * cfg.n_layers * -(-self.max_seq // 16) * 16 * cfg.n_kv_heads * cfg.head_dim * 2
+        free = ext.available_memory()
+        if kv > free:  # before the RoPE tables of max_seq rows are built
+            raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads x "
+                              f"head_dim {cfg.head_dim} ({kv / 2**30:.2f} GiB, bf16) does not fit in the "
+                              f"{free / 2**30:.2f} GiB of memory available")
+        cos, sin = rope_tables(cfg, self.max_seq)
+        self._eng = ext.Engine(weights._w, cos, sin, max_seq=self.max_seq, max_rows=self.max_rows,
+                               prefill_chunk=prefill_chunk, threads=threads, isa=isa or "")
+
+    # ---- sizes ------------------------------------------------------------------------------------------------------
+    @property
+    def isa(self) -> str:
+        """The kernel path in use: avx512, avx2 or portable (all compute the same bits)."""
+        return self._eng.isa
+
+    @property
+    def threads(self) -> int:
+        return self._eng.threads
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._eng.kv_bytes
+
+    # ---- the contract's compute (checks and bookkeeping: EngineContract) -----------------------------------------
+    def _prefill(self, tokens: list[int]) -> None:
+        self._eng.prefill(tokens)
+
+    def _embed(self, pos: int, token: int, slot: int) -> None:
+        self._eng.embed(pos, token)
+
+    def _run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int, slots: list[int]) -> None:
+        self._eng.run_layers(first_pos, last_pos, l0, l1)
+
+    def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
+        """fp32 logits [rows, vocab] of rows at depth L: the native LM head's, rounded to bf16 as the CUDA kernel's."""
+        self._rows(first_pos, last_pos, self.n_layers)
+        _, logits = self._eng.final(first_pos, last_pos, logits=True)
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
+        return logits
+
+    def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
+        """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling` for positions
+        row + 1 from the bf16-rounded logits (adadecode.engines.sampling: the CUDA epilogue's rule, bit for bit)."""
+        if sampling is not None:
+            return sample(self.final_logits(first_pos, last_pos), sampling,
+                          range(first_pos + 1, last_pos + 2)).tolist()
+        self._rows(first_pos, last_pos, self.n_layers)
+        tokens, _ = self._eng.final(first_pos, last_pos)
+        if min(tokens) < 0:
+            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
+        return tokens
+
+    def set_heads(self, heads) -> None:
+        """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
+        heads = list(heads)
+        d, vocab = self.cfg.d, self.cfg.vocab_size
+        specs = []
+        for i, h in enumerate(heads):
+            if not 0 <= int(h.layer) <= self.n_layers:
+                raise ValueError(f"head {i}: layer {h.layer} is outside 0..{self.n_layers}")
+            if tuple(h.T.shape) != (d, d):
+                raise ValueError(f"head {i}: T has shape {tuple(h.T.shape)}, expected ({d}, {d})")
+            ids = None
+            if h.vocab is not None:
+                v = h.vocab.detach().reshape(-1).to("cpu", torch.int64)
+                if v.numel() == 0 or int(v.min()) < 0 or int(v.max()) >= vocab:
+                    raise ValueError(f"head {i}: vocabulary subset must hold 1..{vocab} ids in 0..{vocab - 1}")
+                if v.numel() > 1 and not bool((v[1:] > v[:-1]).all()):
+                    raise ValueError(f"head {i}: vocabulary subset must be sorted ascending without repeats")
+                ids = v.to(torch.int32).contiguous()
+            w_rest = None
+            if h.w_rest is not None:
+                if h.vocab is None:
+                    raise ValueError(f"head {i}: w_rest is given without a vocabulary subset")
+                if tuple(h.w_rest.shape) != (d,):
+                    raise ValueError(f"head {i}: w_rest has shape {tuple(h.w_rest.shape)}, expected ({d},)")
+                w_rest = h.w_rest.detach().to("cpu", torch.bfloat16).contiguous()
+            specs.append((int(h.layer), h.T.detach().to("cpu", torch.bfloat16).contiguous(), ids, w_rest))
+        self._eng.set_heads(specs)
+        self.heads = [h.to("cpu", torch.bfloat16) for h in heads]
+
+    def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
+        """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer; with `sampling`
+        the token is the head's own draw for position pos + 1 (over its real tokens, as TorchEngine.head)."""
+        hd = self.heads[head_index]
+        head_index = range(len(self.heads))[head_index]
+        self._row_slot(pos, hd.layer)
+        token, prob, logits = self._eng.head(pos, head_index, logits=sampling is not None)
+        if not math.isfinite(prob) or token < 0:
+            raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
+        if sampling is None:
+            return int(token), float(prob)
+        ids = hd.vocab if hd.vocab is not None else torch.arange(self.cfg.vocab_size)
+        j = int(sample(logits[None], sampling, [pos + 1], ids)[0])
+        return int(ids[j]), float(prob)
+
+    def hidden(self, pos: int) -> torch.Tensor:
+        """The residual stream of row `pos` (a copy), for tests."""
+        self._row_slot(pos)
+        return self._eng.hidden(pos)
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V [kv_len, n_kv_heads, head_dim] of `layer` (its valid cache entries), for tests."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
+        return self._eng.kv(layer, self.kv_len[layer])

@@ -1,0 +1,311 @@
+// adadecode_cpu: the torch binding of the CPU engine runtime (engine.h). It checks every tensor it is given (CPU,
+// dtype, shape, contiguity), copies what the runtime keeps (the weights are packed into its own buffers: the caller
+// may drop its tensors), releases the GIL while the engine computes, and turns runtime errors into Python
+// exceptions: OutOfMemory -> MemoryError, std::invalid_argument -> ValueError, std::out_of_range -> IndexError.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../kernels/fixed_math.h"
+#include "engine.h"
+#include "kernels.h"
+
+namespace py = pybind11;
+namespace cpu = adadecode::cpu;
+
+namespace {
+
+void check(const at::Tensor& t, const std::string& name, at::IntArrayRef shape, at::ScalarType dt) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dt, name, " must be ", c10::toString(dt), ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+const uint16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+
+const cpu::Kernels* kernels_named(const std::string& isa) {
+  const cpu::Kernels* k = isa.empty() ? cpu::best_kernels() : cpu::kernels_for(isa.c_str());
+  if (k == nullptr) {
+    std::string have;
+    for (const char* const* p = cpu::supported_isas(); *p; ++p) have += std::string(have.empty() ? "" : ", ") + *p;
+    const char* env = std::getenv("ADADECODE_CPU_ISA");
+    const std::string want = isa.empty() ? std::string(env ? env : "") : isa;
+    throw std::invalid_argument("CPU engine: kernels '" + want + "' do not run on this CPU (it runs: " + have + ")");
+  }
+  return k;
+}
+
+std::shared_ptr<cpu::Weights> make_weights(int64_t n_layers, int64_t d, int64_t n_heads, int64_t n_kv_heads,
+                                           int64_t head_dim, int64_t ffn, int64_t vocab, double eps,
+                                           const at::Tensor& embed, const at::Tensor& norm,
+                                           const c10::optional<at::Tensor>& lm_head,
+                                           const std::vector<std::vector<at::Tensor>>& layers) {
+  cpu::ModelDims m;
+  m.n_layers = static_cast<int>(n_layers), m.d = static_cast<int>(d), m.n_heads = static_cast<int>(n_heads);
+  m.n_kv_heads = static_cast<int>(n_kv_heads), m.head_dim = static_cast<int>(head_dim), m.ffn = static_cast<int>(ffn);
+  m.vocab = static_cast<int>(vocab), m.eps = static_cast<float>(eps);
+  const auto bf = at::kBFloat16;
+  const int64_t q = n_heads * head_dim, kv = n_kv_heads * head_dim;
+  check(embed, "embed", {vocab, d}, bf);
+  check(norm, "norm", {d}, bf);
+  if (lm_head) check(*lm_head, "lm_head", {vocab, d}, bf);
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layers, "got ", layers.size(), " layers, expected ", n_layers);
+  std::vector<cpu::LayerSource> src;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const auto& L = layers[l];
+    TORCH_CHECK(L.size() == 9, "layer ", l, ": expected 9 tensors (attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down)");
+    const std::string p = "layer " + std::to_string(l) + " ";
+    check(L[0], p + "attn_norm", {d}, bf);
+    check(L[1], p + "wq", {q, d}, bf);
+    check(L[2], p + "wk", {kv, d}, bf);
+    check(L[3], p + "wv", {kv, d}, bf);
+    check(L[4], p + "wo", {d, q}, bf);
+    check(L[5], p + "mlp_norm", {d}, bf);
+    check(L[6], p + "w_gate", {ffn, d}, bf);
+    check(L[7], p + "w_up", {ffn, d}, bf);
+    check(L[8], p + "w_down", {d, ffn}, bf);
+    src.push_back({bf16_ptr(L[0]), bf16_ptr(L[1]), bf16_ptr(L[2]), bf16_ptr(L[3]), bf16_ptr(L[4]), bf16_ptr(L[5]),
+                   bf16_ptr(L[6]), bf16_ptr(L[7]), bf16_ptr(L[8])});
+  }
+  py::gil_scoped_release nogil;
+  return std::make_shared<cpu::Weights>(m, bf16_ptr(embed), lm_head ? bf16_ptr(*lm_head) : nullptr, bf16_ptr(norm),
+                                        src);
+}
+
+class PyEngine {
+ public:
+  PyEngine(std::shared_ptr<cpu::Weights> w, const at::Tensor& cos, const at::Tensor& sin, int64_t max_seq,
+           int64_t max_rows, int64_t prefill_chunk, int64_t threads, const std::string& isa) {
+    TORCH_CHECK(w != nullptr, "weights must be given");
+    const int64_t half = w->dims().head_dim / 2;
+    check(cos, "cos", {max_seq, half}, at::kFloat);
+    check(sin, "sin", {max_seq, half}, at::kFloat);
+    const cpu::Kernels* k = kernels_named(isa);
+    py::gil_scoped_release nogil;
+    e_ = std::make_unique<cpu::Engine>(std::move(w), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                                       static_cast<int>(max_seq), static_cast<int>(max_rows),
+                                       static_cast<int>(prefill_chunk), static_cast<int>(threads), k);
+  }
+
+  void prefill(const std::vector<int32_t>& tokens) {
+    py::gil_scoped_release nogil;
+    e_->prefill(tokens.data(), static_cast<int>(tokens.size()));
+  }
+  void embed(int64_t pos, int64_t token) { e_->embed(static_cast<int>(pos), static_cast<int>(token)); }
+  void run_layers(int64_t first, int64_t last, int64_t l0, int64_t l1) {
+    py::gil_scoped_release nogil;
+    e_->run_layers(static_cast<int>(first), static_cast<int>(last), static_cast<int>(l0), static_cast<int>(l1));
+  }
+  // (tokens, logits [R, vocab] fp32 or None); token -1: the row's logits are not finite
+  std::tuple<std::vector<int32_t>, c10::optional<at::Tensor>> final(int64_t first, int64_t last, bool with_logits) {
+    const int64_t R = last - first + 1;
+    TORCH_CHECK(R >= 1 && R <= e_->max_rows(), "final: rows ", first, "..", last, " must be 1..", e_->max_rows(), " rows");
+    std::vector<int32_t> tokens(R);
+    c10::optional<at::Tensor> logits;
+    if (with_logits) logits = at::empty({R, e_->dims().vocab}, at::kFloat);
+    {
+      py::gil_scoped_release nogil;
+      e_->final_tokens(static_cast<int>(first), static_cast<int>(last), tokens.data(),
+                       with_logits ? logits->data_ptr<float>() : nullptr);
+    }
+    return {tokens, logits};
+  }
+  // heads: (layer, T [d, d] bf16, vocab int32 [K] or None, w_rest bf16 [d] or None)
+  void set_heads(const std::vector<std::tuple<int64_t, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>>>& specs) {
+    const int64_t d = e_->dims().d;
+    std::vector<cpu::Head> heads;
+    auto& W = *e_->w_;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      const auto& [layer, T, vocab, w_rest] = specs[i];
+      const std::string p = "head " + std::to_string(i) + " ";
+      check(T, p + "T", {d, d}, at::kBFloat16);
+      cpu::Head h;
+      h.layer = static_cast<int>(layer);
+      std::vector<const uint16_t*> rows;
+      for (int64_t n = 0; n < d; ++n) rows.push_back(bf16_ptr(T) + n * d);
+      W.pack(h.T, static_cast<int>(d), rows);
+      if (vocab) {
+        TORCH_CHECK(vocab->device().is_cpu() && vocab->scalar_type() == at::kInt && vocab->dim() == 1 &&
+                        vocab->is_contiguous() && vocab->numel() >= 1,
+                    p, "vocab must be a non-empty contiguous 1-d int32 CPU tensor");
+        h.vocab.assign(vocab->data_ptr<int32_t>(), vocab->data_ptr<int32_t>() + vocab->numel());
+      }
+      if (w_rest) {
+        check(*w_rest, p + "w_rest", {d}, at::kBFloat16);
+        const cpu::LaneLayout& L = *e_->L_rest_;
+        std::vector<float> x(d + 1, 0.f);
+        const uint16_t* wr = bf16_ptr(*w_rest);
+        for (int64_t j = 0; j < d; ++j) {
+          const uint32_t u = static_cast<uint32_t>(wr[j]) << 16;
+          std::memcpy(&x[j], &u, 4);
+        }
+        h.w_rest.resize(L.xlen);
+        for (int j = 0; j < L.xlen; ++j) h.w_rest[j] = x[L.xsrc[j]];
+      }
+      heads.push_back(std::move(h));
+    }
+    e_->set_heads(std::move(heads));
+  }
+  // (token, confidence, logits over the head's real tokens or None); token -1: not finite
+  std::tuple<int32_t, float, c10::optional<at::Tensor>> head(int64_t pos, int64_t i, bool with_logits) {
+    c10::optional<at::Tensor> logits;
+    if (with_logits) {
+      TORCH_CHECK(i >= 0 && i < e_->n_heads_set(), "head index ", i, " outside 0..", e_->n_heads_set() - 1);
+      const auto& h = e_->head_at(static_cast<int>(i));
+      logits = at::empty({h.vocab.empty() ? e_->dims().vocab : static_cast<int64_t>(h.vocab.size())}, at::kFloat);
+    }
+    std::pair<int32_t, float> r;
+    {
+      py::gil_scoped_release nogil;
+      r = e_->head(static_cast<int>(pos), static_cast<int>(i), with_logits ? logits->data_ptr<float>() : nullptr);
+    }
+    return {r.first, r.second, logits};
+  }
+  at::Tensor hidden(int64_t pos) {
+    at::Tensor out = at::empty({e_->dims().d}, at::kBFloat16);
+    e_->copy_row(static_cast<int>(pos), reinterpret_cast<uint16_t*>(out.data_ptr()));
+    return out;
+  }
+  std::tuple<at::Tensor, at::Tensor> kv(int64_t layer, int64_t length) {
+    const auto& m = e_->dims();
+    TORCH_CHECK(length >= 0 && length <= e_->max_seq(), "kv: length ", length, " outside 0..", e_->max_seq());
+    at::Tensor k = at::empty({length, m.n_kv_heads, m.head_dim}, at::kBFloat16);
+    at::Tensor v = at::empty({length, m.n_kv_heads, m.head_dim}, at::kBFloat16);
+    e_->copy_kv(static_cast<int>(layer), static_cast<int>(length), reinterpret_cast<uint16_t*>(k.data_ptr()),
+                reinterpret_cast<uint16_t*>(v.data_ptr()));
+    return {k, v};
+  }
+
+  std::string isa() const { return e_->isa(); }
+  int threads() const { return e_->threads(); }
+  int64_t kv_bytes() const { return static_cast<int64_t>(e_->kv_bytes()); }
+  int64_t weight_bytes() const { return static_cast<int64_t>(e_->weights().bytes()); }
+
+ private:
+  std::unique_ptr<cpu::Engine> e_;
+};
+
+std::vector<std::string> isas() {
+  std::vector<std::string> out;
+  for (const char* const* p = cpu::supported_isas(); *p; ++p) out.emplace_back(*p);
+  return out;
+}
+
+// exp_fixed (base2 false) or exp2_fixed of every element, through the vector kernels of `isa` (tests).
+at::Tensor fixed_exp(const at::Tensor& x, const std::string& isa, bool base2) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous fp32 CPU tensor");
+  const cpu::Kernels* k = kernels_named(isa);
+  at::Tensor y = at::empty_like(x);
+  (base2 ? k->exp2 : k->exp)(x.data_ptr<float>(), y.data_ptr<float>(), static_cast<int>(x.numel()));
+  return y;
+}
+
+// The scalar fixed-math functions of csrc/kernels/fixed_math.h, element by element (the reference of the tests).
+at::Tensor fixed_exp_scalar(const at::Tensor& x, bool base2) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous fp32 CPU tensor");
+  at::Tensor y = at::empty_like(x);
+  const float* a = x.data_ptr<float>();
+  float* b = y.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) b[i] = base2 ? adadecode::exp2_fixed(a[i]) : adadecode::exp_fixed(a[i]);
+  return y;
+}
+
+// out [R, N] = x [R, K] (fp32, bf16 values) . w [N, K] (bf16) in the CUDA skinny GEMM's order, through `isa`.
+at::Tensor lane_dot(const at::Tensor& x, const at::Tensor& w, const std::string& isa) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "lane_dot: x [R, K] and w [N, K]");
+  const int64_t R = x.size(0), N = w.size(0), K = x.size(1);
+  check(x, "x", {R, K}, at::kFloat);
+  check(w, "w", {N, K}, at::kBFloat16);
+  TORCH_CHECK(K % 8 == 0 && K > 0, "lane_dot: K must be a positive multiple of 8");
+  const cpu::Kernels* k = kernels_named(isa);
+  const cpu::LaneLayout L(static_cast<int>(K), cpu::skinny_lanes(static_cast<int>(K)));
+  std::vector<uint16_t> packed(N * K);
+  const uint16_t* wp = bf16_ptr(w);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < K; ++j) packed[n * K + j] = wp[n * K + L.wsrc[j]];
+  std::vector<float> row(K + 1, 0.f), xp(R * L.xlen);
+  for (int64_t r = 0; r < R; ++r) {
+    std::memcpy(row.data(), x.data_ptr<float>() + r * K, K * sizeof(float));
+    k->permute(L, row.data(), xp.data() + r * L.xlen);
+  }
+  std::vector<const uint16_t*> ptrs(N);
+  for (int64_t n = 0; n < N; ++n) ptrs[n] = packed.data() + n * K;
+  at::Tensor out = at::empty({R, N}, at::kFloat);
+  k->dot_tile(L, ptrs.data(), static_cast<int>(N), xp.data(), L.xlen, static_cast<int>(R), out.data_ptr<float>());
+  return out;
+}
+
+// Read bandwidth (bytes/s) of `threads` threads summing a buffer of `mib` MiB that no cache holds, best of `reps`
+// passes: the ceiling a decode step (every weight read once) can reach on this machine, measured in the same run.
+double read_bandwidth(int64_t mib, int64_t threads, int64_t reps, const std::string& isa) {
+  TORCH_CHECK(mib >= 1 && threads >= 1 && reps >= 1, "read_bandwidth: mib, threads, reps must be >= 1");
+  const cpu::Kernels* k = kernels_named(isa);
+  const size_t n = static_cast<size_t>(mib) << 18;  // floats
+  cpu::Buffer<float> buf(n, "bandwidth probe");
+  for (size_t i = 0; i < n; ++i) buf.data()[i] = static_cast<float>(i & 1023);
+  cpu::ThreadPool pool(static_cast<int>(threads));
+  struct Ctx {
+    const cpu::Kernels* k;
+    const float* p;
+    float sink[1024];
+  } ctx{k, buf.data(), {}};
+  constexpr int64_t kChunk = 1 << 18;  // 1 MiB of floats per item
+  const int items = static_cast<int>(n / kChunk);
+  py::gil_scoped_release nogil;
+  double best = 1e30;
+  for (int64_t r = 0; r < reps + 1; ++r) {  // the first pass warms the pages and the threads
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.run(items, [](void* c, int thread, int item, bool) {
+      auto& x = *static_cast<Ctx*>(c);
+      x.sink[thread & 1023] += x.k->read_sum(x.p + static_cast<int64_t>(item) * kChunk, kChunk);
+    }, &ctx);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::min(best, s);
+  }
+  return static_cast<double>(items) * kChunk * sizeof(float) / best;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "adadecode's CPU engine: the engine contract on native batch-invariant kernels (csrc/cpu)";
+  py::register_exception<cpu::OutOfMemory>(m, "HostOutOfMemory", PyExc_MemoryError);
+  py::class_<cpu::Weights, std::shared_ptr<cpu::Weights>>(m, "Weights")
+      .def(py::init(&make_weights), py::arg("n_layers"), py::arg("d"), py::arg("n_heads"), py::arg("n_kv_heads"),
+           py::arg("head_dim"), py::arg("ffn"), py::arg("vocab"), py::arg("eps"), py::arg("embed"), py::arg("norm"),
+           py::arg("lm_head"), py::arg("layers"))
+      .def_property_readonly("bytes", [](const cpu::Weights& w) { return static_cast<int64_t>(w.bytes()); });
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init<std::shared_ptr<cpu::Weights>, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                    int64_t, const std::string&>(),
+           py::arg("weights"), py::arg("cos"), py::arg("sin"), py::arg("max_seq"), py::arg("max_rows"),
+           py::arg("prefill_chunk"), py::arg("threads"), py::arg("isa") = "")
+      .def("prefill", &PyEngine::prefill)
+      .def("embed", &PyEngine::embed)
+      .def("run_layers", &PyEngine::run_layers)
+      .def("final", &PyEngine::final, py::arg("first"), py::arg("last"), py::arg("logits") = false)
+      .def("set_heads", &PyEngine::set_heads)
+      .def("head", &PyEngine::head, py::arg("pos"), py::arg("i"), py::arg("logits") = false)
+      .def("hidden", &PyEngine::hidden)
+      .def("kv", &PyEngine::kv)
+      .def_property_readonly("isa", &PyEngine::isa)
+      .def_property_readonly("threads", &PyEngine::threads)
+      .def_property_readonly("kv_bytes", &PyEngine::kv_bytes)
+      .def_property_readonly("weight_bytes", &PyEngine::weight_bytes);
+  m.def("read_bandwidth", &read_bandwidth, py::arg("mib") = 1024, py::arg("threads") = 1, py::arg("reps") = 5,
+        py::arg("isa") = "", "bytes/s of `threads` threads reading a buffer of `mib` MiB (best of `reps`)");
+  m.def("isas", &isas, "the kernel paths this CPU runs, best first");
+  m.def("available_memory", [] { return static_cast<int64_t>(std::min<size_t>(cpu::available_memory(), INT64_MAX)); },
+        "bytes of memory this process may still take (MemAvailable)");
+  m.def("fixed_exp", &fixed_exp, py::arg("x"), py::arg("isa"), py::arg("base2"));
+  m.def("fixed_exp_scalar", &fixed_exp_scalar, py::arg("x"), py::arg("base2"));
+  m.def("lane_dot", &lane_dot, py::arg("x"), py::arg("w"), py::arg("isa"));
+}

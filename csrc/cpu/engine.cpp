@@ -1,0 +1,666 @@
+// The CPU engine runtime (engine.h: the contract, the state, the jobs of a layer).
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "../kernels/fixed_math.h"
+
+namespace adadecode::cpu {
+namespace {
+
+std::string gib(size_t bytes) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.3f GiB", static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0));
+  return buf;
+}
+
+[[noreturn]] void bad(const std::string& why) { throw std::invalid_argument("CPU engine: " + why); }
+
+// Output columns per item of a column-split job: enough bytes per item (16 columns of K = 576 bf16 are 18 KB) that
+// claiming costs nothing, few enough that a thread that stalls holds back little.
+constexpr int kColsPerItem = 16;
+constexpr int kVocabPerItem = 32;
+constexpr int kRowBlock = 16;  // attention: rows per item (a decode call is one block)
+
+inline uint16_t bf16_bits(float f) {  // f already a bf16 value
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+}  // namespace
+
+size_t available_memory() {
+#if defined(__linux__)
+  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    unsigned long long kb = 0;
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    std::fclose(f);
+    if (kb) return static_cast<size_t>(kb) * 1024;
+  }
+#endif
+  return SIZE_MAX;  // unknown: the allocation itself decides
+}
+
+// ---- buffers ------------------------------------------------------------------------------------------------------
+template <class T>
+Buffer<T>::Buffer(size_t n, const char* what) : n_(n) {
+  if (n == 0) return;
+  const size_t bytes = n * sizeof(T);
+  const size_t align = bytes >= (size_t{4} << 20) ? (size_t{2} << 20) : 64;
+  const size_t rounded = (bytes + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, rounded);
+  if (p == nullptr) throw OutOfMemory(std::string("CPU engine: ") + what + " of " + gib(bytes) + " does not fit in memory");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (align > 64) madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+  std::memset(p, 0, rounded);  // defined contents, and the pages are touched here rather than mid-decode
+  p_.reset(static_cast<T*>(p));
+}
+template <class T>
+void Buffer<T>::Free::operator()(T* p) const {
+  std::free(p);
+}
+template class Buffer<uint16_t>;
+template class Buffer<float>;
+
+// ---- weights ------------------------------------------------------------------------------------------------------
+namespace {
+// The row pointers of matrices (pointer, rows) stacked in order, each row K values.
+std::vector<const uint16_t*> rows_of(std::initializer_list<std::pair<const uint16_t*, int>> parts, int K) {
+  std::vector<const uint16_t*> out;
+  for (const auto& [p, n] : parts)
+    for (int i = 0; i < n; ++i) out.push_back(p + static_cast<size_t>(i) * K);
+  return out;
+}
+}  // namespace
+
+const LaneLayout& Weights::layout(int K, int NT) {
+  if (NT == 0) NT = skinny_lanes(K);
+  auto& slot = layouts_[{K, NT}];
+  if (!slot) slot = std::make_unique<LaneLayout>(K, NT);
+  return *slot;
+}
+
+void Weights::pack(PackedMatrix& m, int K, const std::vector<const uint16_t*>& rows) {
+  const int N = static_cast<int>(rows.size());
+  m.N = N;
+  m.K = K;
+  m.L = &layout(K, 0);
+  const size_t n_elems = static_cast<size_t>(N) * K;
+  if (arena_used_ + n_elems <= arena_.size()) {
+    m.data = arena_.data() + arena_used_;
+    arena_used_ += n_elems;
+  } else {
+    m.own = Buffer<uint16_t>(n_elems, "packed weights");
+    m.data = m.own.data();
+  }
+  const int32_t* src = m.L->wsrc.data();
+  for (int n = 0; n < N; ++n) {
+    const uint16_t* in = rows[n];
+    uint16_t* out = m.data + static_cast<size_t>(n) * K;
+    for (int j = 0; j < K; ++j) out[j] = in[src[j]];
+  }
+  bytes_ += n_elems * sizeof(uint16_t);
+}
+
+Weights::Weights(const ModelDims& dims, const uint16_t* embed, const uint16_t* lm_head, const uint16_t* norm,
+                 const std::vector<LayerSource>& layers_in)
+    : dims_(dims), tied_(lm_head == nullptr) {
+  const ModelDims& m = dims_;
+  if (m.n_layers < 1 || m.d < 8 || m.n_heads < 1 || m.n_kv_heads < 1 || m.ffn < 8 || m.vocab < 1 || m.head_dim < 2)
+    bad("model dimensions must be positive");
+  if (m.d % 8) bad("hidden size " + std::to_string(m.d) + " must be a multiple of 8");
+  if (m.ffn % 8) bad("intermediate size " + std::to_string(m.ffn) + " must be a multiple of 8");
+  if (m.head_dim % 2 || m.head_dim > 256) bad("head_dim " + std::to_string(m.head_dim) + " must be even, at most 256");
+  if (m.n_heads * m.head_dim % 8) bad("n_heads * head_dim must be a multiple of 8 (the o_proj reduction)");
+  if (m.n_heads % m.n_kv_heads) bad("n_heads " + std::to_string(m.n_heads) + " is not a multiple of n_kv_heads " + std::to_string(m.n_kv_heads));
+  if (!(m.eps > 0.f) || !std::isfinite(m.eps)) bad("rms_norm_eps must be positive and finite");
+  if (static_cast<int>(layers_in.size()) != m.n_layers)
+    bad("got weights of " + std::to_string(layers_in.size()) + " layers, expected " + std::to_string(m.n_layers));
+  const int d = m.d, q = m.n_heads * m.head_dim, kv = m.n_kv_heads * m.head_dim;
+  auto copy = [&](Buffer<uint16_t>& b, const uint16_t* src, size_t n) {
+    b = Buffer<uint16_t>(n, "weights");
+    std::memcpy(b.data(), src, n * sizeof(uint16_t));
+    bytes_ += b.bytes();
+  };
+  copy(this->norm, norm, d);
+  if (!tied_) copy(this->embed, embed, static_cast<size_t>(m.vocab) * d);
+  const size_t per_layer = static_cast<size_t>(q + 2 * kv) * d + static_cast<size_t>(d) * q + 3 * static_cast<size_t>(m.ffn) * d;
+  arena_ = Buffer<uint16_t>(per_layer * m.n_layers + static_cast<size_t>(m.vocab) * d, "packed weights");
+  layers.resize(m.n_layers);
+  for (int l = 0; l < m.n_layers; ++l) {
+    const LayerSource& s = layers_in[l];
+    Layer& L = layers[l];
+    copy(L.attn_norm, s.attn_norm, d);
+    copy(L.mlp_norm, s.mlp_norm, d);
+    pack(L.wqkv, d, rows_of({{s.wq, q}, {s.wk, kv}, {s.wv, kv}}, d));
+    pack(L.wo, q, rows_of({{s.wo, d}}, q));
+    std::vector<const uint16_t*> gu;
+    for (int n0 = 0; n0 < m.ffn; n0 += kGateUpBlock) {
+      const int cn = std::min(kGateUpBlock, m.ffn - n0);
+      for (int c = 0; c < cn; ++c) gu.push_back(s.w_gate + static_cast<size_t>(n0 + c) * d);
+      for (int c = 0; c < cn; ++c) gu.push_back(s.w_up + static_cast<size_t>(n0 + c) * d);
+    }
+    pack(L.gate_up, d, gu);
+    pack(L.w_down, m.ffn, rows_of({{s.w_down, d}}, m.ffn));
+  }
+  pack(this->lm_head, d, rows_of({{tied_ ? embed : lm_head, m.vocab}}, d));  // last: read after the layers
+}
+
+void Weights::embedding(int token, uint16_t* out) const {
+  const int d = dims_.d;
+  if (!tied_) {
+    std::memcpy(out, embed.data() + static_cast<size_t>(token) * d, d * sizeof(uint16_t));
+    return;
+  }
+  const uint16_t* row = lm_head.row(token);
+  const int32_t* src = lm_head.L->wsrc.data();
+  for (int j = 0; j < d; ++j) out[src[j]] = row[j];
+}
+
+// ---- the jobs -------------------------------------------------------------------------------------------------------
+namespace {
+
+using ThreadWs = Engine::ThreadWs;
+
+// Row r of `rows` (bf16, stride d) RMS-normalised (rmsnorm_core.cuh: the sum of squares in the 32-lane order, then
+// inv = 1 / sqrt(ss / d + eps), then norm_elem) and permuted into L_d: t.xp + r * xlen.
+void prep_norm(const Engine& e, ThreadWs& t, const uint16_t* rows, int R, const uint16_t* g) {
+  const Kernels& k = e.k_;
+  const int d = e.dims().d;
+  const LaneLayout &Ln = *e.L_norm_, &Ld = *e.L_d_;
+  for (int r = 0; r < R; ++r) {
+    k.bf16_to_f32(rows + static_cast<size_t>(r) * d, t.row.data(), d);
+    t.row[d] = 0.f;
+    k.permute(Ln, t.row.data(), t.tmp.data());
+    const float ss = k.dot_f32(Ln, t.tmp.data(), t.tmp.data());
+    const float inv = inv_sqrt(rn::add(rn::div(ss, static_cast<float>(d)), e.dims().eps));
+    k.norm_apply(t.row.data(), inv, g, t.xn.data(), d);
+    t.xn[d] = 0.f;
+    k.permute(Ld, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * Ld.xlen);
+  }
+}
+
+// Rows of fp32 activations (bf16 values, stride K) permuted into L.
+void prep_plain(const Engine& e, ThreadWs& t, const float* rows, int R, int K, const LaneLayout& L) {
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(t.xn.data(), rows + static_cast<size_t>(r) * K, K * sizeof(float));
+    t.xn[K] = 0.f;
+    e.k_.permute(L, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * L.xlen);
+  }
+}
+
+struct LayerJob {
+  Engine* e;
+  int R, first, layer;
+  AttnArgs attn;
+  // attention items: (row block, kv head, chunk); a (row block, kv head)'s last chunk to finish merges
+  std::vector<int> item_rb, item_kh, item_c, need;
+  std::unique_ptr<std::atomic<int>[]> count;
+};
+
+void qkv_item(void* ctx, int thread, int item, bool first) {
+  auto& j = *static_cast<LayerJob*>(ctx);
+  Engine& e = *j.e;
+  ThreadWs& t = e.ws_[thread];
+  const ModelDims& m = e.dims();
+  const Weights::Layer& W = e.w_->layers[j.layer];
+  if (first) prep_norm(e, t, e.hw_.data(), j.R, W.attn_norm.data());
+  const int hd = m.head_dim, half = hd / 2, H = m.n_heads, Hkv = m.n_kv_heads;
+  const uint16_t* ptrs[256];
+  for (int c = 0; c < hd; ++c) ptrs[c] = W.wqkv.row(item * hd + c);
+  e.k_.dot_tile(*e.L_d_, ptrs, hd, t.xp.data(), e.L_d_->xlen, j.R, t.out.data());
+  float rot[256];
+  for (int r = 0; r < j.R; ++r) {
+    const int pos = j.first + r;
+    float* y = t.out.data() + static_cast<size_t>(r) * hd;
+    e.k_.round_bf16(y, y, hd);
+    if (item >= H + Hkv) {  // v: into the cache as it is
+      const int kh = item - H - Hkv;
+      e.k_.f32_to_bf16(y, e.v_layer(j.layer) + (static_cast<size_t>(kh) * e.max_seq_ + pos) * hd, hd);
+      continue;
+    }
+    e.k_.rope(y, e.cos_.data() + static_cast<size_t>(pos) * half, e.sin_.data() + static_cast<size_t>(pos) * half, hd,
+              rot);
+    if (item < H) {
+      std::memcpy(e.q_.data() + (static_cast<size_t>(r) * H + item) * hd, rot, hd * sizeof(float));
+    } else {  // k: lane pos % 16 of its position block
+      const int kh = item - H;
+      uint16_t* kb = e.k_layer(j.layer) + ((static_cast<size_t>(kh) * e.nkb_ + pos / kKBlock) * hd) * kKBlock;
+      for (int dd = 0; dd < hd; ++dd) kb[dd * kKBlock + pos % kKBlock] = bf16_bits(rot[dd]);
+    }
+  }
+}
+
+void attn_item(void* ctx, int, int item, bool) {
+  auto& j = *static_cast<LayerJob*>(ctx);
+  const Engine& e = *j.e;
+  const int rb = j.item_rb[item], kh = j.item_kh[item], c = j.item_c[item];
+  const int r0 = rb * kRowBlock, r1 = std::min(j.R, r0 + kRowBlock);
+  e.k_.attn_chunk(j.attn, kh, c, r0, r1);
+  const int slot = rb * e.dims().n_kv_heads + kh;
+  if (j.count[slot].fetch_add(1, std::memory_order_acq_rel) + 1 != j.need[rb]) return;
+  const int G = e.dims().n_heads / e.dims().n_kv_heads;
+  for (int r = r0; r < r1; ++r)
+    for (int g = 0; g < G; ++g) e.k_.attn_merge(j.attn, r, kh * G + g);
+}
+
+// Column items of a residual GEMM: h[:, n0:n1] = bf16(h + bf16(x W^T)).
+void residual_item(Engine& e, ThreadWs& t, int R, const PackedMatrix& W, int item) {
+  const int n0 = item * kColsPerItem, cn = std::min(kColsPerItem, W.N - n0);
+  const uint16_t* ptrs[kColsPerItem];
+  for (int c = 0; c < cn; ++c) ptrs[c] = W.row(n0 + c);
+  e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, R, t.out.data());
+  for (int r = 0; r < R; ++r)
+    e.k_.residual_add(t.out.data() + static_cast<size_t>(r) * cn, e.hw_.data() + static_cast<size_t>(r) * W.N + n0, cn);
+}
+
+void o_item(void* ctx, int thread, int item, bool first) {
+  auto& j = *static_cast<LayerJob*>(ctx);
+  Engine& e = *j.e;
+  ThreadWs& t = e.ws_[thread];
+  const int q = e.dims().n_heads * e.dims().head_dim;
+  if (first) prep_plain(e, t, e.attn_.data(), j.R, q, *e.L_q_);
+  residual_item(e, t, j.R, e.w_->layers[j.layer].wo, item);
+}
+
+void gate_up_item(void* ctx, int thread, int item, bool first) {
+  auto& j = *static_cast<LayerJob*>(ctx);
+  Engine& e = *j.e;
+  ThreadWs& t = e.ws_[thread];
+  const Weights::Layer& W = e.w_->layers[j.layer];
+  if (first) prep_norm(e, t, e.hw_.data(), j.R, W.mlp_norm.data());
+  const int ffn = e.dims().ffn, n0 = item * kGateUpBlock, cn = std::min(kGateUpBlock, ffn - n0);
+  const uint16_t* ptrs[2 * kGateUpBlock];
+  for (int c = 0; c < 2 * cn; ++c) ptrs[c] = W.gate_up.row(2 * n0 + c);  // cn gate rows, then the same cn up rows
+  e.k_.dot_tile(*e.L_d_, ptrs, 2 * cn, t.xp.data(), e.L_d_->xlen, j.R, t.out.data());
+  for (int r = 0; r < j.R; ++r) {
+    const float* gu = t.out.data() + static_cast<size_t>(r) * 2 * cn;
+    e.k_.silu_mul(gu, gu + cn, e.act_.data() + static_cast<size_t>(r) * ffn + n0, cn);
+  }
+}
+
+void down_item(void* ctx, int thread, int item, bool first) {
+  auto& j = *static_cast<LayerJob*>(ctx);
+  Engine& e = *j.e;
+  ThreadWs& t = e.ws_[thread];
+  if (first) prep_plain(e, t, e.act_.data(), j.R, e.dims().ffn, *e.L_ffn_);
+  residual_item(e, t, j.R, e.w_->layers[j.layer].w_down, item);
+}
+
+int col_items(int n, int per) { return (n + per - 1) / per; }
+
+// LM head over `ids` (nullptr: all rows of the matrix) for R normed rows: logits rounded to bf16 (as the CUDA LM
+// head with round_bf16), into `logits` (row stride n) when given, and each thread's running argmax.
+struct LmJob {
+  Engine* e;
+  int R, n, job;
+  const int32_t* ids;
+  const uint16_t* rows;  // the rows to normalise (final) or nullptr (the head: t.xp already holds z, see head())
+  const float* z;        // head: the transformed row (bf16 values)
+  float* logits;
+};
+
+void lm_item(void* ctx, int thread, int item, bool first) {
+  auto& j = *static_cast<LmJob*>(ctx);
+  Engine& e = *j.e;
+  ThreadWs& t = e.ws_[thread];
+  if (first) {
+    if (j.rows)
+      prep_norm(e, t, j.rows, j.R, e.w_->norm.data());
+    else
+      prep_plain(e, t, j.z, 1, e.dims().d, *e.L_d_);
+    for (int r = 0; r < j.R; ++r) t.best[r] = -INFINITY, t.best_idx[r] = -1, t.ok[r] = 1;
+    t.job = j.job;
+  }
+  const PackedMatrix& W = e.w_->lm_head;
+  const int n0 = item * kVocabPerItem, cn = std::min(kVocabPerItem, j.n - n0);
+  const uint16_t* ptrs[kVocabPerItem];
+  for (int c = 0; c < cn; ++c) ptrs[c] = W.row(j.ids ? j.ids[n0 + c] : n0 + c);
+  e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, j.R, t.out.data());
+  for (int r = 0; r < j.R; ++r) {
+    float* y = t.out.data() + static_cast<size_t>(r) * cn;
+    e.k_.round_bf16(y, y, cn);
+    if (j.logits) std::memcpy(j.logits + static_cast<size_t>(r) * j.n + n0, y, cn * sizeof(float));
+    if (!e.k_.argmax(y, cn, n0, &t.best[r], &t.best_idx[r])) t.ok[r] = 0;
+  }
+}
+
+// The head's T: z = bf16(T . norm(row)), columns split.
+struct HeadTJob {
+  Engine* e;
+  const PackedMatrix* T;
+  const uint16_t* row;
+  float* z;
+};
+
+void head_t_item(void* ctx, int thread, int item, bool first) {
+  auto& j = *static_cast<HeadTJob*>(ctx);
+  Engine& e = *j.e;
+  ThreadWs& t = e.ws_[thread];
+  if (first) prep_norm(e, t, j.row, 1, e.w_->norm.data());
+  const int d = e.dims().d, n0 = item * kColsPerItem, cn = std::min(kColsPerItem, d - n0);
+  const uint16_t* ptrs[kColsPerItem];
+  for (int c = 0; c < cn; ++c) ptrs[c] = j.T->row(n0 + c);
+  e.k_.dot_tile(*e.L_d_, ptrs, cn, t.xp.data(), e.L_d_->xlen, 1, t.out.data());
+  e.k_.round_bf16(t.out.data(), j.z + n0, cn);
+}
+
+}  // namespace
+
+// LM-head statistics in the CUDA kernel's order (lm_head.cu: combine, blocks of kLmHeadCols folded in order, the
+// blocks merged by 256 strided folds and a tree, then the rest logit). Every fold is the kernel's combine; its exps
+// come in bulk from k.exp (the same bits as exp_fixed), the folds themselves are scalar.
+LmStats lm_stats(const Kernels& k, const float* lg, int n, bool has_rest, float rest) {
+  struct St {
+    float m, s;
+    int idx;
+  };
+  auto combine = [](const St& a, const St& b) -> St {
+    if (a.idx < 0) return b;
+    if (b.idx < 0) return a;
+    St o;
+    o.m = std::fmax(a.m, b.m);
+    o.idx = (b.m > a.m || (b.m == a.m && b.idx < a.idx)) ? b.idx : a.idx;
+    o.s = rn::add(rn::mul(a.s, exp_fixed(rn::sub(a.m, o.m))), rn::mul(b.s, exp_fixed(rn::sub(b.m, o.m))));
+    if (std::isnan(a.s) || std::isnan(b.s) || std::isnan(a.m) || std::isnan(b.m)) o.s = NAN;
+    return o;
+  };
+  const int nblk = (n + kLmHeadCols - 1) / kLmHeadCols;
+  std::vector<St> part(nblk);
+  // Inside a block the running max is a prefix max; the fold's two exps are exp(prev max - max) and exp(v - max)
+  std::vector<float> arg(2 * static_cast<size_t>(n)), ex(2 * static_cast<size_t>(n));
+  std::vector<float> runm(n);
+  for (int b = 0; b < nblk; ++b) {
+    const int j0 = b * kLmHeadCols, j1 = std::min(n, j0 + kLmHeadCols);
+    float m = lg[j0];
+    runm[j0] = m;
+    for (int j = j0 + 1; j < j1; ++j) {
+      const float nm = std::fmax(m, lg[j]);
+      arg[2 * j] = rn::sub(m, nm);
+      arg[2 * j + 1] = rn::sub(lg[j], nm);
+      m = nm;
+      runm[j] = m;
+    }
+  }
+  k.exp(arg.data(), ex.data(), 2 * n);
+  for (int b = 0; b < nblk; ++b) {
+    const int j0 = b * kLmHeadCols, j1 = std::min(n, j0 + kLmHeadCols);
+    St st{lg[j0], 1.f, j0};  // combine({-inf, 0, -1}, one) = one
+    for (int j = j0 + 1; j < j1; ++j) {
+      const float v = lg[j];
+      St o;
+      o.m = runm[j];
+      o.idx = v > st.m ? j : st.idx;
+      // combine(st, {v, 1, j}): 1 * exp(v - m) is exp(v - m) exactly
+      o.s = rn::add(rn::mul(st.s, ex[2 * j]), ex[2 * j + 1]);
+      if (std::isnan(st.s) || std::isnan(st.m) || std::isnan(v)) o.s = NAN;
+      st = o;
+    }
+    part[b] = st;
+  }
+  St sm[kLmMergeThreads];
+  for (int tid = 0; tid < kLmMergeThreads; ++tid) {
+    St st{-INFINITY, 0.f, -1};
+    for (int b = tid; b < nblk; b += kLmMergeThreads) st = combine(st, part[b]);
+    sm[tid] = st;
+  }
+  for (int off = kLmMergeThreads / 2; off > 0; off >>= 1)
+    for (int tid = 0; tid < off; ++tid) sm[tid] = combine(sm[tid], sm[tid + off]);
+  const float m = sm[0].m;
+  float s = sm[0].s, M = m;
+  if (has_rest) {
+    M = std::fmax(m, rest);
+    s = rn::add(rn::mul(s, exp_fixed(rn::sub(m, M))), exp_fixed(rn::sub(rest, M)));
+    if (std::isnan(rest)) s = NAN;
+  }
+  const float l = std::isnan(s) ? NAN : rn::add(M, log_f32(s));
+  LmStats out;
+  const bool badrow = std::isnan(l) || sm[0].idx < 0;
+  out.idx = badrow ? -1 : sm[0].idx;
+  out.max_prob = badrow ? NAN : exp_fixed(rn::sub(m, l));
+  return out;
+}
+
+// ---- the engine ---------------------------------------------------------------------------------------------------
+Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* sin, int max_seq, int max_rows,
+               int prefill_chunk, int threads, const Kernels* kernels)
+    : k_(kernels ? *kernels : *kernels_for("portable")), w_(std::move(weights)), max_seq_(max_seq),
+      max_rows_(max_rows), chunk_(prefill_chunk), pool_(threads) {
+  if (kernels == nullptr) bad("no kernels for this instruction set on this CPU");
+  if (!w_) bad("no weights");
+  const ModelDims& m = dims();
+  if (max_seq < 1) bad("max_seq must be >= 1");
+  if (max_rows < 1 || max_rows > 256) bad("max_rows " + std::to_string(max_rows) + " must be in 1..256");
+  if (prefill_chunk < 1 || prefill_chunk > 1024)
+    bad("prefill_chunk " + std::to_string(prefill_chunk) + " must be in 1..1024");
+  nkb_ = (max_seq + kKBlock - 1) / kKBlock;
+  const int hd = m.head_dim, H = m.n_heads, Hkv = m.n_kv_heads, q = H * hd;
+  const size_t kv_elems = static_cast<size_t>(m.n_layers) * Hkv * hd;
+  const size_t k_elems = kv_elems * nkb_ * kKBlock, v_elems = kv_elems * max_seq;
+  const size_t kv_bytes = (k_elems + v_elems) * sizeof(uint16_t);
+  try {
+    // Refused before it is touched: a cache larger than the free memory would be killed mid-fill, not refused.
+    if (kv_bytes > available_memory()) throw OutOfMemory("");
+    k_cache_ = Buffer<uint16_t>(k_elems, "K cache");
+    v_cache_ = Buffer<uint16_t>(v_elems, "V cache");
+  } catch (const OutOfMemory&) {
+    throw OutOfMemory("CPU engine: KV cache of max_seq=" + std::to_string(max_seq) + " x " + std::to_string(m.n_layers) +
+                      " layers x " + std::to_string(Hkv) + " kv heads x head_dim " + std::to_string(hd) + " = " +
+                      gib(kv_bytes) + " (bf16) does not fit in the " + gib(available_memory()) + " of memory available");
+  }
+  const int P = std::max(max_rows, prefill_chunk);
+  ring_ = Buffer<uint16_t>(static_cast<size_t>(max_rows) * m.d, "rows");
+  hw_ = Buffer<uint16_t>(static_cast<size_t>(P) * m.d, "rows");
+  q_ = Buffer<float>(static_cast<size_t>(P) * std::max(q, m.d), "activations");
+  attn_ = Buffer<float>(static_cast<size_t>(P) * q, "activations");
+  act_ = Buffer<float>(static_cast<size_t>(P) * m.ffn, "activations");
+  lg_ = Buffer<float>(m.vocab, "head logits");
+  const int n_chunks = (max_seq + kAttnChunk - 1) / kAttnChunk;
+  part_o_ = Buffer<float>(static_cast<size_t>(P) * H * n_chunks * hd, "attention workspace");
+  part_ml_ = Buffer<float>(static_cast<size_t>(P) * H * n_chunks * 2, "attention workspace");
+  cos_ = Buffer<float>(static_cast<size_t>(max_seq) * hd / 2, "RoPE tables");
+  sin_ = Buffer<float>(static_cast<size_t>(max_seq) * hd / 2, "RoPE tables");
+  std::memcpy(cos_.data(), cos, cos_.bytes());
+  std::memcpy(sin_.data(), sin, sin_.bytes());
+  L_d_ = &w_->layout(m.d, 0);
+  L_norm_ = &w_->layout(m.d, 32);
+  L_rest_ = &w_->layout(m.d, 256);
+  L_q_ = &w_->layout(q, 0);
+  L_ffn_ = &w_->layout(m.ffn, 0);
+  const int kmax = std::max({m.d, q, m.ffn});
+  const int xlen = std::max({L_d_->xlen, L_q_->xlen, L_ffn_->xlen, L_rest_->xlen});
+  ws_.resize(pool_.size());
+  for (auto& t : ws_) {
+    t.row.assign(kmax + 1, 0.f);
+    t.xn.assign(kmax + 1, 0.f);
+    t.tmp.assign(std::max(L_norm_->xlen, L_rest_->xlen), 0.f);
+    t.xp.assign(static_cast<size_t>(P) * xlen, 0.f);
+    t.out.assign(static_cast<size_t>(P) * std::max({hd, 2 * kColsPerItem, kVocabPerItem}), 0.f);
+    t.best.assign(max_rows, 0.f);
+    t.best_idx.assign(max_rows, -1);
+    t.ok.assign(max_rows, 1);
+  }
+}
+
+void Engine::check_rows(const char* what, int first, int last) const {
+  const int R = last - first + 1;
+  if (first < 0 || last >= max_seq_ || R < 1 || R > max_rows_)
+    throw std::out_of_range(std::string("CPU engine: ") + what + ": rows " + std::to_string(first) + ".." +
+                            std::to_string(last) + " must be 1.." + std::to_string(max_rows_) + " rows inside 0.." +
+                            std::to_string(max_seq_ - 1));
+}
+
+void Engine::forward(int R, int first, int l0, int l1) {
+  const ModelDims& m = dims();
+  const int H = m.n_heads, Hkv = m.n_kv_heads, hd = m.head_dim;
+  LayerJob j;
+  j.e = this;
+  j.R = R;
+  j.first = first;
+  const int n_rb = (R + kRowBlock - 1) / kRowBlock;
+  for (int rb = 0; rb < n_rb; ++rb) {
+    const int last = first + std::min(R, (rb + 1) * kRowBlock) - 1;
+    const int nc = last / kAttnChunk + 1;
+    j.need.push_back(nc);
+    for (int kh = 0; kh < Hkv; ++kh)
+      for (int c = 0; c < nc; ++c) j.item_rb.push_back(rb), j.item_kh.push_back(kh), j.item_c.push_back(c);
+  }
+  j.count = std::make_unique<std::atomic<int>[]>(static_cast<size_t>(n_rb) * Hkv);
+  AttnArgs& a = j.attn;
+  a.q = q_.data();
+  a.part_o = part_o_.data();
+  a.part_ml = part_ml_.data();
+  a.out = attn_.data();
+  a.R = R, a.first = first, a.n_heads = H, a.n_kv_heads = Hkv, a.head_dim = hd, a.max_seq = max_seq_;
+  a.n_chunks = (max_seq_ + kAttnChunk - 1) / kAttnChunk;
+  a.qscale = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));  // attention.cu's launcher, the same bits
+  const size_t kv_read = 4 * static_cast<size_t>(Hkv) * hd * (first + R);  // K and V bf16 of every position read
+  for (int l = l0; l < l1; ++l) {
+    j.layer = l;
+    a.k_blocks = k_layer(l);
+    a.v = v_layer(l);
+    for (size_t i = 0; i < static_cast<size_t>(n_rb) * Hkv; ++i) j.count[i].store(0);
+    const Weights::Layer& W = w_->layers[l];
+    pool_.run(H + 2 * Hkv, qkv_item, &j, W.wqkv.bytes());
+    pool_.run(static_cast<int>(j.item_c.size()), attn_item, &j, kv_read);
+    pool_.run(col_items(m.d, kColsPerItem), o_item, &j, W.wo.bytes());
+    pool_.run(col_items(m.ffn, kGateUpBlock), gate_up_item, &j, W.gate_up.bytes());
+    pool_.run(col_items(m.d, kColsPerItem), down_item, &j, W.w_down.bytes());
+  }
+}
+
+void Engine::prefill(const int32_t* tokens, int n) {
+  const ModelDims& m = dims();
+  if (n < 1 || n > max_seq_)
+    throw std::out_of_range("CPU engine: prefill of " + std::to_string(n) + " tokens: need 1.." + std::to_string(max_seq_));
+  for (int i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= m.vocab)
+      throw std::out_of_range("CPU engine: token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+  int s = 0;
+  for (; s < n; s += chunk_) {
+    const int R = std::min(chunk_, n - s);
+    for (int r = 0; r < R; ++r) w_->embedding(tokens[s + r], hw_.data() + static_cast<size_t>(r) * m.d);
+    forward(R, s, 0, m.n_layers);
+  }
+  s -= chunk_;
+  std::memcpy(ring_row(n - 1), hw_.data() + static_cast<size_t>(n - 1 - s) * m.d, m.d * sizeof(uint16_t));
+}
+
+void Engine::embed(int pos, int token) {
+  if (pos < 0 || pos >= max_seq_)
+    throw std::out_of_range("CPU engine: embed at position " + std::to_string(pos) + " outside 0.." +
+                            std::to_string(max_seq_ - 1));
+  if (token < 0 || token >= dims().vocab)
+    throw std::out_of_range("CPU engine: token id " + std::to_string(token) + " is outside the vocabulary");
+  w_->embedding(token, ring_row(pos));
+}
+
+void Engine::run_layers(int first, int last, int l0, int l1) {
+  check_rows("run_layers", first, last);
+  if (l0 < 0 || l0 >= l1 || l1 > dims().n_layers)
+    throw std::out_of_range("CPU engine: run_layers: layers [" + std::to_string(l0) + ", " + std::to_string(l1) +
+                            ") outside 0.." + std::to_string(dims().n_layers));
+  const int R = last - first + 1, d = dims().d;
+  for (int r = 0; r < R; ++r) std::memcpy(hw_.data() + static_cast<size_t>(r) * d, ring_row(first + r), d * sizeof(uint16_t));
+  forward(R, first, l0, l1);
+  for (int r = 0; r < R; ++r) std::memcpy(ring_row(first + r), hw_.data() + static_cast<size_t>(r) * d, d * sizeof(uint16_t));
+}
+
+void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
+  check_rows("final", first, last);
+  const int R = last - first + 1, d = dims().d, V = dims().vocab;
+  for (int r = 0; r < R; ++r) std::memcpy(hw_.data() + static_cast<size_t>(r) * d, ring_row(first + r), d * sizeof(uint16_t));
+  LmJob j{this, R, V, ++job_counter_, nullptr, hw_.data(), nullptr, logits};
+  pool_.run(col_items(V, kVocabPerItem), lm_item, &j, w_->lm_head.bytes());
+  for (int r = 0; r < R; ++r) {
+    float best = -INFINITY;
+    int idx = -1;
+    bool ok = true;
+    for (const auto& t : ws_) {
+      if (t.job != j.job) continue;  // took no item of this job
+      ok = ok && t.ok[r];
+      if (t.best_idx[r] >= 0 && (t.best[r] > best || (t.best[r] == best && t.best_idx[r] < idx)))
+        best = t.best[r], idx = t.best_idx[r];
+    }
+    tokens[r] = ok && idx >= 0 && std::isfinite(best) ? idx : -1;
+  }
+}
+
+void Engine::set_heads(std::vector<Head> heads) {
+  for (size_t i = 0; i < heads.size(); ++i) {
+    const Head& h = heads[i];
+    const std::string p = "head " + std::to_string(i) + ": ";
+    if (h.layer < 0 || h.layer > dims().n_layers) bad(p + "layer outside 0..L");
+    if (h.T.N != dims().d || h.T.K != dims().d) bad(p + "T must be [d, d]");
+    for (int32_t id : h.vocab)
+      if (id < 0 || id >= dims().vocab) bad(p + "vocabulary id " + std::to_string(id) + " outside the model's");
+    if (!h.w_rest.empty() && (h.vocab.empty() || static_cast<int>(h.w_rest.size()) != L_rest_->xlen))
+      bad(p + "w_rest needs a vocabulary subset and d values");
+  }
+  heads_ = std::move(heads);
+}
+
+std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
+  if (i < 0 || i >= static_cast<int>(heads_.size()))
+    throw std::out_of_range("CPU engine: head index " + std::to_string(i) + " outside 0.." +
+                            std::to_string(static_cast<int>(heads_.size()) - 1));
+  check_rows("head", pos, pos);
+  const Head& h = heads_[i];
+  const int d = dims().d;
+  std::memcpy(hw_.data(), ring_row(pos), d * sizeof(uint16_t));
+  float* z = q_.data();
+  HeadTJob tj{this, &h.T, hw_.data(), z};
+  pool_.run(col_items(d, kColsPerItem), head_t_item, &tj, h.T.bytes());
+  const int n = h.vocab.empty() ? dims().vocab : static_cast<int>(h.vocab.size());
+  float* lg = lg_.data();
+  LmJob j{this, 1, n, ++job_counter_, h.vocab.empty() ? nullptr : h.vocab.data(), nullptr, z, lg};
+  pool_.run(col_items(n, kVocabPerItem), lm_item, &j, static_cast<size_t>(n) * d * sizeof(uint16_t));
+  float rest = 0.f;
+  if (!h.w_rest.empty()) {  // lm_head.cu's merge: x . w_rest over 256 threads (8 warps), rounded to bf16
+    ThreadWs& t = ws_[0];
+    std::memcpy(t.xn.data(), z, d * sizeof(float));
+    t.xn[d] = 0.f;
+    k_.permute(*L_rest_, t.xn.data(), t.tmp.data());
+    rest = k_.dot_f32(*L_rest_, t.tmp.data(), h.w_rest.data());
+    k_.round_bf16(&rest, &rest, 1);
+  }
+  const LmStats st = lm_stats(k_, lg, n, !h.w_rest.empty(), rest);
+  if (logits) std::memcpy(logits, lg, n * sizeof(float));
+  const int32_t token = st.idx < 0 ? -1 : (h.vocab.empty() ? st.idx : h.vocab[st.idx]);
+  return {token, st.max_prob};
+}
+
+void Engine::copy_row(int pos, uint16_t* dst) const {
+  check_rows("hidden", pos, pos);
+  std::memcpy(dst, ring_.data() + static_cast<size_t>(pos % max_rows_) * dims().d, dims().d * sizeof(uint16_t));
+}
+
+void Engine::copy_kv(int layer, int length, uint16_t* k_dst, uint16_t* v_dst) const {
+  const ModelDims& m = dims();
+  if (layer < 0 || layer >= m.n_layers || length < 0 || length > max_seq_)
+    throw std::out_of_range("CPU engine: kv of layer " + std::to_string(layer) + ", length " + std::to_string(length) +
+                            " is outside the cache");
+  const int hd = m.head_dim, Hkv = m.n_kv_heads;
+  for (int p = 0; p < length; ++p)
+    for (int kh = 0; kh < Hkv; ++kh) {
+      const uint16_t* kb = k_layer(layer) + ((static_cast<size_t>(kh) * nkb_ + p / kKBlock) * hd) * kKBlock;
+      uint16_t* ko = k_dst + (static_cast<size_t>(p) * Hkv + kh) * hd;
+      for (int dd = 0; dd < hd; ++dd) ko[dd] = kb[dd * kKBlock + p % kKBlock];
+      std::memcpy(v_dst + (static_cast<size_t>(p) * Hkv + kh) * hd,
+                  v_layer(layer) + (static_cast<size_t>(kh) * max_seq_ + p) * hd, hd * sizeof(uint16_t));
+    }
+}
+
+}  // namespace adadecode::cpu

@@ -1,0 +1,90 @@
+// The CPU kernels: torch-free functions over raw pointers and sizes, compiled once per instruction set from one
+// source (kernels.inl over the lane vector of vec_<isa>.h) and chosen at run time (dispatch.cpp). Every path
+// computes the same bits: each output element's reduction order is a function of the shapes alone (lanes.h: the
+// CUDA skinny GEMM's order; attention: the CUDA kernel's chunks of 128 positions), never of the row count R, a
+// row's index, the thread count or the instruction set. Threads split output columns and (kv head, chunk) items,
+// never a reduction.
+//
+// Activations are fp32 arrays holding bf16 values (each rounded exactly where the CUDA kernels round), rows of the
+// residual stream and the caches are bf16 (uint16_t bit patterns).
+#pragma once
+#include <cstdint>
+
+#include "lanes.h"
+
+namespace adadecode::cpu {
+
+// Attention over the cache of one layer for R rows at positions first + r (all rows of one run_layers call).
+//   q        [R, n_heads * head_dim] fp32 (bf16 values: rotated q)
+//   k_blocks [n_kv_heads, ceil(max_seq / 16), head_dim, 16] bf16: K of 16 positions per block, lane = position
+//   v        [n_kv_heads, max_seq, head_dim] bf16
+//   part_o   [R, n_heads, n_chunks, head_dim] fp32, part_ml [R, n_heads, n_chunks, 2]: the per-chunk partials
+//   out      [R, n_heads * head_dim] fp32 (bf16 values)
+struct AttnArgs {
+  const float* q = nullptr;
+  const uint16_t* k_blocks = nullptr;
+  const uint16_t* v = nullptr;
+  float* part_o = nullptr;
+  float* part_ml = nullptr;
+  float* out = nullptr;
+  int R = 0, first = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, max_seq = 0, n_chunks = 0;
+  float qscale = 0.f;  // log2(e) / sqrt(head_dim), as the CUDA launcher computes it
+};
+constexpr int kAttnChunk = 128;  // positions per partial (csrc/kernels/attention.cuh: kAttnChunk)
+constexpr int kKBlock = 16;      // positions per K block (one lane vector)
+
+// Statistics of an LM-head row over its n logits (bf16-rounded), in the CUDA kernel's order (lm_head.cu: blocks of
+// kLmHeadCols folded in order, the blocks merged by 256 strided folds and a tree), with an optional rest logit.
+struct LmStats {
+  int idx = -1;            // argmax (lowest index on ties); -1 when a logit is NaN or the row is not finite
+  float max_prob = 0.f;    // exp(max - lse)
+};
+constexpr int kLmHeadCols = 64;
+constexpr int kLmMergeThreads = 256;
+
+struct Kernels {
+  const char* name;
+  // xp <- x permuted into layout L (x holds L.K values and x[L.K] == 0: the padding source)
+  void (*permute)(const LaneLayout& L, const float* x, float* xp);
+  // out[r * C + c] = dot(x row r, packed weight row c) for r < R, c < C; xp rows at stride xstride floats
+  void (*dot_tile)(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xstride, int R,
+                   float* out);
+  // dot of two permuted fp32 rows in layout L (RMSNorm's sum of squares, the rest logit)
+  float (*dot_f32)(const LaneLayout& L, const float* a, const float* b);
+  void (*bf16_to_f32)(const uint16_t* src, float* dst, int n);
+  void (*f32_to_bf16)(const float* src, uint16_t* dst, int n);  // src already bf16 values
+  void (*round_bf16)(const float* src, float* dst, int n);
+  // out[k] = bf16(g[k] * bf16(x[k] * inv)): RMSNorm's output (rmsnorm_core.cuh: norm_elem)
+  void (*norm_apply)(const float* x, float inv, const uint16_t* g, float* out, int n);
+  // h[k] = bf16(h[k] + bf16(y[k])): the residual epilogue (skinny_gemm.cu)
+  void (*residual_add)(const float* y, uint16_t* h, int n);
+  // act[k] = bf16(bf16(silu(bf16(g[k]))) * bf16(u[k])), silu(g) = g / (1 + exp_fixed(-g))
+  void (*silu_mul)(const float* g, const float* u, float* act, int n);
+  // RoPE of one head: y [head_dim] (bf16 values) -> out [head_dim] (rope_core.cuh: rope_pair), cos/sin [hd/2]
+  void (*rope)(const float* y, const float* cos, const float* sin, int head_dim, float* out);
+  // partials of chunk c for kv head kh and rows [r0, r1): see AttnArgs
+  void (*attn_chunk)(const AttnArgs& a, int kh, int c, int r0, int r1);
+  // out row r, head h from its partials
+  void (*attn_merge)(const AttnArgs& a, int r, int h);
+  // running greedy argmax over logits[0..n) (bf16 values) with global index base: updates (best, best_idx), and
+  // returns false when a value is NaN (the caller marks the row bad)
+  bool (*argmax)(const float* logits, int n, int base, float* best, int* best_idx);
+  // exp_fixed / exp2_fixed over an array (tests and the LM-head statistics)
+  void (*exp)(const float* x, float* y, int n);
+  void (*exp2)(const float* x, float* y, int n);
+  // sum of n floats (n % 64 == 0): the read-bandwidth probe of the benchmarks
+  float (*read_sum)(const float* p, int64_t n);
+};
+
+// The kernels of one instruction set: "avx512", "avx2" or "portable". nullptr when this build or CPU lacks it.
+const Kernels* kernels_for(const char* isa);
+// The best path this CPU runs (ADADECODE_CPU_ISA=avx512|avx2|portable picks one, if the CPU supports it).
+const Kernels* best_kernels();
+// Which paths this CPU supports, best first.
+const char* const* supported_isas();
+
+// LM-head statistics in the CUDA order (scalar folds; the exps through k): logits [n] bf16 values, rest logit or
+// NaN-free `has_rest` false.
+LmStats lm_stats(const Kernels& k, const float* logits, int n, bool has_rest, float rest);
+
+}  // namespace adadecode::cpu

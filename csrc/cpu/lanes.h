@@ -1,0 +1,79 @@
+// The lane layout of the CPU kernels: the reduction order of the CUDA skinny GEMM (csrc/kernels/skinny_core.cuh),
+// laid out so that 16-lane vectors can follow it.
+//
+// On the GPU, a dot product of length K is split into 16-byte chunks of 8 elements; chunk i belongs to thread
+// i % NT (NT = skinny_threads(K): 32 per warp, 1..8 warps, a function of K alone), which runs one fp32 FMA chain
+// over its chunks in increasing order, 8 elements in order per chunk; the 32 lanes of each warp then meet in a
+// fixed butterfly and the warps are added in order. Here each GPU thread is one vector lane: lane block b (16
+// lanes) holds threads 16b .. 16b + 15, so a warp is the block pair (2w, 2w + 1) and its butterfly is
+// vreduce16(block 2w + block 2w + 1) (the butterfly's first step adds lane j + 16 to lane j).
+//
+// A packed weight row stores, block after block, the values in the order the block's lanes consume them: full
+// groups g = 0 .. gfull-1 (each thread's g-th chunk), then, if the block has tail lanes (threads with one more
+// chunk, tail = nchunk % NT of them in all), the tail group of tail_lanes[b] lanes. Within a group the 8 steps
+// (e = element of the chunk) come in pairs (e, e + 1) = (2t, 2t + 1), interleaved per lane: 32-bit word l of pair
+// t holds lane l's element 2t in its low half and 2t + 1 in its high half. So one 64-byte load gives both steps'
+// 16 lanes by a shift and a mask (no shuffle), on AVX-512 as on two AVX2 loads. Lane l <- element
+// 8 * (g * NT + 16 b + l) + e. Nothing is padded: a packed row is K values, a permutation of the row (the weights
+// are held once, in this order).
+// A permuted activation row (fp32) has the same order, with each block's tail group padded to 16 lanes (slot K
+// of the source is a 0) so that every vector load is whole.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace adadecode::cpu {
+
+// The GPU's thread count for a reduction of length K (skinny_core.cuh: skinny_threads).
+inline int skinny_lanes(int K) {
+  int warps = (K / 8 + 127) / 128;
+  if (warps < 1) warps = 1;
+  if (warps > 8) warps = 8;
+  return warps * 32;
+}
+
+struct LaneLayout {
+  int K = 0, NT = 0, nblk = 0, gfull = 0;
+  std::vector<int> tail_lanes;   // [nblk] lanes of block b with a tail chunk (0..16)
+  std::vector<int> woff, xoff;   // [nblk] start of block b in a packed weight row / a permuted activation row
+  int xlen = 0;                  // floats in a permuted activation row
+  std::vector<int32_t> wsrc;     // [K] packed slot -> element index
+  std::vector<int32_t> xsrc;     // [xlen] permuted slot -> element index, K for a padding 0
+
+  LaneLayout() = default;
+  LaneLayout(int K_, int NT_) : K(K_), NT(NT_) {
+    if (K <= 0 || K % 8 != 0) throw std::invalid_argument("lane layout: K = " + std::to_string(K) + " is not a positive multiple of 8");
+    if (NT <= 0 || NT % 32 != 0) throw std::invalid_argument("lane layout: NT = " + std::to_string(NT) + " is not a multiple of 32");
+    const int nchunk = K / 8;
+    nblk = NT / 16;
+    gfull = nchunk / NT;
+    const int tail = nchunk % NT;
+    tail_lanes.resize(nblk);
+    woff.resize(nblk);
+    xoff.resize(nblk);
+    int w = 0, x = 0;
+    for (int b = 0; b < nblk; ++b) {
+      const int tl = tail - 16 * b;
+      tail_lanes[b] = tl < 0 ? 0 : tl > 16 ? 16 : tl;
+      woff[b] = w;
+      xoff[b] = x;
+      auto group = [&](int g, int lanes) {  // lanes active (16 but in the tail)
+        for (int t = 0; t < 4; ++t)
+          for (int l = 0; l < lanes; ++l)
+            for (int h = 0; h < 2; ++h) wsrc.push_back(8 * (g * NT + 16 * b + l) + 2 * t + h);
+        for (int e = 0; e < 8; ++e)
+          for (int l = 0; l < 16; ++l) xsrc.push_back(l < lanes ? 8 * (g * NT + 16 * b + l) + e : K);
+      };
+      for (int g = 0; g < gfull; ++g) group(g, 16);
+      if (tail_lanes[b]) group(gfull, tail_lanes[b]);
+      w = static_cast<int>(wsrc.size());
+      x = static_cast<int>(xsrc.size());
+    }
+    xlen = x;
+    if (w != K) throw std::logic_error("lane layout: packed row of " + std::to_string(w) + " values, K = " + std::to_string(K));
+  }
+};
+
+}  // namespace adadecode::cpu

@@ -1,0 +1,63 @@
+// The CPU engine's thread pool: a job is n items, claimed one at a time by whichever thread is free (the caller
+// included); it ends when every item is done, whether or not every worker took part.
+//
+// Why this shape: on a shared 2-core machine a worker may not run for milliseconds. A pool that splits a job into
+// fixed per-thread shares, or waits for every worker to arrive at a barrier, then waits for the slowest thread
+// each step (torch's OpenMP pool went from 68 to ~900 ms/token under load). Here a late worker finds the items
+// taken and does nothing; the caller waits only for items in progress. Items never split a reduction (kernels.h),
+// so which thread runs an item changes no bit.
+//
+// Waiting: workers spin (pause) for kSpinMicros after their last item, then sleep on a futex; the caller spins as
+// long for items in flight, then sleeps. Between the jobs of one token the workers stay awake; between tokens
+// (Python runs the driver) they go to sleep and cost nothing.
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace adadecode::cpu {
+
+class ThreadPool {
+ public:
+  // fn(ctx, thread, item, first): run item `item` on thread `thread` (0 = the caller); `first` is true for the
+  // first item that thread runs in this job (per-thread set-up: each thread prepares its own inputs).
+  using ItemFn = void (*)(void* ctx, int thread, int item, bool first);
+
+  explicit ThreadPool(int n_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return n_threads_; }
+  // Runs items 0..n_items-1 and returns when all are done. Not reentrant: one job at a time. bytes: what the job
+  // reads; below kInlineBytes the caller runs it alone (waking a thread costs more than such a job).
+  void run(int n_items, ItemFn fn, void* ctx, size_t bytes = SIZE_MAX);
+
+  static constexpr size_t kInlineBytes = 128 << 10;
+
+  static constexpr int kSpinMicros = 200;
+  static constexpr int kMaxItems = (1 << 24) - 1;
+
+ private:
+  void worker(int index);
+  // Claims the next item of job `id`, or returns -1 when job `id` has no item left (or is no longer the live job).
+  int claim(uint32_t id, int* count);
+  void work(uint32_t id, int thread);
+
+  int n_threads_;
+  std::vector<std::thread> threads_;
+  // cursor: job id (16 bits) | item count (24) | next item (24). One word, so that a claim sees the job it claims in.
+  std::atomic<uint64_t> cursor_{0};
+  std::atomic<uint32_t> gen_{0};       // bumped per job and at shutdown (the workers' futex word)
+  std::atomic<uint32_t> done_{0};      // items finished in the live job (the caller's futex word)
+  std::atomic<int> sleepers_{0};       // workers asleep on gen_
+  std::atomic<int> caller_asleep_{0};  // the caller asleep on done_
+  std::atomic<bool> stop_{false};
+  ItemFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  uint32_t id_ = 0;
+};
+
+}  // namespace adadecode::cpu

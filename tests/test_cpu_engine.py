@@ -1,0 +1,211 @@
+"""CpuEngine (adadecode_cpu) bit for bit: across its kernel paths and thread counts, and against CudaEngine on
+the emulated device, whose kernels' reduction order it follows.
+
+* every kernel path this CPU runs (AVX-512, AVX2, portable) x 1, 2 and 3 threads leaves the same hidden states,
+  K/V caches, logits, head outputs and sampled tokens, through prefill in several chunks, a split run_layers
+  schedule and a truncate;
+* CpuEngine == CudaEngine(device="emu") bit for bit (hidden states, K/V, logits, tokens, head confidences) where
+  both run the same kernels: decode rows, and prefill in chunks of at most 16 rows (the emulated engine's longer
+  chunks go to its tensor-core GEMM, another order);
+* prefill of n tokens == decoding them one by one;
+* sizes, errors and the packed weights (held once).
+The engine-contract suite shared with TorchEngine and the emulated engine is tests/test_engines.py.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from adadecode.model.config import LlamaConfig
+from adadecode.engines.cpu import CpuEngine, CpuWeights, cpu_unavailable_reason
+from adadecode.decoding.vanilla import generate_vanilla
+from adadecode.engines.head import Head
+from adadecode.engines.sampling import make_sampling
+
+from conftest import random_weights, tiny_hf_config
+from test_cuda_engine import _assert_bitwise, _random_schedule, _start, _state
+
+if cpu_unavailable_reason() is not None:  # built wherever the package builds: missing is an error, not a skip
+    raise RuntimeError(cpu_unavailable_reason())
+import adadecode_cpu  # noqa: E402
+
+ISAS = adadecode_cpu.isas()
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+MODELS = {
+    # d = 576 and 9 / 3 heads as SmolLM2 (a tail of 8 lanes in every K = 576 reduction), 2 layers
+    "smollm-shape": dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         intermediate_size=1536, vocab_size=700, num_hidden_layers=2, tie_word_embeddings=True),
+    "gqa-untied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       intermediate_size=256, vocab_size=512, num_hidden_layers=4),
+    "mqa-tied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=64, intermediate_size=200,
+                     vocab_size=400, num_hidden_layers=3, tie_word_embeddings=True),
+    "hd128-llama3-rope": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                              intermediate_size=344, vocab_size=512, num_hidden_layers=2, rope_theta=500000.0,
+                              rope_scaling=LLAMA3, max_position_embeddings=512),
+    "hd8": dict(),  # conftest's tiny model: head_dim 8 (partial vectors everywhere)
+}
+
+
+def tiny_model(name: str, seed: int = 0):
+    cfg = LlamaConfig.from_hf(tiny_hf_config(**MODELS[name]))
+    return cfg, random_weights(cfg, seed=seed)
+
+
+def two_heads(cfg, g: torch.Generator) -> list[Head]:
+    """A logit-lens head at layer 1 and a perturbed one at layer 2 with a restricted vocabulary and a rest logit."""
+    d = cfg.d
+    vocab = torch.randperm(cfg.vocab_size, generator=g)[:100].sort().values
+    return [Head.identity(1, d), Head(layer=min(2, cfg.n_layers - 1), T=torch.eye(d) + 0.05 * torch.randn(d, d, generator=g),
+                                      vocab=vocab, w_rest=0.05 * torch.randn(d, generator=g))]
+
+
+def run_everything(e, cfg, heads, prompt, new, schedule) -> dict:
+    """One engine through prefill, a split schedule of run_layers, final (greedy, logits, sampled), heads, truncate."""
+    out = {}
+    e.set_heads(heads)
+    first, last = _start(e, prompt, new)
+    for a, b, l0, l1 in schedule:
+        e.run_layers(a, b, l0, l1)
+    out["state"] = _state(e, first, last)
+    out["logits"] = e.final_logits(first, last)
+    out["tokens"] = e.final(first, last)
+    out["sampled"] = e.final(first, last, sampling=make_sampling(temperature=0.9, top_p=0.9, seed=5))
+    _start(e, prompt, new)
+    e.run_layers(first, last, 0, 1)
+    out["heads"] = [e.head(p, 0) for p in range(first, last + 1)]
+    out["heads_sampled"] = [e.head(p, 0, sampling=make_sampling(temperature=1.0, seed=2)) for p in (first, last)]
+    if heads[1].layer > 1:
+        e.run_layers(first, last, 1, heads[1].layer)
+    out["heads"] += [e.head(p, 1) for p in range(first, last + 1)]
+    e.truncate(len(prompt) + 2)
+    out["after_truncate"] = generate_vanilla(e, prompt + new[:2], 6).tokens
+    return out
+
+
+def assert_same(a: dict, b: dict, what: str, logits: bool = True) -> None:
+    """logits=False: one side is CudaEngine, whose final_logits are torch's GEMM over its normed rows (a test
+    aid), not its LM-head kernel's: its tokens and head outputs are the kernel's, and those are compared."""
+    _assert_bitwise(a["state"], b["state"], what)
+    if logits:
+        assert torch.equal(a["logits"].view(torch.int32), b["logits"].view(torch.int32)), f"{what}: logits differ"
+    for key in ("tokens", "sampled", "heads", "heads_sampled", "after_truncate"):
+        assert a[key] == b[key], f"{what}: {key} differ: {a[key]} vs {b[key]}"
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("name", ["smollm-shape", "hd128-llama3-rope", "hd8"])
+def test_every_path_and_thread_count_gives_the_same_bits(name):
+    cfg, weights = tiny_model(name, seed=1)
+    g = torch.Generator().manual_seed(2)
+    heads = two_heads(cfg, g)
+    prompt = torch.randint(0, cfg.vocab_size, (37,), generator=g).tolist()  # three prefill chunks of 16
+    new = torch.randint(0, cfg.vocab_size, (7,), generator=g).tolist()
+    schedule = _random_schedule(g, len(prompt), len(prompt) + len(new) - 1, cfg.n_layers)
+    packed = CpuWeights(cfg, weights)
+    ref = None
+    for isa in ISAS[::-1]:  # portable first: the reference
+        for threads in (1, 2, 3):
+            e = CpuEngine(cfg, packed, max_seq=160, max_rows=8, threads=threads, isa=isa, prefill_chunk=16)
+            assert (e.isa, e.threads) == (isa, threads)
+            got = run_everything(e, cfg, heads, prompt, new, schedule)
+            if ref is None:
+                ref = got
+            else:
+                assert_same(got, ref, f"{isa} x {threads} threads vs portable x 1")
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_the_emulated_cuda_engine_bit_for_bit(name):
+    from adadecode.engines.cuda import CudaEngine
+
+    cfg, weights = tiny_model(name, seed=3)
+    if cfg.head_dim not in (64, 128):
+        pytest.skip("the CUDA engine takes head_dim 64 or 128")
+    g = torch.Generator().manual_seed(4)
+    heads = two_heads(cfg, g)
+    prompt = torch.randint(0, cfg.vocab_size, (21,), generator=g).tolist()  # prefill chunks of 16 + 5 on both
+    new = torch.randint(0, cfg.vocab_size, (5,), generator=g).tolist()
+    schedule = _random_schedule(g, len(prompt), len(prompt) + len(new) - 1, cfg.n_layers)
+    cpu = CpuEngine(cfg, weights, max_seq=160, max_rows=8, threads=2, prefill_chunk=16)
+    emu = CudaEngine(cfg, weights, max_seq=160, max_rows=8, device="emu", prefill_chunk=16)
+    assert_same(run_everything(cpu, cfg, heads, prompt, new, schedule),
+                run_everything(emu, cfg, heads, prompt, new, schedule), "CpuEngine vs CudaEngine(emu)", logits=False)
+
+
+@pytest.mark.exactness
+def test_default_model_matches_the_emulated_cuda_engine(default_model):
+    """SmolLM2-135M: a 12-token prompt (one prefill chunk on both), two decode steps and two rows at once: hidden
+    states, K/V and tokens bit for bit."""
+    from adadecode.engines.cuda import CudaEngine
+
+    m = default_model
+    prompt = m.tokenizer.encode("The capital of France is")[:12]
+    out = {}
+    for name, e in (("cpu", CpuEngine(m.cfg, m.weights, max_seq=32, max_rows=4)),
+                    ("emu", CudaEngine(m.cfg, m.weights, max_seq=32, max_rows=4, device="emu"))):
+        toks = generate_vanilla(e, prompt, 2).tokens
+        first, last = _start(e, prompt, toks)
+        e.run_layers(first, last, 0, m.cfg.n_layers)
+        out[name] = dict(tokens=toks + e.final(first, last), state=_state(e, first, last))
+    _assert_bitwise(out["cpu"]["state"], out["emu"]["state"], "default model, cpu vs emu")
+    assert out["cpu"]["tokens"] == out["emu"]["tokens"]
+
+
+@pytest.mark.exactness
+def test_prefill_is_decoding_one_by_one():
+    cfg, weights = tiny_model("gqa-untied", seed=5)
+    prompt = torch.randint(0, cfg.vocab_size, (50,), generator=torch.Generator().manual_seed(6)).tolist()
+    whole = CpuEngine(cfg, weights, max_seq=64, prefill_chunk=64)
+    whole.prefill(prompt)
+    steps = CpuEngine(cfg, weights, max_seq=64, prefill_chunk=7)
+    steps.prefill(prompt[:1])
+    for p, t in enumerate(prompt[1:], start=1):
+        steps.embed(p, t)
+        steps.run_layers(p, p, 0, cfg.n_layers)
+    n = len(prompt)
+    _assert_bitwise(_state(whole, n - 1, n - 1), _state(steps, n - 1, n - 1), "prefill vs one by one")
+
+
+def test_weights_are_packed_once_and_shared(default_model):
+    m = default_model
+    packed = CpuWeights(m.cfg, m.weights)
+    n_bytes = sum(t.numel() * 2 for name, t in m.weights.to_hf_state(m.cfg).items())
+    assert packed.bytes == n_bytes  # every weight once (tied embeddings: the LM head's rows serve the lookup)
+    a = CpuEngine(m.cfg, packed, max_seq=64)
+    b = CpuEngine(m.cfg, packed, max_seq=128, threads=1)
+    prompt = m.tokenizer.encode("Once upon a time")
+    assert generate_vanilla(a, prompt, 4).tokens == generate_vanilla(b, prompt, 4).tokens
+    assert a.kv_bytes == 2 * m.cfg.n_layers * 64 * m.cfg.n_kv_heads * m.cfg.head_dim * 2
+
+
+def test_errors_name_what_is_wrong(tiny):
+    cfg, weights = tiny
+    with pytest.raises(ValueError, match="do not run on this CPU"):
+        CpuEngine(cfg, weights, max_seq=16, isa="sse9")
+    with pytest.raises(ValueError, match="threads"):
+        CpuEngine(cfg, weights, max_seq=16, threads=0)
+    with pytest.raises(ValueError, match="max_rows"):
+        CpuEngine(cfg, weights, max_seq=16, max_rows=0)
+    big = LlamaConfig.from_hf(tiny_hf_config(max_position_embeddings=1 << 30))
+    with pytest.raises(MemoryError, match="KV cache of max_seq=1073741824"):
+        CpuEngine(big, random_weights(big), max_seq=1 << 30)
+    e = CpuEngine(cfg, weights, max_seq=16)
+    with pytest.raises(IndexError):  # past max_rows: the runtime's own bounds check
+        e._eng.run_layers(0, 20, 0, 1)
+    with pytest.raises(IndexError, match="head index"):
+        e._eng.head(0, 0)
+
+
+def test_thread_count_from_the_environment(tiny, monkeypatch):
+    cfg, weights = tiny
+    monkeypatch.setenv("ADADECODE_CPU_THREADS", "3")
+    assert CpuEngine(cfg, weights, max_seq=16).threads == 3
+    monkeypatch.setenv("ADADECODE_CPU_THREADS", "x")
+    with pytest.raises(ValueError, match="ADADECODE_CPU_THREADS"):
+        CpuEngine(cfg, weights, max_seq=16)
+    monkeypatch.delenv("ADADECODE_CPU_THREADS")
+    assert CpuEngine(cfg, weights, max_seq=16).threads == len(os.sched_getaffinity(0))
