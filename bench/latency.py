@@ -218,8 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--heads", default=None, help="head file or default[:code|:general] (default: matches --prompts)")
     p.add_argument("--prompts", default="code", help="humaneval, general-heldout (never trained on), code, general or a "
                                                     "file (JSON list / one prompt per line)")
-    p.add_argument("--n-prompts", type=int, default=None, help="default: 8 on a GPU, 2 on the CPU")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 on a GPU, 32 on the CPU")
+    p.add_argument("--n-prompts", type=int, default=None, help="default: 8 on a GPU, 6 on the CPU engine, 2 on the torch engine")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 on a GPU, 64 on the CPU engine, 32 on the torch engine")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--gamma", type=float, default=None)
     p.add_argument("--max-pending", type=int, default=5)
@@ -240,8 +240,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     gpu = torch.cuda.is_available()
-    n_prompts = args.n_prompts or (8 if gpu else 2)
-    max_new = args.max_new_tokens or (256 if gpu else 32)
+    engine_name = auto_engine() if args.engine == "auto" else args.engine
+    n_prompts = args.n_prompts or (8 if gpu and engine_name == "cuda" else 6 if engine_name == "cpu" else 2)
+    max_new = args.max_new_tokens or (256 if gpu and engine_name == "cuda" else 64 if engine_name == "cpu" else 32)
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
@@ -263,7 +264,6 @@ def main(argv=None) -> int:
               f"{'unfused' if args.unfused else 'fused'} decode path, trace replay {'off' if args.no_replay else 'on'}; "
               f"results to {args.out}")
         return 0
-    engine_name = auto_engine() if args.engine == "auto" else args.engine
     if not gpu:
         print(f"note: no GPU ({cuda_unavailable_reason()}); engine {engine_name} on the CPU"
               + (" (the reference engine: NOT representative of the product engines)" if engine_name == "torch"

@@ -85,3 +85,29 @@ def tiny_chat_model(seed: int = 0, **cfg_over):
                                   "chat_template": TINY_CHAT_TEMPLATE}, source="tiny tokenizer")
     cfg = LlamaConfig.from_hf(tiny_hf_config(vocab_size=len(vocab), **cfg_over))
     return Model(cfg=cfg, weights=random_weights(cfg, seed=seed), tokenizer=tok, source="tiny chat model")
+
+
+# Tiny model shapes the engine tests share (tests/test_engines.py, test_cpu_engine.py, test_cuda_engine_emu.py): GQA
+# with untied embeddings, MQA with tied ones, head_dim 128 with Llama-3 RoPE scaling (the CUDA kernels take head_dim
+# 64 or 128), and the tiny default (head_dim 8: the CPU engine's partial vectors).
+ENGINE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 64}
+ENGINE_MODELS = {
+    "gqa-untied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       intermediate_size=256, vocab_size=512, num_hidden_layers=4),
+    "mqa-tied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=64, intermediate_size=200,
+                     vocab_size=400, num_hidden_layers=3, tie_word_embeddings=True),
+    "hd128-llama3-rope": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                              intermediate_size=344, vocab_size=512, num_hidden_layers=2, rope_theta=500000.0,
+                              rope_scaling=ENGINE_LLAMA3, max_position_embeddings=512),
+    "hd8-gqa": dict(),
+    # d = 576 and 9 / 3 heads as SmolLM2 (a tail of 8 lanes in every K = 576 reduction), 2 layers
+    "smollm-shape": dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         intermediate_size=1536, vocab_size=700, num_hidden_layers=2, tie_word_embeddings=True),
+}
+
+
+def engine_model(name: str, seed: int = 0):
+    """(LlamaConfig, LlamaWeights) of ENGINE_MODELS[name], fp32 random weights."""
+    cfg = LlamaConfig.from_hf(tiny_hf_config(**ENGINE_MODELS[name]))
+    return cfg, random_weights(cfg, seed=seed)

@@ -24,7 +24,7 @@ from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.head import Head
 from adadecode.engines.sampling import make_sampling
 
-from conftest import random_weights, tiny_hf_config
+from conftest import ENGINE_MODELS, engine_model, random_weights, tiny_hf_config
 from test_cuda_engine import _assert_bitwise, _random_schedule, _start, _state
 
 if cpu_unavailable_reason() is not None:  # built wherever the package builds: missing is an error, not a skip
@@ -32,28 +32,6 @@ if cpu_unavailable_reason() is not None:  # built wherever the package builds: m
 import adadecode_cpu  # noqa: E402
 
 ISAS = adadecode_cpu.isas()
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
-MODELS = {
-    # d = 576 and 9 / 3 heads as SmolLM2 (a tail of 8 lanes in every K = 576 reduction), 2 layers
-    "smollm-shape": dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         intermediate_size=1536, vocab_size=700, num_hidden_layers=2, tie_word_embeddings=True),
-    "gqa-untied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                       intermediate_size=256, vocab_size=512, num_hidden_layers=4),
-    "mqa-tied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=64, intermediate_size=200,
-                     vocab_size=400, num_hidden_layers=3, tie_word_embeddings=True),
-    "hd128-llama3-rope": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-                              intermediate_size=344, vocab_size=512, num_hidden_layers=2, rope_theta=500000.0,
-                              rope_scaling=LLAMA3, max_position_embeddings=512),
-    "hd8": dict(),  # conftest's tiny model: head_dim 8 (partial vectors everywhere)
-}
-
-
-def tiny_model(name: str, seed: int = 0):
-    cfg = LlamaConfig.from_hf(tiny_hf_config(**MODELS[name]))
-    return cfg, random_weights(cfg, seed=seed)
-
-
 def two_heads(cfg, g: torch.Generator) -> list[Head]:
     """A logit-lens head at layer 1 and a perturbed one at layer 2 with a restricted vocabulary and a rest logit."""
     d = cfg.d
@@ -96,9 +74,9 @@ def assert_same(a: dict, b: dict, what: str, logits: bool = True) -> None:
 
 
 @pytest.mark.exactness
-@pytest.mark.parametrize("name", ["smollm-shape", "hd128-llama3-rope", "hd8"])
+@pytest.mark.parametrize("name", ["smollm-shape", "hd128-llama3-rope", "hd8-gqa"])
 def test_every_path_and_thread_count_gives_the_same_bits(name):
-    cfg, weights = tiny_model(name, seed=1)
+    cfg, weights = engine_model(name, seed=1)
     g = torch.Generator().manual_seed(2)
     heads = two_heads(cfg, g)
     prompt = torch.randint(0, cfg.vocab_size, (37,), generator=g).tolist()  # three prefill chunks of 16
@@ -118,11 +96,11 @@ def test_every_path_and_thread_count_gives_the_same_bits(name):
 
 
 @pytest.mark.exactness
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(ENGINE_MODELS))
 def test_matches_the_emulated_cuda_engine_bit_for_bit(name):
     from adadecode.engines.cuda import CudaEngine
 
-    cfg, weights = tiny_model(name, seed=3)
+    cfg, weights = engine_model(name, seed=3)
     if cfg.head_dim not in (64, 128):
         pytest.skip("the CUDA engine takes head_dim 64 or 128")
     g = torch.Generator().manual_seed(4)
@@ -157,7 +135,7 @@ def test_default_model_matches_the_emulated_cuda_engine(default_model):
 
 @pytest.mark.exactness
 def test_prefill_is_decoding_one_by_one():
-    cfg, weights = tiny_model("gqa-untied", seed=5)
+    cfg, weights = engine_model("gqa-untied", seed=5)
     prompt = torch.randint(0, cfg.vocab_size, (50,), generator=torch.Generator().manual_seed(6)).tolist()
     whole = CpuEngine(cfg, weights, max_seq=64, prefill_chunk=64)
     whole.prefill(prompt)

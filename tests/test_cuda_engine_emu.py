@@ -20,10 +20,9 @@ from adadecode.engines.cuda import CudaEngine, emu_unavailable_reason
 from adadecode.engines.sampling import make_sampling
 from adadecode.engines.select import make_engine
 from adadecode.engines.torch import TorchEngine
-from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import Model
 
-from conftest import random_weights, tiny_hf_config
+from conftest import engine_model
 from test_cuda_engine import _assert_bitwise, _check_schedules, _random_schedule, _start, _state
 from test_engines import judge_divergence, two_heads
 
@@ -33,24 +32,6 @@ if WHY is not None:  # CI builds adadecode_emu on every machine: a missing one i
         pytest.skip(WHY, allow_module_level=True)
     raise RuntimeError(WHY)
 import adadecode_emu  # noqa: E402
-
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
-MODELS = {
-    "gqa-untied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                       intermediate_size=256, vocab_size=512, num_hidden_layers=4),
-    "mqa-tied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=64, intermediate_size=200,
-                     vocab_size=400, num_hidden_layers=3, tie_word_embeddings=True),
-    "hd128-llama3-rope": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-                              intermediate_size=344, vocab_size=512, num_hidden_layers=2, rope_theta=500000.0,
-                              rope_scaling=LLAMA3, max_position_embeddings=512),
-}
-
-
-def tiny_model(name: str, seed: int = 0) -> tuple[LlamaConfig, object]:
-    cfg = LlamaConfig.from_hf(tiny_hf_config(**MODELS[name]))
-    return cfg, random_weights(cfg, seed=seed)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def random_thread_order():
@@ -63,7 +44,7 @@ def random_thread_order():
 
 @pytest.fixture(scope="module")
 def gqa():
-    cfg, weights = tiny_model("gqa-untied", seed=2)
+    cfg, weights = engine_model("gqa-untied", seed=2)
     return cfg, weights, CudaEngine(cfg, weights, max_seq=96, device="emu", prefill_chunk=16)
 
 
@@ -98,7 +79,7 @@ def test_graph_replays_equal_eager_launches(gqa):
 
 
 def test_make_engine_and_runtime_errors():
-    cfg, weights = tiny_model("mqa-tied")
+    cfg, weights = engine_model("mqa-tied")
     e = make_engine(Model(cfg=cfg, weights=weights, tokenizer=None, source="tiny"), "emu", max_seq=32, max_rows=4)
     assert isinstance(e, CudaEngine) and e.name == "emu" and e.device.type == "cpu"
     e.prefill([1, 2, 3])
@@ -123,12 +104,12 @@ def test_default_model_greedy_tokens(default_model):
         assert ok, line
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", ["gqa-untied", "mqa-tied", "hd128-llama3-rope"])
 def test_fused_engine_equals_unfused(name):
     """Issue 16: the fused decode path (5 launches per layer, final and heads reading the ring in place, PDL
     launches) leaves the same hidden states, K/V caches, tokens and head outputs as the unfused launches, bit for
     bit, through an AdaDecode-shaped schedule (several rows, split layer ranges) and vanilla decoding."""
-    cfg, weights = tiny_model(name, seed=5)
+    cfg, weights = engine_model(name, seed=5)
     g = torch.Generator().manual_seed(11)
     heads = two_heads(cfg, g)
     prompt = torch.randint(0, cfg.vocab_size, (21,), generator=g).tolist()

@@ -27,31 +27,14 @@ from adadecode.engines.head import Head
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig
 
-from conftest import random_weights, tiny_hf_config
+from conftest import ENGINE_MODELS, engine_model, random_weights, tiny_hf_config
 from test_cuda_engine import _assert_bitwise, _random_schedule, _start, _state, _violations
 
 if emu_unavailable_reason() is not None:  # CI builds every engine: a missing one is an error, not a skip
     raise RuntimeError(emu_unavailable_reason())
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
-MODELS = {
-    "gqa-untied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                       intermediate_size=256, vocab_size=512, num_hidden_layers=4),
-    "mqa-tied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=64, intermediate_size=200,
-                     vocab_size=400, num_hidden_layers=3, tie_word_embeddings=True),
-    "hd128-llama3-rope": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-                              intermediate_size=344, vocab_size=512, num_hidden_layers=2, rope_theta=500000.0,
-                              rope_scaling=LLAMA3, max_position_embeddings=512),
-    "hd8-gqa": dict(),  # conftest's tiny model (head_dim 8): the CPU engine only (the CUDA kernels take 64 or 128)
-}
 KINDS = ["torch", "cpu", "emu"]
-
-
-def tiny_model(name: str, seed: int = 0):
-    cfg = LlamaConfig.from_hf(tiny_hf_config(**MODELS[name]))
-    return cfg, random_weights(cfg, seed=seed)
-
+GREEDY_MODELS = ["gqa-untied", "mqa-tied", "hd128-llama3-rope", "hd8-gqa"]
 
 def build(kind: str, cfg, weights, **kw):
     """An engine of `kind`; kw: max_seq, max_rows. TorchEngine in bf16 (the oracle's precision for the others)."""
@@ -96,9 +79,9 @@ def compare_greedy(engine, ref, cfg, weights, prompts, n_new) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["cpu", "emu"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", GREEDY_MODELS)
 def test_greedy_tokens_match_the_oracle(kind, name):
-    cfg, weights = tiny_model(name)
+    cfg, weights = engine_model(name)
     engine = build(kind, cfg, weights, max_seq=128)
     ref = TorchEngine(cfg, weights, device="cpu", dtype=torch.bfloat16, max_seq=128)
     g = torch.Generator().manual_seed(1)
@@ -122,7 +105,7 @@ def test_default_model_greedy_tokens_cpu(default_model):
 
 @pytest.fixture(scope="module", params=KINDS)
 def gqa(request):
-    cfg, weights = tiny_model("gqa-untied", seed=2)
+    cfg, weights = engine_model("gqa-untied", seed=2)
     return cfg, weights, build(request.param, cfg, weights, max_seq=96), request.param
 
 
@@ -188,7 +171,7 @@ def test_truncate_and_rerun_is_bitwise_never_having_run(gqa):
 
 @pytest.mark.parametrize("kind", ["cpu", "emu"])
 def test_contract_checks_are_torch_engines(kind):
-    cfg = LlamaConfig.from_hf(tiny_hf_config(**{**MODELS["mqa-tied"], "num_hidden_layers": 4}))
+    cfg = LlamaConfig.from_hf(tiny_hf_config(**{**ENGINE_MODELS["mqa-tied"], "num_hidden_layers": 4}))
     weights = random_weights(cfg)
     want = _violations(TorchEngine(cfg, weights, max_seq=32, max_rows=4))
     got = _violations(build(kind, cfg, weights, max_seq=32, max_rows=4))
@@ -207,7 +190,7 @@ def two_heads(cfg, g: torch.Generator) -> list[Head]:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", ["gqa-untied", "mqa-tied"])
 def test_adadecode_and_layerskip_equal_vanilla(kind, name):
-    cfg, weights = tiny_model(name, seed=3)
+    cfg, weights = engine_model(name, seed=3)
     e = build(kind, cfg, weights, max_seq=128)
     g = torch.Generator().manual_seed(7)
     heads = two_heads(cfg, g)
@@ -226,7 +209,7 @@ def test_adadecode_and_layerskip_equal_vanilla(kind, name):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_argmax_ties_go_to_the_lowest_id(kind):
-    cfg = LlamaConfig.from_hf(tiny_hf_config(**MODELS["gqa-untied"]))
+    cfg = LlamaConfig.from_hf(tiny_hf_config(**ENGINE_MODELS["gqa-untied"]))
     w = random_weights(cfg)
     w.lm_head[:] = 0
     w.lm_head[7] = 0.5  # tokens 3 and 7 have equal logits: the sum of the normed row, times 0.5
@@ -240,7 +223,7 @@ def test_argmax_ties_go_to_the_lowest_id(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_finite_logits_are_an_error(kind):
-    cfg, w = tiny_model("gqa-untied", seed=8)
+    cfg, w = engine_model("gqa-untied", seed=8)
     w.layers[1].w_down[5, 3] = float("nan")
     e = build(kind, cfg, w, max_seq=16)
     e.prefill([1, 2, 5])

@@ -10,6 +10,8 @@ runs, with one set of messages for both engines. Subclasses compute through thre
 """
 from __future__ import annotations
 
+import torch
+
 from ..model.config import LlamaConfig
 from .sampling import sample
 
@@ -51,6 +53,32 @@ class EngineContract:
         if depth is not None and self.row_depth[slot] != depth:
             raise EngineError(f"row {pos} is at depth {self.row_depth[slot]}, expected {depth}")
         return slot
+
+    def _checked_heads(self, heads) -> list[tuple]:
+        """(layer, T, vocab, w_rest) of each head (adadecode.engines.head.Head) as the native engines take them:
+        vocab an int64 CPU tensor of sorted unique ids or None, w_rest only with a vocabulary. The kernel engines'
+        set_heads share these checks (TorchEngine computes the head's math itself)."""
+        d, vocab = self.cfg.d, self.cfg.vocab_size
+        out = []
+        for i, h in enumerate(heads):
+            if not 0 <= int(h.layer) <= self.n_layers:
+                raise ValueError(f"head {i}: layer {h.layer} is outside 0..{self.n_layers}")
+            if tuple(h.T.shape) != (d, d):
+                raise ValueError(f"head {i}: T has shape {tuple(h.T.shape)}, expected ({d}, {d})")
+            ids = None
+            if h.vocab is not None:
+                ids = h.vocab.detach().reshape(-1).to("cpu", torch.int64)
+                if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                    raise ValueError(f"head {i}: vocabulary subset must hold 1..{vocab} ids in 0..{vocab - 1}")
+                if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+                    raise ValueError(f"head {i}: vocabulary subset must be sorted ascending without repeats")
+            if h.w_rest is not None:
+                if h.vocab is None:
+                    raise ValueError(f"head {i}: w_rest is given without a vocabulary subset")
+                if tuple(h.w_rest.shape) != (d,):
+                    raise ValueError(f"head {i}: w_rest has shape {tuple(h.w_rest.shape)}, expected ({d},)")
+            out.append((int(h.layer), h.T, ids, h.w_rest))
+        return out
 
     def _rows(self, first_pos: int, last_pos: int, depth: int | None = None) -> list[int]:
         return [self._row_slot(p, depth) for p in range(first_pos, last_pos + 1)]

@@ -98,16 +98,18 @@ def check_supported(cfg: LlamaConfig) -> None:
         raise ValueError(f"the CPU engine needs intermediate_size % 8 == 0, this model has {cfg.ffn_dim}")
 
 
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    """t as the C++ side reads it: a contiguous bf16 CPU tensor."""
+    return t.detach().to("cpu", torch.bfloat16).contiguous()
+
+
 class CpuWeights:
     """A model's weights packed for the CPU kernels (bf16, lane order), held once by the C++ side."""
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights):
         check_supported(cfg)
         ext = _ext()
-
-        def bf(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to("cpu", torch.bfloat16).contiguous()
-
+        bf = _bf16
         layers = [[bf(lw.attn_norm), bf(lw.wq), bf(lw.wk), bf(lw.wv), bf(lw.wo), bf(lw.mlp_norm), bf(lw.w_gate),
                    bf(lw.w_up), bf(lw.w_down)] for lw in weights.layers]
         tied = weights.lm_head is weights.embed
@@ -200,30 +202,9 @@ class CpuEngine(EngineContract):
     def set_heads(self, heads) -> None:
         """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
         heads = list(heads)
-        d, vocab = self.cfg.d, self.cfg.vocab_size
-        specs = []
-        for i, h in enumerate(heads):
-            if not 0 <= int(h.layer) <= self.n_layers:
-                raise ValueError(f"head {i}: layer {h.layer} is outside 0..{self.n_layers}")
-            if tuple(h.T.shape) != (d, d):
-                raise ValueError(f"head {i}: T has shape {tuple(h.T.shape)}, expected ({d}, {d})")
-            ids = None
-            if h.vocab is not None:
-                v = h.vocab.detach().reshape(-1).to("cpu", torch.int64)
-                if v.numel() == 0 or int(v.min()) < 0 or int(v.max()) >= vocab:
-                    raise ValueError(f"head {i}: vocabulary subset must hold 1..{vocab} ids in 0..{vocab - 1}")
-                if v.numel() > 1 and not bool((v[1:] > v[:-1]).all()):
-                    raise ValueError(f"head {i}: vocabulary subset must be sorted ascending without repeats")
-                ids = v.to(torch.int32).contiguous()
-            w_rest = None
-            if h.w_rest is not None:
-                if h.vocab is None:
-                    raise ValueError(f"head {i}: w_rest is given without a vocabulary subset")
-                if tuple(h.w_rest.shape) != (d,):
-                    raise ValueError(f"head {i}: w_rest has shape {tuple(h.w_rest.shape)}, expected ({d},)")
-                w_rest = h.w_rest.detach().to("cpu", torch.bfloat16).contiguous()
-            specs.append((int(h.layer), h.T.detach().to("cpu", torch.bfloat16).contiguous(), ids, w_rest))
-        self._eng.set_heads(specs)
+        self._eng.set_heads([(layer, _bf16(T), None if ids is None else ids.to(torch.int32).contiguous(),
+                              None if w_rest is None else _bf16(w_rest))
+                             for layer, T, ids, w_rest in self._checked_heads(heads)])
         self.heads = [h.to("cpu", torch.bfloat16) for h in heads]
 
     def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:

@@ -241,34 +241,10 @@ class CudaEngine(EngineContract):
     def set_heads(self, heads) -> None:
         """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
         heads = list(heads)
-        d, vocab = self.cfg.d, self.cfg.vocab_size
-        dev = self.device
-        on_device, specs = [], []
-        for i, h in enumerate(heads):
-            if not 0 <= int(h.layer) <= self.n_layers:
-                raise ValueError(f"head {i}: layer {h.layer} is outside 0..{self.n_layers}")
-            if tuple(h.T.shape) != (d, d):
-                raise ValueError(f"head {i}: T has shape {tuple(h.T.shape)}, expected ({d}, {d})")
-            ids = None
-            if h.vocab is not None:
-                v = h.vocab.detach().reshape(-1).to("cpu", torch.int64)
-                if v.numel() == 0 or int(v.min()) < 0 or int(v.max()) >= vocab:
-                    raise ValueError(f"head {i}: vocabulary subset must hold 1..{vocab} ids in 0..{vocab - 1}")
-                if v.numel() > 1 and not bool((v[1:] > v[:-1]).all()):
-                    raise ValueError(f"head {i}: vocabulary subset must be sorted ascending without repeats")
-                ids = self._put(v, torch.int32)
-            w_rest = None
-            if h.w_rest is not None:
-                if h.vocab is None:
-                    raise ValueError(f"head {i}: w_rest is given without a vocabulary subset")
-                if tuple(h.w_rest.shape) != (d,):
-                    raise ValueError(f"head {i}: w_rest has shape {tuple(h.w_rest.shape)}, expected ({d},)")
-                w_rest = self._put(h.w_rest)
-            T = self._put(h.T)
-            on_device.append(h.to(dev, torch.bfloat16))
-            specs.append((int(h.layer), T, ids, w_rest))
+        specs = [(layer, self._put(T), None if ids is None else self._put(ids, torch.int32),
+                  None if w_rest is None else self._put(w_rest)) for layer, T, ids, w_rest in self._checked_heads(heads)]
         self._eng.set_heads(specs)
-        self.heads = on_device
+        self.heads = [h.to(self.device, torch.bfloat16) for h in heads]
 
     def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
         """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer; with

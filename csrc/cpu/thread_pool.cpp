@@ -56,12 +56,12 @@ bool spin_until(P&& pred) {
 
 constexpr uint64_t kMask24 = (1u << 24) - 1;
 inline uint32_t job_of(uint64_t c) { return static_cast<uint32_t>(c >> 48); }
-inline int count_of(uint64_t c) { return static_cast<int>((c >> 24) & kMask24); }
+inline int end_of(uint64_t c) { return static_cast<int>((c >> 24) & kMask24); }
 inline int next_of(uint64_t c) { return static_cast<int>(c & kMask24); }
 
 }  // namespace
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads) {
+ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads), cursors_(n_threads < 1 ? 1 : n_threads) {
   if (n_threads < 1 || n_threads > 1024)
     throw std::invalid_argument("CPU engine: threads = " + std::to_string(n_threads) + " must be in 1..1024");
   threads_.reserve(n_threads - 1);
@@ -75,26 +75,28 @@ ThreadPool::~ThreadPool() {
   for (auto& t : threads_) t.join();
 }
 
-int ThreadPool::claim(uint32_t id, int* count) {
-  uint64_t c = cursor_.load(std::memory_order_acquire);
-  for (;;) {
-    if (job_of(c) != (id & 0xffffu) || next_of(c) >= count_of(c)) return -1;
-    if (cursor_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
-      *count = count_of(c);
-      return next_of(c);
+int ThreadPool::claim(uint32_t id, int thread) {
+  for (int k = 0; k < n_threads_; ++k) {
+    std::atomic<uint64_t>& cur = cursors_[(thread + k) % n_threads_].word;
+    uint64_t c = cur.load(std::memory_order_acquire);
+    for (;;) {
+      if (job_of(c) != (id & 0xffffu)) return -1;  // a later job: this one is done
+      if (next_of(c) >= end_of(c)) break;          // this share is used up: the next one
+      if (cur.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+        return next_of(c);
     }
   }
+  return -1;
 }
 
 void ThreadPool::work(uint32_t id, int thread) {
-  // The job's fn and ctx are read only after an item is claimed: the caller does not post the next job before that
-  // item is done, so they are this job's.
+  // The job's fn, ctx and item count are read only after an item is claimed: the caller does not post the next job
+  // before that item is done, so they are this job's.
   bool first = true;
-  int n = 0;
-  for (int item; (item = claim(id, &n)) >= 0; first = false) {
+  for (int item; (item = claim(id, thread)) >= 0; first = false) {
     fn_(ctx_, thread, item, first);
-    // n is the count this claim saw: once the last item is counted the caller may post the next job at once
-    if (done_.fetch_add(1) + 1 == static_cast<uint32_t>(n) && caller_asleep_.load()) futex_wake_all(done_);
+    // once the last item is counted the caller may post the next job at once
+    if (done_.fetch_add(1) + 1 == static_cast<uint32_t>(n_items_) && caller_asleep_.load()) futex_wake_all(done_);
   }
 }
 
@@ -109,7 +111,7 @@ void ThreadPool::worker(int index) {
     }
     seen = gen_.load(std::memory_order_acquire);
     if (stop_.load()) return;
-    work(static_cast<uint32_t>(job_of(cursor_.load(std::memory_order_acquire))), index);
+    work(static_cast<uint32_t>(job_of(cursors_[index].word.load(std::memory_order_acquire))), index);
   }
 }
 
@@ -123,9 +125,13 @@ void ThreadPool::run(int n_items, ItemFn fn, void* ctx, size_t bytes) {
   fn_ = fn;
   ctx_ = ctx;
   id_ = (id_ + 1) & 0xffffu;
+  n_items_ = n_items;
   done_.store(0);
-  cursor_.store((static_cast<uint64_t>(id_) << 48) | (static_cast<uint64_t>(n_items) << 24),
-                std::memory_order_release);
+  for (int k = 0; k < n_threads_; ++k) {  // thread k's share: [k n / T, (k + 1) n / T)
+    const uint64_t begin = static_cast<uint64_t>(n_items) * k / n_threads_;
+    const uint64_t end = static_cast<uint64_t>(n_items) * (k + 1) / n_threads_;
+    cursors_[k].word.store((static_cast<uint64_t>(id_) << 48) | (end << 24) | begin, std::memory_order_release);
+  }
   gen_.fetch_add(1);
   if (sleepers_.load() > 0) futex_wake_all(gen_);
   work(id_, 0);

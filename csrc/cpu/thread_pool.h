@@ -1,5 +1,7 @@
 // The CPU engine's thread pool: a job is n items, claimed one at a time by whichever thread is free (the caller
-// included); it ends when every item is done, whether or not every worker took part.
+// included); it ends when every item is done, whether or not every worker took part. Thread k first claims the
+// items of its own contiguous share (a weight job then reads one sequential stream per thread), then those left in
+// the others' shares.
 //
 // Why this shape: on a shared 2-core machine a worker may not run for milliseconds. A pool that splits a job into
 // fixed per-thread shares, or waits for every worker to arrive at a barrier, then waits for the slowest thread
@@ -42,14 +44,20 @@ class ThreadPool {
 
  private:
   void worker(int index);
-  // Claims the next item of job `id`, or returns -1 when job `id` has no item left (or is no longer the live job).
-  int claim(uint32_t id, int* count);
+  // Claims the next item of job `id` for `thread` (its share first), or returns -1 when job `id` has no item left
+  // (or is no longer the live job).
+  int claim(uint32_t id, int thread);
   void work(uint32_t id, int thread);
 
   int n_threads_;
   std::vector<std::thread> threads_;
-  // cursor: job id (16 bits) | item count (24) | next item (24). One word, so that a claim sees the job it claims in.
-  std::atomic<uint64_t> cursor_{0};
+  // One cursor per thread's share: job id (16 bits) | end of the share (24) | next item (24). One word, so that a claim
+  // sees the job it claims in. Padded to a cache line each: the threads claim concurrently.
+  struct alignas(64) Cursor {
+    std::atomic<uint64_t> word{0};
+  };
+  std::vector<Cursor> cursors_;
+  int n_items_ = 0;  // the live job's items (read only by a thread holding one of its items)
   std::atomic<uint32_t> gen_{0};       // bumped per job and at shutdown (the workers' futex word)
   std::atomic<uint32_t> done_{0};      // items finished in the live job (the caller's futex word)
   std::atomic<int> sleepers_{0};       // workers asleep on gen_
