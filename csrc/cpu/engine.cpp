@@ -301,12 +301,12 @@ void down_item(void* ctx, int thread, int item, bool first) {
 
 int col_items(int n, int per) { return (n + per - 1) / per; }
 
-// LM head over `ids` (nullptr: all rows of the matrix) for R normed rows: logits rounded to bf16 (as the CUDA LM
+// LM head (all rows of W: the LM head, or a head's copy of its vocabulary rows) for R normed rows: logits rounded to bf16 (as the CUDA LM
 // head with round_bf16), into `logits` (row stride n) when given, and each thread's running argmax.
 struct LmJob {
   Engine* e;
   int R, n, job;
-  const int32_t* ids;
+  const PackedMatrix* W;  // the LM head, or a head's rows of it
   const uint16_t* rows;  // the rows to normalise (final) or nullptr (the head: t.xp already holds z, see head())
   const float* z;        // head: the transformed row (bf16 values)
   float* logits;
@@ -324,10 +324,10 @@ void lm_item(void* ctx, int thread, int item, bool first) {
     for (int r = 0; r < j.R; ++r) t.best[r] = -INFINITY, t.best_idx[r] = -1, t.ok[r] = 1;
     t.job = j.job;
   }
-  const PackedMatrix& W = e.w_->lm_head;
+  const PackedMatrix& W = *j.W;
   const int n0 = item * kVocabPerItem, cn = std::min(kVocabPerItem, j.n - n0);
   const uint16_t* ptrs[kVocabPerItem];
-  for (int c = 0; c < cn; ++c) ptrs[c] = W.row(j.ids ? j.ids[n0 + c] : n0 + c);
+  for (int c = 0; c < cn; ++c) ptrs[c] = W.row(n0 + c);
   e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, j.R, t.out.data());
   for (int r = 0; r < j.R; ++r) {
     float* y = t.out.data() + static_cast<size_t>(r) * cn;
@@ -582,7 +582,7 @@ void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
   check_rows("final", first, last);
   const int R = last - first + 1, d = dims().d, V = dims().vocab;
   for (int r = 0; r < R; ++r) std::memcpy(hw_.data() + static_cast<size_t>(r) * d, ring_row(first + r), d * sizeof(uint16_t));
-  LmJob j{this, R, V, ++job_counter_, nullptr, hw_.data(), nullptr, logits};
+  LmJob j{this, R, V, ++job_counter_, &w_->lm_head, hw_.data(), nullptr, logits};
   pool_.run(col_items(V, kVocabPerItem), lm_item, &j, w_->lm_head.bytes());
   for (int r = 0; r < R; ++r) {
     float best = -INFINITY;
@@ -609,6 +609,17 @@ void Engine::set_heads(std::vector<Head> heads) {
     if (!h.w_rest.empty() && (h.vocab.empty() || static_cast<int>(h.w_rest.size()) != L_rest_->xlen))
       bad(p + "w_rest needs a vocabulary subset and d values");
   }
+  const PackedMatrix& W = w_->lm_head;
+  for (Head& h : heads) {
+    if (h.vocab.empty()) continue;
+    h.E.N = static_cast<int>(h.vocab.size());
+    h.E.K = W.K;
+    h.E.L = W.L;
+    h.E.own = Buffer<uint16_t>(static_cast<size_t>(h.E.N) * W.K, "head vocabulary rows");
+    h.E.data = h.E.own.data();
+    for (int n = 0; n < h.E.N; ++n)
+      std::memcpy(h.E.data + static_cast<size_t>(n) * W.K, W.row(h.vocab[n]), W.K * sizeof(uint16_t));
+  }
   heads_ = std::move(heads);
 }
 
@@ -625,7 +636,7 @@ std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
   pool_.run(col_items(d, kColsPerItem), head_t_item, &tj, h.T.bytes());
   const int n = h.vocab.empty() ? dims().vocab : static_cast<int>(h.vocab.size());
   float* lg = lg_.data();
-  LmJob j{this, 1, n, ++job_counter_, h.vocab.empty() ? nullptr : h.vocab.data(), nullptr, z, lg};
+  LmJob j{this, 1, n, ++job_counter_, h.vocab.empty() ? &w_->lm_head : &h.E, nullptr, z, lg};
   pool_.run(col_items(n, kVocabPerItem), lm_item, &j, static_cast<size_t>(n) * d * sizeof(uint16_t));
   float rest = 0.f;
   if (!h.w_rest.empty()) {  // lm_head.cu's merge: x . w_rest over 256 threads (8 warps), rounded to bf16

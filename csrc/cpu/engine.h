@@ -118,6 +118,8 @@ struct Head {
   int layer = 0;
   PackedMatrix T;                 // [d, d]
   std::vector<int32_t> vocab;     // token ids, ascending (empty: the full vocabulary)
+  PackedMatrix E;                 // [vocab.size(), d]: the LM head's rows of `vocab`, copied contiguously by
+                                  // set_heads (gathered rows scattered over the LM head read ~3x slower than one stream)
   std::vector<float> w_rest;      // rest-logit weights permuted into the 256-lane layout (empty: none)
 };
 
