@@ -12,13 +12,11 @@
 constexpr int kPrefetchElems = 8192;
 
 // Lane vectors a register tile of RT rows x CT columns keeps live over a step pair: the accumulators, and either
-// the rows' two activation vectors (x kept; one weight pair at a time) or the columns' two weight vectors (w kept;
-// one activation pair at a time), whichever is fewer.
-constexpr int tile_regs(int RT, int CT) { return RT * CT + 2 * (RT < CT ? RT : CT) + 2; }
+// the rows' two activation vectors (x kept, RT < CT; one weight pair at a time, converted from bf16 into two
+// transient vectors) or the columns' two weight vectors (w kept; the activations are FMA memory operands and need
+// no register of their own).
+constexpr int tile_regs(int RT, int CT) { return RT * CT + (RT < CT ? 2 * RT + 2 : 2 * CT); }
 
-// acc[r][c] = the lane partial sums of one lane block: rows x (stride xs), packed weight rows w[c] (both already at
-// the block's start), gfull full groups then tl tail lanes. Weights come two steps at a time (the pair layout of
-// lanes.h); each lane's FMAs run in step order.
 template <int RT, int CT>
 inline void block_dot(const uint16_t* const (&w)[CT], const float* x, int xs, int gfull, int tl, V (&acc)[RT][CT]) {
   for (int r = 0; r < RT; ++r)
@@ -87,33 +85,55 @@ inline void dot_tile_rc(const LaneLayout& L, const uint16_t* const* w, const flo
 
 // Columns per register tile. Up to 2 rows: one column at a time, each weight row read start to end (one sequential
 // stream the prefetchers follow; measured on the default model, 1 thread: 4 columns at a time made a decode layer
-// ~1.4x slower at 1 row). From 4 rows the step is compute-bound and the widest tile that fits (4, 2 or 1 columns,
-// tile_regs < kVecRegs) shares each activation load between its columns.
+// ~1.4x slower at 1 row). From 4 rows the widest tile that fits (4, 2 or 1 columns, tile_regs < kVecRegs) shares
+// each activation load between its columns.
 constexpr int cols_for(int RT) {
   return RT <= 2 ? 1 : tile_regs(RT, 4) < kVecRegs ? 4 : tile_regs(RT, 2) < kVecRegs ? 2 : 1;
 }
 constexpr bool rows_fit(int RT) { return tile_regs(RT, 1) < kVecRegs; }
 
+// Columns [c0, c0 + cn) of RT rows.
 template <int RT>
-inline void dot_rows(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xs, float* out) {
+inline void dot_cols(const LaneLayout& L, const uint16_t* const* w, int c0, int cn, const float* xp, int xs,
+                     float* out, int ldo) {
   constexpr int CT = cols_for(RT);
-  int c = 0;
-  for (; c + CT <= C; c += CT) dot_tile_rc<RT, CT>(L, w + c, xp, xs, out + c, C);
+  int c = c0;
+  const int end = c0 + cn;
+  for (; c + CT <= end; c += CT) dot_tile_rc<RT, CT>(L, w + c, xp, xs, out + c, ldo);
   if constexpr (CT > 2) {
-    for (; c + 2 <= C; c += 2) dot_tile_rc<RT, 2>(L, w + c, xp, xs, out + c, C);
+    for (; c + 2 <= end; c += 2) dot_tile_rc<RT, 2>(L, w + c, xp, xs, out + c, ldo);
   }
-  for (; c < C; ++c) dot_tile_rc<RT, 1>(L, w + c, xp, xs, out + c, C);
+  for (; c < end; ++c) dot_tile_rc<RT, 1>(L, w + c, xp, xs, out + c, ldo);
 }
+
+// The rows of the next register tile, of the n rows left: 8, 4 or 3 where they fit this instruction set's
+// registers, else 2 or 1.
+constexpr int next_rows(int n) {
+  return n >= 8 && rows_fit(8) ? 8 : n >= 4 && rows_fit(4) ? 4 : n >= 3 && rows_fit(3) ? 3 : n >= 2 ? 2 : 1;
+}
+
+// Columns in the outer loop, row tiles inside: a block of kColBlock weight rows is read from memory once and stays
+// in L1 for every row tile (rows in the outer loop read the whole matrix once per row tile).
+constexpr int kColBlock = 4;
 
 inline void k_dot_tile(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xs, int R,
                        float* out) {
-  int r = 0;
-  if constexpr (rows_fit(8))
-    for (; r + 8 <= R; r += 8) dot_rows<8>(L, w, C, xp + r * xs, xs, out + r * C);
-  if constexpr (rows_fit(4))
-    for (; r + 4 <= R; r += 4) dot_rows<4>(L, w, C, xp + r * xs, xs, out + r * C);
-  for (; r + 2 <= R; r += 2) dot_rows<2>(L, w, C, xp + r * xs, xs, out + r * C);
-  for (; r < R; ++r) dot_rows<1>(L, w, C, xp + r * xs, xs, out + r * C);
+  for (int c0 = 0; c0 < C; c0 += kColBlock) {
+    const int cn = C - c0 < kColBlock ? C - c0 : kColBlock;
+    for (int r = 0; r < R;) {
+      const int rt = next_rows(R - r);
+      const float* x = xp + r * xs;
+      float* o = out + r * C;
+      switch (rt) {
+        case 8: if constexpr (rows_fit(8)) dot_cols<8>(L, w, c0, cn, x, xs, o, C); break;
+        case 4: if constexpr (rows_fit(4)) dot_cols<4>(L, w, c0, cn, x, xs, o, C); break;
+        case 3: if constexpr (rows_fit(3)) dot_cols<3>(L, w, c0, cn, x, xs, o, C); break;
+        case 2: dot_cols<2>(L, w, c0, cn, x, xs, o, C); break;
+        default: dot_cols<1>(L, w, c0, cn, x, xs, o, C); break;
+      }
+      r += rt;
+    }
+  }
 }
 
 inline void k_permute(const LaneLayout& L, const float* x, float* xp) {
