@@ -183,3 +183,73 @@ def test_family_config_reads_as_transformers_reads_it(tmp_path, family):
     assert getattr(again, "layer_types", None) == getattr(theirs, "layer_types", None)
     assert LlamaConfig.from_hf(ours.to_hf()) == ours
     assert json.loads(json.dumps(ours.to_hf()))["architectures"] == theirs.architectures
+
+
+def family_config(family: str, **over) -> LlamaConfig:
+    from conftest import tiny_hf_config
+
+    extra = {"qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0),
+             "qwen3": dict(head_dim=16),  # 6 heads x 16 != hidden 48
+             "mistral": dict(sliding_window=WINDOW)}[family]
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[family]
+    return LlamaConfig.from_hf(tiny_hf_config(model_type=family, architectures=[arch], **(extra | over)))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_family_gguf_loads_to_hf_layout(tmp_path, family, tied):
+    """A GGUF of each family, as llama.cpp's converter lays it out (tests/test_loading.write_tiny_gguf), reads back
+    to the same config and the HF-layout weights, and decodes as the HF directory of the same weights does."""
+    from adadecode.decoding.vanilla import generate_vanilla
+    from adadecode.model.loader import Model, write_hf_dir
+
+    from conftest import random_weights
+    from test_loading import assert_same_weights, write_tiny_gguf
+
+    cfg = family_config(family, tie_word_embeddings=tied)
+    weights = random_weights(cfg)
+    write_tiny_gguf(tmp_path / "tiny.gguf", cfg, weights)
+    g = load_model(tmp_path / "tiny.gguf")
+    assert (g.cfg.model_type, g.cfg.qkv_bias, g.cfg.qk_norm, g.cfg.sliding_window, g.cfg.head_dim) == (
+        cfg.model_type, cfg.qkv_bias, cfg.qk_norm, cfg.sliding_window, cfg.head_dim)
+    assert_same_weights(g.weights, weights, cfg)  # llama (Mistral) Q/K un-permuted, qwen's taken as they are
+    write_hf_dir(Model(cfg=cfg, weights=weights, tokenizer=None, source="test"), tmp_path / "hf")
+    h = load_model(tmp_path / "hf")
+    run = lambda m: generate_vanilla(make_engine(m, "torch", device="cpu", dtype="fp32", max_seq=96),  # noqa: E731
+                                     list(range(3, 33)), 24).tokens
+    assert run(g) == run(h)
+
+
+def test_family_gguf_refusals(tmp_path):
+    """What a GGUF of these families has and the engines do not run is refused by name."""
+    import gguf
+    import numpy as np
+
+    from conftest import random_weights
+    from test_loading import write_tiny_gguf
+
+    cfg = family_config("qwen3")
+    write_tiny_gguf(tmp_path / "ok.gguf", cfg, random_weights(cfg))
+    reader = gguf.GGUFReader(str(tmp_path / "ok.gguf"))
+
+    def rewrite(name, edit):  # the same file with one metadata field or tensor added
+        wr = gguf.GGUFWriter(str(tmp_path / name), "qwen3")
+        for k, f in reader.fields.items():
+            if k.startswith("GGUF.") or k == "general.architecture":
+                continue
+            wr.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+        for t in reader.tensors:
+            wr.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+        edit(wr)
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
+        return tmp_path / name
+
+    with pytest.raises(ConfigError, match="'blk.0.attn_output.bias'"):
+        load_model(rewrite("obias.gguf", lambda wr: wr.add_tensor("blk.0.attn_output.bias", np.zeros(48, np.float32))))
+    with pytest.raises(ConfigError, match="'qwen3.attention.sliding_window_pattern'"):
+        load_model(rewrite("pattern.gguf", lambda wr: wr.add_sliding_window_pattern([True, False, True, False])))
+    with pytest.raises(ConfigError, match="'qwen3.rope.dimension_count' is 8"):
+        load_model(rewrite("partial.gguf", lambda wr: wr.add_rope_dimension_count(8)))
