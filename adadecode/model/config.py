@@ -202,7 +202,9 @@ class LlamaConfig:
         n_kv_heads = cfg.get("num_key_value_heads") or n_heads
         if n_heads % n_kv_heads:
             raise bad("num_key_value_heads", f"({n_kv_heads}) must divide num_attention_heads ({n_heads})")
-        head_dim = cfg.get("head_dim") or FAMILY_DEFAULTS[model_type].get("head_dim") or d // n_heads
+        head_dim = cfg.get("head_dim")  # null: the family's default (Qwen3: 128), else hidden_size / heads
+        if head_dim is None:
+            head_dim = FAMILY_DEFAULTS[model_type].get("head_dim") or d // n_heads
         if not isinstance(head_dim, int) or head_dim <= 0:
             raise bad("head_dim", f"must be a positive integer, got {head_dim!r}")
         if head_dim % 2:
