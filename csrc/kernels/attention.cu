@@ -157,8 +157,10 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
     cp_async_wait_k();
     __syncthreads();
 
-    // Scores: thread tid <-> position t0 + tid; S[qi][t] = q.k (log2 units), -inf where t > p_r.
+    // Scores: thread tid <-> position t0 + tid; S[qi][t] = q.k (log2 units), -inf where t > p_r or t is before the
+    // window: kept iff 0 <= p_r - t < wlim, one unsigned compare (a second compare here made the hd-128 kernel spill).
     {
+      const unsigned wlim = window > 0 ? static_cast<unsigned>(window) : 0x80000000u;
       const int t = tid;
       if (t < nvalid) {
         uint4 kr[NV];
@@ -184,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
             const int pr = p0 + r_begin + (qi + u) / G;
-            S[(qi + u) * CH + t] = t0 + t <= pr && t0 + t >= attn_window_lo(pr, window) ? s[u] : -INFINITY;
+            S[(qi + u) * CH + t] = static_cast<unsigned>(pr - t0 - t) < wlim ? s[u] : -INFINITY;
           }
         }
         for (; qi < Q; ++qi) {
@@ -201,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
             s = __fmaf_rn(kf[6], b.z, s); s = __fmaf_rn(kf[7], b.w, s);
           }
           const int pr = p0 + r_begin + qi / G;
-          S[qi * CH + t] = t0 + t <= pr && t0 + t >= attn_window_lo(pr, window) ? s : -INFINITY;
+          S[qi * CH + t] = static_cast<unsigned>(pr - t0 - t) < wlim ? s : -INFINITY;
         }
       } else {
         for (int qi = 0; qi < Q; ++qi) S[qi * CH + t] = -INFINITY;
