@@ -253,3 +253,66 @@ def test_family_gguf_refusals(tmp_path):
         load_model(rewrite("pattern.gguf", lambda wr: wr.add_sliding_window_pattern([True, False, True, False])))
     with pytest.raises(ConfigError, match="'qwen3.rope.dimension_count' is 8"):
         load_model(rewrite("partial.gguf", lambda wr: wr.add_rope_dimension_count(8)))
+
+
+@pytest.mark.parametrize("engine", ["torch", "cpu"])
+@pytest.mark.parametrize("name", ["qwen2-bias-window", "qwen3-qknorm-hd128", "mistral-window"])
+def test_adadecode_is_exact_on_each_family(name, engine):
+    """AdaDecode's tokens are vanilla greedy's on each family, with heads that exit on every token (gamma 0), so
+    guesses are accepted and rejected and rows run fused across a window shorter than the prompt."""
+    from adadecode.decoding.driver import generate_adadecode
+    from adadecode.decoding.vanilla import generate_vanilla
+    from adadecode.engines.head import Head
+    from adadecode.model.loader import Model
+
+    from conftest import engine_model
+
+    cfg, weights = engine_model(name)
+    g = torch.Generator().manual_seed(0)
+    # the noisier head at layer 1 guesses wrong now and then; layer 2's is near the logit lens
+    heads = [Head(layer=layer, T=torch.eye(cfg.d) + noise * torch.randn(cfg.d, cfg.d, generator=g))
+             for layer, noise in ((1, 0.2), (2, 0.05))]
+    model = Model(cfg=cfg, weights=weights, tokenizer=None, source=name)
+    prompt = torch.randint(3, cfg.vocab_size, (30,), generator=g).tolist()
+    assert cfg.sliding_window is None or cfg.sliding_window < len(prompt)
+    eng = make_family_engine(model, engine)
+    eng.set_heads(heads)
+    vanilla = generate_vanilla(eng, prompt, 40).tokens
+    ada = generate_adadecode(eng, prompt, 40, gamma=0.0, max_pending=5)
+    assert ada.tokens == vanilla
+    assert ada.stats["early"] > 0 and ada.stats["rejected"] > 0 and ada.stats["accepted"] > 0, ada.stats
+
+
+def test_train_heads_on_a_tiny_qwen3(tmp_path, monkeypatch, capsys):
+    """`train-heads` on a tiny random Qwen3 (q/k norms, head_dim != hidden / heads): heads train, save with the
+    model's fingerprint, load back for it, and AdaDecode with them is exact."""
+    import adadecode.model.loader
+    from adadecode.cli import main
+    from adadecode.decoding.driver import generate_adadecode
+    from adadecode.decoding.vanilla import generate_vanilla
+    from adadecode.heads.files import HeadFileError, load_heads
+    from adadecode.model.loader import Model
+
+    from conftest import random_weights
+    from test_heads import _StubTokenizer
+
+    cfg = family_config("qwen3")
+    m = Model(cfg=cfg, weights=random_weights(cfg), tokenizer=_StubTokenizer(), source="tiny qwen3")
+    monkeypatch.setattr(adadecode.model.loader, "load_model", lambda spec: m)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([f"prompt number {i} says {'ab' * (i % 5)}" for i in range(10)]))
+    out = tmp_path / "h.safetensors"
+    rc = main(["train-heads", "--model", "tiny", "--layers", "1-3", "--prompts", str(prompts), "--out", str(out),
+               "--max-new-tokens", "8", "--vocab", "30", "--epochs", "1", "--max-heads", "2",
+               "--data-cache", str(tmp_path / "cache.pt")])
+    assert rc == 0 and "recommended: layers" in capsys.readouterr().out
+    heads, meta = load_heads(out, m)
+    assert heads and meta["layers"] == [h.layer for h in heads]
+    eng = make_engine(m, "torch", device="cpu", dtype="fp32", max_seq=96)
+    prompt = m.tokenizer.encode("prompt number 3 says abababab")
+    ada = generate_adadecode(eng, prompt, 24, gamma=0.0, heads=heads)
+    assert ada.tokens == generate_vanilla(eng, prompt, 24).tokens and ada.stats["early"] > 0
+    other = Model(cfg=family_config("qwen2"), weights=random_weights(family_config("qwen2")), tokenizer=None,
+                  source="tiny qwen2")
+    with pytest.raises(HeadFileError, match=m.fingerprint):  # heads bound to the Qwen3 model, not another family's
+        load_heads(out, other)
