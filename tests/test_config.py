@@ -199,6 +199,8 @@ def test_qwen_window_applies_as_transformers_applies_it(family, over, window):
     (tiny_hf_config(**QWEN2, use_sliding_window=True, sliding_window=0, max_window_layers=0),
      "'sliding_window' is 0; expected a positive integer"),
     (tiny_hf_config(**MISTRAL, sliding_window=-4), "'sliding_window' is -4"),
+    (tiny_hf_config(**QWEN2, use_sliding_window=True, sliding_window=32, max_window_layers=None),
+     "'max_window_layers' is None; expected an integer >= 0"),
     (tiny_hf_config(**MISTRAL, sliding_window=32, layer_types=["sliding_attention", "full_attention"] * 2),
      "'layer_types' is .* \\(alternating layers"),
     (tiny_hf_config(sliding_window=4096), "'sliding_window' is 4096; model_type 'llama' has no sliding-window"),

@@ -112,6 +112,8 @@ def read_window(cfg: dict[str, Any], model_type: str, bad) -> int | None:
             window = None  # transformers drops it: Qwen2.5 configs carry a sliding_window that is off
         if layer_types is None and isinstance(n_layers, int):
             first = cfg.get("max_window_layers", 28)  # transformers' default
+            if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+                raise bad("max_window_layers", f"is {first!r}; expected an integer >= 0")
             layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
                            for i in range(n_layers)]
     elif model_type == "mistral":  # MistralForCausalLM applies sliding_window everywhere and ignores layer_types,
