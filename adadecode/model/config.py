@@ -8,8 +8,8 @@ field named, before a single weight is read.
 
 Both layouts of config.json are read: transformers 5's (`rope_parameters`, `dtype`) and the older one
 (`rope_theta` + `rope_scaling`, `torch_dtype`); a config that writes a setting in both must agree with itself.
-Where a field is absent, the default is the one transformers' LlamaConfig applies. `dtype` is not read: the
-loader holds weights in bf16 whatever the checkpoint stores.
+Where a field is absent, the default is the one the family's transformers Config class applies. `dtype` is not
+read: the loader holds weights in bf16 whatever the checkpoint stores.
 """
 from __future__ import annotations
 
