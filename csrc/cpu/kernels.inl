@@ -263,7 +263,8 @@ inline bool k_argmax(const float* v, int n, int base, float* best, int* best_idx
 // head dims in order, -inf past the row's position; m = their max; p_t = exp2(s_t - m) (0 where -inf);
 // l = the warp's sum of p (lane L: positions L, L + 32, L + 64, L + 96 in order, then the butterfly: vectors 0, 2, 4,
 // 6 are lanes 0-15, vectors 1, 3, 5, 7 lanes 16-31); o = sum_t p_t v_t (one FMA chain per dim over positions in
-// order).
+// order). A sliding window (a.window > 0) masks the positions before attn_lo(p) to -inf as the causal mask masks
+// those past p, drops their P.V terms, and gives no partial for a chunk wholly before the window.
 constexpr int kMaxQ = 4;  // queries scored together (they share the K loads)
 
 inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
@@ -274,7 +275,7 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
   constexpr int kMaxHd = 256;
   alignas(64) float qs[kMaxQ][kMaxHd];
   alignas(64) float S[kMaxQ][kAttnChunk];
-  int qr[kMaxQ], qh[kMaxQ], qp[kMaxQ], qn[kMaxQ];
+  int qr[kMaxQ], qh[kMaxQ], qp[kMaxQ], qn[kMaxQ], qlo[kMaxQ];  // qlo: the window's first position - t0
   const int nvec = (hd + 15) / 16, last = hd - 16 * (nvec - 1);  // the last vector may be partial
   // P.V holds nvec accumulators per query: as many queries at once as the register budget allows
   const int pv_q = kAccBudget / nvec >= kMaxQ ? kMaxQ : kAccBudget / nvec >= 1 ? kAccBudget / nvec : 1;
@@ -297,6 +298,8 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
       }
       for (int i = 0; i < nq; ++i) vstore(S[i] + j * kKBlock, vmask_after(acc[i], t0 + j * kKBlock, qp[i]));
     }
+    for (int i = 0; i < nq; ++i)
+      for (int t = 0; t < qlo[i]; ++t) S[i][t] = -INFINITY;  // before the window (attention.cu: the same mask)
     for (int i = 0; i < nq; ++i) {
       V P[kAttnChunk / 16];
       V mv = vload(S[i]);
@@ -327,7 +330,8 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
         V vv[kMaxHd / 16];
         for (int v = 0; v < nvec; ++v) vv[v] = load_any_bf16(vr + 16 * v, v == nvec - 1 ? last : 16);
         for (int i = 0; i < n; ++i) {
-          if (t >= qn[i0 + i]) continue;  // past this query's row: no term (not a 0 * v: v may be anything)
+          // past this query's row or before its window: no term (not a 0 * v: v may be anything)
+          if (t >= qn[i0 + i] || t < qlo[i0 + i]) continue;
           const V p = vset1(S[i0 + i][t]);
           for (int v = 0; v < nvec; ++v) acc[i][v] = vfma(p, vv[v], acc[i][v]);
         }
@@ -344,6 +348,8 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
   for (int r = r0; r < r1; ++r) {
     const int p = a.first + r;
     if (p < t0) continue;  // this chunk is past the row: no partial
+    const int lo = attn_lo(p, a.window);
+    if (lo >= t0 + kAttnChunk) continue;  // wholly before the row's window: no partial either
     for (int g = 0; g < G; ++g) {
       const int h = kh * G + g;
       const float* q = a.q + (static_cast<int64_t>(r) * H + h) * hd;
@@ -353,6 +359,7 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
       }
       qr[nq] = r, qh[nq] = h, qp[nq] = p;
       qn[nq] = p - t0 + 1 < kAttnChunk ? p - t0 + 1 : kAttnChunk;
+      qlo[nq] = lo > t0 ? lo - t0 : 0;
       if (++nq == kMaxQ) flush();
     }
   }
@@ -360,17 +367,19 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
 }
 
 inline void k_attn_merge(const AttnArgs& a, int r, int h) {
+  // chunks c0..nc-1: those that hold a position of the row's window, in order (attention.cu: merge_pairs)
   const int hd = a.head_dim, H = a.n_heads, p = a.first + r, nc = p / kAttnChunk + 1;
+  const int c0 = attn_lo(p, a.window) / kAttnChunk;
   const int64_t base = (static_cast<int64_t>(r) * H + h) * a.n_chunks;
   const float* ml = a.part_ml + 2 * base;
   float M = -INFINITY;
-  for (int c = 0; c < nc; ++c) M = ml[2 * c] > M ? ml[2 * c] : M;
+  for (int c = c0; c < nc; ++c) M = ml[2 * c] > M ? ml[2 * c] : M;
   constexpr int kMaxHd = 256;
   V acc[kMaxHd / 16];
   const int nvec = (hd + 15) / 16, last = hd - 16 * (nvec - 1);
   for (int v = 0; v < nvec; ++v) acc[v] = vzero();
   float L = 0.f;
-  for (int c = 0; c < nc; ++c) {
+  for (int c = c0; c < nc; ++c) {
     const float w = exp2_fixed(ml[2 * c] - M);
     L = std::fmaf(ml[2 * c + 1], w, L);
     const float* po = a.part_o + (base + c) * hd;
