@@ -46,14 +46,16 @@ inline void block_dot(const uint16_t* const (&w)[CT], const float* x, int xs, in
     }
   }
   if (tl == 0) return;
-  // the tail chunks: only the first tl lanes own one (the other lanes' chains have ended: kept as they are)
+  // The tail chunks: only the first tl lanes own one; the other lanes' chains have ended. Those lanes load weight 0
+  // and the activation row's padding 0, and a chain that starts at +0 never holds -0 (a round-to-nearest sum is
+  // -0 only when both addends are), so acc + 0 * 0 keeps them bit for bit: a plain FMA, no per-step lane mask
+  // (AVX2 has no masked FMA: a blend per FMA cost about as much as the FMAs themselves).
   for (int t = 0; t < 4; ++t) {
     const float* x0 = x + (pairs + t) * 32;
     for (int c = 0; c < CT; ++c) {
       V wa, wb;
       vload_bf16_pair_n(w[c] + pairs * 32 + t * 2 * tl, tl, wa, wb);
-      for (int r = 0; r < RT; ++r)
-        acc[r][c] = vfma_first(wb, vload(x0 + r * xs + 16), vfma_first(wa, vload(x0 + r * xs), acc[r][c], tl), tl);
+      for (int r = 0; r < RT; ++r) acc[r][c] = vfma(wb, vload(x0 + r * xs + 16), vfma(wa, vload(x0 + r * xs), acc[r][c]));
     }
   }
 }
