@@ -40,6 +40,18 @@ def _field(reader, key: str, path: Path, default=None):
     return f.contents()
 
 
+def _number(reader, key: str, path: Path, default=None, kind=int):
+    """A numeric GGUF field, type- and range-checked here so the error names the GGUF key, not the HF field it
+    becomes (a 0 head count would otherwise be a ZeroDivisionError computing head_dim)."""
+    v = _field(reader, key, path, default)
+    ok = (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) if kind is int else \
+        (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v))
+    if not ok or (kind is int and v < 1 and default != -1) or (kind is float and not v > 0):
+        raise ConfigError(f"{path}: GGUF field '{key}' is {v!r}; expected a positive "
+                          f"{'integer' if kind is int else 'finite number'}")
+    return kind(v)
+
+
 def gguf_config(reader, path: Path) -> LlamaConfig:
     arch = _field(reader, "general.architecture", path)
     if arch != "llama":
@@ -47,22 +59,25 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
     if reader.fields.get("llama.expert_count") is not None and _field(reader, "llama.expert_count", path):
         raise ConfigError(f"{path}: GGUF field 'llama.expert_count' is set; mixture-of-experts models are not supported")
     names = {t.name for t in reader.tensors}
-    n_layers = int(_field(reader, "llama.block_count", path))
-    d = int(_field(reader, "llama.embedding_length", path))
-    n_heads = int(_field(reader, "llama.attention.head_count", path))
-    vocab = int(_field(reader, "llama.vocab_size", path, default=len(reader.fields["tokenizer.ggml.tokens"].data)))
+    n_layers = _number(reader, "llama.block_count", path)
+    d = _number(reader, "llama.embedding_length", path)
+    n_heads = _number(reader, "llama.attention.head_count", path)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ConfigError(f"{path}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
+    vocab = _number(reader, "llama.vocab_size", path, default=len(tokens.data))
     hf = {
         "model_type": "llama", "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", path, default=n_heads)),
-        "head_dim": int(_field(reader, "llama.rope.dimension_count", path, default=d // n_heads)),
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length", path)),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", path)),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", path, default=10000.0)),
-        "max_position_embeddings": int(_field(reader, "llama.context_length", path)),
+        "num_key_value_heads": _number(reader, "llama.attention.head_count_kv", path, default=n_heads),
+        "head_dim": _number(reader, "llama.rope.dimension_count", path, default=max(1, d // n_heads)),
+        "intermediate_size": _number(reader, "llama.feed_forward_length", path),
+        "rms_norm_eps": _number(reader, "llama.attention.layer_norm_rms_epsilon", path, kind=float),
+        "rope_theta": _number(reader, "llama.rope.freq_base", path, default=10000.0, kind=float),
+        "max_position_embeddings": _number(reader, "llama.context_length", path),
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", path, default=-1)),
-        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id", path, default=-1)),
+        "bos_token_id": _number(reader, "tokenizer.ggml.bos_token_id", path, default=-1),
+        "eos_token_id": _number(reader, "tokenizer.ggml.eos_token_id", path, default=-1),
     }
     if any(n.endswith(".bias") for n in names):
         raise ConfigError(f"{path}: GGUF holds bias tensors; biases are not supported")
