@@ -1,0 +1,159 @@
+"""Issue 25's findings: each bad input is a ValueError naming the file, the field and the value, raised at load or
+before the request waits for the engine; the CLI prints `error: ...` and exits 2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adadecode
+from adadecode.model.config import ConfigError, LlamaConfig
+from adadecode.model.loader import load_model, write_hf_dir
+from conftest import tiny_chat_model, tiny_hf_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny chat model saved as an HF directory (config, safetensors, tokenizer files)."""
+    path = tmp_path_factory.mktemp("ckpt")
+    write_hf_dir(tiny_chat_model(seed=1), path)
+    return path
+
+
+def copy_of(ckpt: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "m"
+    out.mkdir()
+    for f in ckpt.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def edit_json(path: Path, **over):
+    cfg = json.loads(path.read_text())
+    cfg.update(over)
+    path.write_text(json.dumps(cfg))
+
+
+# ---- finding 4 and 5: config types and ranges, each error naming file, field and value ----------------------------
+@pytest.mark.parametrize("field,value", [
+    ("num_key_value_heads", "3"), ("num_key_value_heads", 3.0), ("head_dim", "64"), ("head_dim", 8.0),
+    ("eos_token_id", "x"), ("eos_token_id", ["a"]), ("bos_token_id", 1.5), ("rms_norm_eps", "abc"),
+    ("rms_norm_eps", -1), ("rms_norm_eps", float("nan")), ("rms_norm_eps", 0), ("rope_theta", float("inf")),
+    ("max_position_embeddings", "abc"), ("max_position_embeddings", 0), ("max_position_embeddings", -5),
+    ("tie_word_embeddings", "false"), ("vocab_size", True), ("num_hidden_layers", 4.0), ("layer_types", 5),
+    ("rope_scaling", "llama3"), ("num_attention_heads", None),
+])
+def test_config_field_types_and_ranges(field, value):
+    with pytest.raises(ConfigError) as e:
+        LlamaConfig.from_hf(tiny_hf_config(**{field: value}), source="ckpt/config.json")
+    msg = str(e.value)
+    assert "ckpt/config.json" in msg and field in msg and repr(value) in msg, msg
+
+
+def test_a_config_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config.json: is a JSON list"):
+        load_model(tmp_path)
+
+
+def test_null_fields_take_the_default():
+    cfg = LlamaConfig.from_hf(tiny_hf_config(max_position_embeddings=None, rms_norm_eps=None, head_dim=None,
+                                             tie_word_embeddings=None))
+    assert (cfg.max_position, cfg.rms_norm_eps, cfg.head_dim, cfg.tie_word_embeddings) == (2048, 1e-6, 8, False)
+
+
+@pytest.mark.parametrize("file,text,words", [
+    ("generation_config.json", '{"eos_token_id": ["a"]}', "generation_config.json: field 'eos_token_id' is ['a']"),
+    ("generation_config.json", "{oops", "generation_config.json: not valid JSON"),
+    ("generation_config.json", "[2]", "generation_config.json: is a JSON list"),
+    ("tokenizer_config.json", "[1]", "tokenizer_config.json: is a JSON list"),
+    ("tokenizer_config.json", "{oops", "tokenizer_config.json: not valid JSON"),
+    ("tokenizer_config.json", '{"eos_token": 5}', "tokenizer_config.json: 'eos_token' is 5"),
+    ("tokenizer_config.json", '{"eos_token": "<nope>"}', "tokenizer_config.json: 'eos_token' is '<nope>'"),
+    ("tokenizer_config.json", '{"add_bos_token": "yes"}', "tokenizer_config.json: 'add_bos_token' is 'yes'"),
+    ("tokenizer_config.json", '{"chat_template": 7}', "tokenizer_config.json: 'chat_template' is 7"),
+    ("tokenizer_config.json", '{"chat_template": [1]}', "tokenizer_config.json: 'chat_template' is a list"),
+])
+def test_generation_and_tokenizer_configs(ckpt, tmp_path, file, text, words):
+    m = copy_of(ckpt, tmp_path)
+    (m / file).write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_model(m)
+    assert words in str(e.value) and str(m) in str(e.value), str(e.value)
+
+
+# ---- finding 3: non-finite weights refused at load, naming the tensor ------------------------------------------------
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_is_refused_at_load(ckpt, tmp_path, value):
+    m = copy_of(ckpt, tmp_path)
+    state = load_file(m / "model.safetensors")
+    state["model.layers.2.input_layernorm.weight"][5] = value
+    save_file(state, str(m / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.2.input_layernorm.weight' holds 1 non-finite"):
+        load_model(m)
+
+
+def test_fp32_weight_beyond_bf16_range_is_refused(ckpt, tmp_path):
+    m = copy_of(ckpt, tmp_path)
+    state = {k: v.float() for k, v in load_file(m / "model.safetensors").items()}
+    state["model.norm.weight"][0] = 3.4e38  # finite in fp32, inf in bf16
+    save_file(state, str(m / "model.safetensors"))
+    with pytest.raises(ValueError, match="'model.norm.weight' holds 1 non-finite"):
+        load_model(m)
+
+
+# ---- finding 6: every tensor used exactly once, strict booleans ------------------------------------------------------
+def test_a_config_one_layer_short_is_refused(ckpt, tmp_path):
+    m = copy_of(ckpt, tmp_path)
+    edit_json(m / "config.json", num_hidden_layers=3)
+    with pytest.raises(ValueError, match=r"9 tensors config.json does not use \(model.layers.3.input_layernorm"):
+        load_model(m)
+
+
+def test_an_untied_checkpoint_read_as_tied_is_refused(ckpt, tmp_path):
+    m = copy_of(ckpt, tmp_path)
+    edit_json(m / "config.json", tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"1 tensors config.json does not use \(lm_head.weight\)"):
+        load_model(m)
+    edit_json(m / "config.json", tie_word_embeddings="false")
+    with pytest.raises(ConfigError, match="'tie_word_embeddings' is 'false'"):
+        load_model(m)
+
+
+# ---- finding 7: shard names stay inside the checkpoint folder --------------------------------------------------------
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors", 5, ""])
+def test_shard_names_stay_inside_the_folder(ckpt, tmp_path, name):
+    m = copy_of(ckpt, tmp_path)
+    state = load_file(m / "model.safetensors")
+    weight_map = {k: "model.safetensors" for k in state}
+    weight_map["model.norm.weight"] = name
+    (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: 'weight_map' names shard"):
+        load_model(m)
+
+
+def test_a_link_out_of_the_folder_is_refused(ckpt, tmp_path):
+    m = copy_of(ckpt, tmp_path)
+    (tmp_path / "elsewhere.safetensors").write_bytes((m / "model.safetensors").read_bytes())
+    (m / "shard.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    state = load_file(m / "model.safetensors")
+    (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "shard.safetensors" for k in state}}))
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        load_model(m)
+
+
+def test_a_shard_tensor_the_index_does_not_name_is_refused(ckpt, tmp_path):
+    m = copy_of(ckpt, tmp_path)
+    state = load_file(m / "model.safetensors")
+    save_file({**state, "extra.weight": torch.zeros(2)}, str(m / "model.safetensors"))
+    (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in state}}))
+    with pytest.raises(ValueError, match=r"1 tensors config.json does not use \(extra.weight\)"):
+        load_model(m)
