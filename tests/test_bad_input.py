@@ -157,3 +157,108 @@ def test_a_shard_tensor_the_index_does_not_name_is_refused(ckpt, tmp_path):
     (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in state}}))
     with pytest.raises(ValueError, match=r"1 tensors config.json does not use \(extra.weight\)"):
         load_model(m)
+
+
+# ---- GGUF: damaged metadata and non-finite tensors ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    from test_loading import write_tiny_gguf
+
+    from conftest import random_weights
+
+    cfg = LlamaConfig.from_hf(tiny_hf_config())
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path, cfg, random_weights(cfg))
+    return path
+
+
+def set_gguf_field(path: Path, key: str, value) -> None:
+    """Overwrite a numeric metadata value in place (as gguf's gguf_set_metadata.py does)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r+")
+    reader.fields[key].parts[-1][0] = value
+    reader.data.flush()
+
+
+@pytest.mark.parametrize("key,value", [("llama.attention.head_count", 0), ("llama.block_count", 0),
+                                       ("llama.attention.layer_norm_rms_epsilon", float("nan")),
+                                       ("llama.attention.layer_norm_rms_epsilon", -1.0),
+                                       ("llama.rope.freq_base", float("inf"))])
+def test_gguf_metadata_values_are_checked(gguf_file, tmp_path, key, value):
+    f = tmp_path / "x.gguf"
+    f.write_bytes(gguf_file.read_bytes())
+    set_gguf_field(f, key, value)
+    with pytest.raises(ConfigError, match=rf"x.gguf: GGUF field '{key}' is"):
+        load_model(f)
+
+
+def test_gguf_block_count_one_short_leaves_tensors_over(gguf_file, tmp_path):
+    f = tmp_path / "x.gguf"
+    f.write_bytes(gguf_file.read_bytes())
+    set_gguf_field(f, "llama.block_count", 3)
+    with pytest.raises(ValueError, match=r"x.gguf: the GGUF holds 9 tensors its metadata does not use \(blk.3."):
+        load_model(f)
+
+
+def test_gguf_non_finite_tensor_is_refused_at_load(gguf_file, tmp_path):
+    import gguf
+    import numpy as np
+
+    f = tmp_path / "x.gguf"
+    f.write_bytes(gguf_file.read_bytes())
+    reader = gguf.GGUFReader(str(f), "r+")
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    t.data.reshape(-1)[7] = np.inf  # F32 here; a quantised tensor's inf block scale dequantises to infs the same way
+    reader.data.flush()
+    with pytest.raises(ValueError, match=r"x.gguf: tensor 'blk.1.ffn_up.weight' holds 1 non-finite"):
+        load_model(f)
+
+
+def test_gguf_inf_block_scale_is_refused(gguf_file, tmp_path):
+    """A Q8_0 tensor whose first block's fp16 scale is inf (bytes 0x7c00)."""
+    import gguf
+    import numpy as np
+
+    from test_loading import write_tiny_gguf
+
+    from conftest import random_weights
+
+    cfg = LlamaConfig.from_hf(tiny_hf_config(intermediate_size=64))  # Q8_0 needs rows of whole 32-blocks
+    weights = random_weights(cfg)
+    f = tmp_path / "q.gguf"
+    add = gguf.GGUFWriter.add_tensor
+
+    def add_q8(self, name, arr, *a, **k):
+        if name == "blk.0.ffn_down.weight":
+            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            q[0, :2] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)
+            return add(self, name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        return add(self, name, arr, *a, **k)
+
+    gguf.GGUFWriter.add_tensor = add_q8
+    try:
+        write_tiny_gguf(f, cfg, weights)
+    finally:
+        gguf.GGUFWriter.add_tensor = add
+    with pytest.raises(ValueError, match=r"q.gguf: tensor 'blk.0.ffn_down.weight' holds \d+ non-finite"):
+        load_model(f)
+
+
+# ---- head files -----------------------------------------------------------------------------------------------------
+def test_head_file_layers_must_be_integers(tmp_path):
+    from adadecode.engines.head import Head
+    from adadecode.heads.files import HeadFileError, load_heads, save_heads
+
+    model = tiny_chat_model(seed=0)
+    path = tmp_path / "h.safetensors"
+    save_heads(path, [Head.identity(1, model.cfg.d), Head.identity(2, model.cfg.d)], model,
+               {"gamma": 0.5, "description": "t"})
+    tensors, md = load_file(path), __import__("safetensors").safe_open(str(path), "pt").metadata()
+    for layers, words in (([1.7, 2.7], r"'layers' is '\[1.7, 2.7\]'"), ([2, 1], "ascending"), ([1], "not among")):
+        save_file(tensors, str(path), metadata={**md, "layers": json.dumps(layers)})
+        with pytest.raises(HeadFileError, match=words):
+            load_heads(path, model)
+    save_file(tensors, str(path), metadata={**md, "gamma": "NaN"})
+    with pytest.raises(HeadFileError, match="'gamma' is nan"):
+        load_heads(path, model)

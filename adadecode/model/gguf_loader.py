@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, LlamaConfig
+from .loader import check_finite
 from .weights import LAYER_HF_NAMES
 
 GGUF_LAYER_NAMES = {  # our short name -> GGUF name inside "blk.{layer}."
@@ -103,16 +104,21 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     reader = _reader(path)
     cfg = gguf_config(reader, path)
     tensors = {t.name: t for t in reader.tensors}
+    used: set[str] = set()
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = tensors.get(name)
         if t is None:
             raise ValueError(f"{path}: GGUF lacks tensor '{name}'")
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        with np.errstate(all="ignore"):  # non-finite results are refused below, by name
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
         arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
         if arr.shape != shape:
             raise ValueError(f"{path}: tensor '{name}' has shape {arr.shape}, config wants {shape}")
-        return torch.from_numpy(arr.copy())
+        used.add(name)
+        w = torch.from_numpy(arr.copy())
+        check_finite(name, w.to(dtype), path)  # an inf block scale dequantises to a row of infs or NaNs
+        return w
 
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     shapes = {"attn_norm": (cfg.d,), "wq": (q, cfg.d), "wk": (kv, cfg.d), "wv": (kv, cfg.d), "wo": (cfg.d, q),
@@ -131,6 +137,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
                 w = _unpermute(w, cfg.n_kv_heads)
             state[f"model.layers.{i}.{LAYER_HF_NAMES[short]}"] = w.to(dtype)
 
+    leftover = sorted(set(tensors) - used)
+    if leftover:  # a header that disagrees with its tensors (a block count one short) would otherwise load silently
+        raise ValueError(f"{path}: the GGUF holds {len(leftover)} tensors its metadata does not use "
+                         f"({', '.join(leftover[:3])}{', ...' if len(leftover) > 3 else ''})")
     meta = {k: reader.fields[k].contents() for k in (
         "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
         "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
