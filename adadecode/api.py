@@ -218,6 +218,9 @@ class LLM:
             return tok.encode_messages(check_messages(messages))
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        from .model.tokenizer import check_text
+
+        check_text(prompt, "prompt")  # here, not after the chat template: the position is the caller's
         if prompt == "":
             raise ValueError("empty prompt: give at least one character")
         return tok.encode_chat(prompt) if chat else tok.encode(prompt)

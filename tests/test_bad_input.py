@@ -262,3 +262,52 @@ def test_head_file_layers_must_be_integers(tmp_path):
     save_file(tensors, str(path), metadata={**md, "gamma": "NaN"})
     with pytest.raises(HeadFileError, match="'gamma' is nan"):
         load_heads(path, model)
+
+
+# ---- finding 1 and the minor ones: prompts and messages ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm():
+    return adadecode.LLM(tiny_chat_model(seed=0), engine="torch", device="cpu", dtype="fp32")
+
+
+@pytest.mark.parametrize("call", [
+    lambda llm: llm.generate("\ud800", max_new_tokens=2),
+    lambda llm: llm.generate("ab\udcff\udcfecd", chat=True, max_new_tokens=2),
+    lambda llm: llm.generate(messages=[{"role": "user", "content": "x\udfff"}], max_new_tokens=2),
+    lambda llm: llm.stream("\ud800", max_new_tokens=2),
+    lambda llm: llm.generate(messages=[{"role": "user\ud800", "content": "x"}], max_new_tokens=2),
+])
+def test_lone_surrogates_are_value_errors(llm, call):
+    with pytest.raises(ValueError, match=r"is not valid Unicode text: '\\ud[89a-f].."):
+        call(llm)
+
+
+@pytest.mark.parametrize("messages,words", [
+    ([], "messages must be a non-empty list"), ("hi", "messages must be a non-empty list"),
+    ([{"role": "user", "content": 5}], r"messages\[0\].content must be a string, got int"),
+    ([{"content": "x"}], r"messages\[0\] must be an object with a string 'role'"), ([5], r"messages\[0\] must be"),
+])
+def test_bad_messages_are_value_errors(llm, messages, words):
+    with pytest.raises(ValueError, match=words):
+        llm.generate(messages=messages, max_new_tokens=2)
+
+
+def test_cli_invalid_utf8_prompt_is_an_error_not_a_traceback(ckpt):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable.encode(), b"-m", b"adadecode", b"generate", b"--model", str(ckpt).encode(),
+                        b"--engine", b"torch", b"--device", b"cpu", b"--max-new-tokens", b"2",
+                        b"--prompt", b"ab\xff\xfecd"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: prompt is not valid Unicode text"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_non_finite_weights_are_an_error(ckpt, tmp_path):
+    m = copy_of(ckpt, tmp_path)
+    state = load_file(m / "model.safetensors")
+    state["model.norm.weight"][0] = float("nan")
+    save_file(state, str(m / "model.safetensors"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "adadecode", "generate", "--model", str(m), "--engine", "torch",
+                        "--prompt", "hi", "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "error: " in r.stderr and "'model.norm.weight' holds 1 non-finite" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
