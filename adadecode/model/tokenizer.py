@@ -38,6 +38,7 @@ class Tokenizer:
                 return None
             if not isinstance(v, str):
                 raise ValueError(f"{where}: '{key}' is {self.config.get(key)!r}; expected a token's text")
+            check_text(v, f"{where}: '{key}'")
             i = self.tok.token_to_id(v)
             if i is None:  # an EOS the model can never emit would let every generation run to max_new_tokens
                 raise ValueError(f"{where}: '{key}' is {v!r}, which is not a token of this tokenizer")
@@ -51,6 +52,8 @@ class Tokenizer:
         self.chat_template = self.config.get("chat_template")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise ValueError(f"{where}: 'chat_template' is {self.chat_template!r}; expected a string")
+        if self.chat_template is not None:
+            check_text(self.chat_template, f"{where}: 'chat_template'")
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
