@@ -118,3 +118,53 @@ def test_huge_rejected_requests_leave_memory_near_baseline(server):
     assert rss_mb(server.proc.pid) - before < 30, (before, rss_mb(server.proc.pid))
     code, _ = server.post("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2})
     assert code == 200
+
+
+def test_tokenising_runs_off_the_event_loop(monkeypatch):
+    """A request whose tokenising takes 2 s (slowed here) leaves /health answering at once."""
+    import asyncio
+
+    import adadecode
+    from adadecode.model.tokenizer import Tokenizer
+    from adadecode.server import create_app
+
+    llm = adadecode.LLM(tiny_chat_model(), engine="torch", device="cpu", dtype="fp32", max_seq=256)
+    app = create_app(llm, "tiny")
+    slow = Tokenizer.encode
+
+    def encode(self, text, add_special=True):
+        time.sleep(2)
+        return slow(self, text, add_special)
+
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+
+    async def call(method: str, path: str, body: bytes = b""):
+        sent, chunks = [], [body]
+
+        async def receive():
+            if chunks:
+                return {"type": "http.request", "body": chunks.pop(), "more_body": False}
+            await asyncio.sleep(3600)
+
+        async def send(msg):
+            sent.append(msg)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+                 "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+                 "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 80)}
+        await app(scope, receive, send)
+        return next(m for m in sent if m["type"] == "http.response.start")["status"], time.monotonic()
+
+    async def main():
+        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
+        t0 = time.monotonic()
+        slow_req = asyncio.create_task(call("POST", "/v1/completions", body))
+        await asyncio.sleep(0.2)
+        health = await call("GET", "/health")
+        done = await slow_req
+        return t0, health, done
+
+    t0, (h_status, h_at), (status, done_at) = asyncio.run(main())
+    assert status == 200 and h_status == 200
+    assert h_at - t0 < 1.0 and done_at - t0 >= 2.0, (h_at - t0, done_at - t0)
