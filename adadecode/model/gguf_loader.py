@@ -38,7 +38,14 @@ def _field(reader, key: str, path: Path, default=None):
         if default is not None:
             return default
         raise ConfigError(f"{path}: GGUF metadata lacks '{key}'")
-    return f.contents()
+    return _contents(f, key, path)
+
+
+def _contents(f, key: str, path: Path):
+    try:
+        return f.contents()
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:  # a damaged string or array
+        raise ConfigError(f"{path}: GGUF field '{key}' is unreadable ({type(e).__name__}: {e})") from None
 
 
 def _number(reader, key: str, path: Path, default=None, kind=int):
@@ -110,9 +117,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
         t = tensors.get(name)
         if t is None:
             raise ValueError(f"{path}: GGUF lacks tensor '{name}'")
-        with np.errstate(all="ignore"):  # non-finite results are refused below, by name
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        try:
+            with np.errstate(all="ignore"):  # non-finite results are refused below, by name
+                arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        except (NotImplementedError, ValueError, TypeError, IndexError) as e:  # a tensor type or size it cannot hold
+            raise ValueError(f"{path}: tensor '{name}' of type {getattr(t.tensor_type, 'name', t.tensor_type)} is "
+                             f"unreadable ({type(e).__name__}: {e})") from None
         if arr.shape != shape:
             raise ValueError(f"{path}: tensor '{name}' has shape {arr.shape}, config wants {shape}")
         used.add(name)
@@ -141,7 +152,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     if leftover:  # a header that disagrees with its tensors (a block count one short) would otherwise load silently
         raise ValueError(f"{path}: the GGUF holds {len(leftover)} tensors its metadata does not use "
                          f"({', '.join(leftover[:3])}{', ...' if len(leftover) > 3 else ''})")
-    meta = {k: reader.fields[k].contents() for k in (
+    meta = {k: _contents(reader.fields[k], k, path) for k in (
         "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
         "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
         "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
@@ -162,9 +173,16 @@ def gguf_tokenizer_files(meta: dict, path: Path) -> tuple[str, dict]:
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
         raise ConfigError(f"{path}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                               byte_fallback=False))
+    merges = meta.get("tokenizer.ggml.merges", [])
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or \
+            not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+        raise ConfigError(f"{path}: GGUF fields 'tokenizer.ggml.tokens' / 'tokenizer.ggml.merges' are not lists of "
+                          "strings (merges: two tokens separated by a space)")
+    try:
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                   merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # noqa: BLE001 (the tokenizers package raises plain Exception for bad merges)
+        raise ConfigError(f"{path}: GGUF tokenizer metadata does not make a BPE tokenizer ({e})") from None
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # digits one at a time, then GPT-2's split (llama.cpp's 'smollm' pre-tokenizer)
