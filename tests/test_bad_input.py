@@ -311,3 +311,31 @@ def test_cli_non_finite_weights_are_an_error(ckpt, tmp_path):
                         "--prompt", "hi", "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "error: " in r.stderr and "'model.norm.weight' holds 1 non-finite" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_tensor_in_two_shards_is_refused(ckpt, tmp_path):
+    m = copy_of(ckpt, tmp_path)
+    state = load_file(m / "model.safetensors")
+    names = sorted(state)
+    save_file({k: state[k] for k in names[:5]}, str(m / "a.safetensors"))
+    save_file({k: state[k] for k in names[4:]}, str(m / "b.safetensors"))  # names[4] in both
+    (m / "model.safetensors").unlink()
+    weight_map = {k: "a.safetensors" if i < 5 else "b.safetensors" for i, k in enumerate(names)}
+    (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=rf"1 tensors config.json does not use \({names[4]}\)"):
+        load_model(m)
+
+
+def test_default_checkpoint_with_a_layer_short_config_is_refused(default_model, tmp_path):
+    """The finding as reported: num_hidden_layers 29 on the 30-layer default checkpoint loaded and generated other
+    tokens."""
+    from adadecode.model.loader import default_model_dir
+
+    src = default_model_dir()
+    for f in src.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").unlink()
+    cfg = json.loads((src / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 29}))
+    with pytest.raises(ValueError, match=r"9 tensors config.json does not use \(model.layers.29.input_layernorm"):
+        load_model(tmp_path)

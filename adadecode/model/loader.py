@@ -133,7 +133,7 @@ def load_hf_state(path: Path, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str,
         for s in shards:
             part, other = _read_safetensors(s, {n for n in want if files[n] == s}, dtype)
             state.update(part)
-            leftover += [k for k in other if k not in weight_map]
+            leftover += [k for k in other if k not in leftover]  # unnamed by the index, or a copy of another shard's
     elif single.is_file():
         state, leftover = _read_safetensors(single, set(want), dtype)
     else:
