@@ -171,8 +171,8 @@ class LlamaConfig:
         if archs != ["LlamaForCausalLM"]:
             raise bad("architectures", f"is {archs!r}; expected ['LlamaForCausalLM']")
         for field in ("attention_bias", "mlp_bias"):
-            if cfg.get(field):
-                raise bad(field, "is true; biases are not supported")
+            if cfg.get(field) not in (None, False):  # a string "false" is no boolean either: refused, value named
+                raise bad(field, f"is {cfg[field]!r}; biases are not supported")
         if cfg.get("sliding_window") not in (None, 0):
             raise bad("sliding_window", f"is {cfg['sliding_window']!r}; sliding-window attention is not supported")
         for field in ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok"):
