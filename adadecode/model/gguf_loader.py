@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, LlamaConfig
-from .loader import check_finite
-from .weights import LAYER_HF_NAMES
+from .weights import LAYER_HF_NAMES, check_finite
 
 GGUF_LAYER_NAMES = {  # our short name -> GGUF name inside "blk.{layer}."
     "attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight",
