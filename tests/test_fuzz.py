@@ -20,7 +20,7 @@ import adadecode
 from adadecode.model.loader import load_model, write_hf_dir
 from conftest import tiny_chat_model
 
-EXAMPLES = int(os.environ.get("ADADECODE_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("ADADECODE_FUZZ_EXAMPLES", "60"))
 # CI: a fixed set of examples (derandomize), so a red run is reproducible; a longer run draws fresh ones
 fuzz = settings(max_examples=EXAMPLES, deadline=None, derandomize="ADADECODE_FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=list(HealthCheck), database=None)
