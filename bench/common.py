@@ -3,6 +3,7 @@ and the run facts (device, versions, date, command) every result records."""
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
 
@@ -57,7 +58,17 @@ def bytes_per_token(cfg: LlamaConfig, context: float) -> int:
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return f"CPU {model} ({platform.machine()}, {cores} cores)"
 
 
 def run_facts(script: str, argv) -> dict:

@@ -89,7 +89,10 @@ def tiny_chat_model(seed: int = 0, **cfg_over):
 
 # Tiny model shapes the engine tests share (tests/test_engines.py, test_cpu_engine.py, test_cuda_engine_emu.py): GQA
 # with untied embeddings, MQA with tied ones, head_dim 128 with Llama-3 RoPE scaling (the CUDA kernels take head_dim
-# 64 or 128), and the tiny default (head_dim 8: the CPU engine's partial vectors).
+# 64 or 128), and the tiny default (head_dim 8: the CPU engine's partial vectors). The families (issue 24), each
+# with 3 layers (the contract suite's split schedules and two heads at layers 1 and 2) and windows shorter than the
+# suite's prompts: Qwen2 (q/k/v biases, tied, a window of 12), Qwen3 (q/k head norms, head_dim 128 with
+# n_heads * head_dim = 512 != hidden_size 128), Mistral (MQA, a window of 20).
 ENGINE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 64}
 ENGINE_MODELS = {
@@ -104,10 +107,28 @@ ENGINE_MODELS = {
     # d = 576 and 9 / 3 heads as SmolLM2 (a tail of 8 lanes in every K = 576 reduction), 2 layers
     "smollm-shape": dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          intermediate_size=1536, vocab_size=700, num_hidden_layers=2, tie_word_embeddings=True),
+    "qwen2-bias-window": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=128,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=256,
+                              vocab_size=300, num_hidden_layers=3, tie_word_embeddings=True, use_sliding_window=True,
+                              sliding_window=12, max_window_layers=0, rope_theta=1000000.0),
+    "qwen3-qknorm-hd128": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=128,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=128, intermediate_size=256,
+                               vocab_size=300, num_hidden_layers=3, attention_bias=False, rope_theta=1000000.0),
+    "mistral-window": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=128,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=64, intermediate_size=200,
+                           vocab_size=300, num_hidden_layers=3, sliding_window=20),
 }
+FAMILY_MODELS = ["qwen2-bias-window", "qwen3-qknorm-hd128", "mistral-window"]
 
 
 def engine_model(name: str, seed: int = 0):
-    """(LlamaConfig, LlamaWeights) of ENGINE_MODELS[name], fp32 random weights."""
+    """(LlamaConfig, LlamaWeights) of ENGINE_MODELS[name], fp32 random weights. Biases are redrawn at the scale of
+    the projections' outputs (std 0.5; trained Qwen2 biases are larger still): small ones would leave a bias applied
+    to the wrong columns, or not at all, inside the tie tolerance of the greedy tests."""
     cfg = LlamaConfig.from_hf(tiny_hf_config(**ENGINE_MODELS[name]))
-    return cfg, random_weights(cfg, seed=seed)
+    w = random_weights(cfg, seed=seed)
+    if cfg.qkv_bias:
+        g = torch.Generator().manual_seed(1000 + seed)
+        for lw in w.layers:
+            lw.bq, lw.bk, lw.bv = (0.5 * torch.randn(t.shape, generator=g) for t in (lw.bq, lw.bk, lw.bv))
+    return cfg, w

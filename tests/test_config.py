@@ -22,7 +22,8 @@ def test_llama3_rope_scaling_is_kept():
 
 
 @pytest.mark.parametrize("field,value,words", [
-    ("model_type", "mistral", "model_type"),
+    ("model_type", "mixtral", "model_type"),
+    ("model_type", "mistral", "architectures"),  # a Mistral config that names LlamaForCausalLM
     ("attention_bias", True, "attention_bias"),
     ("mlp_bias", True, "mlp_bias"),
     ("sliding_window", 4096, "sliding_window"),
@@ -137,3 +138,97 @@ def test_agreeing_layouts_load():
     both = tiny_hf_config(rope_theta=5e5, rope_scaling=LLAMA3, rope_parameters=LLAMA3 | {"rope_theta": 500000},
                           original_max_position_embeddings=64)
     assert LlamaConfig.from_hf(both) == LlamaConfig.from_hf(v5_config(LLAMA3 | {"rope_theta": 5e5}))
+
+
+QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+QWEN3 = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+MISTRAL = dict(model_type="mistral", architectures=["MistralForCausalLM"])
+
+
+def test_families_load_with_their_features():
+    q2 = LlamaConfig.from_hf(tiny_hf_config(**QWEN2))
+    assert (q2.model_type, q2.qkv_bias, q2.qk_norm, q2.sliding_window) == ("qwen2", True, False, None)
+    q3 = LlamaConfig.from_hf(tiny_hf_config(**QWEN3, head_dim=16))
+    assert (q3.qkv_bias, q3.qk_norm, q3.head_dim, q3.n_heads * q3.head_dim, q3.d) == (False, True, 16, 96, 48)
+    m = LlamaConfig.from_hf(tiny_hf_config(**MISTRAL, sliding_window=4096))
+    assert (m.model_type, m.qkv_bias, m.qk_norm, m.sliding_window) == ("mistral", False, False, 4096)
+    assert LlamaConfig.from_hf(tiny_hf_config(**MISTRAL, sliding_window=None)).sliding_window is None
+
+
+def test_family_defaults_are_transformers():
+    """Fields a family's config.json omits get that family's transformers default, not Llama's."""
+    import transformers
+
+    for over, theirs in ((QWEN3, transformers.Qwen3Config()), (MISTRAL, transformers.MistralConfig()),
+                         (QWEN2, transformers.Qwen2Config())):
+        cfg = tiny_hf_config(**over)
+        for k in ("head_dim", "max_position_embeddings"):
+            cfg.pop(k, None)
+        ours = LlamaConfig.from_hf(cfg)
+        assert ours.max_position == theirs.max_position_embeddings
+        if over is QWEN3:  # Qwen3: head_dim 128 whatever hidden_size / heads is
+            assert ours.head_dim == theirs.head_dim == 128
+
+
+@pytest.mark.parametrize("over,window", [
+    (dict(use_sliding_window=False, sliding_window=131072, max_window_layers=21), None),  # Qwen2.5's shipped configs
+    (dict(use_sliding_window=True, sliding_window=32, max_window_layers=0), 32),
+    (dict(use_sliding_window=True, sliding_window=32, max_window_layers=4), None),  # no layer >= 4 of 4
+    (dict(use_sliding_window=True, sliding_window=32, layer_types=["sliding_attention"] * 4), 32),
+    (dict(use_sliding_window=False, sliding_window=32, layer_types=["full_attention"] * 4), None),
+])
+@pytest.mark.parametrize("family", [QWEN2, QWEN3], ids=["qwen2", "qwen3"])
+def test_qwen_window_applies_as_transformers_applies_it(family, over, window):
+    import transformers
+
+    cfg = tiny_hf_config(**family, **over)
+    assert LlamaConfig.from_hf(cfg).sliding_window == window
+    theirs = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    assert set(theirs.layer_types) == {"sliding_attention" if window else "full_attention"}
+
+
+@pytest.mark.parametrize("cfg,words", [
+    (tiny_hf_config(**QWEN2, use_sliding_window=True, sliding_window=32, max_window_layers=2),
+     "'max_window_layers' puts a sliding window on 2 of 4 layers"),
+    (tiny_hf_config(**QWEN3, use_sliding_window=True, sliding_window=32,
+                    layer_types=["full_attention", "sliding_attention"] * 2), "'layer_types' puts a sliding window on 2"),
+    (tiny_hf_config(**QWEN2, use_sliding_window=False, layer_types=["sliding_attention"] * 4),
+     "'layer_types' names sliding_attention layers but no sliding_window"),
+    (tiny_hf_config(**QWEN2, use_sliding_window=True, sliding_window=32, layer_types=["sliding_attention"] * 3),
+     "'layer_types' names 3 layers; num_hidden_layers is 4"),
+    (tiny_hf_config(**QWEN2, use_sliding_window=True, sliding_window=0, max_window_layers=0),
+     "'sliding_window' is 0; expected a positive integer"),
+    (tiny_hf_config(**MISTRAL, sliding_window=-4), "'sliding_window' is -4"),
+    (tiny_hf_config(**QWEN2, use_sliding_window=True, sliding_window=32, max_window_layers=None),
+     "'max_window_layers' is None; expected an integer >= 0"),
+    (tiny_hf_config(**MISTRAL, sliding_window=32, layer_types=["sliding_attention", "full_attention"] * 2),
+     "'layer_types' is .* \\(alternating layers"),
+    (tiny_hf_config(sliding_window=4096), "'sliding_window' is 4096; model_type 'llama' has no sliding-window"),
+    (tiny_hf_config(**QWEN3, attention_bias=True), "'attention_bias' is true"),
+    (tiny_hf_config(**QWEN2, mlp_bias=True), "'mlp_bias' is true"),
+    (tiny_hf_config(**MISTRAL, attention_bias=True), "'attention_bias' is true"),
+    (tiny_hf_config(**(QWEN3 | dict(architectures=["Qwen2ForCausalLM"]))), "'architectures' is \\['Qwen2ForCausalLM'\\]"),
+    (tiny_hf_config(**QWEN3, head_dim=0), "'head_dim' must be a positive integer"),
+    (tiny_hf_config(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]), "'model_type' is 'qwen2_moe'"),
+])
+def test_family_features_we_do_not_run_are_refused_by_field(cfg, words):
+    with pytest.raises(ConfigError, match="ckpt/config.json: field " + words):
+        LlamaConfig.from_hf(cfg, source="ckpt/config.json")
+
+
+@pytest.mark.parametrize("family", [QWEN2 | dict(use_sliding_window=True, sliding_window=24, max_window_layers=0),
+                                    QWEN2, QWEN3 | dict(head_dim=16), MISTRAL | dict(sliding_window=24), MISTRAL],
+                         ids=["qwen2-window", "qwen2", "qwen3", "mistral-window", "mistral"])
+def test_family_hf_round_trip_and_fingerprint(family):
+    cfg = LlamaConfig.from_hf(tiny_hf_config(**family))
+    assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
+    assert cfg.to_hf()["architectures"] == family["architectures"]
+    assert cfg.fingerprint_text() != LlamaConfig.from_hf(tiny_hf_config()).fingerprint_text()
+
+
+def test_llama_fingerprint_text_is_as_before():
+    """The family fields are left out at their Llama defaults: a Llama model's fingerprint (which shipped head
+    files carry) is the one it had before the families existed."""
+    text = LlamaConfig.from_hf(tiny_hf_config()).fingerprint_text()
+    assert json.loads(text).keys() == {"d", "ffn_dim", "head_dim", "max_position", "n_heads", "n_kv_heads", "n_layers",
+                                       "rms_norm_eps", "rope_scaling", "rope_theta", "tie_word_embeddings", "vocab_size"}

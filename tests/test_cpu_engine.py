@@ -24,7 +24,7 @@ from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.head import Head
 from adadecode.engines.sampling import make_sampling
 
-from conftest import ENGINE_MODELS, engine_model, random_weights, tiny_hf_config
+from conftest import ENGINE_MODELS, FAMILY_MODELS, engine_model, random_weights, tiny_hf_config
 from test_cuda_engine import _assert_bitwise, _random_schedule, _start, _state
 
 if cpu_unavailable_reason() is not None:  # built wherever the package builds: missing is an error, not a skip
@@ -74,7 +74,8 @@ def assert_same(a: dict, b: dict, what: str, logits: bool = True) -> None:
 
 
 @pytest.mark.exactness
-@pytest.mark.parametrize("name", ["smollm-shape", "hd128-llama3-rope", "hd8-gqa"])
+@pytest.mark.parametrize("name", ["smollm-shape", "hd128-llama3-rope", "hd8-gqa", "qwen2-bias-window",
+                                  "qwen3-qknorm-hd128"])
 def test_every_path_and_thread_count_gives_the_same_bits(name):
     cfg, weights = engine_model(name, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -134,6 +135,35 @@ def test_default_model_matches_the_emulated_cuda_engine(default_model):
 
 
 @pytest.mark.exactness
+@pytest.mark.parametrize("name", ["mistral-window", "qwen3-qknorm-hd128"])
+def test_family_long_context_matches_the_emulated_cuda_engine(name):
+    """Past the first 128-position attention chunk: a window of 20 at position 170 leaves chunk 0 out of every row
+    (no partial, not merged), and a multi-row decode call straddles the window's start; Qwen3's head norms through
+    11 prefill chunks. CpuEngine == CudaEngine(emu) on hidden states, K/V and tokens, and prefill == one by one."""
+    from adadecode.engines.cuda import CudaEngine
+
+    cfg, weights = engine_model(name, seed=9)
+    g = torch.Generator().manual_seed(10)
+    prompt = torch.randint(0, cfg.vocab_size, (170,), generator=g).tolist()
+    new = torch.randint(0, cfg.vocab_size, (4,), generator=g).tolist()
+    out = {}
+    for kind in ("cpu", "emu"):
+        e = (CpuEngine(cfg, weights, max_seq=192, max_rows=8, threads=2, prefill_chunk=16) if kind == "cpu" else
+             CudaEngine(cfg, weights, max_seq=192, max_rows=8, device="emu", prefill_chunk=16))
+        first, last = _start(e, prompt, new)
+        e.run_layers(first, first, 0, cfg.n_layers)
+        e.run_layers(first + 1, last, 0, cfg.n_layers)
+        out[kind] = dict(state=_state(e, first, last), tokens=e.final(first, last))
+    _assert_bitwise(out["cpu"]["state"], out["emu"]["state"], f"{name}: cpu vs emu past 128 positions")
+    assert out["cpu"]["tokens"] == out["emu"]["tokens"]
+    steps = CpuEngine(cfg, weights, max_seq=192, threads=1, prefill_chunk=1)  # each prompt row alone
+    _start(steps, prompt, new)
+    steps.run_layers(len(prompt), len(prompt) + len(new) - 1, 0, cfg.n_layers)
+    _assert_bitwise(_state(steps, len(prompt), len(prompt) + len(new) - 1), out["cpu"]["state"],
+                    f"{name}: prefill in chunks of 16 vs of 1")
+
+
+@pytest.mark.exactness
 def test_prefill_is_decoding_one_by_one():
     cfg, weights = engine_model("gqa-untied", seed=5)
     prompt = torch.randint(0, cfg.vocab_size, (50,), generator=torch.Generator().manual_seed(6)).tolist()
@@ -176,6 +206,24 @@ def test_errors_name_what_is_wrong(tiny):
         e._eng.run_layers(0, 20, 0, 1)
     with pytest.raises(IndexError, match="head index"):
         e._eng.head(0, 0)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "emu"])
+def test_family_weights_that_are_missing_are_named(kind):
+    """A config that says qkv_bias / qk_norm with a layer that lacks the tensors: a ValueError naming the layer and
+    the field, from both native engines (they share engines.cpu.family_args), before any native state is built."""
+    from adadecode.engines.cuda import CudaEngine
+
+    make = (lambda c, w: CpuEngine(c, w, max_seq=16)) if kind == "cpu" else (
+        lambda c, w: CudaEngine(c, w, max_seq=16, device="emu"))
+    cfg, w = engine_model("qwen2-bias-window")
+    w.layers[1].bk = None
+    with pytest.raises(ValueError, match="layer 1: qkv_bias is set but bq/bk/bv is missing"):
+        make(cfg, w)
+    cfg, w = engine_model("qwen3-qknorm-hd128")
+    w.layers[2].k_norm = None
+    with pytest.raises(ValueError, match="layer 2: qk_norm is set but k_norm is missing"):
+        make(cfg, w)
 
 
 def test_thread_count_from_the_environment(tiny, monkeypatch):

@@ -100,12 +100,12 @@ def test_dot_is_the_cuda_order(isa, K):
 @pytest.mark.parametrize("isa", ISAS)
 def test_dot_rows_are_batch_invariant(isa):
     """A row's products are the same bits alone or among R = 2..16 rows, at any index (the register tiles of
-    1, 2, 4 and 8 rows and 1, 2 and 4 columns all take part)."""
+    1, 2, 3, 4 and 8 rows and 1, 2 and 4 columns, and every split of R into them, all take part)."""
     g = torch.Generator().manual_seed(3)
     K, N = 576, 13
     x, w = bf16_values((16, K), g).float(), bf16_values((N, K), g)
     alone = torch.cat([adadecode_cpu.lane_dot(x[r:r + 1], w, isa) for r in range(16)])
-    for R in (2, 3, 5, 8, 13, 16):
+    for R in (2, 3, 4, 5, 6, 7, 8, 13, 16):
         together = adadecode_cpu.lane_dot(x[:R], w, isa)
         assert torch.equal(bits(together), bits(alone[:R])), f"R = {R}"
     one_col = torch.cat([adadecode_cpu.lane_dot(x, w[n:n + 1], isa) for n in range(N)], dim=1)

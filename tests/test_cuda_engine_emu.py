@@ -22,7 +22,7 @@ from adadecode.engines.select import make_engine
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.loader import Model
 
-from conftest import engine_model
+from conftest import FAMILY_MODELS, engine_model
 from test_cuda_engine import _assert_bitwise, _check_schedules, _random_schedule, _start, _state
 from test_engines import judge_divergence, two_heads
 
@@ -104,7 +104,7 @@ def test_default_model_greedy_tokens(default_model):
         assert ok, line
 
 
-@pytest.mark.parametrize("name", ["gqa-untied", "mqa-tied", "hd128-llama3-rope"])
+@pytest.mark.parametrize("name", ["gqa-untied", "mqa-tied", "hd128-llama3-rope"] + FAMILY_MODELS)
 def test_fused_engine_equals_unfused(name):
     """Issue 16: the fused decode path (5 launches per layer, final and heads reading the ring in place, PDL
     launches) leaves the same hidden states, K/V caches, tokens and head outputs as the unfused launches, bit for

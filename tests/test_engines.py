@@ -2,7 +2,8 @@
 oracle), CpuEngine (native kernels) and CudaEngine on the emulated device (the CUDA kernels on the CPU).
 
 * greedy tokens of CpuEngine and CudaEngine(emu) == TorchEngine bf16's on tiny random models (GQA, MQA, tied and
-  untied embeddings, head_dim 8, 64 and 128, Llama-3 RoPE), and CpuEngine's on the default model, or each first
+  untied embeddings, head_dim 8, 64 and 128, Llama-3 RoPE; Qwen2 biases with a sliding window, Qwen3 q/k head norms
+  with n_heads * head_dim != hidden_size, Mistral's window), and CpuEngine's on the default model, or each first
   divergence a bf16 logit tie (adadecode.decoding.parity.fp32_tie_verdict, judged on the fp32 model's and the
   engine's own logits along the decode path);
 * run_layers in any split of rows and layers == one call, bitwise; truncate + re-run == never having run;
@@ -27,14 +28,14 @@ from adadecode.engines.head import Head
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig
 
-from conftest import ENGINE_MODELS, engine_model, random_weights, tiny_hf_config
+from conftest import ENGINE_MODELS, FAMILY_MODELS, engine_model, random_weights, tiny_hf_config
 from test_cuda_engine import _assert_bitwise, _random_schedule, _start, _state, _violations
 
 if emu_unavailable_reason() is not None:  # CI builds every engine: a missing one is an error, not a skip
     raise RuntimeError(emu_unavailable_reason())
 
 KINDS = ["torch", "cpu", "emu"]
-GREEDY_MODELS = ["gqa-untied", "mqa-tied", "hd128-llama3-rope", "hd8-gqa"]
+GREEDY_MODELS = ["gqa-untied", "mqa-tied", "hd128-llama3-rope", "hd8-gqa"] + FAMILY_MODELS
 
 def build(kind: str, cfg, weights, **kw):
     """An engine of `kind`; kw: max_seq, max_rows. TorchEngine in bf16 (the oracle's precision for the others)."""
@@ -103,10 +104,12 @@ def test_default_model_greedy_tokens_cpu(default_model):
     assert not untied, "divergences that are not bf16 logit ties:\n" + "\n".join(untied)
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=[(k, m) for m in ["gqa-untied"] + FAMILY_MODELS for k in KINDS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def gqa(request):
-    cfg, weights = engine_model("gqa-untied", seed=2)
-    return cfg, weights, build(request.param, cfg, weights, max_seq=96), request.param
+    kind, name = request.param
+    cfg, weights = engine_model(name, seed=2)
+    return cfg, weights, build(kind, cfg, weights, max_seq=96), kind
 
 
 @pytest.mark.exactness
@@ -122,9 +125,9 @@ def test_run_layers_any_split_is_bitwise_one_call(gqa):
     schedules = {
         "rows split": [(first, first + 1, 0, L), (first + 2, first + 2, 0, L), (first + 3, last, 0, L)],
         "rows one by one": [(p, p, 0, L) for p in range(first, last + 1)],
-        "layers split": [(first, last, 0, 1), (first, last, 1, 3), (first, last, 3, L)],
-        "staircase": [(first, first + 2, 0, 2), (first, first + 1, 2, 3), (first + 3, last, 0, 2),
-                      (first + 2, last, 2, 3), (first, last, 3, L)],
+        "layers split": [(first, last, 0, 1), (first, last, 1, L - 1), (first, last, L - 1, L)],
+        "staircase": [(first, first + 2, 0, L - 2), (first, first + 1, L - 2, L - 1), (first + 3, last, 0, L - 2),
+                      (first + 2, last, L - 2, L - 1), (first, last, L - 1, L)],
     }
     for k in range(2):
         schedules[f"random {k}"] = _random_schedule(g, first, last, L)
@@ -161,8 +164,9 @@ def test_truncate_and_rerun_is_bitwise_never_having_run(gqa):
     decode(e, n, junk[:4])
     for i, t in enumerate(junk[4:]):  # several rows in flight, partial layers, then rolled back
         e.embed(n + 4 + i, t)
-    e.run_layers(n + 4, n + 9, 0, 2)
-    e.run_layers(n + 4, n + 6, 2, L)
+    mid = min(2, L - 1)
+    e.run_layers(n + 4, n + 9, 0, mid)
+    e.run_layers(n + 4, n + 6, mid, L)
     e.truncate(n)
     decode(e, n, cont)
     _assert_bitwise(_state(e, n, n + len(cont) - 1), ref, "truncate(n) + re-run")
@@ -188,7 +192,7 @@ def two_heads(cfg, g: torch.Generator) -> list[Head]:
 
 @pytest.mark.exactness
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", ["gqa-untied", "mqa-tied"])
+@pytest.mark.parametrize("name", ["gqa-untied", "mqa-tied"] + FAMILY_MODELS)
 def test_adadecode_and_layerskip_equal_vanilla(kind, name):
     cfg, weights = engine_model(name, seed=3)
     e = build(kind, cfg, weights, max_seq=128)

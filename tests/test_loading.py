@@ -115,13 +115,24 @@ def test_unsupported_architecture_refused_before_weights(tmp_path):
 
 
 def write_tiny_gguf(path, cfg, weights):
-    """A GGUF as llama.cpp's converter writes it: F32 tensors, Q/K rows permuted for interleaved RoPE."""
+    """A GGUF as llama.cpp's converter writes it: F32 tensors; for the llama architecture (Mistral too) Q/K rows
+    permuted for interleaved RoPE, for qwen2/qwen3 not (llama.cpp runs them with NeoX RoPE); head_dim as
+    key_length/value_length; a Mistral window as llama.attention.sliding_window."""
     import gguf
 
+    arch = cfg.model_type if cfg.model_type in ("qwen2", "qwen3") else "llama"
+
     def permute(w, n_heads):  # HF rotate-half layout -> llama.cpp interleaved
+        if arch != "llama":
+            return w
         return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-    wr = gguf.GGUFWriter(str(path), "llama")
+    wr = gguf.GGUFWriter(str(path), arch)
+    if cfg.head_dim != cfg.d // cfg.n_heads:
+        wr.add_key_length(cfg.head_dim)
+        wr.add_value_length(cfg.head_dim)
+    if cfg.sliding_window is not None:
+        wr.add_sliding_window(cfg.sliding_window)
     wr.add_block_count(cfg.n_layers)
     wr.add_context_length(cfg.max_position)
     wr.add_embedding_length(cfg.d)
@@ -146,6 +157,13 @@ def write_tiny_gguf(path, cfg, weights):
         wr.add_tensor(f"blk.{i}.attn_q.weight", f(permute(lw.wq, cfg.n_heads)))
         wr.add_tensor(f"blk.{i}.attn_k.weight", f(permute(lw.wk, cfg.n_kv_heads)))
         wr.add_tensor(f"blk.{i}.attn_v.weight", f(lw.wv))
+        if cfg.qkv_bias:
+            wr.add_tensor(f"blk.{i}.attn_q.bias", f(lw.bq))
+            wr.add_tensor(f"blk.{i}.attn_k.bias", f(lw.bk))
+            wr.add_tensor(f"blk.{i}.attn_v.bias", f(lw.bv))
+        if cfg.qk_norm:
+            wr.add_tensor(f"blk.{i}.attn_q_norm.weight", f(lw.q_norm))
+            wr.add_tensor(f"blk.{i}.attn_k_norm.weight", f(lw.k_norm))
         wr.add_tensor(f"blk.{i}.attn_output.weight", f(lw.wo))
         wr.add_tensor(f"blk.{i}.ffn_norm.weight", f(lw.mlp_norm))
         wr.add_tensor(f"blk.{i}.ffn_gate.weight", f(lw.w_gate))

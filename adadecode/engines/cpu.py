@@ -96,6 +96,34 @@ def check_supported(cfg: LlamaConfig) -> None:
         raise ValueError(f"the CPU engine needs hidden_size % 8 == 0, this model has {cfg.d}")
     if cfg.ffn_dim % 8:
         raise ValueError(f"the CPU engine needs intermediate_size % 8 == 0, this model has {cfg.ffn_dim}")
+    if getattr(cfg, "qk_norm", False) and cfg.head_dim % 8:
+        raise ValueError(f"the CPU engine's q/k head norm needs head_dim % 8 == 0, this model has {cfg.head_dim}")
+    w = getattr(cfg, "sliding_window", None)
+    if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+        raise ValueError(f"sliding_window must be a positive integer or None, got {w!r}")
+
+
+def family_args(cfg: LlamaConfig, weights: LlamaWeights, convert) -> dict:
+    """The family features of cfg (Qwen2's q/k/v biases, Qwen3's q/k head norms, a sliding window) as the native
+    engines take them: flags, the window (0: full attention) and per layer [bqkv] + [q_norm, k_norm], each tensor
+    through `convert`. A flag without its tensors is an error naming the layer and the field."""
+    qkv_bias, qk_norm = bool(getattr(cfg, "qkv_bias", False)), bool(getattr(cfg, "qk_norm", False))
+    extras = []
+    for i, lw in enumerate(weights.layers if (qkv_bias or qk_norm) else []):
+        x = []
+        if qkv_bias:
+            b = [getattr(lw, f, None) for f in ("bq", "bk", "bv")]
+            if any(t is None for t in b):
+                raise ValueError(f"layer {i}: qkv_bias is set but bq/bk/bv is missing")
+            x.append(convert(torch.cat([t.reshape(-1) for t in b])))
+        if qk_norm:
+            for f in ("q_norm", "k_norm"):
+                if getattr(lw, f, None) is None:
+                    raise ValueError(f"layer {i}: qk_norm is set but {f} is missing")
+                x.append(convert(getattr(lw, f)))
+        extras.append(x)
+    return dict(qkv_bias=qkv_bias, qk_norm=qk_norm, sliding_window=int(getattr(cfg, "sliding_window", None) or 0),
+                extras=extras)
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
@@ -117,7 +145,8 @@ class CpuWeights:
         self._w = ext.Weights(
             n_layers=cfg.n_layers, d=cfg.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
             ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps), embed=bf(weights.embed),
-            norm=bf(weights.norm), lm_head=None if tied else bf(weights.lm_head), layers=layers)
+            norm=bf(weights.norm), lm_head=None if tied else bf(weights.lm_head), layers=layers,
+            **family_args(cfg, weights, bf))
 
     @property
     def bytes(self) -> int:

@@ -28,6 +28,7 @@ import torch
 from ..model.config import LlamaConfig
 from ..model.weights import LlamaWeights
 from .contract import EngineContract
+from .cpu import family_args
 from .torch import rope_inv_freq
 
 MAX_ROWS = 16  # the batch-invariant skinny GEMM takes at most 16 rows
@@ -143,6 +144,7 @@ class CudaEngine(EngineContract):
                 wqkv = put(torch.cat([put(lw.wq), put(lw.wk), put(lw.wv)], dim=0))
                 layers.append([put(lw.attn_norm), wqkv, put(lw.wo), put(lw.mlp_norm),
                                put(lw.w_gate), put(lw.w_up), put(lw.w_down)])
+            fam = family_args(cfg, weights, put)  # Qwen2 biases, Qwen3 head norms, a sliding window
             cos, sin = rope_tables(cfg, self.max_seq)
             cos, sin = put(cos, torch.float32), put(sin, torch.float32)
             # the LM head for final_logits (the runtime holds raw pointers into all of these: kept alive by it)
@@ -154,7 +156,7 @@ class CudaEngine(EngineContract):
                 n_layers=cfg.n_layers, d=cfg.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                 head_dim=cfg.head_dim, ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps),
                 embed=embed, norm=norm, lm_head=lm_head, layers=layers, cos=cos, sin=sin, max_seq=self.max_seq,
-                max_rows=self.max_rows, prefill_chunk=prefill_chunk)
+                max_rows=self.max_rows, prefill_chunk=prefill_chunk, **fam)
 
     @classmethod
     def _with_backend(cls, cfg: LlamaConfig, backend, *, max_seq: int, max_rows: int = 16,

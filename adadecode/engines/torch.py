@@ -47,6 +47,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w^T (+ b). A Qwen2 bias goes into the GEMM (F.linear: addmm, the bias added before the product is
+    rounded to the engine's dtype), as transformers' nn.Linear does; without one the Llama path's bits stay as they were."""
+    return x @ w.T if b is None else F.linear(x, w, b)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -77,15 +83,22 @@ class TorchEngine(EngineContract):
 
     # ---- the forward pass -------------------------------------------------------------------------------------
     def _attend(self, q: torch.Tensor, layer: int, pos: torch.Tensor) -> torch.Tensor:
-        """q [R, n_heads, head_dim] at positions `pos` against the cache 0..pos[-1], causal. -> [R, n_heads*head_dim]"""
+        """q [R, n_heads, head_dim] at positions `pos` against the cache, causal: row p sees keys 0..p, or with a
+        sliding window W only max(0, p - W + 1)..p. -> [R, n_heads*head_dim]"""
         cfg = self.cfg
         end = int(pos[-1]) + 1
-        k = self.k_cache[layer][:end].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # [T, n_heads, hd]
-        v = self.v_cache[layer][:end].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+        W = cfg.sliding_window
+        # keys no row of the call can see are not read at all (a decode row at p reads W keys, not p + 1)
+        start = 0 if W is None else max(0, int(pos[0]) - W + 1)
+        k = self.k_cache[layer][start:end].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # [T, n_heads, hd]
+        v = self.v_cache[layer][start:end].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
         # fp32 scores, softmax and P.V, rounded to the engine's dtype once (as SDPA/flash kernels and the CUDA
         # engine's attention do; HF eager would round scores and probabilities to bf16 along the way)
         scores = torch.einsum("rhd,thd->hrt", q.float(), k.float()) * cfg.head_dim ** -0.5
-        mask = torch.arange(end, device=self.device)[None, :] > pos[:, None].to(self.device)  # [R, T]
+        kpos, qpos = torch.arange(start, end, device=self.device)[None, :], pos[:, None].to(self.device)
+        mask = kpos > qpos  # [R, T]
+        if W is not None:
+            mask |= kpos < qpos - W + 1
         probs = torch.softmax(scores.masked_fill(mask[None], float("-inf")), dim=-1)
         return torch.einsum("hrt,thd->rhd", probs, v.float()).to(q.dtype).reshape(len(pos), -1)
 
@@ -95,9 +108,12 @@ class TorchEngine(EngineContract):
         R = h.shape[0]
         pos = torch.arange(pos0, pos0 + R)
         x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
-        q = (x @ lw.wq.T).view(R, cfg.n_heads, cfg.head_dim)
-        k = (x @ lw.wk.T).view(R, cfg.n_kv_heads, cfg.head_dim)
-        v = (x @ lw.wv.T).view(R, cfg.n_kv_heads, cfg.head_dim)
+        q = linear(x, lw.wq, lw.bq).view(R, cfg.n_heads, cfg.head_dim)
+        k = linear(x, lw.wk, lw.bk).view(R, cfg.n_kv_heads, cfg.head_dim)
+        v = linear(x, lw.wv, lw.bv).view(R, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:  # Qwen3: each head RMS-normalised over head_dim, before RoPE
+            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
         cos, sin = self.cos[pos0:pos0 + R, None, :], self.sin[pos0:pos0 + R, None, :]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin

@@ -1,7 +1,9 @@
-"""Read a llama GGUF file (via the `gguf` package): config, weights dequantised to bf16, and the tokenizer.
+"""Read a llama, qwen2 or qwen3 GGUF file (via the `gguf` package): config, weights dequantised to bf16, and the tokenizer.
 
-GGUF stores the Q and K projections with their rows permuted for llama.cpp's interleaved RoPE; they
-are permuted back to the HF (rotate-half) layout here, so every engine sees HF-layout weights.
+llama.cpp's converter stores a llama GGUF's Q and K projections with their rows permuted for its interleaved
+RoPE; they are permuted back to the HF (rotate-half) layout here, so every engine sees HF-layout weights.
+qwen2/qwen3 GGUFs are not permuted (llama.cpp runs them with NeoX-style RoPE, HF's layout). Mistral converts to
+the llama architecture; a `llama.attention.sliding_window` there makes it a Mistral with that window.
 """
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ import numpy as np
 import torch
 
 from .config import ConfigError, LlamaConfig
-from .weights import LAYER_HF_NAMES, check_finite
+from .weights import LAYER_HF_NAMES, check_finite, layer_shapes
 
 GGUF_LAYER_NAMES = {  # our short name -> GGUF name inside "blk.{layer}."
     "attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight",
     "wo": "attn_output.weight", "mlp_norm": "ffn_norm.weight", "w_gate": "ffn_gate.weight",
     "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+    "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias",
+    "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
 }
+# general.architecture -> our model_type (a llama GGUF with a sliding window: "mistral", below)
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def _reader(path: Path):
@@ -61,33 +67,59 @@ def _number(reader, key: str, path: Path, default=None, kind=int):
 
 def gguf_config(reader, path: Path) -> LlamaConfig:
     arch = _field(reader, "general.architecture", path)
-    if arch != "llama":
-        raise ConfigError(f"{path}: GGUF field 'general.architecture' is {arch!r}; only 'llama' is supported")
-    if reader.fields.get("llama.expert_count") is not None and _field(reader, "llama.expert_count", path):
-        raise ConfigError(f"{path}: GGUF field 'llama.expert_count' is set; mixture-of-experts models are not supported")
+    if arch not in GGUF_ARCHS:
+        raise ConfigError(f"{path}: GGUF field 'general.architecture' is {arch!r}; supported: "
+                          f"{', '.join(map(repr, GGUF_ARCHS))}")
+    key = lambda k: f"{arch}.{k}"  # noqa: E731  the keys are named after the architecture
+    if reader.fields.get(key("expert_count")) is not None and _field(reader, key("expert_count"), path):
+        raise ConfigError(f"{path}: GGUF field '{key('expert_count')}' is set; mixture-of-experts models are not supported")
+    if reader.fields.get(key("attention.sliding_window_pattern")) is not None:
+        raise ConfigError(f"{path}: GGUF field '{key('attention.sliding_window_pattern')}' is set; a sliding window on "
+                          "some layers only is not supported")
     names = {t.name for t in reader.tensors}
-    n_layers = _number(reader, "llama.block_count", path)
-    d = _number(reader, "llama.embedding_length", path)
-    n_heads = _number(reader, "llama.attention.head_count", path)
+    n_layers = _number(reader, key("block_count"), path)
+    d = _number(reader, key("embedding_length"), path)
+    n_heads = _number(reader, key("attention.head_count"), path)
+
+    def optional(k: str) -> int | None:
+        return _number(reader, key(k), path) if reader.fields.get(key(k)) is not None else None
+
+    # head_dim: key_length where the converter wrote it (any HF config with head_dim: Qwen3's is not d / n_heads),
+    # else the RoPE dimension (older llama converters), else d / n_heads
+    head_dim = optional("attention.key_length") or optional("rope.dimension_count") or max(1, d // n_heads)
+    for k in ("attention.value_length", "rope.dimension_count"):
+        v = optional(k)
+        if v is not None and v != head_dim:
+            raise ConfigError(f"{path}: GGUF field '{key(k)}' is {v}, head_dim is {head_dim}; only V heads of "
+                              "head_dim and RoPE over the whole head are supported")
+    window = optional("attention.sliding_window")
+    model_type = "mistral" if arch == "llama" and window else GGUF_ARCHS[arch]
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise ConfigError(f"{path}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
-    vocab = _number(reader, "llama.vocab_size", path, default=len(tokens.data))
+    vocab = _number(reader, key("vocab_size"), path, default=len(tokens.data))
     hf = {
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": n_layers,
+        "model_type": model_type, "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": _number(reader, "llama.attention.head_count_kv", path, default=n_heads),
-        "head_dim": _number(reader, "llama.rope.dimension_count", path, default=max(1, d // n_heads)),
-        "intermediate_size": _number(reader, "llama.feed_forward_length", path),
-        "rms_norm_eps": _number(reader, "llama.attention.layer_norm_rms_epsilon", path, kind=float),
-        "rope_theta": _number(reader, "llama.rope.freq_base", path, default=10000.0, kind=float),
-        "max_position_embeddings": _number(reader, "llama.context_length", path),
+        "num_key_value_heads": _number(reader, key("attention.head_count_kv"), path, default=n_heads),
+        "head_dim": head_dim,
+        "intermediate_size": _number(reader, key("feed_forward_length"), path),
+        "rms_norm_eps": _number(reader, key("attention.layer_norm_rms_epsilon"), path, kind=float),
+        "rope_theta": _number(reader, key("rope.freq_base"), path, default=10000.0, kind=float),
+        "max_position_embeddings": _number(reader, key("context_length"), path),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _number(reader, "tokenizer.ggml.bos_token_id", path, default=-1),
         "eos_token_id": _number(reader, "tokenizer.ggml.eos_token_id", path, default=-1),
     }
-    if any(n.endswith(".bias") for n in names):
-        raise ConfigError(f"{path}: GGUF holds bias tensors; biases are not supported")
+    if window:  # on every layer (a pattern is refused above)
+        hf |= {"sliding_window": window, "use_sliding_window": True, "max_window_layers": 0}
+    # the bias tensors the family has (qwen2: q, k and v); any other is a forward pass no engine runs
+    allowed = {f"blk.{i}.{GGUF_LAYER_NAMES[b]}" for i in range(n_layers) for b in ("bq", "bk", "bv")} \
+        if model_type == "qwen2" else set()
+    extra = sorted(n for n in names if n.endswith(".bias") and n not in allowed)
+    if extra:
+        raise ConfigError(f"{path}: GGUF holds bias tensor '{extra[0]}' ({len(extra)} in all); "
+                          f"{'only q/k/v biases (qwen2) are' if model_type == 'qwen2' else 'biases are not'} supported")
     for k in ("bos_token_id", "eos_token_id"):
         if hf[k] < 0:
             hf[k] = None
@@ -130,20 +162,18 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
         check_finite(name, w.to(dtype), path)  # an inf block scale dequantises to a row of infs or NaNs
         return w
 
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {"attn_norm": (cfg.d,), "wq": (q, cfg.d), "wk": (kv, cfg.d), "wv": (kv, cfg.d), "wo": (cfg.d, q),
-              "mlp_norm": (cfg.d,), "w_gate": (cfg.ffn_dim, cfg.d), "w_up": (cfg.ffn_dim, cfg.d),
-              "w_down": (cfg.d, cfg.ffn_dim)}
+    shapes = layer_shapes(cfg)
+    permuted = _field(reader, "general.architecture", path) == "llama"  # see the module docstring
     state = {"model.embed_tokens.weight": get("token_embd.weight", (cfg.vocab_size, cfg.d)).to(dtype),
              "model.norm.weight": get("output_norm.weight", (cfg.d,)).to(dtype)}
     if not cfg.tie_word_embeddings:
         state["lm_head.weight"] = get("output.weight", (cfg.vocab_size, cfg.d)).to(dtype)
     for i in range(cfg.n_layers):
-        for short, gname in GGUF_LAYER_NAMES.items():
-            w = get(f"blk.{i}.{gname}", shapes[short])
-            if short == "wq":
+        for short in shapes:
+            w = get(f"blk.{i}.{GGUF_LAYER_NAMES[short]}", shapes[short])
+            if permuted and short == "wq":
                 w = _unpermute(w, cfg.n_heads)
-            elif short == "wk":
+            elif permuted and short == "wk":
                 w = _unpermute(w, cfg.n_kv_heads)
             state[f"model.layers.{i}.{LAYER_HF_NAMES[short]}"] = w.to(dtype)
 

@@ -23,6 +23,12 @@ class LayerWeights:
     w_gate: torch.Tensor  # [ffn_dim, d]
     w_up: torch.Tensor  # [ffn_dim, d]
     w_down: torch.Tensor  # [d, ffn_dim]
+    # the families' extras (issue 24): None where the config has none
+    bq: torch.Tensor | None = None  # [n_heads * head_dim]     qwen2 (cfg.qkv_bias)
+    bk: torch.Tensor | None = None  # [n_kv_heads * head_dim]
+    bv: torch.Tensor | None = None  # [n_kv_heads * head_dim]
+    q_norm: torch.Tensor | None = None  # [head_dim]           qwen3 (cfg.qk_norm)
+    k_norm: torch.Tensor | None = None  # [head_dim]
 
 
 # short name -> HF name inside "model.layers.{layer}."
@@ -36,19 +42,34 @@ LAYER_HF_NAMES = {
     "w_gate": "mlp.gate_proj.weight",
     "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
 }
 
 
-def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor name a checkpoint of this config must hold, with its shape."""
+def layer_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """short name -> shape of every tensor one layer of this config holds (the extras only where it has them)."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     layer = {"attn_norm": (cfg.d,), "wq": (q, cfg.d), "wk": (kv, cfg.d), "wv": (kv, cfg.d), "wo": (cfg.d, q),
              "mlp_norm": (cfg.d,), "w_gate": (cfg.ffn_dim, cfg.d), "w_up": (cfg.ffn_dim, cfg.d),
              "w_down": (cfg.d, cfg.ffn_dim)}
+    if cfg.qkv_bias:
+        layer |= {"bq": (q,), "bk": (kv,), "bv": (kv,)}
+    if cfg.qk_norm:
+        layer |= {"q_norm": (cfg.head_dim,), "k_norm": (cfg.head_dim,)}
+    return layer
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name a checkpoint of this config must hold, with its shape."""
+    layer = layer_shapes(cfg)
     out = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.d), "model.norm.weight": (cfg.d,)}
     for i in range(cfg.n_layers):
-        for short, hf in LAYER_HF_NAMES.items():
-            out[f"model.layers.{i}.{hf}"] = layer[short]
+        for short, shape in layer.items():
+            out[f"model.layers.{i}.{LAYER_HF_NAMES[short]}"] = shape
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (cfg.vocab_size, cfg.d)
     return out
@@ -77,7 +98,8 @@ class LlamaWeights:
     @classmethod
     def from_hf_state(cls, cfg: LlamaConfig, state: dict[str, torch.Tensor]) -> "LlamaWeights":
         embed = state["model.embed_tokens.weight"]
-        layers = [LayerWeights(**{s: state[f"model.layers.{i}.{hf}"] for s, hf in LAYER_HF_NAMES.items()})
+        shorts = layer_shapes(cfg)
+        layers = [LayerWeights(**{s: state[f"model.layers.{i}.{LAYER_HF_NAMES[s]}"] for s in shorts})
                   for i in range(cfg.n_layers)]
         lm_head = embed if cfg.tie_word_embeddings else state["lm_head.weight"]
         return cls(embed=embed, layers=layers, norm=state["model.norm.weight"], lm_head=lm_head)
@@ -92,7 +114,9 @@ class LlamaWeights:
         state = {}
         for name, shape in expected_shapes(cfg).items():
             t = torch.randn(shape, generator=g, device=device, dtype=dtype)
-            if len(shape) == 1:
+            if name.endswith(".bias"):  # large enough to matter next to x @ W^T (unit-ish), small enough to stay sane
+                t = t.mul_(0.1)
+            elif len(shape) == 1:  # norm weights, q/k head norms included
                 t = t.mul_(0.1).add_(1.0)
             elif name != "model.embed_tokens.weight":
                 t = t.mul_(shape[-1] ** -0.5)
@@ -103,14 +127,15 @@ class LlamaWeights:
         state = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
         for i, lw in enumerate(self.layers):
             for s, hf in LAYER_HF_NAMES.items():
-                state[f"model.layers.{i}.{hf}"] = getattr(lw, s)
+                if getattr(lw, s) is not None:
+                    state[f"model.layers.{i}.{hf}"] = getattr(lw, s)
         if not cfg.tie_word_embeddings:
             state["lm_head.weight"] = self.lm_head
         return state
 
     def to(self, device=None, dtype=None) -> "LlamaWeights":
         def mv(t):
-            return t.to(device=device, dtype=dtype)
+            return None if t is None else t.to(device=device, dtype=dtype)
         embed = mv(self.embed)
         tied = self.lm_head is self.embed
         return LlamaWeights(

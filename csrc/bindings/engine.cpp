@@ -50,7 +50,8 @@ class PyEngine {
   PyEngine(int64_t n_layers, int64_t d, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn,
            int64_t vocab, double eps, at::Tensor embed, at::Tensor norm, at::Tensor lm_head,
            std::vector<std::vector<at::Tensor>> layers, at::Tensor cos, at::Tensor sin, int64_t max_seq,
-           int64_t max_rows, int64_t prefill_chunk) {
+           int64_t max_rows, int64_t prefill_chunk, bool qkv_bias, bool qk_norm, int64_t sliding_window,
+           std::vector<std::vector<at::Tensor>> extras) {
     adadecode::rt::ModelDims m;
     m.n_layers = static_cast<int>(n_layers);
     m.d = static_cast<int>(d);
@@ -60,7 +61,15 @@ class PyEngine {
     m.ffn = static_cast<int>(ffn);
     m.vocab = static_cast<int>(vocab);
     m.eps = static_cast<float>(eps);
-    TORCH_CHECK(ada_on_device(embed), "embed must be a " ADA_DEVICE_TENSOR ", got ", embed.device());
+    TORCH_CHECK(sliding_window >= 0 && sliding_window <= INT32_MAX, "sliding_window must be >= 0 (0: full attention), got ",
+                sliding_window);
+    m.window = static_cast<int>(sliding_window);
+    m.qkv_bias = qkv_bias;
+    m.qk_norm = qk_norm;
+    // extras, per layer: [bqkv] if qkv_bias, then [q_norm, k_norm] if qk_norm
+    const size_t n_extra = (qkv_bias ? 1 : 0) + (qk_norm ? 2 : 0);
+    TORCH_CHECK(n_extra == 0 ? extras.empty() : static_cast<int64_t>(extras.size()) == n_layers,
+                "extras: one list per layer when qkv_bias or qk_norm is set, got ", extras.size());    TORCH_CHECK(ada_on_device(embed), "embed must be a " ADA_DEVICE_TENSOR ", got ", embed.device());
     const at::Device dev = embed.device();
     const auto bf = at::kBFloat16;
     const int64_t qkv_n = (n_heads + 2 * n_kv_heads) * head_dim, qn = n_heads * head_dim;
@@ -98,6 +107,22 @@ class PyEngine {
       L.w_gate = ada_ptr<const bf16>(t[4]);
       L.w_up = ada_ptr<const bf16>(t[5]);
       L.w_down = ada_ptr<const bf16>(t[6]);
+      if (n_extra) {
+        const auto& X = extras[l];
+        TORCH_CHECK(X.size() == n_extra, p, "extras: expected ", n_extra, " tensors, got ", X.size());
+        size_t i = 0;
+        if (qkv_bias) {
+          check_weight(X[i], p + "bqkv", {qkv_n}, bf, dev);
+          L.bqkv = ada_ptr<const bf16>(X[i++]);
+        }
+        if (qk_norm) {
+          check_weight(X[i], p + "q_norm", {head_dim}, bf, dev);
+          L.q_norm = ada_ptr<const bf16>(X[i++]);
+          check_weight(X[i], p + "k_norm", {head_dim}, bf, dev);
+          L.k_norm = ada_ptr<const bf16>(X[i++]);
+        }
+        keep_.insert(keep_.end(), X.begin(), X.end());
+      }
       w.layers.push_back(L);
       keep_.insert(keep_.end(), t.begin(), t.end());
     }
@@ -236,11 +261,12 @@ void register_engine(pybind11::module_& m) {
                        "live in adadecode.engines.cuda.CudaEngine; this class only keeps memory accesses in bounds.")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor,
                     at::Tensor, std::vector<std::vector<at::Tensor>>, at::Tensor, at::Tensor, int64_t, int64_t,
-                    int64_t>(),
+                    int64_t, bool, bool, int64_t, std::vector<std::vector<at::Tensor>>>(),
            py::arg("n_layers"), py::arg("d"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),
            py::arg("ffn"), py::arg("vocab"), py::arg("eps"), py::arg("embed"), py::arg("norm"), py::arg("lm_head"),
            py::arg("layers"), py::arg("cos"), py::arg("sin"), py::arg("max_seq"), py::arg("max_rows"),
-           py::arg("prefill_chunk") = 256)
+           py::arg("prefill_chunk") = 256, py::arg("qkv_bias") = false, py::arg("qk_norm") = false,
+           py::arg("sliding_window") = 0, py::arg("extras") = std::vector<std::vector<at::Tensor>>{})
       .def("prefill", &PyEngine::prefill, py::arg("tokens"))
       .def("embed", &PyEngine::embed, py::arg("pos"), py::arg("token"))
       .def("run_layers", &PyEngine::run_layers, py::arg("first_pos"), py::arg("last_pos"), py::arg("l0"),

@@ -47,11 +47,19 @@ std::shared_ptr<cpu::Weights> make_weights(int64_t n_layers, int64_t d, int64_t 
                                            int64_t head_dim, int64_t ffn, int64_t vocab, double eps,
                                            const at::Tensor& embed, const at::Tensor& norm,
                                            const c10::optional<at::Tensor>& lm_head,
-                                           const std::vector<std::vector<at::Tensor>>& layers) {
+                                           const std::vector<std::vector<at::Tensor>>& layers, bool qkv_bias,
+                                           bool qk_norm, int64_t sliding_window,
+                                           const std::vector<std::vector<at::Tensor>>& extras) {
   cpu::ModelDims m;
   m.n_layers = static_cast<int>(n_layers), m.d = static_cast<int>(d), m.n_heads = static_cast<int>(n_heads);
   m.n_kv_heads = static_cast<int>(n_kv_heads), m.head_dim = static_cast<int>(head_dim), m.ffn = static_cast<int>(ffn);
   m.vocab = static_cast<int>(vocab), m.eps = static_cast<float>(eps);
+  TORCH_CHECK(sliding_window >= 0 && sliding_window <= INT_MAX, "sliding_window must be >= 0 (0: full attention), got ",
+              sliding_window);
+  m.window = static_cast<int>(sliding_window), m.qkv_bias = qkv_bias, m.qk_norm = qk_norm;
+  const size_t n_extra = (qkv_bias ? 1 : 0) + (qk_norm ? 2 : 0);
+  TORCH_CHECK(extras.size() == (n_extra ? layers.size() : 0) || (n_extra == 0 && extras.empty()),
+              "extras: one list per layer when qkv_bias or qk_norm is set, got ", extras.size(), " lists");
   const auto bf = at::kBFloat16;
   const int64_t q = n_heads * head_dim, kv = n_kv_heads * head_dim;
   check(embed, "embed", {vocab, d}, bf);
@@ -72,8 +80,20 @@ std::shared_ptr<cpu::Weights> make_weights(int64_t n_layers, int64_t d, int64_t 
     check(L[6], p + "w_gate", {ffn, d}, bf);
     check(L[7], p + "w_up", {ffn, d}, bf);
     check(L[8], p + "w_down", {d, ffn}, bf);
-    src.push_back({bf16_ptr(L[0]), bf16_ptr(L[1]), bf16_ptr(L[2]), bf16_ptr(L[3]), bf16_ptr(L[4]), bf16_ptr(L[5]),
-                   bf16_ptr(L[6]), bf16_ptr(L[7]), bf16_ptr(L[8])});
+    cpu::LayerSource ls{bf16_ptr(L[0]), bf16_ptr(L[1]), bf16_ptr(L[2]), bf16_ptr(L[3]), bf16_ptr(L[4]),
+                        bf16_ptr(L[5]), bf16_ptr(L[6]), bf16_ptr(L[7]), bf16_ptr(L[8])};
+    if (n_extra) {  // [bqkv] if qkv_bias, then [q_norm, k_norm] if qk_norm
+      const auto& X = extras[l];
+      TORCH_CHECK(X.size() == n_extra, p, "extras: expected ", n_extra, " tensors (", qkv_bias ? "bqkv " : "",
+                  qk_norm ? "q_norm k_norm" : "", "), got ", X.size());
+      size_t i = 0;
+      if (qkv_bias) check(X[i], p + "bqkv", {q + 2 * kv}, bf), ls.bqkv = bf16_ptr(X[i++]);
+      if (qk_norm) {
+        check(X[i], p + "q_norm", {head_dim}, bf), ls.q_norm = bf16_ptr(X[i++]);
+        check(X[i], p + "k_norm", {head_dim}, bf), ls.k_norm = bf16_ptr(X[i++]);
+      }
+    }
+    src.push_back(ls);
   }
   py::gil_scoped_release nogil;
   return std::make_shared<cpu::Weights>(m, bf16_ptr(embed), lm_head ? bf16_ptr(*lm_head) : nullptr, bf16_ptr(norm),
@@ -281,7 +301,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<cpu::Weights, std::shared_ptr<cpu::Weights>>(m, "Weights")
       .def(py::init(&make_weights), py::arg("n_layers"), py::arg("d"), py::arg("n_heads"), py::arg("n_kv_heads"),
            py::arg("head_dim"), py::arg("ffn"), py::arg("vocab"), py::arg("eps"), py::arg("embed"), py::arg("norm"),
-           py::arg("lm_head"), py::arg("layers"))
+           py::arg("lm_head"), py::arg("layers"), py::arg("qkv_bias") = false, py::arg("qk_norm") = false,
+           py::arg("sliding_window") = 0, py::arg("extras") = std::vector<std::vector<at::Tensor>>{})
       .def_property_readonly("bytes", [](const cpu::Weights& w) { return static_cast<int64_t>(w.bytes()); });
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<std::shared_ptr<cpu::Weights>, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,

@@ -126,6 +126,9 @@ Weights::Weights(const ModelDims& dims, const uint16_t* embed, const uint16_t* l
   if (m.n_heads * m.head_dim % 8) bad("n_heads * head_dim must be a multiple of 8 (the o_proj reduction)");
   if (m.n_heads % m.n_kv_heads) bad("n_heads " + std::to_string(m.n_heads) + " is not a multiple of n_kv_heads " + std::to_string(m.n_kv_heads));
   if (!(m.eps > 0.f) || !std::isfinite(m.eps)) bad("rms_norm_eps must be positive and finite");
+  if (m.window < 0) bad("sliding_window " + std::to_string(m.window) + " must be >= 1 (0: full attention)");
+  // the head norm sums in the 32-lane order of 8-element chunks (rmsnorm_core.cuh), as the d-wide RMSNorm does
+  if (m.qk_norm && m.head_dim % 8) bad("qk_norm needs head_dim % 8 == 0, head_dim is " + std::to_string(m.head_dim));
   if (static_cast<int>(layers_in.size()) != m.n_layers)
     bad("got weights of " + std::to_string(layers_in.size()) + " layers, expected " + std::to_string(m.n_layers));
   const int d = m.d, q = m.n_heads * m.head_dim, kv = m.n_kv_heads * m.head_dim;
@@ -144,6 +147,16 @@ Weights::Weights(const ModelDims& dims, const uint16_t* embed, const uint16_t* l
     Layer& L = layers[l];
     copy(L.attn_norm, s.attn_norm, d);
     copy(L.mlp_norm, s.mlp_norm, d);
+    const std::string at = "layer " + std::to_string(l) + ": ";
+    if (m.qkv_bias) {
+      if (!s.bqkv) bad(at + "qkv_bias is set but the layer has no q/k/v biases");
+      copy(L.bqkv, s.bqkv, static_cast<size_t>(q) + 2 * kv);
+    }
+    if (m.qk_norm) {
+      if (!s.q_norm || !s.k_norm) bad(at + "qk_norm is set but the layer has no q_norm / k_norm weights");
+      copy(L.q_norm, s.q_norm, m.head_dim);
+      copy(L.k_norm, s.k_norm, m.head_dim);
+    }
     pack(L.wqkv, d, rows_of({{s.wq, q}, {s.wk, kv}, {s.wv, kv}}, d));
     pack(L.wo, q, rows_of({{s.wo, d}}, q));
     std::vector<const uint16_t*> gu;
@@ -221,15 +234,30 @@ void qkv_item(void* ctx, int thread, int item, bool first) {
   const uint16_t* ptrs[256];
   for (int c = 0; c < hd; ++c) ptrs[c] = W.wqkv.row(item * hd + c);
   e.k_.dot_tile(*e.L_d_, ptrs, hd, t.xp.data(), e.L_d_->xlen, j.R, t.out.data());
-  float rot[256];
+  float rot[256], bias[256];
+  const bool has_bias = W.bqkv.size() > 0;
+  if (has_bias) e.k_.bf16_to_f32(W.bqkv.data() + static_cast<size_t>(item) * hd, bias, hd);
+  const uint16_t* head_g = item >= H + Hkv || W.q_norm.size() == 0 ? nullptr
+                           : item < H ? W.q_norm.data() : W.k_norm.data();
   for (int r = 0; r < j.R; ++r) {
     const int pos = j.first + r;
     float* y = t.out.data() + static_cast<size_t>(r) * hd;
+    // the bias joins the fp32 sum, then one rounding to bf16 (skinny_gemm.cu's epilogue: bf16(acc + b))
+    if (has_bias)
+      for (int c = 0; c < hd; ++c) y[c] = y[c] + bias[c];
     e.k_.round_bf16(y, y, hd);
     if (item >= H + Hkv) {  // v: into the cache as it is
       const int kh = item - H - Hkv;
       e.k_.f32_to_bf16(y, e.v_layer(j.layer) + (static_cast<size_t>(kh) * e.max_seq_ + pos) * hd, hd);
       continue;
+    }
+    if (head_g) {  // Qwen3's q/k norm over the head: rope_kv.cu's order (the sum of squares on 32 lanes)
+      std::memcpy(t.row.data(), y, hd * sizeof(float));
+      t.row[hd] = 0.f;
+      e.k_.permute(*e.L_hd_, t.row.data(), t.tmp.data());
+      const float ss = e.k_.dot_f32(*e.L_hd_, t.tmp.data(), t.tmp.data());
+      const float inv = inv_sqrt(rn::add(rn::div(ss, static_cast<float>(hd)), m.eps));
+      e.k_.norm_apply(y, inv, head_g, y, hd);
     }
     e.k_.rope(y, e.cos_.data() + static_cast<size_t>(pos) * half, e.sin_.data() + static_cast<size_t>(pos) * half, hd,
               rot);
@@ -301,12 +329,12 @@ void down_item(void* ctx, int thread, int item, bool first) {
 
 int col_items(int n, int per) { return (n + per - 1) / per; }
 
-// LM head over `ids` (nullptr: all rows of the matrix) for R normed rows: logits rounded to bf16 (as the CUDA LM
+// LM head (all rows of W: the LM head, or a head's copy of its vocabulary rows) for R normed rows: logits rounded to bf16 (as the CUDA LM
 // head with round_bf16), into `logits` (row stride n) when given, and each thread's running argmax.
 struct LmJob {
   Engine* e;
   int R, n, job;
-  const int32_t* ids;
+  const PackedMatrix* W;  // the LM head, or a head's rows of it
   const uint16_t* rows;  // the rows to normalise (final) or nullptr (the head: t.xp already holds z, see head())
   const float* z;        // head: the transformed row (bf16 values)
   float* logits;
@@ -324,10 +352,10 @@ void lm_item(void* ctx, int thread, int item, bool first) {
     for (int r = 0; r < j.R; ++r) t.best[r] = -INFINITY, t.best_idx[r] = -1, t.ok[r] = 1;
     t.job = j.job;
   }
-  const PackedMatrix& W = e.w_->lm_head;
+  const PackedMatrix& W = *j.W;
   const int n0 = item * kVocabPerItem, cn = std::min(kVocabPerItem, j.n - n0);
   const uint16_t* ptrs[kVocabPerItem];
-  for (int c = 0; c < cn; ++c) ptrs[c] = W.row(j.ids ? j.ids[n0 + c] : n0 + c);
+  for (int c = 0; c < cn; ++c) ptrs[c] = W.row(n0 + c);
   e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, j.R, t.out.data());
   for (int r = 0; r < j.R; ++r) {
     float* y = t.out.data() + static_cast<size_t>(r) * cn;
@@ -479,13 +507,14 @@ Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* 
   L_rest_ = &w_->layout(m.d, 256);
   L_q_ = &w_->layout(q, 0);
   L_ffn_ = &w_->layout(m.ffn, 0);
+  L_hd_ = m.qk_norm ? &w_->layout(hd, 32) : L_norm_;  // only read with qk_norm (head_dim % 8 == 0 then)
   const int kmax = std::max({m.d, q, m.ffn});
   const int xlen = std::max({L_d_->xlen, L_q_->xlen, L_ffn_->xlen, L_rest_->xlen});
   ws_.resize(pool_.size());
   for (auto& t : ws_) {
     t.row.assign(kmax + 1, 0.f);
     t.xn.assign(kmax + 1, 0.f);
-    t.tmp.assign(std::max(L_norm_->xlen, L_rest_->xlen), 0.f);
+    t.tmp.assign(std::max({L_norm_->xlen, L_rest_->xlen, L_hd_->xlen}), 0.f);
     t.xp.assign(static_cast<size_t>(P) * xlen, 0.f);
     t.out.assign(static_cast<size_t>(P) * std::max({hd, 2 * kColsPerItem, kVocabPerItem}), 0.f);
     t.best.assign(max_rows, 0.f);
@@ -513,9 +542,11 @@ void Engine::forward(int R, int first, int l0, int l1) {
   for (int rb = 0; rb < n_rb; ++rb) {
     const int last = first + std::min(R, (rb + 1) * kRowBlock) - 1;
     const int nc = last / kAttnChunk + 1;
-    j.need.push_back(nc);
+    // chunks before the window of the block's first row hold no position any of its rows attends to
+    const int c0 = attn_lo(first + rb * kRowBlock, m.window) / kAttnChunk;
+    j.need.push_back(nc - c0);
     for (int kh = 0; kh < Hkv; ++kh)
-      for (int c = 0; c < nc; ++c) j.item_rb.push_back(rb), j.item_kh.push_back(kh), j.item_c.push_back(c);
+      for (int c = c0; c < nc; ++c) j.item_rb.push_back(rb), j.item_kh.push_back(kh), j.item_c.push_back(c);
   }
   j.count = std::make_unique<std::atomic<int>[]>(static_cast<size_t>(n_rb) * Hkv);
   AttnArgs& a = j.attn;
@@ -525,6 +556,7 @@ void Engine::forward(int R, int first, int l0, int l1) {
   a.out = attn_.data();
   a.R = R, a.first = first, a.n_heads = H, a.n_kv_heads = Hkv, a.head_dim = hd, a.max_seq = max_seq_;
   a.n_chunks = (max_seq_ + kAttnChunk - 1) / kAttnChunk;
+  a.window = m.window;
   a.qscale = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));  // attention.cu's launcher, the same bits
   const size_t kv_read = 4 * static_cast<size_t>(Hkv) * hd * (first + R);  // K and V bf16 of every position read
   for (int l = l0; l < l1; ++l) {
@@ -582,7 +614,7 @@ void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
   check_rows("final", first, last);
   const int R = last - first + 1, d = dims().d, V = dims().vocab;
   for (int r = 0; r < R; ++r) std::memcpy(hw_.data() + static_cast<size_t>(r) * d, ring_row(first + r), d * sizeof(uint16_t));
-  LmJob j{this, R, V, ++job_counter_, nullptr, hw_.data(), nullptr, logits};
+  LmJob j{this, R, V, ++job_counter_, &w_->lm_head, hw_.data(), nullptr, logits};
   pool_.run(col_items(V, kVocabPerItem), lm_item, &j, w_->lm_head.bytes());
   for (int r = 0; r < R; ++r) {
     float best = -INFINITY;
@@ -609,6 +641,17 @@ void Engine::set_heads(std::vector<Head> heads) {
     if (!h.w_rest.empty() && (h.vocab.empty() || static_cast<int>(h.w_rest.size()) != L_rest_->xlen))
       bad(p + "w_rest needs a vocabulary subset and d values");
   }
+  const PackedMatrix& W = w_->lm_head;
+  for (Head& h : heads) {
+    if (h.vocab.empty()) continue;
+    h.E.N = static_cast<int>(h.vocab.size());
+    h.E.K = W.K;
+    h.E.L = W.L;
+    h.E.own = Buffer<uint16_t>(static_cast<size_t>(h.E.N) * W.K, "head vocabulary rows");
+    h.E.data = h.E.own.data();
+    for (int n = 0; n < h.E.N; ++n)
+      std::memcpy(h.E.data + static_cast<size_t>(n) * W.K, W.row(h.vocab[n]), W.K * sizeof(uint16_t));
+  }
   heads_ = std::move(heads);
 }
 
@@ -625,7 +668,7 @@ std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
   pool_.run(col_items(d, kColsPerItem), head_t_item, &tj, h.T.bytes());
   const int n = h.vocab.empty() ? dims().vocab : static_cast<int>(h.vocab.size());
   float* lg = lg_.data();
-  LmJob j{this, 1, n, ++job_counter_, h.vocab.empty() ? nullptr : h.vocab.data(), nullptr, z, lg};
+  LmJob j{this, 1, n, ++job_counter_, h.vocab.empty() ? &w_->lm_head : &h.E, nullptr, z, lg};
   pool_.run(col_items(n, kVocabPerItem), lm_item, &j, static_cast<size_t>(n) * d * sizeof(uint16_t));
   float rest = 0.f;
   if (!h.w_rest.empty()) {  // lm_head.cu's merge: x . w_rest over 256 threads (8 warps), rounded to bf16

@@ -39,9 +39,14 @@ struct OutOfMemory : std::runtime_error {
 // Memory this process may still take (MemAvailable), SIZE_MAX when unknown.
 size_t available_memory();
 
+// head_dim is its own field: n_heads * head_dim need not be d (Qwen3: 16 x 128 heads on d = 1024). window > 0: a
+// row at position p attends to positions max(0, p - window + 1)..p (Mistral / Qwen2 sliding windows); 0: all of 0..p.
 struct ModelDims {
   int n_layers = 0, d = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, vocab = 0;
   float eps = 1e-5f;
+  int window = 0;
+  bool qkv_bias = false;  // Qwen2: q, k, v projections with biases (added to the fp32 sums before the bf16 rounding)
+  bool qk_norm = false;   // Qwen3: each q and k head RMS-normalised over head_dim after the projection, before RoPE
 };
 
 // 64-byte aligned storage (2 MB aligned and advised for huge pages when large: the weights stream through the TLB).
@@ -77,6 +82,8 @@ struct PackedMatrix {
 // Raw bf16 weights of one layer as the caller holds them (HF layout), only read by the constructor.
 struct LayerSource {
   const uint16_t *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm, *w_gate, *w_up, *w_down;
+  // bqkv: [H hd + 2 Hkv hd] (bq, bk, bv stacked) when dims.qkv_bias; q_norm, k_norm: [hd] when dims.qk_norm
+  const uint16_t *bqkv = nullptr, *q_norm = nullptr, *k_norm = nullptr;
 };
 
 class Weights {
@@ -94,6 +101,7 @@ class Weights {
   // ...; the last block may be shorter), so a gate/up item reads one contiguous stream.
   struct Layer {
     Buffer<uint16_t> attn_norm, mlp_norm;
+    Buffer<uint16_t> bqkv, q_norm, k_norm;  // empty unless the model has them (ModelDims.qkv_bias / qk_norm)
     PackedMatrix wqkv, wo, gate_up, w_down;
   };
   std::vector<Layer> layers;
@@ -118,6 +126,8 @@ struct Head {
   int layer = 0;
   PackedMatrix T;                 // [d, d]
   std::vector<int32_t> vocab;     // token ids, ascending (empty: the full vocabulary)
+  PackedMatrix E;                 // [vocab.size(), d]: the LM head's rows of `vocab`, copied contiguously by
+                                  // set_heads (gathered rows scattered over the LM head read ~3x slower than one stream)
   std::vector<float> w_rest;      // rest-logit weights permuted into the 256-lane layout (empty: none)
 };
 
@@ -170,7 +180,7 @@ class Engine {
   std::vector<ThreadWs> ws_;
   std::vector<Head> heads_;
   ThreadPool pool_;
-  const LaneLayout *L_d_, *L_norm_, *L_rest_, *L_q_, *L_ffn_;
+  const LaneLayout *L_d_, *L_norm_, *L_rest_, *L_q_, *L_ffn_, *L_hd_;  // L_hd_: a head's norm (32 lanes)
 
   uint16_t* k_layer(int l) { return k_cache_.data() + static_cast<size_t>(l) * dims().n_kv_heads * nkb_ * 16 * dims().head_dim; }
   uint16_t* v_layer(int l) { return v_cache_.data() + static_cast<size_t>(l) * dims().n_kv_heads * max_seq_ * dims().head_dim; }

@@ -28,8 +28,11 @@ struct AttnArgs {
   float* part_ml = nullptr;
   float* out = nullptr;
   int R = 0, first = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, max_seq = 0, n_chunks = 0;
+  int window = 0;      // > 0: row p attends to max(0, p - window + 1)..p only (attention.cuh: the same rule)
   float qscale = 0.f;  // log2(e) / sqrt(head_dim), as the CUDA launcher computes it
 };
+// The first position row p attends to.
+inline int attn_lo(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 constexpr int kAttnChunk = 128;  // positions per partial (csrc/kernels/attention.cuh: kAttnChunk)
 constexpr int kKBlock = 16;      // positions per K block (one lane vector)
 

@@ -12,13 +12,11 @@
 constexpr int kPrefetchElems = 8192;
 
 // Lane vectors a register tile of RT rows x CT columns keeps live over a step pair: the accumulators, and either
-// the rows' two activation vectors (x kept; one weight pair at a time) or the columns' two weight vectors (w kept;
-// one activation pair at a time), whichever is fewer.
-constexpr int tile_regs(int RT, int CT) { return RT * CT + 2 * (RT < CT ? RT : CT) + 2; }
+// the rows' two activation vectors (x kept, RT < CT; one weight pair at a time, converted from bf16 into two
+// transient vectors) or the columns' two weight vectors (w kept; the activations are FMA memory operands and need
+// no register of their own).
+constexpr int tile_regs(int RT, int CT) { return RT * CT + (RT < CT ? 2 * RT + 2 : 2 * CT); }
 
-// acc[r][c] = the lane partial sums of one lane block: rows x (stride xs), packed weight rows w[c] (both already at
-// the block's start), gfull full groups then tl tail lanes. Weights come two steps at a time (the pair layout of
-// lanes.h); each lane's FMAs run in step order.
 template <int RT, int CT>
 inline void block_dot(const uint16_t* const (&w)[CT], const float* x, int xs, int gfull, int tl, V (&acc)[RT][CT]) {
   for (int r = 0; r < RT; ++r)
@@ -87,33 +85,55 @@ inline void dot_tile_rc(const LaneLayout& L, const uint16_t* const* w, const flo
 
 // Columns per register tile. Up to 2 rows: one column at a time, each weight row read start to end (one sequential
 // stream the prefetchers follow; measured on the default model, 1 thread: 4 columns at a time made a decode layer
-// ~1.4x slower at 1 row). From 4 rows the step is compute-bound and the widest tile that fits (4, 2 or 1 columns,
-// tile_regs < kVecRegs) shares each activation load between its columns.
+// ~1.4x slower at 1 row). From 4 rows the widest tile that fits (4, 2 or 1 columns, tile_regs < kVecRegs) shares
+// each activation load between its columns.
 constexpr int cols_for(int RT) {
   return RT <= 2 ? 1 : tile_regs(RT, 4) < kVecRegs ? 4 : tile_regs(RT, 2) < kVecRegs ? 2 : 1;
 }
 constexpr bool rows_fit(int RT) { return tile_regs(RT, 1) < kVecRegs; }
 
+// Columns [c0, c0 + cn) of RT rows.
 template <int RT>
-inline void dot_rows(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xs, float* out) {
+inline void dot_cols(const LaneLayout& L, const uint16_t* const* w, int c0, int cn, const float* xp, int xs,
+                     float* out, int ldo) {
   constexpr int CT = cols_for(RT);
-  int c = 0;
-  for (; c + CT <= C; c += CT) dot_tile_rc<RT, CT>(L, w + c, xp, xs, out + c, C);
+  int c = c0;
+  const int end = c0 + cn;
+  for (; c + CT <= end; c += CT) dot_tile_rc<RT, CT>(L, w + c, xp, xs, out + c, ldo);
   if constexpr (CT > 2) {
-    for (; c + 2 <= C; c += 2) dot_tile_rc<RT, 2>(L, w + c, xp, xs, out + c, C);
+    for (; c + 2 <= end; c += 2) dot_tile_rc<RT, 2>(L, w + c, xp, xs, out + c, ldo);
   }
-  for (; c < C; ++c) dot_tile_rc<RT, 1>(L, w + c, xp, xs, out + c, C);
+  for (; c < end; ++c) dot_tile_rc<RT, 1>(L, w + c, xp, xs, out + c, ldo);
 }
+
+// The rows of the next register tile, of the n rows left: 8, 4 or 3 where they fit this instruction set's
+// registers, else 2 or 1.
+constexpr int next_rows(int n) {
+  return n >= 8 && rows_fit(8) ? 8 : n >= 4 && rows_fit(4) ? 4 : n >= 3 && rows_fit(3) ? 3 : n >= 2 ? 2 : 1;
+}
+
+// Columns in the outer loop, row tiles inside: a block of kColBlock weight rows is read from memory once and stays
+// in L1 for every row tile (rows in the outer loop read the whole matrix once per row tile).
+constexpr int kColBlock = 4;
 
 inline void k_dot_tile(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xs, int R,
                        float* out) {
-  int r = 0;
-  if constexpr (rows_fit(8))
-    for (; r + 8 <= R; r += 8) dot_rows<8>(L, w, C, xp + r * xs, xs, out + r * C);
-  if constexpr (rows_fit(4))
-    for (; r + 4 <= R; r += 4) dot_rows<4>(L, w, C, xp + r * xs, xs, out + r * C);
-  for (; r + 2 <= R; r += 2) dot_rows<2>(L, w, C, xp + r * xs, xs, out + r * C);
-  for (; r < R; ++r) dot_rows<1>(L, w, C, xp + r * xs, xs, out + r * C);
+  for (int c0 = 0; c0 < C; c0 += kColBlock) {
+    const int cn = C - c0 < kColBlock ? C - c0 : kColBlock;
+    for (int r = 0; r < R;) {
+      const int rt = next_rows(R - r);
+      const float* x = xp + r * xs;
+      float* o = out + r * C;
+      switch (rt) {
+        case 8: if constexpr (rows_fit(8)) dot_cols<8>(L, w, c0, cn, x, xs, o, C); break;
+        case 4: if constexpr (rows_fit(4)) dot_cols<4>(L, w, c0, cn, x, xs, o, C); break;
+        case 3: if constexpr (rows_fit(3)) dot_cols<3>(L, w, c0, cn, x, xs, o, C); break;
+        case 2: dot_cols<2>(L, w, c0, cn, x, xs, o, C); break;
+        default: dot_cols<1>(L, w, c0, cn, x, xs, o, C); break;
+      }
+      r += rt;
+    }
+  }
 }
 
 inline void k_permute(const LaneLayout& L, const float* x, float* xp) {
@@ -243,7 +263,8 @@ inline bool k_argmax(const float* v, int n, int base, float* best, int* best_idx
 // head dims in order, -inf past the row's position; m = their max; p_t = exp2(s_t - m) (0 where -inf);
 // l = the warp's sum of p (lane L: positions L, L + 32, L + 64, L + 96 in order, then the butterfly: vectors 0, 2, 4,
 // 6 are lanes 0-15, vectors 1, 3, 5, 7 lanes 16-31); o = sum_t p_t v_t (one FMA chain per dim over positions in
-// order).
+// order). A sliding window (a.window > 0) masks the positions before attn_lo(p) to -inf as the causal mask masks
+// those past p, drops their P.V terms, and gives no partial for a chunk wholly before the window.
 constexpr int kMaxQ = 4;  // queries scored together (they share the K loads)
 
 inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
@@ -254,7 +275,7 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
   constexpr int kMaxHd = 256;
   alignas(64) float qs[kMaxQ][kMaxHd];
   alignas(64) float S[kMaxQ][kAttnChunk];
-  int qr[kMaxQ], qh[kMaxQ], qp[kMaxQ], qn[kMaxQ];
+  int qr[kMaxQ], qh[kMaxQ], qp[kMaxQ], qn[kMaxQ], qlo[kMaxQ];  // qlo: the window's first position - t0
   const int nvec = (hd + 15) / 16, last = hd - 16 * (nvec - 1);  // the last vector may be partial
   // P.V holds nvec accumulators per query: as many queries at once as the register budget allows
   const int pv_q = kAccBudget / nvec >= kMaxQ ? kMaxQ : kAccBudget / nvec >= 1 ? kAccBudget / nvec : 1;
@@ -277,6 +298,8 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
       }
       for (int i = 0; i < nq; ++i) vstore(S[i] + j * kKBlock, vmask_after(acc[i], t0 + j * kKBlock, qp[i]));
     }
+    for (int i = 0; i < nq; ++i)
+      for (int t = 0; t < qlo[i]; ++t) S[i][t] = -INFINITY;  // before the window (attention.cu: the same mask)
     for (int i = 0; i < nq; ++i) {
       V P[kAttnChunk / 16];
       V mv = vload(S[i]);
@@ -307,7 +330,8 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
         V vv[kMaxHd / 16];
         for (int v = 0; v < nvec; ++v) vv[v] = load_any_bf16(vr + 16 * v, v == nvec - 1 ? last : 16);
         for (int i = 0; i < n; ++i) {
-          if (t >= qn[i0 + i]) continue;  // past this query's row: no term (not a 0 * v: v may be anything)
+          // past this query's row or before its window: no term (not a 0 * v: v may be anything)
+          if (t >= qn[i0 + i] || t < qlo[i0 + i]) continue;
           const V p = vset1(S[i0 + i][t]);
           for (int v = 0; v < nvec; ++v) acc[i][v] = vfma(p, vv[v], acc[i][v]);
         }
@@ -324,6 +348,8 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
   for (int r = r0; r < r1; ++r) {
     const int p = a.first + r;
     if (p < t0) continue;  // this chunk is past the row: no partial
+    const int lo = attn_lo(p, a.window);
+    if (lo >= t0 + kAttnChunk) continue;  // wholly before the row's window: no partial either
     for (int g = 0; g < G; ++g) {
       const int h = kh * G + g;
       const float* q = a.q + (static_cast<int64_t>(r) * H + h) * hd;
@@ -333,6 +359,7 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
       }
       qr[nq] = r, qh[nq] = h, qp[nq] = p;
       qn[nq] = p - t0 + 1 < kAttnChunk ? p - t0 + 1 : kAttnChunk;
+      qlo[nq] = lo > t0 ? lo - t0 : 0;
       if (++nq == kMaxQ) flush();
     }
   }
@@ -340,17 +367,19 @@ inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
 }
 
 inline void k_attn_merge(const AttnArgs& a, int r, int h) {
+  // chunks c0..nc-1: those that hold a position of the row's window, in order (attention.cu: merge_pairs)
   const int hd = a.head_dim, H = a.n_heads, p = a.first + r, nc = p / kAttnChunk + 1;
+  const int c0 = attn_lo(p, a.window) / kAttnChunk;
   const int64_t base = (static_cast<int64_t>(r) * H + h) * a.n_chunks;
   const float* ml = a.part_ml + 2 * base;
   float M = -INFINITY;
-  for (int c = 0; c < nc; ++c) M = ml[2 * c] > M ? ml[2 * c] : M;
+  for (int c = c0; c < nc; ++c) M = ml[2 * c] > M ? ml[2 * c] : M;
   constexpr int kMaxHd = 256;
   V acc[kMaxHd / 16];
   const int nvec = (hd + 15) / 16, last = hd - 16 * (nvec - 1);
   for (int v = 0; v < nvec; ++v) acc[v] = vzero();
   float L = 0.f;
-  for (int c = 0; c < nc; ++c) {
+  for (int c = c0; c < nc; ++c) {
     const float w = exp2_fixed(ml[2 * c] - M);
     L = std::fmaf(ml[2 * c + 1], w, L);
     const float* po = a.part_o + (base + c) * hd;

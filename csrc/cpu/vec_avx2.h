@@ -58,10 +58,18 @@ inline void vload_bf16_pair(const uint16_t* p, V& a, V& b) {
   a = {_mm256_castsi256_ps(_mm256_slli_epi32(d0, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(d1, 16))};
   b = {_mm256_castsi256_ps(_mm256_and_si256(d0, hi)), _mm256_castsi256_ps(_mm256_and_si256(d1, hi))};
 }
+inline __m256i words_below(int n, int base) {  // all-ones 32-bit words where base + j < n
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_add_epi32(_mm256_set1_epi32(base),
+                                                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+// A masked load: a copy through the stack would stall on store forwarding, once per tail step of every column.
 inline void vload_bf16_pair_n(const uint16_t* p, int n, V& a, V& b) {
-  alignas(32) uint16_t t[32] = {};
-  std::memcpy(t, p, sizeof(uint16_t) * 2 * n);
-  vload_bf16_pair(t, a, b);
+  const int* q = reinterpret_cast<const int*>(p);
+  const __m256i d0 = _mm256_maskload_epi32(q, words_below(n, 0));
+  const __m256i d1 = _mm256_maskload_epi32(q + 8, words_below(n, 8));
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  a = {_mm256_castsi256_ps(_mm256_slli_epi32(d0, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(d1, 16))};
+  b = {_mm256_castsi256_ps(_mm256_and_si256(d0, hi)), _mm256_castsi256_ps(_mm256_and_si256(d1, hi))};
 }
 inline V vfma(V a, V b, V c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
 inline V vadd(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }

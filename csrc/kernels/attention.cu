@@ -50,10 +50,10 @@ __host__ __device__ constexpr size_t kv_smem_bytes() { return 2 * size_t(CH) * (
 template <int HD, int NQ>
 __device__ __forceinline__ void merge_pairs(const float* part_o, const float* part_ml, const int (&pr)[NQ],
                                             const int (&r)[NQ], const int (&h)[NQ], int n, int n_heads, int n_chunks,
-                                            int max_ctx, int d, __nv_bfloat16* __restrict__ out) {
+                                            int max_ctx, int window, int d, __nv_bfloat16* __restrict__ out) {
   const float2* ml = reinterpret_cast<const float2*>(part_ml);
   int64_t base[NQ];
-  int nc[NQ];
+  int nc[NQ], c0[NQ];  // chunks c0..nc-1 hold the pair's window
   float M[NQ], L[NQ], acc[NQ];
   int nc_max = 0;
 #pragma unroll
@@ -61,6 +61,7 @@ __device__ __forceinline__ void merge_pairs(const float* part_o, const float* pa
     base[i] = (static_cast<int64_t>(r[i]) * n_heads + h[i]) * n_chunks;
     nc[i] = pr[i] / CH + 1;
     if (i >= n || pr[i] < 0 || pr[i] >= max_ctx || nc[i] > n_chunks) nc[i] = 0;  // 0: NaN (past max_ctx)
+    c0[i] = attn_window_lo(pr[i] < 0 ? 0 : pr[i], window) / CH;
     nc_max = max(nc_max, nc[i]);
     M[i] = -INFINITY;
     L[i] = 0.f;
@@ -69,12 +70,12 @@ __device__ __forceinline__ void merge_pairs(const float* part_o, const float* pa
   for (int c = 0; c < nc_max; ++c) {
 #pragma unroll
     for (int i = 0; i < NQ; ++i)
-      if (c < nc[i]) M[i] = fmaxf(M[i], ml[base[i] + c].x);
+      if (c >= c0[i] && c < nc[i]) M[i] = fmaxf(M[i], ml[base[i] + c].x);
   }
   for (int c = 0; c < nc_max; ++c) {
 #pragma unroll
     for (int i = 0; i < NQ; ++i) {
-      if (c < nc[i]) {
+      if (c >= c0[i] && c < nc[i]) {
         const float2 v = ml[base[i] + c];
         const float w = exp2_fixed(v.x - M[i]);
         L[i] = __fmaf_rn(v.y, w, L[i]);
@@ -98,7 +99,7 @@ template <int HD>
 __global__ void __launch_bounds__(kThreads) attn_split_kernel(
     const __nv_bfloat16* __restrict__ q, int q_stride, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const int32_t* __restrict__ first_pos, int R, int n_heads,
-    int n_kv_heads, int rpb, int n_chunks, int max_ctx, float qscale, float* __restrict__ part_o,
+    int n_kv_heads, int rpb, int n_chunks, int max_ctx, int window, float qscale, float* __restrict__ part_o,
     float* __restrict__ part_ml, int* __restrict__ counters, __nv_bfloat16* __restrict__ out) {
   constexpr int LDK = HD + 8;  // padded smem row: conflict-free 16-byte row reads
   constexpr int NV = HD / 8;
@@ -120,8 +121,11 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
   // Positions >= max_ctx are never read (the cache may end there); rows past it get NaN from the merge.
   const int p_last = min(p0 + r_begin + nr - 1, max_ctx - 1);
   const int n_live = p_last >= 0 ? p_last / CH + 1 : 0;  // chunks 0..n_live-1 hold positions of the group
+  // With a window, chunks before c_first hold no position any row of the group attends to (its first row's lo is
+  // the smallest); block s takes the chunks c_first + s, c_first + s + S, ...
+  const int c_first = attn_window_lo(max(p0 + r_begin, 0), window) / CH;
   // Blocks of the group that take part: those with a chunk, and at least one (it writes the NaN rows).
-  const int n_part = min(static_cast<int>(gridDim.x), max(n_live, 1));
+  const int n_part = min(static_cast<int>(gridDim.x), max(n_live - c_first, 1));
   if (static_cast<int>(blockIdx.x) >= n_part) return;  // uniform per block
   const int64_t kv_row = static_cast<int64_t>(n_kv_heads) * HD;
 
@@ -135,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
     dst[1] = make_float4(f[4] * qscale, f[5] * qscale, f[6] * qscale, f[7] * qscale);
   }
 
-  for (int c = blockIdx.x; c < n_live; c += gridDim.x) {
+  for (int c = c_first + blockIdx.x; c < n_live; c += gridDim.x) {
     const int t0 = c * CH;
     const int nvalid = min(CH, p_last - t0 + 1);
 
@@ -153,8 +157,10 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
     cp_async_wait_k();
     __syncthreads();
 
-    // Scores: thread tid <-> position t0 + tid; S[qi][t] = q.k (log2 units), -inf where t > p_r.
+    // Scores: thread tid <-> position t0 + tid; S[qi][t] = q.k (log2 units), -inf where t > p_r or t is before the
+    // window: kept iff 0 <= p_r - t < wlim, one unsigned compare (a second compare here made the hd-128 kernel spill).
     {
+      const unsigned wlim = window > 0 ? static_cast<unsigned>(window) : 0x80000000u;
       const int t = tid;
       if (t < nvalid) {
         uint4 kr[NV];
@@ -180,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
             const int pr = p0 + r_begin + (qi + u) / G;
-            S[(qi + u) * CH + t] = t0 + t <= pr ? s[u] : -INFINITY;
+            S[(qi + u) * CH + t] = static_cast<unsigned>(pr - t0 - t) < wlim ? s[u] : -INFINITY;
           }
         }
         for (; qi < Q; ++qi) {
@@ -197,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
             s = __fmaf_rn(kf[6], b.z, s); s = __fmaf_rn(kf[7], b.w, s);
           }
           const int pr = p0 + r_begin + qi / G;
-          S[qi * CH + t] = t0 + t <= pr ? s : -INFINITY;
+          S[qi * CH + t] = static_cast<unsigned>(pr - t0 - t) < wlim ? s : -INFINITY;
         }
       } else {
         for (int qi = 0; qi < Q; ++qi) S[qi * CH + t] = -INFINITY;
@@ -209,7 +215,8 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
     const int warp = tid / 32, lane = tid % 32;
     for (int qi = warp; qi < Q; qi += kThreads / 32) {
       const int r = r_begin + qi / G, h = kh * G + qi % G;
-      if (t0 > p0 + r) continue;  // this chunk is past the row: no partial
+      // this chunk is past the row, or wholly before its window: no partial
+      if (t0 > p0 + r || t0 + CH <= attn_window_lo(p0 + r, window)) continue;
       float v[CH / 32];
       float m = -INFINITY;
 #pragma unroll
@@ -240,9 +247,10 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
     for (int qi = tid / NV; qi < Q; qi += QPAR) {
       const int r = r_begin + qi / G, h = kh * G + qi % G;
       const int n_r = min(nvalid, p0 + r - t0 + 1);
-      if (n_r <= 0) continue;
+      const int t_lo = max(0, attn_window_lo(p0 + r, window) - t0);  // positions before the window: no term
+      if (n_r <= 0 || t_lo >= n_r) continue;
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int t = 0; t < n_r; ++t) {
+      for (int t = t_lo; t < n_r; ++t) {
         const float p = S[qi * CH + t];
         float vf[8];
         unpack8(*reinterpret_cast<const uint4*>(Vs + t * LDK + d0), vf);
@@ -283,7 +291,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(
       pr[i] = p0 + r[i];
     }
     const int n = min(kMergeQ, (Q - qi0 + QS - 1) / QS);
-    merge_pairs<HD, kMergeQ>(part_o, part_ml, pr, r, h, n, n_heads, n_chunks, max_ctx, tid % HD, out);
+    merge_pairs<HD, kMergeQ>(part_o, part_ml, pr, r, h, n, n_heads, n_chunks, max_ctx, window, tid % HD, out);
   }
 }
 
@@ -293,19 +301,19 @@ __global__ void __launch_bounds__(HD) attn_merge_kernel(const float* __restrict_
                                                          const float* __restrict__ part_ml,
                                                          const int32_t* __restrict__ first_pos,
                                                          __nv_bfloat16* __restrict__ out, int n_heads, int n_chunks,
-                                                         int max_ctx) {
+                                                         int max_ctx, int window) {
   pdl_wait();
   pdl_launch_dependents();
   const int h[1] = {static_cast<int>(blockIdx.x)}, r[1] = {static_cast<int>(blockIdx.y)};
   const int pr[1] = {*first_pos + r[0]};
-  merge_pairs<HD, 1>(part_o, part_ml, pr, r, h, 1, n_heads, n_chunks, max_ctx, threadIdx.x, out);
+  merge_pairs<HD, 1>(part_o, part_ml, pr, r, h, 1, n_heads, n_chunks, max_ctx, window, threadIdx.x, out);
 }
 
 template <int HD>
 cudaError_t launch(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_cache,
                    const __nv_bfloat16* v_cache, const int32_t* first_pos, __nv_bfloat16* out, float* workspace,
                    int R, int n_heads, int n_kv_heads, int max_ctx, bool single_launch, cudaStream_t stream,
-                   bool pdl) {
+                   bool pdl, int window) {
   const int G = n_heads / n_kv_heads;
   const int rpb = rows_per_block(G);
   const int nr = R < rpb ? R : rpb;
@@ -326,12 +334,12 @@ cudaError_t launch(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_
   const dim3 grid(splits, n_kv_heads, row_groups);
   auto* split = &attn_split_kernel<HD>;
   const cudaError_t e = ADADECODE_LAUNCH(pdl, split, grid, dim3(kThreads), smem, stream, q, q_stride, k_cache, v_cache,
-                                         first_pos, R, n_heads, n_kv_heads, rpb, n_chunks, max_ctx, qscale, part_o,
+                                         first_pos, R, n_heads, n_kv_heads, rpb, n_chunks, max_ctx, window, qscale, part_o,
                                          part_ml, fused ? counters : nullptr, out);
   if (e != cudaSuccess || fused) return e;
   auto* merge = &attn_merge_kernel<HD>;
   return ADADECODE_LAUNCH(pdl, merge, dim3(n_heads, R), dim3(HD), 0, stream, part_o, part_ml, first_pos, out, n_heads,
-                          n_chunks, max_ctx);
+                          n_chunks, max_ctx, window);
 }
 
 }  // namespace
@@ -344,16 +352,16 @@ size_t attention_workspace_floats(int R, int n_heads, int head_dim, int max_ctx)
 cudaError_t attention(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_cache,
                       const __nv_bfloat16* v_cache, const int32_t* first_pos, __nv_bfloat16* out, float* workspace,
                       int R, int n_heads, int n_kv_heads, int head_dim, int max_ctx, cudaStream_t stream,
-                      bool single_launch, bool pdl) {
-  if (R < 1 || R > 65535 || n_kv_heads < 1 || n_heads < n_kv_heads || n_heads % n_kv_heads != 0 || max_ctx < 1 ||
+                      bool single_launch, bool pdl, int window) {
+  if (R < 1 || R > 65535 || window < 0 || n_kv_heads < 1 || n_heads < n_kv_heads || n_heads % n_kv_heads != 0 || max_ctx < 1 ||
       q_stride % 8 != 0 || q_stride < n_heads * head_dim)
     return cudaErrorInvalidValue;
   if (n_heads / n_kv_heads > kMaxQ) return cudaErrorInvalidValue;
   if (!aligned16(q) || !aligned16(k_cache) || !aligned16(v_cache) || !aligned16(workspace))
     return cudaErrorInvalidValue;
   switch (head_dim) {
-    case 64: return launch<64>(q, q_stride, k_cache, v_cache, first_pos, out, workspace, R, n_heads, n_kv_heads, max_ctx, single_launch, stream, pdl);
-    case 128: return launch<128>(q, q_stride, k_cache, v_cache, first_pos, out, workspace, R, n_heads, n_kv_heads, max_ctx, single_launch, stream, pdl);
+    case 64: return launch<64>(q, q_stride, k_cache, v_cache, first_pos, out, workspace, R, n_heads, n_kv_heads, max_ctx, single_launch, stream, pdl, window);
+    case 128: return launch<128>(q, q_stride, k_cache, v_cache, first_pos, out, workspace, R, n_heads, n_kv_heads, max_ctx, single_launch, stream, pdl, window);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -30,6 +30,11 @@
 // counters first (at the same place for every R and max_ctx, so launches of any shape may share one buffer),
 // then the partials. Contract: the counters are zero before the first launch (allocate the workspace zeroed)
 // and every launch leaves them zero; nothing else may write there. The partials need no initialisation.
+//
+// Sliding window (window > 0; Mistral, Qwen2): row r attends to lo_r = max(0, p_r - window + 1)..p_r only. The
+// positions before lo_r are masked to -inf like those past p_r (and have no P.V term), a chunk wholly before lo_r
+// has no partial, and the merge walks the chunks lo_r/128..p_r/128; the blocks of a row group start at the chunk of
+// its first row's lo (computed on the device from *first_pos: graphs stay reusable as the window slides).
 #pragma once
 #include "common.cuh"
 
@@ -44,6 +49,11 @@ size_t attention_workspace_floats(int R, int n_heads, int head_dim, int max_ctx)
 cudaError_t attention(const __nv_bfloat16* q, int q_stride, const __nv_bfloat16* k_cache,
                       const __nv_bfloat16* v_cache, const int32_t* first_pos, __nv_bfloat16* out, float* workspace,
                       int R, int n_heads, int n_kv_heads, int head_dim, int max_ctx, cudaStream_t stream,
-                      bool single_launch = true, bool pdl = false);
+                      bool single_launch = true, bool pdl = false, int window = 0);
+
+// The first position a row at position p attends to (window 0: full attention).
+ADA_HD int attn_window_lo(int p, int window) {  // ADA_HD: fixed_math.h (host and device; plain inline for g++)
+  return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+}
 
 }  // namespace adadecode

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) gemm_tc_kernel(const __nv_bfloat16* 
                                                            const __nv_bfloat16* __restrict__ w,
                                                            const __nv_bfloat16* __restrict__ w_up,
                                                            const __nv_bfloat16* residual, __nv_bfloat16* out, int M,
-                                                           int N, int K) {
+                                                           int N, int K, const __nv_bfloat16* __restrict__ bias) {
 #if !ADA_TC_OK
   __trap();
 #else
@@ -136,7 +136,8 @@ __global__ void __launch_bounds__(kThreads) gemm_tc_kernel(const __nv_bfloat16* 
             const float g = bf16_round(sc0[er * 16 + ec + e]), u = bf16_round(sc1[er * 16 + ec + e]);
             y = bf16_round(silu(g)) * u;
           } else {
-            y = bf16_round(sc0[er * 16 + ec + e]);
+            const float acc = sc0[er * 16 + ec + e];
+            y = bf16_round(bias ? __fadd_rn(acc, __bfloat162float(bias[gn])) : acc);
             if (residual) y = __bfloat162float(residual[o]) + y;
           }
           out[o] = __float2bfloat16_rn(y);
@@ -151,24 +152,26 @@ __global__ void __launch_bounds__(kThreads) gemm_tc_kernel(const __nv_bfloat16* 
 }  // namespace
 
 cudaError_t gemm_tc(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* w_up,
-                    const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K, cudaStream_t stream) {
-  if (M < 1 || N < 1 || K < 8 || K % 8 != 0 || (w_up && residual)) return cudaErrorInvalidValue;
+                    const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K, cudaStream_t stream,
+                    const __nv_bfloat16* bias) {
+  if (M < 1 || N < 1 || K < 8 || K % 8 != 0 || (w_up && residual) || (w_up && bias)) return cudaErrorInvalidValue;
   if (!aligned16(x) || !aligned16(w) || (w_up && !aligned16(w_up))) return cudaErrorInvalidValue;
   if (M > 65535 * BM) return cudaErrorInvalidValue;
   if (w_up) {
     const dim3 grid((N + BN / 2 - 1) / (BN / 2), (M + BM - 1) / BM);
-    gemm_tc_kernel<true><<<grid, kThreads, 0, stream>>>(x, w, w_up, nullptr, out, M, N, K);
+    gemm_tc_kernel<true><<<grid, kThreads, 0, stream>>>(x, w, w_up, nullptr, out, M, N, K, nullptr);
   } else {
     const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
-    gemm_tc_kernel<false><<<grid, kThreads, 0, stream>>>(x, w, nullptr, residual, out, M, N, K);
+    gemm_tc_kernel<false><<<grid, kThreads, 0, stream>>>(x, w, nullptr, residual, out, M, N, K, bias);
   }
   return launch_status();
 }
 
 cudaError_t linear(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* w_up,
-                   const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K, cudaStream_t stream) {
-  if (M <= 16) return skinny_gemm(x, w, w_up, residual, out, M, N, K, stream);
-  return gemm_tc(x, w, w_up, residual, out, M, N, K, stream);
+                   const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K, cudaStream_t stream,
+                   const __nv_bfloat16* bias) {
+  if (M <= 16) return skinny_gemm(XRows{x}, RowNorm{}, w, w_up, residual, out, M, N, K, stream, false, bias);
+  return gemm_tc(x, w, w_up, residual, out, M, N, K, stream, bias);
 }
 
 }  // namespace adadecode

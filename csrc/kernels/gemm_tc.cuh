@@ -4,6 +4,7 @@
 //   out = epilogue(x W^T) with the same three epilogues as skinny_gemm (skinny_gemm.cuh):
 //   plain, residual add (residual may alias out), silu(x Wg^T) * (x Wu^T) fused (w_up != nullptr).
 //   Rounding follows HF bf16: the GEMM result is rounded to bf16 before the residual add / silu / product.
+//   bias (optional, [N] bf16, not with w_up): bf16(acc + b[n]) instead of bf16(acc) (skinny_gemm's rule).
 //
 // Shapes: x [M, K] bf16 row-major; W, W_up [N, K] bf16 row-major; residual, out [M, N] bf16 row-major.
 // Constraints: K % 8 == 0; x, W, W_up 16-byte aligned. Any M >= 1, any N >= 1.
@@ -19,9 +20,11 @@
 namespace adadecode {
 
 cudaError_t gemm_tc(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* w_up,
-                    const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K, cudaStream_t stream);
+                    const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K, cudaStream_t stream,
+                    const __nv_bfloat16* bias = nullptr);
 
 cudaError_t linear(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* w_up,
-                   const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K, cudaStream_t stream);
+                   const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K, cudaStream_t stream,
+                   const __nv_bfloat16* bias = nullptr);
 
 }  // namespace adadecode

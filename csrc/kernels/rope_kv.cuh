@@ -17,7 +17,11 @@
 // first_pos: device int32 (so a captured CUDA graph replays at new positions).
 // Constraints: hd % 16 == 0, all pointers 16-byte aligned. A row with p_r outside 0..max_seq-1 writes nothing
 // to the caches and sets its q to NaN (visible, never out of bounds).
-// Elementwise per row: trivially batch invariant.
+// q_norm, k_norm (optional, both or neither, [hd] bf16; Qwen3): each q and k head is RMS-normalised over its hd
+// values before the rotation, x <- norm_elem(x, inv, g) with inv = warp_row_inv_rms(head, hd, eps)
+// (rmsnorm_core.cuh: the one order of every RMSNorm here; the CPU engine's too). One warp per head computes inv
+// first, then the rotation reads the normed values: n_heads + n_kv_heads <= kRopeMaxNormHeads.
+// Per row and per head: trivially batch invariant.
 #pragma once
 #include "common.cuh"
 
@@ -25,6 +29,9 @@ namespace adadecode {
 
 cudaError_t rope_append_kv(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const float* cos_tab,
                            const float* sin_tab, const int32_t* first_pos, int R, int n_heads, int n_kv_heads,
-                           int head_dim, int max_seq, cudaStream_t stream);
+                           int head_dim, int max_seq, cudaStream_t stream, const __nv_bfloat16* q_norm = nullptr,
+                           const __nv_bfloat16* k_norm = nullptr, float eps = 0.f);
+
+constexpr int kRopeMaxNormHeads = 512;
 
 }  // namespace adadecode

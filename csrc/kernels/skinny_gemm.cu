@@ -14,7 +14,7 @@ template <int RB, int NMAT>
 __global__ void __launch_bounds__(256) skinny_gemm_kernel(XRows x, RowNorm norm, const __nv_bfloat16* __restrict__ w,
                                                           const __nv_bfloat16* __restrict__ w_up,
                                                           const __nv_bfloat16* residual, __nv_bfloat16* out, int R,
-                                                          int N, int K) {
+                                                          int N, int K, const __nv_bfloat16* __restrict__ bias) {
   constexpr int CPM = kCols / NMAT;  // output columns per block
   __shared__ float red[kSkinnyMaxWarps * RB * kCols];
   __shared__ float res[RB * kCols];
@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(256) skinny_gemm_kernel(XRows x, RowNorm norm,
       const float g = bf16_round(res[r * kCols + c]), u = bf16_round(res[r * kCols + CPM + c]);
       y = bf16_round(silu(g)) * u;
     } else {
-      y = bf16_round(res[r * kCols + c]);
+      const float acc = res[r * kCols + c];
+      y = bf16_round(bias ? __fadd_rn(acc, __bfloat162float(bias[n])) : acc);
       if (residual) y = __bfloat162float(residual[o]) + y;
     }
     out[o] = __float2bfloat16_rn(y);
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(256) skinny_qkv_rope_kernel(
     XRows x, RowNorm norm, const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ qkv_out,
     __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache, const float* __restrict__ cos_tab,
     const float* __restrict__ sin_tab, const int32_t* __restrict__ first_pos, int R, int K, int n_heads,
-    int n_kv_heads, int hd, int max_seq) {
+    int n_kv_heads, int hd, int max_seq, const __nv_bfloat16* __restrict__ bias) {
   __shared__ float red[kSkinnyMaxWarps * RB * kCols];
   __shared__ float res[RB * kCols];
   __shared__ float inv[RB];
@@ -81,7 +82,8 @@ __global__ void __launch_bounds__(256) skinny_qkv_rope_kernel(
     const bool ok = pos >= 0 && pos < max_seq;
     float y[kCols];
 #pragma unroll
-    for (int s = 0; s < kCols; ++s) y[s] = bf16_round(res[r * kCols + s]);  // the GEMM's bf16 output
+    for (int s = 0; s < kCols; ++s)  // the GEMM's bf16 output (skinny_gemm_kernel's plain epilogue, bias and all)
+      y[s] = bf16_round(bias ? __fadd_rn(res[r * kCols + s], __bfloat162float(bias[col[s]])) : res[r * kCols + s]);
     if (!rot) {
       if (ok)
         for (int s = 0; s < kCols; ++s)
@@ -109,33 +111,35 @@ __global__ void __launch_bounds__(256) skinny_qkv_rope_kernel(
 template <int RB>
 cudaError_t launch_rb(XRows x, RowNorm norm, const __nv_bfloat16* w, const __nv_bfloat16* w_up,
                       const __nv_bfloat16* residual, __nv_bfloat16* out, int R, int N, int K, cudaStream_t stream,
-                      bool pdl) {
+                      bool pdl, const __nv_bfloat16* bias) {
   const int threads = skinny_threads(K);
+  const __nv_bfloat16* no_bias = nullptr;
   if (w_up) {
     auto* k = &skinny_gemm_kernel<RB, 2>;
     return ADADECODE_LAUNCH(pdl, k, dim3((N + kCols / 2 - 1) / (kCols / 2)), dim3(threads), 0, stream, x, norm, w, w_up,
-                            nullptr, out, R, N, K);
+                            nullptr, out, R, N, K, no_bias);
   }
   auto* k = &skinny_gemm_kernel<RB, 1>;
   return ADADECODE_LAUNCH(pdl, k, dim3((N + kCols - 1) / kCols), dim3(threads), 0, stream, x, norm, w, nullptr,
-                          residual, out, R, N, K);
+                          residual, out, R, N, K, bias);
 }
 
 }  // namespace
 
 cudaError_t skinny_gemm(XRows x, RowNorm norm, const __nv_bfloat16* w, const __nv_bfloat16* w_up,
                         const __nv_bfloat16* residual, __nv_bfloat16* out, int R, int N, int K, cudaStream_t stream,
-                        bool pdl) {
-  if (R < 1 || R > kSkinnyMaxRows || N < 1 || K < 8 || K % 8 != 0 || (w_up && residual) || !x.holds(R))
+                        bool pdl, const __nv_bfloat16* bias) {
+  if (R < 1 || R > kSkinnyMaxRows || N < 1 || K < 8 || K % 8 != 0 || (w_up && residual) || (w_up && bias) ||
+      !x.holds(R))
     return cudaErrorInvalidValue;
   if (!aligned16(x.base) || !aligned16(w) || (w_up && !aligned16(w_up)) || (norm.weight && !aligned16(norm.weight)))
     return cudaErrorInvalidValue;
   switch (skinny_bucket(R)) {
-    case 1: return launch_rb<1>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl);
-    case 2: return launch_rb<2>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl);
-    case 4: return launch_rb<4>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl);
-    case 8: return launch_rb<8>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl);
-    default: return launch_rb<16>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl);
+    case 1: return launch_rb<1>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl, bias);
+    case 2: return launch_rb<2>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl, bias);
+    case 4: return launch_rb<4>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl, bias);
+    case 8: return launch_rb<8>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl, bias);
+    default: return launch_rb<16>(x, norm, w, w_up, residual, out, R, N, K, stream, pdl, bias);
   }
 }
 
@@ -147,7 +151,8 @@ cudaError_t skinny_gemm(const __nv_bfloat16* x, const __nv_bfloat16* w, const __
 cudaError_t skinny_qkv_rope(XRows x, RowNorm norm, const __nv_bfloat16* wqkv, __nv_bfloat16* qkv_out,
                             __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const float* cos_tab,
                             const float* sin_tab, const int32_t* first_pos, int R, int d, int n_heads,
-                            int n_kv_heads, int head_dim, int max_seq, cudaStream_t stream, bool pdl) {
+                            int n_kv_heads, int head_dim, int max_seq, cudaStream_t stream, bool pdl,
+                            const __nv_bfloat16* bias) {
   if (R < 1 || R > kSkinnyMaxRows || d < 8 || d % 8 != 0 || n_heads < 1 || n_kv_heads < 1 || head_dim < 16 ||
       head_dim % 16 != 0 || max_seq < 1 || !x.holds(R))
     return cudaErrorInvalidValue;
@@ -159,7 +164,7 @@ cudaError_t skinny_qkv_rope(XRows x, RowNorm norm, const __nv_bfloat16* wqkv, __
   auto* k = rb == 1 ? &skinny_qkv_rope_kernel<1> : rb == 2 ? &skinny_qkv_rope_kernel<2> : rb == 4 ? &skinny_qkv_rope_kernel<4>
           : rb == 8 ? &skinny_qkv_rope_kernel<8> : &skinny_qkv_rope_kernel<16>;
   return ADADECODE_LAUNCH(pdl, k, grid, block, 0, stream, x, norm, wqkv, qkv_out, k_cache, v_cache, cos_tab, sin_tab,
-                          first_pos, R, d, n_heads, n_kv_heads, head_dim, max_seq);
+                          first_pos, R, d, n_heads, n_kv_heads, head_dim, max_seq, bias);
 }
 
 }  // namespace adadecode

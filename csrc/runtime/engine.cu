@@ -131,6 +131,10 @@ Engine::Engine(const ModelDims& dims, WeightPtrs weights, int max_seq, int max_r
     bad("model dimensions must be positive");
   if (m.d % 8 != 0) bad("hidden size " + std::to_string(m.d) + " must be a multiple of 8");
   if (m.ffn % 8 != 0) bad("intermediate size " + std::to_string(m.ffn) + " must be a multiple of 8");
+  if (m.window < 0) bad("sliding_window " + std::to_string(m.window) + " must be >= 1 (0: full attention)");
+  if (m.qk_norm && m.n_heads + m.n_kv_heads > adadecode::kRopeMaxNormHeads)
+    bad("qk_norm with " + std::to_string(m.n_heads + m.n_kv_heads) + " q + kv heads: at most " +
+        std::to_string(adadecode::kRopeMaxNormHeads));
   if (m.head_dim != 64 && m.head_dim != 128) bad("head_dim " + std::to_string(m.head_dim) + " is not 64 or 128");
   if (m.n_heads % m.n_kv_heads != 0 || m.n_heads / m.n_kv_heads > 128)
     bad("n_heads " + std::to_string(m.n_heads) + " must be a multiple (at most 128x) of n_kv_heads " +
@@ -160,6 +164,8 @@ Engine::Engine(const ModelDims& dims, WeightPtrs weights, int max_seq, int max_r
     need(L.mlp_norm, p + "mlp_norm");
     need(L.w_gate, p + "w_gate");
     need(L.w_up, p + "w_up");
+    if (m.qkv_bias) need(L.bqkv, p + "bqkv (qkv_bias is set)");
+    if (m.qk_norm) need(L.q_norm, p + "q_norm (qk_norm is set)"), need(L.k_norm, p + "k_norm (qk_norm is set)");
     need(L.w_down, p + "w_down");
   }
   qkv_n_ = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim;
@@ -293,14 +299,23 @@ void Engine::enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int m
   const bool fused = fused_ && R <= kMaxRows;
   for (int l = l0; l < l1; ++l) {
     const LayerPtrs& L = w_.layers[l];
-    if (fused) {
+    const bf16* bias = m.qkv_bias ? L.bqkv : nullptr;
+    const bf16* qn_w = m.qk_norm ? L.q_norm : nullptr;
+    const bf16* kn_w = m.qk_norm ? L.k_norm : nullptr;
+    if (fused && !m.qk_norm) {
       RT_CHECK(adadecode::skinny_qkv_rope(adadecode::XRows{hw_}, adadecode::RowNorm{L.attn_norm, m.eps}, L.wqkv, qkv_,
                                           k_cache(l), v_cache(l), w_.cos, w_.sin, pos, R, d, H, Hkv, hd, max_seq_, s,
-                                          pdl_));
+                                          pdl_, bias));
+    } else if (fused) {  // Qwen3: the head norms need whole heads, which the fused QKV kernel's blocks do not own
+      RT_CHECK(adadecode::skinny_gemm(adadecode::XRows{hw_}, adadecode::RowNorm{L.attn_norm, m.eps}, L.wqkv, nullptr,
+                                      nullptr, qkv_, R, qkv_n_, d, s, pdl_, bias));
+      RT_CHECK(adadecode::rope_append_kv(qkv_, k_cache(l), v_cache(l), w_.cos, w_.sin, pos, R, H, Hkv, hd, max_seq_, s,
+                                         qn_w, kn_w, m.eps));
     } else {
       RT_CHECK(adadecode::add_rmsnorm(hw_, nullptr, L.attn_norm, xn_, R, d, m.eps, s));
-      RT_CHECK(adadecode::linear(xn_, L.wqkv, nullptr, nullptr, qkv_, R, qkv_n_, d, s));
-      RT_CHECK(adadecode::rope_append_kv(qkv_, k_cache(l), v_cache(l), w_.cos, w_.sin, pos, R, H, Hkv, hd, max_seq_, s));
+      RT_CHECK(adadecode::linear(xn_, L.wqkv, nullptr, nullptr, qkv_, R, qkv_n_, d, s, bias));
+      RT_CHECK(adadecode::rope_append_kv(qkv_, k_cache(l), v_cache(l), w_.cos, w_.sin, pos, R, H, Hkv, hd, max_seq_, s,
+                                         qn_w, kn_w, m.eps));
     }
     // Rows [r0, r0 + n) per attention launch, n bounded by the workspace (decode: all R rows in one launch).
     for (int r0 = 0; r0 < R;) {
@@ -311,7 +326,7 @@ void Engine::enqueue_layer_body(int R, int l0, int l1, const int32_t* pos, int m
       if (pos == d_pos_ && n != R) throw std::logic_error("CUDA engine: decode attention would split its rows");
       RT_CHECK(adadecode::attention(qkv_ + static_cast<size_t>(r0) * qkv_n_, qkv_n_, k_cache(l), v_cache(l), pos + r0,
                                     attn_ + static_cast<size_t>(r0) * qn, attn_ws_, n, H, Hkv, hd, max_ctx, s,
-                                    /*single_launch=*/fused, /*pdl=*/fused && pdl_));
+                                    /*single_launch=*/fused, /*pdl=*/fused && pdl_, m.window));
       r0 += n;
     }
     if (fused) {

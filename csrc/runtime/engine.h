@@ -15,8 +15,11 @@
 // final scatter back into the ring. final(first, last) and head(pos, i) launch eagerly (their few kernels read
 // the ring slots in place, by value) and end with one device-to-host copy of (token, max_prob) into pinned memory.
 //
-// Fused (default): a decode layer is 5 launches (QKV with the norm, RoPE and K/V append; attention; o_proj with the
-// residual add; gate/up with the norm; down with the residual add), the final step 2 (norm + LM head, merge), each
+// Fused (default): a decode layer is 5 launches (QKV with the norm, bias, RoPE and K/V append; attention; o_proj with
+// the residual add; gate/up with the norm; down with the residual add), 6 with Qwen3's q/k head norms (the QKV GEMM
+// with the norm and bias, then the head norms + RoPE + K/V append in rope_append_kv: the fused QKV kernel's blocks
+// own 2 rotation pairs of a head, and a head's norm needs its whole sum of squares first), the final step 2 (norm +
+// LM head, merge), each
 // bit for bit the unfused launches it replaces; set_fused(false) runs those (the reference of the tests). On sm_90+
 // the fused launches are programmatic dependents (PDL): each kernel's weight prefetch overlaps its predecessor.
 #pragma once
@@ -43,9 +46,14 @@ struct OutOfMemory : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// head_dim is its own field (n_heads * head_dim need not be d: Qwen3). window > 0: a sliding window, row p attends to
+// max(0, p - window + 1)..p (attention.cuh); 0: full attention. qkv_bias / qk_norm: every layer has the biases /
+// the q and k head norms (LayerPtrs).
 struct ModelDims {
   int n_layers = 0, d = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, vocab = 0;
   float eps = 1e-5f;
+  int window = 0;
+  bool qkv_bias = false, qk_norm = false;
 };
 
 // Non-owning device pointers, all bf16 row-major in the HF [out, in] layout, 16-byte aligned.
@@ -57,6 +65,9 @@ struct LayerPtrs {
   const bf16* w_gate = nullptr;     // [ffn, d]
   const bf16* w_up = nullptr;       // [ffn, d]
   const bf16* w_down = nullptr;     // [d, ffn]
+  const bf16* bqkv = nullptr;       // [(H + 2 Hkv) hd] (bq; bk; bv) when dims.qkv_bias (Qwen2)
+  const bf16* q_norm = nullptr;     // [hd] when dims.qk_norm (Qwen3)
+  const bf16* k_norm = nullptr;     // [hd] when dims.qk_norm
 };
 
 struct WeightPtrs {
