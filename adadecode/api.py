@@ -109,6 +109,21 @@ class TextStream:
         return out
 
 
+def check_messages(messages) -> list[dict]:
+    """Chat messages as the template needs them: a non-empty list of {"role": str, "content": str} (the server's
+    request model checks the same; a template handed an int content fails inside jinja2 otherwise)."""
+    from .model.tokenizer import check_text
+
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} objects, got {messages!r:.80}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string 'role', got {m!r:.80}")
+        check_text(m.get("content"), f"messages[{i}].content")
+        check_text(m["role"], f"messages[{i}].role")
+    return list(messages)
+
+
 @dataclasses.dataclass
 class _Request:
     prompt: list[int]
@@ -200,9 +215,12 @@ class LLM:
         if tok is None:
             raise ValueError(f"{self.model.source} has no tokenizer.json; cannot encode a text prompt")
         if messages is not None:
-            return tok.encode_messages(list(messages))
+            return tok.encode_messages(check_messages(messages))
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        from .model.tokenizer import check_text
+
+        check_text(prompt, "prompt")  # here, not after the chat template: the position is the caller's
         if prompt == "":
             raise ValueError("empty prompt: give at least one character")
         return tok.encode_chat(prompt) if chat else tok.encode(prompt)

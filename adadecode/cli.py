@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         if args.command == "serve":
             return _serve(args)
         return _generate(args)
-    except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, MemoryError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

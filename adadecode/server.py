@@ -190,6 +190,61 @@ class _EngineStream(StreamingResponse):
             await self.release()
 
 
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+
+
+class BodyLimit:
+    """ASGI wrapper: a POST body over `limit` bytes gets a 413 before any of it is parsed (by Content-Length, or
+    counted as it arrives), so a huge request costs neither the event loop's time nor the server's memory."""
+
+    DRAIN = 256 * 2**20
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, receive, send, size: str, drain: bool) -> None:
+        # read the rest (kept nowhere) before answering: a client still sending when the connection closes gets a
+        # reset instead of the 413; past DRAIN bytes, the connection is closed on it
+        received = 0
+        while drain and received <= self.DRAIN:
+            msg = await receive()
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                break
+            received += len(msg.get("body", b""))
+        body = json.dumps({"error": {"message": f"the request body is {size} bytes, over this server's limit of "
+                                                f"{self.limit} bytes (--max-request-bytes)",
+                                     "type": "invalid_request_error", "param": None, "code": "request_too_large"}})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(receive, send, length.decode(), drain=int(length) <= self.DRAIN)
+        chunks, total = [], 0
+        while True:  # read (and bound) the whole body here; the app then reads it from memory
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client went away before its body arrived
+            chunk = msg.get("body", b"")
+            total += len(chunk)
+            if total > self.limit:
+                return await self._refuse(receive, send, f"more than {self.limit}", drain=msg.get("more_body", False))
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        del chunks
+
+        async def replay():
+            return pending.pop() if pending else await receive()  # then: the client's disconnect, as before
+
+        return await self.app(scope, replay, send)
+
+
 def _finite(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -208,12 +263,19 @@ class Server:
     def __init__(self, llm: LLM, model_name: str, defaults: dict | None = None):
         self.llm, self.model_name, self.defaults = llm, model_name, dict(defaults or {})
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adadecode-engine")
+        # tokenising and checking a request takes time in proportion to its prompt: on its own threads, never on the
+        # event loop (health checks and streams go on meanwhile); two: a long prompt does not hold up a short one
+        self.preparer = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="adadecode-prepare")
         self.lock = asyncio.Lock()
         self.active: _Job | None = None  # the job on the engine
         self.waiting = 0  # requests waiting for the engine
         self.created = int(time.time())
+        self._longest: int | None = None  # the vocabulary's longest token, in characters
 
     # -- request -> LLM request
+    async def prepare_async(self, body: _Common, prompt=None, messages=None):
+        return await asyncio.get_running_loop().run_in_executor(self.preparer, self.prepare, body, prompt, messages)
+
     def prepare(self, body: _Common, prompt=None, messages=None):
         if body.model != self.model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
@@ -227,6 +289,7 @@ class Server:
             if v is not None:
                 extra[k] = v
         try:
+            self._bound(prompt, messages)
             ids = self.llm.encode(prompt, messages=messages)
             max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
             if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
@@ -241,6 +304,22 @@ class Server:
             param = next((p for p in names if re.search(rf"\b{p}\b", msg)), None)
             param = "max_tokens" if param == "max_new_tokens" else param
             raise ApiError(400, msg, param=param, code=code) from None
+
+    def _bound(self, prompt, messages) -> None:
+        """Refuse text that cannot fit in the context before tokenising it: no token of this vocabulary covers more
+        than `longest` characters (a normaliser may compose a few into one: the factor 4), so longer text cannot be
+        under max_context tokens. Tokenising megabytes only to refuse them costs seconds and leaves the
+        allocator's memory high."""
+        tok = self.llm.tokenizer
+        if tok is None:
+            return
+        if self._longest is None:
+            self._longest = max(len(t) for t in tok.tok.get_vocab(with_added_tokens=True))
+        texts = [prompt] if isinstance(prompt, str) else [str(m.get("content") or "") for m in messages or ()]
+        chars = sum(len(t) for t in texts)
+        if chars > 4 * self._longest * self.llm.max_context:
+            raise ValueError(f"prompt of {chars} characters is longer than the context can hold "
+                             f"(max_seq={self.llm.max_context} tokens)")
 
     # -- decoding
     async def complete(self, request: Request, req, chat: bool, body: _Common):
@@ -388,8 +467,10 @@ def _completion_prompt(body: CompletionRequest):
     return p
 
 
-def create_app(llm: LLM, model_name: str, defaults: dict | None = None) -> FastAPI:
-    """The ASGI app serving `llm` as `model_name`; `defaults`: method options for requests that give none."""
+def create_app(llm: LLM, model_name: str, defaults: dict | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+    """The ASGI app serving `llm` as `model_name`; `defaults`: method options for requests that give none; a POST
+    body over `max_request_bytes` is a 413."""
     server = Server(llm, model_name, defaults)
 
     @contextlib.asynccontextmanager
@@ -398,6 +479,7 @@ def create_app(llm: LLM, model_name: str, defaults: dict | None = None) -> FastA
         if server.active is not None:  # shutting down: stop the generation so that its thread ends now
             server.active.cancel.set()
         server.executor.shutdown(wait=False)
+        server.preparer.shutdown(wait=False)
 
     app = FastAPI(title="adadecode", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
@@ -414,6 +496,16 @@ def create_app(llm: LLM, model_name: str, defaults: dict | None = None) -> FastA
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         return error_response(400, f"{'.'.join(loc) or 'body'}: {err.get('msg')}", param=loc[0] if loc else None)
 
+    @app.exception_handler(RecursionError)
+    async def _nested(request, e: RecursionError):  # json.loads of a body nested thousands deep
+        return error_response(400, "the request body is nested too deeply to parse")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):  # a bug: still OpenAI's error object, not a plain-text 500
+        log.exception("unexpected error")
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", type_="server_error",
+                              code="internal_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail))
@@ -429,21 +521,25 @@ def create_app(llm: LLM, model_name: str, defaults: dict | None = None) -> FastA
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        req = server.prepare(body, prompt=_completion_prompt(body))
+        req = await server.prepare_async(body, prompt=_completion_prompt(body))
         return await server.complete(request, req, chat=False, body=body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        req = server.prepare(body, messages=_chat_messages(body))
+        req = await server.prepare_async(body, messages=_chat_messages(body))
         return await server.complete(request, req, chat=True, body=body)
 
-    return app
+    limited = BodyLimit(app, max_request_bytes)
+    limited.state = app.state  # what the tests and main reach through the wrapper
+    return limited
 
 
 def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model as given)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="a request body over this many bytes is refused with a 413 before it is parsed (default 4 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -453,7 +549,9 @@ def main(args, llm: LLM) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(name)s: %(message)s")
     engine = llm.engine  # build it now: errors before serving, no wait on the first request
     defaults = {k: getattr(args, k) for k in ("method", "gamma", "max_pending", "k", "head_layer")}
-    app = create_app(llm, args.served_model_name or args.model, defaults)
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    app = create_app(llm, args.served_model_name or args.model, defaults, max_request_bytes=args.max_request_bytes)
     log.info("serving %s as %r on engine %s (max_seq %d), methods %s", llm.model.source,
              args.served_model_name or args.model, engine.name, llm.max_context,
              ", ".join(m for m in METHODS if m == "vanilla" or llm.heads))

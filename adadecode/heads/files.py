@@ -120,24 +120,31 @@ def load_heads(spec, model) -> tuple[list[Head], dict]:
             meta[k] = json.loads(v)
         except (json.JSONDecodeError, TypeError):
             meta[k] = v
-    try:
-        layers = [int(l) for l in meta["layers"]]
-        gamma = float(meta["gamma"])
-    except (TypeError, ValueError):
-        raise HeadFileError(f"{path}: metadata 'layers' / 'gamma' are not a list of ints / a number "
-                            f"({md['layers']!r}, {md['gamma']!r})") from None
+    layers, gamma = meta["layers"], meta["gamma"]
+    # ints and numbers as JSON wrote them: int() would read a layer 8.7 as 8, and float("nan") passes as a string
+    if not isinstance(layers, list) or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers):
+        raise HeadFileError(f"{path}: metadata 'layers' is {md['layers']!r}; expected a list of layer numbers (integers)")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise HeadFileError(f"{path}: metadata 'gamma' is {md['gamma']!r}; expected a number")
+    gamma = float(gamma)
     cfg = model.cfg
-    if not 0 < gamma <= 1:
+    if not 0 < gamma <= 1:  # NaN fails this too
         raise HeadFileError(f"{path}: metadata 'gamma' is {gamma}, expected a probability in (0, 1]")
     if "gammas" in meta:  # optional: one gamma per head (tuned by the simulator)
         g = meta["gammas"]
-        if not isinstance(g, list) or len(g) != len(layers) or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in g):
+        if not isinstance(g, list) or len(g) != len(layers) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in g):
             raise HeadFileError(f"{path}: metadata 'gammas' is {md['gammas']!r}, expected {len(layers)} probabilities in (0, 1]")
         meta["gammas"] = [float(v) for v in g]
+    known = {f"head.{i}.{part}" for i in range(len(layers)) for part in ("T", "vocab", "w_rest")}
+    extra = sorted(set(tensors) - known)
+    if extra:  # e.g. metadata naming fewer heads than the file holds: the rest would be dropped silently
+        raise HeadFileError(f"{path}: tensors {extra[:3]} are not among the {len(layers)} heads the metadata names")
     heads = []
     for i, layer in enumerate(layers):
         if not 1 <= layer < cfg.n_layers:
             raise HeadFileError(f"{path}: head {i} sits at layer {layer}; the model has layers 1..{cfg.n_layers - 1}")
+        if i and layer <= layers[i - 1]:
+            raise HeadFileError(f"{path}: metadata 'layers' is {layers}; expected distinct layers in ascending order")
         T = tensors.get(f"head.{i}.T")
         if T is None:
             raise HeadFileError(f"{path}: tensor 'head.{i}.T' is missing (metadata names {len(layers)} heads)")
@@ -147,6 +154,8 @@ def load_heads(spec, model) -> tuple[list[Head], dict]:
         if (vocab is None) != (w_rest is None):
             raise HeadFileError(f"{path}: head {i} has only one of 'head.{i}.vocab' and 'head.{i}.w_rest'")
         if vocab is not None:
+            if vocab.is_floating_point():
+                raise HeadFileError(f"{path}: 'head.{i}.vocab' has dtype {vocab.dtype}; expected integer token ids")
             vocab = vocab.long()
             if vocab.ndim != 1 or vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= cfg.vocab_size \
                     or bool((vocab[1:] <= vocab[:-1]).any()):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,57 @@ FAMILY_DEFAULTS = {"llama": {"max_position_embeddings": 2048}, "mistral": {"max_
                                                                           "head_dim": 128}}
 # What transformers uses when a config names no theta anywhere (RotaryEmbeddingConfigMixin.default_theta).
 DEFAULT_ROPE_THETA = 10000.0
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from one of the checkpoint's files; its errors name the file (the parser's alone do not)."""
+    try:
+        value = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{file}: is a JSON {type(value).__name__}; expected an object of fields")
+    return value
+
+
+def read_int(cfg: dict[str, Any], field: str, bad, default: Any = None, minimum: int = 1) -> int | None:
+    """cfg[field] as an int >= minimum; a string, float or bool is refused, not converted: "3" and 3.0 are
+    what a damaged or hand-edited config writes, and int() would silently read 3.7 as 3."""
+    value = cfg.get(field)
+    value = default if value is None else value  # null: transformers' default, as for an absent field
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise bad(field, f"is {value!r}; expected an integer >= {minimum}")
+    return value
+
+
+def read_float(cfg: dict[str, Any], field: str, bad, default: float) -> float:
+    """cfg[field] as a finite number > 0 (an eps or a theta: 0, negative or NaN would give non-finite logits)."""
+    value = cfg.get(field)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+        raise bad(field, f"is {value!r}; expected a finite number > 0")
+    return float(value)
+
+
+def read_bool(cfg: dict[str, Any], field: str, bad, default: bool) -> bool:
+    """cfg[field] as a JSON boolean; the string "false" would read as true."""
+    value = cfg.get(field)
+    value = default if value is None else value
+    if not isinstance(value, bool):
+        raise bad(field, f"is {value!r}; expected true or false")
+    return value
+
+
+def read_token_ids(value: Any, field: str, bad) -> tuple[int, ...]:
+    """A token id or a list of them (HF's eos_token_id) -> a tuple; null -> ()."""
+    if value is None:
+        return ()
+    ids = value if isinstance(value, list) else [value]
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise bad(field, f"is {value!r}; expected a token id or a list of token ids (integers >= 0)")
+    return tuple(ids)
 
 
 def read_rope(cfg: dict[str, Any], bad) -> tuple[float, dict | None]:
@@ -65,7 +117,7 @@ def read_rope(cfg: dict[str, Any], bad) -> tuple[float, dict | None]:
             raise bad(field, f"holds per-layer-type settings {nested}; one RoPE for all layers is supported")
         kinds = [params[k] for k in ("rope_type", "type") if k in params] or ["default"]  # `type`: oldest name
         for kind in kinds:
-            if kind not in ROPE_TYPES:
+            if not isinstance(kind, str) or kind not in ROPE_TYPES:
                 raise bad(field, f"has rope_type {kind!r}; only 'llama3' and 'default' (no scaling) are supported")
             put(field, "rope_type", kind)
         for key in ("rope_theta", "partial_rotary_factor") + ROPE_TYPES[kind]:
@@ -78,8 +130,8 @@ def read_rope(cfg: dict[str, Any], bad) -> tuple[float, dict | None]:
 
     def positive(key: str) -> None:
         field, value = found[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise bad(field, f"has {key} {value!r}; expected a positive number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+            raise bad(field, f"has {key} {value!r}; expected a finite number > 0")
 
     found.setdefault("rope_theta", ("rope_theta", DEFAULT_ROPE_THETA))
     positive("rope_theta")
@@ -108,7 +160,7 @@ def read_window(cfg: dict[str, Any], model_type: str, bad) -> int | None:
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
     if model_type in ("qwen2", "qwen3"):
-        if not cfg.get("use_sliding_window"):
+        if not read_bool(cfg, "use_sliding_window", bad, False):
             window = None  # transformers drops it: Qwen2.5 configs carry a sliding_window that is off
         if layer_types is None and isinstance(n_layers, int):
             first = cfg.get("max_window_layers", 28)  # transformers' default
@@ -175,6 +227,8 @@ class LlamaConfig:
         def bad(field: str, why: str) -> ConfigError:
             return ConfigError(f"{source}: field '{field}' {why}")
 
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: is a JSON {type(cfg).__name__}; expected an object of fields")
         model_type = cfg.get("model_type")
         if model_type not in FAMILIES:
             raise bad("model_type", f"is {model_type!r}; supported: {', '.join(map(repr, FAMILIES))}")
@@ -184,9 +238,11 @@ class LlamaConfig:
         # qwen2 puts biases on q/k/v always (transformers ignores attention_bias there); qwen3's attention_bias
         # would put one on o_proj too, which no engine adds, so it is refused like Llama's
         for field in ("attention_bias", "mlp_bias"):
-            if cfg.get(field) and not (field == "attention_bias" and model_type == "qwen2"):
-                raise bad(field, "is true; biases are not supported" + (" (only Qwen2's q/k/v biases)"
-                                                                       if field == "attention_bias" else ""))
+            value = cfg.get(field)
+            if value in (None, False) or (field == "attention_bias" and model_type == "qwen2"):
+                continue  # anything else, a string "false" included, is refused with its value named
+            raise bad(field, f"is {value!r}; biases are not supported" + (" (only Qwen2's q/k/v biases)"
+                                                                         if field == "attention_bias" else ""))
         sliding_window = read_window(cfg, model_type, bad)
         for field in ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok"):
             if cfg.get(field):
@@ -198,33 +254,34 @@ class LlamaConfig:
             raise bad("pretraining_tp", f"is {cfg['pretraining_tp']!r}; only 1 is supported")
 
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            if not isinstance(cfg.get(field), int) or cfg[field] <= 0:
-                raise bad(field, f"must be a positive integer, got {cfg.get(field)!r}")
+            if read_int(cfg, field, bad) is None:
+                raise bad(field, f"is {cfg.get(field)!r}; expected an integer >= 1")
         d, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+        n_kv_heads = read_int(cfg, "num_key_value_heads", bad) or n_heads
         if n_heads % n_kv_heads:
             raise bad("num_key_value_heads", f"({n_kv_heads}) must divide num_attention_heads ({n_heads})")
-        head_dim = cfg.get("head_dim")  # null: the family's default (Qwen3: 128), else hidden_size / heads
+        head_dim = read_int(cfg, "head_dim", bad)  # null: the family's default (Qwen3: 128), else hidden_size / heads
         if head_dim is None:
+            if "head_dim" not in FAMILY_DEFAULTS[model_type] and d % n_heads:
+                raise bad("hidden_size", f"({d}) is not a multiple of num_attention_heads ({n_heads})")
             head_dim = FAMILY_DEFAULTS[model_type].get("head_dim") or d // n_heads
-        if not isinstance(head_dim, int) or head_dim <= 0:
-            raise bad("head_dim", f"must be a positive integer, got {head_dim!r}")
         if head_dim % 2:
             raise bad("head_dim", f"is {head_dim}; RoPE needs an even head_dim")
-        if "head_dim" not in FAMILY_DEFAULTS[model_type] and cfg.get("head_dim") is None and d % n_heads:
-            raise bad("hidden_size", f"({d}) is not a multiple of num_attention_heads ({n_heads})")
 
         rope_theta, scaling = read_rope(cfg, bad)
 
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_ids = read_token_ids(cfg.get("eos_token_id"), "eos_token_id", bad)
+        bos = read_token_ids(cfg.get("bos_token_id"), "bos_token_id", bad)
+        if len(bos) > 1:
+            raise bad("bos_token_id", f"is {cfg['bos_token_id']!r}; expected one token id")
         return cls(
             vocab_size=cfg["vocab_size"], d=d, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=n_kv_heads, head_dim=head_dim, ffn_dim=cfg["intermediate_size"],
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
-            max_position=int(cfg.get("max_position_embeddings", FAMILY_DEFAULTS[model_type]["max_position_embeddings"])),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_scaling=scaling, bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
+            rms_norm_eps=read_float(cfg, "rms_norm_eps", bad, 1e-6), rope_theta=rope_theta,
+            max_position=read_int(cfg, "max_position_embeddings", bad,
+                                  FAMILY_DEFAULTS[model_type]["max_position_embeddings"]),
+            tie_word_embeddings=read_bool(cfg, "tie_word_embeddings", bad, False),
+            rope_scaling=scaling, bos_token_id=bos[0] if bos else None, eos_token_ids=eos_ids,
             model_type=model_type, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
             sliding_window=sliding_window,
         )
@@ -234,10 +291,7 @@ class LlamaConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json (an HF Llama checkpoint directory needs one)")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        cfg = read_json(path)
         return cls.from_hf(cfg, source=str(path))
 
     def to_hf(self) -> dict[str, Any]:

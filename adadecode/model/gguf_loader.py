@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, LlamaConfig
-from .weights import LAYER_HF_NAMES, layer_shapes
+from .weights import LAYER_HF_NAMES, check_finite, layer_shapes
 
 GGUF_LAYER_NAMES = {  # our short name -> GGUF name inside "blk.{layer}."
     "attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight",
@@ -43,7 +43,26 @@ def _field(reader, key: str, path: Path, default=None):
         if default is not None:
             return default
         raise ConfigError(f"{path}: GGUF metadata lacks '{key}'")
-    return f.contents()
+    return _contents(f, key, path)
+
+
+def _contents(f, key: str, path: Path):
+    try:
+        return f.contents()
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:  # a damaged string or array
+        raise ConfigError(f"{path}: GGUF field '{key}' is unreadable ({type(e).__name__}: {e})") from None
+
+
+def _number(reader, key: str, path: Path, default=None, kind=int):
+    """A numeric GGUF field, type- and range-checked here so the error names the GGUF key, not the HF field it
+    becomes (a 0 head count would otherwise be a ZeroDivisionError computing head_dim)."""
+    v = _field(reader, key, path, default)
+    ok = (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) if kind is int else \
+        (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v))
+    if not ok or (kind is int and v < 1 and default != -1) or (kind is float and not v > 0):
+        raise ConfigError(f"{path}: GGUF field '{key}' is {v!r}; expected a positive "
+                          f"{'integer' if kind is int else 'finite number'}")
+    return kind(v)
 
 
 def gguf_config(reader, path: Path) -> LlamaConfig:
@@ -58,33 +77,39 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
         raise ConfigError(f"{path}: GGUF field '{key('attention.sliding_window_pattern')}' is set; a sliding window on "
                           "some layers only is not supported")
     names = {t.name for t in reader.tensors}
-    n_layers = int(_field(reader, key("block_count"), path))
-    d = int(_field(reader, key("embedding_length"), path))
-    n_heads = int(_field(reader, key("attention.head_count"), path))
+    n_layers = _number(reader, key("block_count"), path)
+    d = _number(reader, key("embedding_length"), path)
+    n_heads = _number(reader, key("attention.head_count"), path)
+
+    def optional(k: str) -> int | None:
+        return _number(reader, key(k), path) if reader.fields.get(key(k)) is not None else None
+
     # head_dim: key_length where the converter wrote it (any HF config with head_dim: Qwen3's is not d / n_heads),
     # else the RoPE dimension (older llama converters), else d / n_heads
-    head_dim = (int(_field(reader, key("attention.key_length"), path, default=0))
-                or int(_field(reader, key("rope.dimension_count"), path, default=0)) or d // n_heads)
+    head_dim = optional("attention.key_length") or optional("rope.dimension_count") or max(1, d // n_heads)
     for k in ("attention.value_length", "rope.dimension_count"):
-        if reader.fields.get(key(k)) is not None and int(_field(reader, key(k), path)) != head_dim:
-            raise ConfigError(f"{path}: GGUF field '{key(k)}' is {int(_field(reader, key(k), path))}, head_dim is "
-                              f"{head_dim}; only V heads of head_dim and RoPE over the whole head are supported")
-    window = reader.fields.get(key("attention.sliding_window"))
-    window = int(_field(reader, key("attention.sliding_window"), path)) if window is not None else None
+        v = optional(k)
+        if v is not None and v != head_dim:
+            raise ConfigError(f"{path}: GGUF field '{key(k)}' is {v}, head_dim is {head_dim}; only V heads of "
+                              "head_dim and RoPE over the whole head are supported")
+    window = optional("attention.sliding_window")
     model_type = "mistral" if arch == "llama" and window else GGUF_ARCHS[arch]
-    vocab = int(_field(reader, key("vocab_size"), path, default=len(reader.fields["tokenizer.ggml.tokens"].data)))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ConfigError(f"{path}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
+    vocab = _number(reader, key("vocab_size"), path, default=len(tokens.data))
     hf = {
         "model_type": model_type, "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(_field(reader, key("attention.head_count_kv"), path, default=n_heads)),
+        "num_key_value_heads": _number(reader, key("attention.head_count_kv"), path, default=n_heads),
         "head_dim": head_dim,
-        "intermediate_size": int(_field(reader, key("feed_forward_length"), path)),
-        "rms_norm_eps": float(_field(reader, key("attention.layer_norm_rms_epsilon"), path)),
-        "rope_theta": float(_field(reader, key("rope.freq_base"), path, default=10000.0)),
-        "max_position_embeddings": int(_field(reader, key("context_length"), path)),
+        "intermediate_size": _number(reader, key("feed_forward_length"), path),
+        "rms_norm_eps": _number(reader, key("attention.layer_norm_rms_epsilon"), path, kind=float),
+        "rope_theta": _number(reader, key("rope.freq_base"), path, default=10000.0, kind=float),
+        "max_position_embeddings": _number(reader, key("context_length"), path),
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", path, default=-1)),
-        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id", path, default=-1)),
+        "bos_token_id": _number(reader, "tokenizer.ggml.bos_token_id", path, default=-1),
+        "eos_token_id": _number(reader, "tokenizer.ggml.eos_token_id", path, default=-1),
     }
     if window:  # on every layer (a pattern is refused above)
         hf |= {"sliding_window": window, "use_sliding_window": True, "max_window_layers": 0}
@@ -117,16 +142,25 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     reader = _reader(path)
     cfg = gguf_config(reader, path)
     tensors = {t.name: t for t in reader.tensors}
+    used: set[str] = set()
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = tensors.get(name)
         if t is None:
             raise ValueError(f"{path}: GGUF lacks tensor '{name}'")
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        try:
+            with np.errstate(all="ignore"):  # non-finite results are refused below, by name
+                arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        except (NotImplementedError, ValueError, TypeError, IndexError) as e:  # a tensor type or size it cannot hold
+            raise ValueError(f"{path}: tensor '{name}' of type {getattr(t.tensor_type, 'name', t.tensor_type)} is "
+                             f"unreadable ({type(e).__name__}: {e})") from None
         if arr.shape != shape:
             raise ValueError(f"{path}: tensor '{name}' has shape {arr.shape}, config wants {shape}")
-        return torch.from_numpy(arr.copy())
+        used.add(name)
+        w = torch.from_numpy(arr.copy())
+        check_finite(name, w.to(dtype), path)  # an inf block scale dequantises to a row of infs or NaNs
+        return w
 
     shapes = layer_shapes(cfg)
     permuted = _field(reader, "general.architecture", path) == "llama"  # see the module docstring
@@ -143,7 +177,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
                 w = _unpermute(w, cfg.n_kv_heads)
             state[f"model.layers.{i}.{LAYER_HF_NAMES[short]}"] = w.to(dtype)
 
-    meta = {k: reader.fields[k].contents() for k in (
+    leftover = sorted(set(tensors) - used)
+    if leftover:  # a header that disagrees with its tensors (a block count one short) would otherwise load silently
+        raise ValueError(f"{path}: the GGUF holds {len(leftover)} tensors its metadata does not use "
+                         f"({', '.join(leftover[:3])}{', ...' if len(leftover) > 3 else ''})")
+    meta = {k: _contents(reader.fields[k], k, path) for k in (
         "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
         "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
         "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
@@ -164,9 +202,16 @@ def gguf_tokenizer_files(meta: dict, path: Path) -> tuple[str, dict]:
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
         raise ConfigError(f"{path}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                               byte_fallback=False))
+    merges = meta.get("tokenizer.ggml.merges", [])
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or \
+            not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+        raise ConfigError(f"{path}: GGUF fields 'tokenizer.ggml.tokens' / 'tokenizer.ggml.merges' are not lists of "
+                          "strings (merges: two tokens separated by a space)")
+    try:
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                   merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # noqa: BLE001 (the tokenizers package raises plain Exception for bad merges)
+        raise ConfigError(f"{path}: GGUF tokenizer metadata does not make a BPE tokenizer ({e})") from None
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # digits one at a time, then GPT-2's split (llama.cpp's 'smollm' pre-tokenizer)

@@ -18,7 +18,7 @@ import torch
 
 from .config import LlamaConfig
 from .tokenizer import Tokenizer
-from .weights import LlamaWeights, ReleasedWeights, expected_shapes
+from .weights import LlamaWeights, ReleasedWeights, check_finite, expected_shapes
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,44 +59,70 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ADADECODE_CACHE") or Path.home() / ".cache" / "adadecode")
 
 
-def _read_safetensors(file: Path, names: set[str] | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_safetensors(file: Path, names: set[str], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the tensors named in `names`, in `dtype` and finite; every other tensor name in the file)."""
     from safetensors import SafetensorError, safe_open
 
     if not file.is_file():
         raise FileNotFoundError(f"{file}: safetensors file is missing")
-    out = {}
+    out, other = {}, []
     try:
         with safe_open(str(file), framework="pt") as f:
             for k in f.keys():
-                if names is None or k in names:
+                if k in names:
                     out[k] = f.get_tensor(k).to(dtype)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{file}: unreadable or truncated safetensors file ({e})") from None
-    return out
+                else:
+                    other.append(k)
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"{file}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
+    for k, t in out.items():
+        check_finite(k, t, file)
+    return out, other
+
+
+def _shard(path: Path, index: Path, name) -> Path:
+    """A shard named by the index: a file name inside the checkpoint folder (never '../', an absolute path or a link
+    out of it: the index is user input and must not make the loader open other files)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index}: 'weight_map' names shard {name!r}; expected a file name")
+    file = path / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or \
+            not file.resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"{index}: 'weight_map' names shard {name!r}, outside the checkpoint folder {path}")
+    return file
 
 
 def load_hf_state(path: Path, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor the config needs, from model.safetensors or the shards named by its index, shape-checked."""
+    """Every tensor the config needs, from model.safetensors or the shards named by its index, shape-checked and
+    finite; a tensor the config does not use is refused (a config that disagrees with its checkpoint, e.g. one layer
+    short, would otherwise load and generate other tokens)."""
     want = expected_shapes(cfg)
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
+    leftover: list[str] = []
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"'weight_map' is a {type(weight_map).__name__}, not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = {n: _shard(path, index, s) for n, s in weight_map.items()}
         missing = sorted(set(want) - set(weight_map))
         if missing:
             raise ValueError(f"{index}: 'weight_map' lacks tensor '{missing[0]}' ({len(missing)} missing)")
-        shards = sorted({weight_map[n] for n in want})
+        leftover += sorted(set(weight_map) - set(want))
+        shards = sorted(set(files.values()))
         for s in shards:
-            if not (path / s).is_file():
-                raise FileNotFoundError(f"{path / s}: shard named in {index.name} is missing")
+            if not s.is_file():
+                raise FileNotFoundError(f"{s}: shard named in {index.name} is missing")
         state = {}
         for s in shards:
-            state.update(_read_safetensors(path / s, {n for n in want if weight_map[n] == s}, dtype))
+            part, other = _read_safetensors(s, {n for n in want if files[n] == s}, dtype)
+            state.update(part)
+            leftover += [k for k in other if k not in leftover]  # unnamed by the index, or a copy of another shard's
     elif single.is_file():
-        state = _read_safetensors(single, set(want), dtype)
+        state, leftover = _read_safetensors(single, set(want), dtype)
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     for name, shape in want.items():
@@ -104,21 +130,28 @@ def load_hf_state(path: Path, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str,
             raise ValueError(f"{path}: checkpoint lacks tensor '{name}'")
         if tuple(state[name].shape) != shape:
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, config.json wants {shape}")
+    if leftover:
+        raise ValueError(f"{path}: the checkpoint holds {len(leftover)} tensors config.json does not use "
+                         f"({', '.join(sorted(leftover)[:3])}{', ...' if len(leftover) > 3 else ''}); "
+                         "check num_hidden_layers and tie_word_embeddings")
     return state
 
 
 def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Model:
+    from .config import ConfigError, read_json, read_token_ids
+
     path = Path(path)
     cfg = LlamaConfig.from_file(path / "config.json")
     gen = path / "generation_config.json"
     if gen.is_file():  # generation_config's EOS list (e.g. Llama-3 instruct's <|eot_id|>) wins over config.json's
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+        eos = read_json(gen).get("eos_token_id")
         if eos is not None:
-            cfg = dataclasses.replace(cfg, eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),))
-    state = load_hf_state(path, cfg, dtype)
-    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+            bad = lambda field, why: ConfigError(f"{gen}: field '{field}' {why}")  # noqa: E731
+            cfg = dataclasses.replace(cfg, eos_token_ids=read_token_ids(eos, "eos_token_id", bad))
+    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None  # before the weights: cheaper
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"{path / 'tokenizer.json'}: {tok.vocab_size} tokens, more than config.json's vocab_size {cfg.vocab_size}")
+    state = load_hf_state(path, cfg, dtype)
     return Model(cfg=cfg, weights=LlamaWeights.from_hf_state(cfg, state), tokenizer=tok, source=str(path))
 
 

@@ -6,8 +6,21 @@ import json
 from pathlib import Path
 
 
+def check_text(text, what: str) -> None:
+    """Refuse what the tokenizer cannot take, naming where: a lone surrogate (what Python makes of invalid UTF-8 in
+    argv, or a JSON "\\ud800") reaches the Rust tokenizer as a TypeError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: {text[e.start:e.end]!r} at character {e.start} "
+                         "(a lone surrogate, or invalid UTF-8 bytes)") from None
+
+
 class Tokenizer:
-    def __init__(self, tokenizer_json: str, config: dict | None = None, source: str = "tokenizer.json"):
+    def __init__(self, tokenizer_json: str, config: dict | None = None, source: str = "tokenizer.json",
+                 config_source: str | None = None):
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
@@ -16,17 +29,31 @@ class Tokenizer:
             raise ValueError(f"{source}: not a valid tokenizer.json ({e})") from None
         self.config = dict(config or {})
         self.source = source
+        where = config_source or source  # the file the config's values came from, for its errors
 
         def tok_id(key):
             v = self.config.get(key)
-            if isinstance(v, dict):
-                v = v.get("content")
-            return None if v is None else self.tok.token_to_id(v)
+            v = v.get("content") if isinstance(v, dict) else v
+            if v is None:
+                return None
+            if not isinstance(v, str):
+                raise ValueError(f"{where}: '{key}' is {self.config.get(key)!r}; expected a token's text")
+            check_text(v, f"{where}: '{key}'")
+            i = self.tok.token_to_id(v)
+            if i is None:  # an EOS the model can never emit would let every generation run to max_new_tokens
+                raise ValueError(f"{where}: '{key}' is {v!r}, which is not a token of this tokenizer")
+            return i
 
         self.bos_id = tok_id("bos_token")
         self.eos_id = tok_id("eos_token")
-        self.add_bos = bool(self.config.get("add_bos_token", False))
+        self.add_bos = self.config.get("add_bos_token", False)
+        if not isinstance(self.add_bos, bool):
+            raise ValueError(f"{where}: 'add_bos_token' is {self.add_bos!r}; expected true or false")
         self.chat_template = self.config.get("chat_template")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise ValueError(f"{where}: 'chat_template' is {self.chat_template!r}; expected a string")
+        if self.chat_template is not None:
+            check_text(self.chat_template, f"{where}: 'chat_template'")
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -35,19 +62,30 @@ class Tokenizer:
         if not tj.is_file():
             raise FileNotFoundError(f"{tj}: missing (the checkpoint needs a tokenizer.json)")
         cfg_path = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        if isinstance(cfg.get("chat_template"), list):  # a list of named templates: take the default one
-            cfg["chat_template"] = next((t["template"] for t in cfg["chat_template"] if t.get("name") == "default"), None)
+        from .config import read_json
+
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+        templates = cfg.get("chat_template")
+        if isinstance(templates, list):  # a list of named templates: take the default one
+            if not all(isinstance(t, dict) and "template" in t for t in templates):
+                raise ValueError(f"{cfg_path}: 'chat_template' is a list whose entries are not "
+                                 "{\"name\": ..., \"template\": ...} objects")
+            cfg["chat_template"] = next((t["template"] for t in templates if t.get("name") == "default"), None)
         tmpl = path / "chat_template.jinja"
         if cfg.get("chat_template") is None and tmpl.is_file():
             cfg["chat_template"] = tmpl.read_text()
-        return cls(tj.read_text(), cfg, source=str(tj))
+        try:
+            text = tj.read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{tj}: not UTF-8 text ({e})") from None
+        return cls(text, cfg, source=str(tj), config_source=str(cfg_path))
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
+        check_text(text, "prompt")
         ids = self.tok.encode(text, add_special_tokens=False).ids
         if add_special and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids

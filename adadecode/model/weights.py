@@ -75,6 +75,19 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def check_finite(name: str, t: torch.Tensor, where) -> None:
+    """Refuse a NaN or inf weight at load: found at generation time it is a non-finite-logits error on every request,
+    naming no tensor. Checked after the conversion to the dtype held, so an fp32 value beyond bf16's range counts."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    # aminmax propagates NaN, and an inf is the max or the min: one pass, no temporary (isfinite().all() was ~20x
+    # slower on bf16: 3.5 s against 0.16 s for the default model on one thread)
+    low, high = t.aminmax()
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{where}: tensor '{name}' holds {bad} non-finite values (NaN or inf)")
+
+
 @dataclasses.dataclass
 class LlamaWeights:
     embed: torch.Tensor  # [vocab, d]
