@@ -204,11 +204,11 @@ def test_qwen_window_applies_as_transformers_applies_it(family, over, window):
     (tiny_hf_config(**MISTRAL, sliding_window=32, layer_types=["sliding_attention", "full_attention"] * 2),
      "'layer_types' is .* \\(alternating layers"),
     (tiny_hf_config(sliding_window=4096), "'sliding_window' is 4096; model_type 'llama' has no sliding-window"),
-    (tiny_hf_config(**QWEN3, attention_bias=True), "'attention_bias' is true"),
-    (tiny_hf_config(**QWEN2, mlp_bias=True), "'mlp_bias' is true"),
-    (tiny_hf_config(**MISTRAL, attention_bias=True), "'attention_bias' is true"),
+    (tiny_hf_config(**QWEN3, attention_bias=True), "'attention_bias' is True; biases are not supported"),
+    (tiny_hf_config(**QWEN2, mlp_bias=True), "'mlp_bias' is True; biases are not supported"),
+    (tiny_hf_config(**MISTRAL, attention_bias=True), "'attention_bias' is True; biases are not supported"),
     (tiny_hf_config(**(QWEN3 | dict(architectures=["Qwen2ForCausalLM"]))), "'architectures' is \\['Qwen2ForCausalLM'\\]"),
-    (tiny_hf_config(**QWEN3, head_dim=0), "'head_dim' must be a positive integer"),
+    (tiny_hf_config(**QWEN3, head_dim=0), "'head_dim' is 0; expected an integer >= 1"),
     (tiny_hf_config(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]), "'model_type' is 'qwen2_moe'"),
 ])
 def test_family_features_we_do_not_run_are_refused_by_field(cfg, words):

@@ -230,7 +230,7 @@ class LlamaConfig:
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: is a JSON {type(cfg).__name__}; expected an object of fields")
         model_type = cfg.get("model_type")
-        if model_type not in FAMILIES:
+        if not isinstance(model_type, str) or model_type not in FAMILIES:  # a list is no dict key either
             raise bad("model_type", f"is {model_type!r}; supported: {', '.join(map(repr, FAMILIES))}")
         archs = cfg.get("architectures") or [FAMILIES[model_type]]
         if archs != [FAMILIES[model_type]]:
