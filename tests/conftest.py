@@ -132,3 +132,20 @@ def engine_model(name: str, seed: int = 0):
         for lw in w.layers:
             lw.bq, lw.bk, lw.bv = (0.5 * torch.randn(t.shape, generator=g) for t in (lw.bq, lw.bk, lw.bv))
     return cfg, w
+
+
+def prepared_hf_model(model, tied: bool):
+    """A transformers ForCausalLM made comparable token for token: random norm gains (ones by default) and biases
+    (zeros by default) so both matter, every parameter rounded to bf16 in place (not model.to(bf16): that would
+    round RoPE's inv_freq buffer too), eager attention, no EOS (always the asked number of tokens)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
+            elif p.dim() == 1:  # the norms, q_norm / k_norm too
+                p.uniform_(0.5, 1.5)
+            p.copy_(p.to(torch.bfloat16))
+    model.config._attn_implementation = "eager"
+    model.generation_config.eos_token_id = None
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    return model

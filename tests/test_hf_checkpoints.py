@@ -19,6 +19,8 @@ from adadecode.engines.select import make_engine
 from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import load_model
 
+from conftest import prepared_hf_model
+
 N_NEW = 48
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # small: scaling acts within 60 positions
@@ -36,15 +38,7 @@ def hf_model(rope: dict, tied: bool, seed: int = 0):  # seed 0: top-2 margins >=
         bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(conf).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:  # norms: ones by default; random gains exercise the norm weights too
-                p.uniform_(0.5, 1.5)
-            p.copy_(p.to(torch.bfloat16))  # not model.to(bf16): that would round RoPE's inv_freq buffer too
-    model.config._attn_implementation = "eager"
-    model.generation_config.eos_token_id = None  # always N_NEW tokens, on both sides
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    return model
+    return prepared_hf_model(model, tied)
 
 
 def old_layout(cfg: dict) -> dict:

@@ -25,6 +25,8 @@ from adadecode.engines.select import make_engine
 from adadecode.model.config import ConfigError, LlamaConfig
 from adadecode.model.loader import load_model
 
+from conftest import prepared_hf_model
+
 N_NEW = 48
 PROMPT = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(1)).tolist()
 WINDOW = 12
@@ -61,17 +63,7 @@ def hf_model(family: str, tied: bool, window: bool, seed: int = 0):
         cls = transformers.MistralForCausalLM
     torch.manual_seed(seed)
     model = cls(conf).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):  # zeros by default: random ones make the q/k/v biases matter
-                p.uniform_(-0.5, 0.5)
-            elif p.dim() == 1:  # norms (q_norm / k_norm too): ones by default
-                p.uniform_(0.5, 1.5)
-            p.copy_(p.to(torch.bfloat16))  # not model.to(bf16): that would round RoPE's inv_freq buffer too
-    model.config._attn_implementation = "eager"
-    model.generation_config.eos_token_id = None  # always N_NEW tokens, on both sides
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    return model
+    return prepared_hf_model(model, tied)
 
 
 def hf_greedy(model, prompt):
