@@ -149,3 +149,14 @@ def prepared_hf_model(model, tied: bool):
     model.generation_config.eos_token_id = None
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A GGUF file of the `tiny` model's shape, written with the gguf package (tests copy it before damaging it)."""
+    from test_loading import write_tiny_gguf
+
+    cfg = LlamaConfig.from_hf(tiny_hf_config())
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path, cfg, random_weights(cfg))
+    return path

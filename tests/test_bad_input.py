@@ -160,18 +160,6 @@ def test_a_shard_tensor_the_index_does_not_name_is_refused(ckpt, tmp_path):
 
 
 # ---- GGUF: damaged metadata and non-finite tensors ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory):
-    from test_loading import write_tiny_gguf
-
-    from conftest import random_weights
-
-    cfg = LlamaConfig.from_hf(tiny_hf_config())
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_gguf(path, cfg, random_weights(cfg))
-    return path
-
-
 def set_gguf_field(path: Path, key: str, value) -> None:
     """Overwrite a numeric metadata value in place (as gguf's gguf_set_metadata.py does)."""
     import gguf
@@ -185,28 +173,28 @@ def set_gguf_field(path: Path, key: str, value) -> None:
                                        ("llama.attention.layer_norm_rms_epsilon", float("nan")),
                                        ("llama.attention.layer_norm_rms_epsilon", -1.0),
                                        ("llama.rope.freq_base", float("inf"))])
-def test_gguf_metadata_values_are_checked(gguf_file, tmp_path, key, value):
+def test_gguf_metadata_values_are_checked(tiny_gguf, tmp_path, key, value):
     f = tmp_path / "x.gguf"
-    f.write_bytes(gguf_file.read_bytes())
+    f.write_bytes(tiny_gguf.read_bytes())
     set_gguf_field(f, key, value)
     with pytest.raises(ConfigError, match=rf"x.gguf: GGUF field '{key}' is"):
         load_model(f)
 
 
-def test_gguf_block_count_one_short_leaves_tensors_over(gguf_file, tmp_path):
+def test_gguf_block_count_one_short_leaves_tensors_over(tiny_gguf, tmp_path):
     f = tmp_path / "x.gguf"
-    f.write_bytes(gguf_file.read_bytes())
+    f.write_bytes(tiny_gguf.read_bytes())
     set_gguf_field(f, "llama.block_count", 3)
     with pytest.raises(ValueError, match=r"x.gguf: the GGUF holds 9 tensors its metadata does not use \(blk.3."):
         load_model(f)
 
 
-def test_gguf_non_finite_tensor_is_refused_at_load(gguf_file, tmp_path):
+def test_gguf_non_finite_tensor_is_refused_at_load(tiny_gguf, tmp_path):
     import gguf
     import numpy as np
 
     f = tmp_path / "x.gguf"
-    f.write_bytes(gguf_file.read_bytes())
+    f.write_bytes(tiny_gguf.read_bytes())
     reader = gguf.GGUFReader(str(f), "r+")
     t = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
     t.data.reshape(-1)[7] = np.inf  # F32 here; a quantised tensor's inf block scale dequantises to infs the same way
@@ -215,7 +203,7 @@ def test_gguf_non_finite_tensor_is_refused_at_load(gguf_file, tmp_path):
         load_model(f)
 
 
-def test_gguf_inf_block_scale_is_refused(gguf_file, tmp_path):
+def test_gguf_inf_block_scale_is_refused(tiny_gguf, tmp_path):
     """A Q8_0 tensor whose first block's fp16 scale is inf (bytes 0x7c00)."""
     import gguf
     import numpy as np

@@ -162,19 +162,6 @@ def test_fuzz_safetensors_bytes_and_length(base, data):
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gguf_base(tmp_path_factory):
-    from test_loading import write_tiny_gguf
-
-    from adadecode.model.config import LlamaConfig
-    from conftest import random_weights, tiny_hf_config
-
-    cfg = LlamaConfig.from_hf(tiny_hf_config())
-    path = tmp_path_factory.mktemp("fuzz-gguf") / "tiny.gguf"
-    write_tiny_gguf(path, cfg, random_weights(cfg))
-    return path
-
-
 GGUF_NUMERIC = ["llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
                 "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
                 "llama.attention.layer_norm_rms_epsilon", "llama.vocab_size", "tokenizer.ggml.bos_token_id",
@@ -183,11 +170,11 @@ GGUF_NUMERIC = ["llama.block_count", "llama.context_length", "llama.embedding_le
 
 @fuzz
 @given(data=st.data())
-def test_fuzz_gguf(gguf_base, tmp_path_factory, data):
+def test_fuzz_gguf(tiny_gguf, tmp_path_factory, data):
     import gguf
 
     f = tmp_path_factory.mktemp("g") / "x.gguf"
-    f.write_bytes(gguf_base.read_bytes())
+    f.write_bytes(tiny_gguf.read_bytes())
     kind = data.draw(st.sampled_from(["metadata", "header bytes", "truncate", "tensor infos"]))
     if kind == "metadata":
         reader = gguf.GGUFReader(str(f), "r+")
