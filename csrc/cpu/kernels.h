@@ -69,8 +69,9 @@ struct Kernels {
   void (*attn_chunk)(const AttnArgs& a, int kh, int c, int r0, int r1);
   // out row r, head h from its partials
   void (*attn_merge)(const AttnArgs& a, int r, int h);
-  // running greedy argmax over logits[0..n) (bf16 values) with global index base: updates (best, best_idx), and
-  // returns false when a value is NaN (the caller marks the row bad)
+  // running greedy argmax over logits[0..n) (bf16 values) with global index base: updates (best, best_idx) to the
+  // greatest value, the lowest index among equal ones, whatever the order of the calls (items may come in any
+  // order); returns false when a value is NaN (the caller marks the row bad)
   bool (*argmax)(const float* logits, int n, int base, float* best, int* best_idx);
   // exp_fixed / exp2_fixed over an array (tests and the LM-head statistics)
   void (*exp)(const float* x, float* y, int n);

@@ -251,9 +251,12 @@ inline bool k_argmax(const float* v, int n, int base, float* best, int* best_idx
       if (t[j] != t[j]) ok = false;
       mx = t[j] > mx ? t[j] : mx;
     }
-    if (!(mx > b)) return;  // ties keep the lower index
+    // The best is the greatest value, and among equal values the lowest index: a total order, so the result is
+    // the same whichever items a thread visits and in whatever order (the pool may hand a thread a later item
+    // first). b == -inf exactly when no index is held (bi < 0): a -inf logit never becomes the best.
+    if (mx < b || (mx == b && (bi < 0 || base + i >= bi))) return;
     for (int j = 0; j < m; ++j)
-      if (t[j] > b) b = t[j], bi = base + i + j;
+      if (t[j] > b || (t[j] == b && bi >= 0 && base + i + j < bi)) b = t[j], bi = base + i + j;
   });
   *best = b;
   *best_idx = bi;
