@@ -19,7 +19,9 @@ reduction). So CpuEngine agrees bit for bit with CudaEngine on the emulated devi
 kernels (decode, and prefill in chunks of at most 16 rows), and with itself across machines.
 
 Threads: `threads=None` takes ADADECODE_CPU_THREADS or the cores this process may use. `isa=None` takes
-ADADECODE_CPU_ISA or the best path of this CPU.
+ADADECODE_CPU_ISA or the best path of this CPU. `schedule` (tests only; None takes ADADECODE_CPU_SCHEDULE, else
+"natural"): "reverse" or "shuffle[:seed]" runs every job's items on one thread in reversed or shuffled order under
+the thread indices that work stealing could give them (csrc/cpu/thread_pool.h); the bits must not change.
 """
 from __future__ import annotations
 
@@ -74,6 +76,21 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+SCHEDULES = ("natural", "reverse", "shuffle")
+
+
+def parse_schedule(spec: str | None) -> tuple[str, int]:
+    """(schedule, seed) of a pool schedule spec: "natural", "reverse" or "shuffle[:seed]"; None reads
+    ADADECODE_CPU_SCHEDULE (unset: natural)."""
+    what = "schedule"
+    if spec is None:
+        spec, what = os.environ.get("ADADECODE_CPU_SCHEDULE") or "natural", "ADADECODE_CPU_SCHEDULE"
+    name, _, seed = str(spec).partition(":")
+    if name not in SCHEDULES or (seed and (name != "shuffle" or not seed.isdigit())):
+        raise ValueError(f"{what}={spec!r} must be one of natural, reverse, shuffle[:seed]")
+    return name, int(seed or 0)
 
 
 def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +175,8 @@ class CpuEngine(EngineContract):
     dtype = torch.bfloat16
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | CpuWeights, *, max_seq: int | None = None,
-                 max_rows: int = 16, threads: int | None = None, isa: str | None = None, prefill_chunk: int = 64):
+                 max_rows: int = 16, threads: int | None = None, isa: str | None = None, prefill_chunk: int = 64,
+                 schedule: str | None = None):
         if not isinstance(max_rows, int) or isinstance(max_rows, bool) or not 1 <= max_rows <= 256:
             raise ValueError(f"max_rows={max_rows!r} must be an integer in 1..256 for the CPU engine")
         if not isinstance(prefill_chunk, int) or not 1 <= prefill_chunk <= 1024:
@@ -183,6 +201,8 @@ class CpuEngine(EngineContract):
         cos, sin = rope_tables(cfg, self.max_seq)
         self._eng = ext.Engine(weights._w, cos, sin, max_seq=self.max_seq, max_rows=self.max_rows,
                                prefill_chunk=prefill_chunk, threads=threads, isa=isa or "")
+        self.schedule = parse_schedule(schedule)
+        self._eng.set_schedule(*self.schedule)
 
     # ---- sizes ------------------------------------------------------------------------------------------------------
     @property

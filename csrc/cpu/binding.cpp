@@ -204,6 +204,14 @@ class PyEngine {
     return {k, v};
   }
 
+  // The pool's test schedules (thread_pool.h): "natural", "reverse" or "shuffle" (seeded).
+  void set_schedule(const std::string& name, uint64_t seed) {
+    using S = cpu::ThreadPool::Schedule;
+    const S s = name == "natural" ? S::kNatural : name == "reverse" ? S::kReverse : name == "shuffle" ? S::kShuffle
+                                                                                                     : S(-1);
+    TORCH_CHECK(s != S(-1), "schedule must be 'natural', 'reverse' or 'shuffle', got '", name, "'");
+    e_->set_schedule(s, seed);
+  }
   std::string isa() const { return e_->isa(); }
   int threads() const { return e_->threads(); }
   int64_t kv_bytes() const { return static_cast<int64_t>(e_->kv_bytes()); }
@@ -317,6 +325,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("head", &PyEngine::head, py::arg("pos"), py::arg("i"), py::arg("logits") = false)
       .def("hidden", &PyEngine::hidden)
       .def("kv", &PyEngine::kv)
+      .def("set_schedule", &PyEngine::set_schedule, py::arg("schedule"), py::arg("seed") = 0)
       .def_property_readonly("isa", &PyEngine::isa)
       .def_property_readonly("threads", &PyEngine::threads)
       .def_property_readonly("kv_bytes", &PyEngine::kv_bytes)

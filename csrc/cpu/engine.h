@@ -156,6 +156,7 @@ class Engine {
   int max_seq() const { return max_seq_; }
   int max_rows() const { return max_rows_; }
   int threads() const { return pool_.size(); }
+  void set_schedule(ThreadPool::Schedule s, uint64_t seed) { pool_.set_schedule(s, seed); }
   const char* isa() const { return k_.name; }
   size_t kv_bytes() const { return k_cache_.bytes() + v_cache_.bytes(); }
   int n_heads_set() const { return static_cast<int>(heads_.size()); }

@@ -1,7 +1,10 @@
 #include "thread_pool.h"
 
 #include <chrono>
+#include <algorithm>
 #include <climits>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 
@@ -115,8 +118,36 @@ void ThreadPool::worker(int index) {
   }
 }
 
+void ThreadPool::run_scheduled(int n_items, ItemFn fn, void* ctx) {
+  const int T = n_threads_;
+  std::vector<int> order(n_items), thread(n_items);
+  std::iota(order.begin(), order.end(), 0);
+  std::mt19937_64 rng(seed_ * 0x9e3779b97f4a7c15ull + ++jobs_);
+  if (schedule_ == Schedule::kReverse) {
+    std::reverse(order.begin(), order.end());
+    for (int i = 0; i < n_items; ++i) {
+      int k = 0;  // the owner of item i: run()'s split [k n / T, (k + 1) n / T)
+      while (k + 1 < T && static_cast<int64_t>(n_items) * (k + 1) / T <= i) ++k;
+      thread[i] = T - 1 - k;
+    }
+  } else {
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int i = 0; i < n_items; ++i) thread[i] = static_cast<int>(rng() % static_cast<uint64_t>(T));
+  }
+  std::vector<char> started(T, 0);
+  for (int item : order) {
+    const int t = thread[item];
+    fn(ctx, t, item, !started[t]);
+    started[t] = 1;
+  }
+}
+
 void ThreadPool::run(int n_items, ItemFn fn, void* ctx, size_t bytes) {
   if (n_items <= 0) return;
+  if (schedule_ != Schedule::kNatural) {  // every job, the small ones too: their merges are the same code
+    run_scheduled(n_items, fn, ctx);
+    return;
+  }
   if (n_threads_ == 1 || bytes < kInlineBytes) {
     for (int i = 0; i < n_items; ++i) fn(ctx, 0, i, i == 0);
     return;

@@ -9,6 +9,12 @@
 // taken and does nothing; the caller waits only for items in progress. Items never split a reduction (kernels.h),
 // so which thread runs an item changes no bit.
 //
+// A job's result must be a function of its items' indices alone, never of which thread ran an item or in what order
+// (a merge across items breaks ties by index: engine.cpp, docs/cpu.md). A test-only schedule (set_schedule) runs a
+// job's items on the caller, in reversed or seeded shuffled order, each under the thread index that stealing could
+// give it (reversed: thread T-1-k runs share k; shuffled: any thread), so the tests see every interleaving that
+// matters for such a merge without relying on a race.
+//
 // Waiting: workers spin (pause) for kSpinMicros after their last item, then sleep on a futex; the caller spins as
 // long for items in flight, then sleeps. Between the jobs of one token the workers stay awake; between tokens
 // (Python runs the driver) they go to sleep and cost nothing.
@@ -33,6 +39,12 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int size() const { return n_threads_; }
+
+  // kNatural: the real threads as above. kReverse / kShuffle: the test schedules (the header's comment); seed picks
+  // the shuffles (each job draws its own from seed and the job count).
+  enum class Schedule { kNatural, kReverse, kShuffle };
+  void set_schedule(Schedule s, uint64_t seed) { schedule_ = s, seed_ = seed; }
+  Schedule schedule() const { return schedule_; }
   // Runs items 0..n_items-1 and returns when all are done. Not reentrant: one job at a time. bytes: what the job
   // reads; below kInlineBytes the caller runs it alone (waking a thread costs more than such a job).
   void run(int n_items, ItemFn fn, void* ctx, size_t bytes = SIZE_MAX);
@@ -48,6 +60,7 @@ class ThreadPool {
   // (or is no longer the live job).
   int claim(uint32_t id, int thread);
   void work(uint32_t id, int thread);
+  void run_scheduled(int n_items, ItemFn fn, void* ctx);
 
   int n_threads_;
   std::vector<std::thread> threads_;
@@ -66,6 +79,8 @@ class ThreadPool {
   ItemFn fn_ = nullptr;
   void* ctx_ = nullptr;
   uint32_t id_ = 0;
+  Schedule schedule_ = Schedule::kNatural;
+  uint64_t seed_ = 0, jobs_ = 0;
 };
 
 }  // namespace adadecode::cpu
