@@ -35,7 +35,8 @@ void register_emu(py::module_& m) {
   m.def("empty", &device_empty, "a tensor in the emulated device's memory (guarded, NaN-filled)", py::arg("shape"),
         py::arg("dtype"));
   m.def("set_schedule", &set_schedule,
-        "order of the threads of a block between synchronisation points: 'asc', 'desc' or 'random' (seeded)",
+        "order of the threads of a block between synchronisation points and of a launch's blocks: 'asc', 'desc' or "
+        "'random' (seeded)",
         py::arg("order"), py::arg("seed") = 1);
   m.def("schedule", [] {
     const int o = emu::schedule_order();

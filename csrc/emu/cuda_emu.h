@@ -1,7 +1,8 @@
 // cuda_emu.h: the "device compiler" of the emulated device. emu_pp.py puts `#include "cuda_emu.h"` at the top of
 // every .cu file of csrc/ it rewrites; g++ then compiles the kernels and the engine runtime for the CPU.
 //
-// Execution model (emu.cpp): a launch runs its blocks one after another on the calling OS thread; the threads of
+// Execution model (emu.cpp): a launch runs its blocks one after another on the calling OS thread (in grid order,
+// reversed or shuffled as the schedule says, since a GPU completes blocks in any order); the threads of
 // a block are fibers that run until a synchronisation point (__syncthreads, a warp shuffle or vote, __syncwarp, a
 // wmma op) or their end. Between synchronisation points they run in ascending, descending or seeded random
 // order (emu::set_schedule), so a missing barrier changes the result. __shared__ arrays are function statics

@@ -104,7 +104,8 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
 
 // Emulator controls (no CUDA counterpart), for the bindings and the tests.
 namespace emu {
-// Thread order between synchronisation points: 0 ascending, 1 descending, 2 random (seeded per launch).
+// Thread order between synchronisation points, and the order of a launch's blocks: 0 ascending, 1 descending,
+// 2 random (seeded per launch).
 void set_schedule(int order, uint64_t seed);
 int schedule_order();
 // Counters: launches (programmatic dependent ones among them), blocks, fiber switches, graph launches, the

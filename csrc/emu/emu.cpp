@@ -527,19 +527,26 @@ void launch_now(const void* kernel, Thunk thunk, const void* args, dim3 grid, di
   blockDim = block, gridDim = grid;
   g_kfile = file, g_kline = line;
   std::mt19937_64 rng(g_seed * 0x9e3779b97f4a7c15ull + g_stats.launches);
+  // Blocks run one after another, in the schedule's order: a GPU completes them in any order, so a result that
+  // depends on which block finished first (a merge by the last block to arrive, an atomic) shows under desc/random.
+  std::vector<uint3> blocks;
+  blocks.reserve(static_cast<size_t>(grid.x) * grid.y * grid.z);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = uint3{x, y, z};
-        std::memset(g_dyn, 0xff, g_dyn_size);  // uninitialised shared memory reads as NaN
-        ++g_stats.blocks;
-        if (!run_block(rng)) {
-          char blk[96];
-          std::snprintf(blk, sizeof blk, " in block (%u,%u,%u)", x, y, z);
-          set_error(cudaErrorLaunchFailure, b.why + blk + " of the " + at);
-          return;
-        }
-      }
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(uint3{x, y, z});
+  if (g_order == 1) std::reverse(blocks.begin(), blocks.end());
+  if (g_order == 2) std::shuffle(blocks.begin(), blocks.end(), rng);
+  for (const uint3& bi : blocks) {
+    blockIdx = bi;
+    std::memset(g_dyn, 0xff, g_dyn_size);  // uninitialised shared memory reads as NaN
+    ++g_stats.blocks;
+    if (!run_block(rng)) {
+      char blk[96];
+      std::snprintf(blk, sizeof blk, " in block (%u,%u,%u)", bi.x, bi.y, bi.z);
+      set_error(cudaErrorLaunchFailure, b.why + blk + " of the " + at);
+      return;
+    }
+  }
 }
 
 }  // namespace
