@@ -28,10 +28,12 @@ $(BIN)/.built: $(BIN)/.deps setup.py $(CSRC)
 
 build: $(BIN)/.built
 
-# the whole suite on the best vector kernels this CPU has (often AVX-512), then the exactness tests on AVX2's
+# the whole suite on the best vector kernels this CPU has (often AVX-512), then the exactness tests on AVX2's,
+# with the CPU engine's pool running every job's items shuffled over its threads (csrc/cpu/thread_pool.h: no bit
+# may depend on which thread ran an item, or when)
 test: build
 	$(BIN)/python -m pytest -q
-	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m exactness
+	ATEN_CPU_CAPABILITY=avx2 ADADECODE_CPU_SCHEDULE=shuffle:1 $(BIN)/python -m pytest -q -m exactness
 
 bench: build
 	$(BIN)/python bench/latency.py $(BENCH_ARGS)
