@@ -60,7 +60,9 @@ import time
 from collections import Counter
 from typing import Callable, Sequence
 
+from ..engines.cost import step_cost
 from ..engines.sampling import make_sampling
+from .context import ContextGuesser
 from .vanilla import Generation, check_request, final_tokens
 
 HEAD_GUESSES = ("sample", "argmax")
@@ -91,7 +93,8 @@ def _check_pending(engine, max_pending: int, what: str = "max_pending") -> int:
 def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *,
                        gamma: float | Sequence[float] = 0.75, eos_ids: Sequence[int] = (), max_pending: int = 5,
                        heads=None, on_token: Callable[[int], None] | None = None, temperature: float = 0.0,
-                       top_k: int = 0, top_p: float = 1.0, seed: int = 0, head_guess: str = "sample") -> Generation:
+                       top_k: int = 0, top_p: float = 1.0, seed: int = 0, head_guess: str = "sample",
+                       context=False, max_chain: int = 8, step_cost=None) -> Generation:
     """AdaDecode: exact, with early exits at every head whose confidence exceeds `gamma`.
 
     heads: the intermediate heads (set on the engine with `set_heads`); None uses the engine's own.
@@ -100,12 +103,17 @@ def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int
     on_token: called with each verified token, in order.
     temperature, top_k, top_p, seed: as generate_vanilla (0: greedy); the output is vanilla's with the same seed.
     head_guess (sampling only): a head guesses its own draw with the same noise ("sample") or its argmax.
+    context: guesses from the context too (decoding/context.py: chains of up to `max_chain` tokens beside the
+        frontier, drafted when the engine's measured step cost says they pay); True, False, or a ContextGuesser
+        of the caller's (its cost model and statistics). step_cost: a StepCost to use instead of the engine's
+        (engines/cost.py).
     """
     sampling = make_sampling(temperature, top_k, top_p, seed)
     head_guess = _check_head_guess(head_guess)
     prompt = check_request(engine, prompt_tokens, max_new_tokens)
     max_pending = _check_pending(engine, max_pending)
     heads = _engine_heads(engine, heads)
+    guesser = _context_guesser(engine, context, max_chain, step_cost)
     if isinstance(gamma, (int, float)):
         gammas = [float(gamma)] * len(heads)
     else:
@@ -115,8 +123,42 @@ def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int
     if any(math.isnan(g) for g in gammas):
         raise ValueError(f"gamma must be a number, got {gamma!r}")
     return _speculate(engine, prompt, max_new_tokens, heads=heads, active=range(len(heads)), gammas=gammas,
-                      max_pending=max_pending, eos_ids=eos_ids, on_token=on_token, method="adadecode",
-                      sampling=sampling, head_guess=head_guess)
+                      max_pending=max_pending, eos_ids=eos_ids, on_token=on_token,
+                      method="adadecode+context" if guesser else "adadecode", sampling=sampling,
+                      head_guess=head_guess, context=guesser)
+
+
+def generate_lookup(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *, eos_ids: Sequence[int] = (),
+                    on_token: Callable[[int], None] | None = None, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, seed: int = 0, max_chain: int = 8, step_cost=None,
+                    context=True) -> Generation:
+    """Guesses from the context alone (no heads): chains of up to `max_chain` tokens that followed the latest
+    earlier occurrence of the last tokens, verified by the final layer, drafted when they pay on this engine.
+    Exact, greedy or sampled (the options of generate_vanilla); context: True or a ContextGuesser."""
+    sampling = make_sampling(temperature, top_k, top_p, seed)
+    prompt = check_request(engine, prompt_tokens, max_new_tokens)
+    if context is False:
+        raise ValueError("lookup decoding takes its guesses from the context: context cannot be false")
+    guesser = _context_guesser(engine, context, max_chain, step_cost)
+    return _speculate(engine, prompt, max_new_tokens, heads=[], active=[], gammas=[], max_pending=0,
+                      eos_ids=eos_ids, on_token=on_token, method="lookup", sampling=sampling, context=guesser)
+
+
+def _context_guesser(engine, context, max_chain, given_cost) -> ContextGuesser | None:
+    if isinstance(context, ContextGuesser):
+        return context
+    if not isinstance(context, bool):
+        raise ValueError(f"context must be true, false or a ContextGuesser, got {context!r}")
+    if not context:
+        return None
+    if isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1:
+        raise ValueError(f"max_chain must be an integer >= 1, got {max_chain!r}")
+    if max_chain + 1 > engine.max_rows:
+        raise ValueError(f"max_chain={max_chain} needs {max_chain + 1} rows in flight, but the engine holds "
+                         f"max_rows={engine.max_rows}; lower max_chain or build the engine with max_rows >= "
+                         f"{max_chain + 1}")
+    cost = given_cost if given_cost is not None else step_cost(engine)  # before the prefill: see engines/cost.py
+    return ContextGuesser(cost, engine.n_layers, max_chain=max_chain)
 
 
 def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *, head_index: int = -1,
@@ -147,7 +189,9 @@ def _check_head_guess(head_guess: str) -> str:
 
 
 def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active, gammas, max_pending, eos_ids,
-               on_token, method, sampling=None, head_guess="sample") -> Generation:
+               on_token, method, sampling=None, head_guess="sample", context=None) -> Generation:
+    """The schedule of the module docstring. context: a ContextGuesser (decoding/context.py) whose chains are
+    embedded beside every new depth-0 frontier when its cost model says they pay, or None (heads only)."""
     L = engine.n_layers
     head_at: dict[int, int] = {}  # layer -> head index
     for i in active:
@@ -160,10 +204,13 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
     head_layers = sorted(head_at)
     eos = set(int(e) for e in eos_ids)
     M = max_new_tokens
+    cost = context.cost if context is not None else None
 
     st = dict(early=0, accepted=0, rejected=0, discarded=0, frontier_tokens=0, layer_steps=0, row_layer_steps=0,
               run_layers_calls=0, head_calls=0, verify_calls=0)
+    src = {"heads": Counter(), "context": Counter()}  # per source: guesses, accepted, rejected, discarded
     exit_hist, acc_hist, rej_hist, rows_hist = Counter(), Counter(), Counter(), Counter()
+    modeled = 0.0  # seconds the cost model gives this run's steps (with a context guesser)
 
     t0 = time.perf_counter()
     engine.prefill(prompt)
@@ -174,21 +221,48 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
         on_token(tokens[0])
     done = tokens[0] in eos or len(tokens) >= M
 
-    # rows in flight: positions first..front; depth[i] is row first+i's depth; guess[i] (and guess_layer[i])
-    # the early token emitted at row first+i, i.e. row first+i+1's input
+    # rows in flight: positions first..front; depth[i] is row first+i's depth; guess[i] the early token emitted at
+    # row first+i, i.e. row first+i+1's input, and kind[i] where it came from: the layer of the head that emitted
+    # it, or ("context", n, j) for token j of a chain matched on n tokens
     first = front = n
     depth: list[int] = []
     guess: list[int] = []
-    guess_layer: list[int] = []
+    kind: list = []
+    head_pending = 0
+
+    def chain() -> None:
+        """Embed the context's guess chain after the new frontier, as long as its cost model says it pays."""
+        nonlocal front
+        room = min(engine.max_rows - (front - first + 1), M - len(tokens) - len(guess) - 1,
+                   engine.max_seq - 1 - front)
+        if room <= 0:
+            return
+        toks, order = context.propose(_tail(context.max_n, prompt, tokens, guess), room, rows=front - first + 1,
+                                      p_front=context.p_inputs(kind))
+        for j, tok in enumerate(toks[:room]):
+            guess.append(tok)
+            kind.append(("context", order, j))
+            src["context"]["guesses"] += 1
+            front += 1
+            engine.embed(front, tok)
+            depth.append(0)
+            if tok in eos:  # nothing after an EOS could be output
+                break
+
     if not done:
         engine.embed(front, tokens[-1])
         depth.append(0)
+        if context is not None:
+            context.start(prompt + tokens)
+            chain()
 
     while not done:
         d = depth[-1]
         if d == L:  # every row in flight is at depth L: verify the guesses in order
             fin = final_tokens(engine, first, front, sampling)
             st["verify_calls"] += 1
+            if cost is not None:
+                modeled += cost.final_s(front - first + 1)
             for i, f in enumerate(fin):
                 q = first + i
                 tokens.append(f)
@@ -196,17 +270,28 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
                     on_token(f)
                 wrong = False
                 if i < len(guess):
-                    if f == guess[i]:
+                    k = kind[i]
+                    s = "context" if isinstance(k, tuple) else "heads"
+                    ok = f == guess[i]
+                    if ok:
                         st["accepted"] += 1
-                        acc_hist[guess_layer[i]] += 1
+                        src[s]["accepted"] += 1
+                        if s == "heads":
+                            acc_hist[k] += 1
                     else:
                         wrong = True
                         st["rejected"] += 1
-                        rej_hist[guess_layer[i]] += 1
+                        src[s]["rejected"] += 1
+                        if s == "heads":
+                            rej_hist[k] += 1
+                    if context is not None:
+                        context.record(k, ok)
                 else:
                     st["frontier_tokens"] += 1
                 stop = f in eos or len(tokens) >= M
                 if wrong or stop or i == len(guess):
+                    for k in kind[i + 1:]:
+                        src["context" if isinstance(k, tuple) else "heads"]["discarded"] += 1
                     st["discarded"] += max(0, len(guess) - i - 1)
                     engine.truncate(q + 1)  # keeps exactly what vanilla decoding would have in the cache
                     if stop:
@@ -214,14 +299,18 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
                     else:
                         first = front = q + 1
                         engine.embed(front, f)
-                        depth, guess, guess_layer = [0], [], []
+                        depth, guess, kind, head_pending = [0], [], [], 0
+                        if context is not None:
+                            context.extend(tokens[len(tokens) - (i + 1):])
+                            chain()
                     break
             continue
 
         pending = len(guess)
         # an exit here creates row front+1, which is only worth running if it can yield an output token:
         # tokens so far + pending guesses + the new guess + the new frontier's token must fit the budget
-        can_exit = pending < max_pending and len(tokens) + pending + 2 <= M and front + 1 < engine.max_seq
+        can_exit = (head_pending < max_pending and len(tokens) + pending + 2 <= M and front + 1 < engine.max_seq
+                    and front - first + 2 <= engine.max_rows)
         if can_exit and d in head_at:
             hi = head_at[d]
             if sampling is not None and head_guess == "sample":  # its own draw, with the final layer's noise
@@ -231,12 +320,16 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
             st["head_calls"] += 1
             if conf > gammas[hi]:
                 st["early"] += 1
+                src["heads"]["guesses"] += 1
                 exit_hist[d] += 1
                 guess.append(int(tok))
-                guess_layer.append(d)
+                kind.append(d)
+                head_pending += 1
                 front += 1
                 engine.embed(front, int(tok))
                 depth.append(0)
+                if context is not None:
+                    chain()
                 continue
 
         # advance the rows at the frontier's depth (a contiguous suffix) to the next stop
@@ -253,6 +346,8 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
         st["layer_steps"] += stop - d
         st["row_layer_steps"] += rows * (stop - d)
         rows_hist[rows] += stop - d
+        if cost is not None:
+            modeled += (stop - d) * cost.layer_s(rows)
         for i in range(s, len(depth)):
             depth[i] = stop
 
@@ -264,8 +359,26 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
     st["accepted_layer_hist"] = dict(sorted(acc_hist.items()))
     st["rejected_layer_hist"] = dict(sorted(rej_hist.items()))
     st["rows_per_step"] = dict(sorted(rows_hist.items()))
+    st["guesses"] = st["accepted"] + st["rejected"] + st["discarded"]
+    st["tokens_per_verify"] = (len(tokens) - 1) / st["verify_calls"] if st["verify_calls"] else 0.0
+    st["sources"] = {k: {f: v[f] for f in ("guesses", "accepted", "rejected", "discarded")} for k, v in src.items()}
+    if cost is not None:
+        vanilla = (len(tokens) - 1) * cost.token_s(L)
+        st["modeled_speedup"] = vanilla / modeled if modeled else 1.0
+        st["context"] = context.summary()
     st["method"] = method
     if sampling is not None:
         st["sampling"] = {**dataclasses.asdict(sampling), "head_guess": head_guess}
     st["max_pending"] = max_pending
     return Generation(prompt_tokens=prompt, tokens=tokens, seconds=t2 - t0, decode_seconds=t2 - t1, stats=st)
+
+
+def _tail(n: int, *parts: list[int]) -> list[int]:
+    """The last n tokens of the concatenated parts, without building the concatenation (the context may be long)."""
+    out: list[int] = []
+    for part in reversed(parts):
+        take = n - len(out)
+        if take <= 0:
+            break
+        out[:0] = part[-take:]
+    return out
