@@ -6,11 +6,19 @@
 
 Methods, on the same prompts and model:
   hf-eager       transformers `generate`, eager attention (bf16 on the GPU, fp32 on the CPU)
+  hf-lookup      transformers `generate` with prompt lookup (`prompt_lookup_num_tokens`, --hf-lookup tokens)
   hf-compile     transformers `generate` with a static cache under torch.compile (GPU only)
   torch-graph    gpt-fast style: the torch reference forward with its decode step in a CUDA graph
+  llama.cpp      llama.cpp's server on the BF16 GGUF of the same weights, greedy (when `make bench-peers` has run)
+  llama.cpp-lookup  the same with its n-gram lookup speculation (ngram-simple: 3-token match, drafts of --max-chain)
   vanilla        the engine (--engine: auto is CudaEngine where it can run, else CpuEngine), vanilla greedy decoding
   adadecode      the same engine, AdaDecode with the heads
+  lookup         the same engine, guesses from the context alone (decoding/context.py), cost-gated
+  adadecode+context  AdaDecode with the heads and the context's guesses in one schedule
   layerskip      the same engine, LayerSkip-style drafting from the deepest head
+The peers' own exactness: `self_parity` is each lookup peer's tokens against its own plain greedy decoding
+(hf-lookup against hf-eager, llama.cpp-lookup against llama.cpp); the engine's methods are compared with the engine's
+vanilla (`parity`, which must be 100%).
 Seeded sampling (--temperatures, each > 0; empty: none): vanilla, adadecode (heads guess their own draw),
 adadecode-argmax (heads guess their argmax) and layerskip again at each temperature, as `method@T0.7`, compared
 with vanilla sampling at that temperature and seed (parity must be 100% there too).
@@ -31,6 +39,7 @@ JSON and PNG plots go to bench/results/ with the device, versions, command and d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -54,11 +63,14 @@ from adadecode.engines.select import auto_engine, make_engine  # noqa: E402
 from adadecode.heads import prompts as heads_prompts  # noqa: E402
 from adadecode.heads.prompt_sets import load_prompts  # noqa: E402
 
-ALL_METHODS = ["hf-eager", "hf-compile", "torch-graph", "vanilla", "adadecode", "layerskip"]
-EXACT = ("adadecode", "layerskip")
-EVAL_SETS = {"humaneval": heads_prompts.humaneval, "general-heldout": heads_prompts.general_heldout}
+ALL_METHODS = ["hf-eager", "hf-lookup", "hf-compile", "torch-graph", "llama.cpp", "llama.cpp-lookup", "vanilla",
+               "adadecode", "lookup", "adadecode+context", "layerskip"]
+EXACT = ("adadecode", "layerskip", "lookup", "adadecode+context")
+PEER_OF = {"hf-lookup": "hf-eager", "llama.cpp-lookup": "llama.cpp"}  # a lookup peer and its own plain decoding
+EVAL_SETS = {"humaneval": heads_prompts.humaneval, "general-heldout": heads_prompts.general_heldout,
+             "code-edit": heads_prompts.code_edit, "grounded": heads_prompts.grounded}
 DEFAULT_HEADS = {"code": "default:code", "humaneval": "default:code", "general": "default:general",
-                 "general-heldout": "default:general"}
+                 "general-heldout": "default:general", "code-edit": "default:code", "grounded": "default:general"}
 
 
 
@@ -71,7 +83,7 @@ def sync() -> None:
 class HFMethod:
     """transformers generate, timed as (time for N tokens - time for the first) / (N - 1)."""
 
-    def __init__(self, model, compile_: bool):
+    def __init__(self, model, compile_: bool, lookup: int = 0):
         from transformers import LlamaForCausalLM
 
         from adadecode.model.loader import default_model_dir
@@ -86,7 +98,7 @@ class HFMethod:
         self.device = "cuda" if gpu else "cpu"
         self.hf = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16 if gpu else torch.float32,
                                                    attn_implementation="eager").to(self.device).eval()
-        self.kwargs = {}
+        self.kwargs = {"prompt_lookup_num_tokens": lookup} if lookup else {}
         if compile_:
             self.hf.forward = torch.compile(self.hf.forward, mode="reduce-overhead", fullgraph=True)
             self.kwargs = {"cache_implementation": "static"}
@@ -133,6 +145,16 @@ def summarize(name: str, gens: list[Generation], ref: list[Generation] | None, n
         row["exit_layer_hist"] = dict(sorted(hist.items()))
         row["mean_exit_layer"] = sum(k * v for k, v in hist.items()) / max(1, sum(hist.values())) if hist else None
         row["ideal_layer_step_speedup"] = sum(s["vanilla_layer_steps"] for s in st) / max(1, sum(s["layer_steps"] for s in st))
+        row["tokens_per_step"] = sum(s["tokens"] - 1 for s in st) / max(1, sum(s["verify_calls"] for s in st))
+        for src in ("heads", "context"):
+            got = [s["sources"][src] for s in st if "sources" in s]
+            if got and any(g["guesses"] for g in got):
+                g = {f: sum(x[f] for x in got) for f in ("guesses", "accepted", "rejected", "discarded")}
+                row[f"{src}_guesses"] = g
+                row[f"{src}_acceptance"] = g["accepted"] / max(1, g["accepted"] + g["rejected"])
+        modeled = [s["modeled_speedup"] for s in st if "modeled_speedup" in s]
+        if len(modeled) == len(st):  # the engine's measured step cost priced every step: the ideal in wall-clock terms
+            row["ideal_speedup"] = statistics.median(modeled)
     return row
 
 
@@ -224,6 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--gamma", type=float, default=None)
     p.add_argument("--max-pending", type=int, default=5)
     p.add_argument("--k", type=int, default=4, help="LayerSkip draft length")
+    p.add_argument("--max-chain", type=int, default=8, help="context guesses: the longest chain (and llama.cpp's draft)")
+    p.add_argument("--hf-lookup", type=int, default=10, help="hf-lookup: transformers' prompt_lookup_num_tokens")
     p.add_argument("--no-replay", action="store_true", help="skip the 8B-shape trace replay")
     p.add_argument("--temperatures", default="0.7,1.0", help="sampled runs beside greedy (comma list; '' for none)")
     p.add_argument("--top-k", type=int, default=0, help="sampled runs: top-k (0: off)")
@@ -270,8 +294,8 @@ def main(argv=None) -> int:
                  else ""), file=sys.stderr)
 
     # the baselines read the model's torch weights: the CPU engine's packed copy does not replace them here
-    llm = LLM(args.model, heads=heads_spec, max_rows=max(16, args.max_pending + 1, args.k + 1), engine=args.engine,
-              threads=args.threads, release_weights=False)
+    llm = LLM(args.model, heads=heads_spec, max_rows=max(16, args.max_pending + 1, args.k + 1, args.max_chain + 1),
+              engine=args.engine, threads=args.threads, release_weights=False)
     model, heads, meta = llm.model, llm.heads, llm.heads_meta
     gamma = args.gamma if args.gamma is not None else meta.get("gammas") or float(meta.get("gamma", DEFAULT_GAMMA))
     prompts = prompt_set(args.prompts, llm.tokenizer, meta)[:n_prompts]
@@ -289,7 +313,16 @@ def main(argv=None) -> int:
         "adadecode": lambda x, n: llm.generate(x, max_new_tokens=n, method="adadecode", gamma=gamma,
                                                max_pending=args.max_pending),
         "layerskip": lambda x, n: llm.generate(x, max_new_tokens=n, method="layerskip", k=args.k),
+        "lookup": lambda x, n: llm.generate(x, max_new_tokens=n, method="lookup", max_chain=args.max_chain),
+        "adadecode+context": lambda x, n: llm.generate(x, max_new_tokens=n, method="adadecode", gamma=gamma,
+                                                       max_pending=args.max_pending, context=True,
+                                                       max_chain=args.max_chain),
     }
+    from adadecode.engines.cost import step_cost
+
+    cost = step_cost(engine)  # measured once (or from the cache) before any timing: every engine method is priced
+    print(f"step cost of R rows over one (this engine, this machine): {cost.relative()[:8]} ({cost.source})",
+          file=sys.stderr)
     sampled = []  # method@T rows: the exact methods again under seeded sampling
     for t in [float(v) for v in temps]:
         kw = dict(temperature=t, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -307,12 +340,30 @@ def main(argv=None) -> int:
             runners[name + tag] = run
             sampled.append(name + tag)
     skipped = {}
+    stack = contextlib.ExitStack()  # the peer servers, stopped at the end whatever happens
     for name, build in (("hf-eager", lambda: HFMethod(model, False)), ("hf-compile", lambda: HFMethod(model, True)),
-                        ("torch-graph", None)):
+                        ("hf-lookup", lambda: HFMethod(model, False, lookup=args.hf_lookup)),
+                        ("llama.cpp", None), ("llama.cpp-lookup", None), ("torch-graph", None)):
         if name not in methods:
             continue
         try:
-            if name == "torch-graph":
+            if name.startswith("llama.cpp"):
+                from llama_server import LlamaServer, peer_gguf
+
+                gguf = peer_gguf("BF16")
+                if gguf is None:
+                    raise RuntimeError("no BF16 GGUF of the default model under .peers/: run `make bench-peers`")
+                srv = stack.enter_context(LlamaServer(gguf, threads=getattr(engine, "threads", 1),
+                                                      lookup=name.endswith("lookup"), draft=args.max_chain,
+                                                      ctx=max_seq + 64))
+
+                def run_server(x, n, srv=srv):
+                    toks, ms, _ = srv.complete(x, n)
+                    return Generation(prompt_tokens=list(x), tokens=toks, seconds=ms * len(toks) / 1e3,
+                                      decode_seconds=ms * max(0, len(toks) - 1) / 1e3)
+
+                runners[name] = run_server
+            elif name == "torch-graph":
                 from adadecode.decoding.graphed import GraphedDecoder
                 from adadecode.engines.torch import TorchEngine
 
@@ -324,31 +375,35 @@ def main(argv=None) -> int:
         except Exception as e:  # a baseline that cannot run on the installed versions is reported, not fatal
             skipped[name] = f"{type(e).__name__}: {e}"
     order = [m for m in ["vanilla"] + methods + sampled if m in runners]
+    order = sorted(order, key=lambda m: m not in PEER_OF.values())  # a lookup peer's own plain run comes first
     order = list(dict.fromkeys(order))
 
     gens: dict[str, list[Generation]] = {m: [] for m in order}
     traces: list[Trace] = []
-    for m in order:  # warm-up: graphs, compilation, allocator
-        try:
-            runners[m](prompts[0], min(8, max_new))
-        except Exception as e:
-            if m.split("@")[0] in EXACT + ("vanilla", "adadecode-argmax"):
-                raise  # the product's own methods never fail quietly
-            skipped[m] = f"{type(e).__name__}: {e}"
-    order = [m for m in order if m not in skipped]
-    bar = tqdm(total=len(order) * len(prompts), desc="decoding", file=sys.stderr)
-    for x in prompts:  # the methods side by side on each prompt: a machine's slow spell touches all of them alike
-        for m in order:
-            if m in skipped:
-                continue
+    try:
+        for m in order:  # warm-up: graphs, compilation, allocator
             try:
-                gens[m].append(runners[m](x, max_new))
+                runners[m](prompts[0], min(8, max_new))
             except Exception as e:
                 if m.split("@")[0] in EXACT + ("vanilla", "adadecode-argmax"):
-                    raise
+                    raise  # the product's own methods never fail quietly
                 skipped[m] = f"{type(e).__name__}: {e}"
-            bar.update(1)
-    bar.close()
+        order = [m for m in order if m not in skipped]
+        bar = tqdm(total=len(order) * len(prompts), desc="decoding", file=sys.stderr)
+        for x in prompts:  # the methods side by side on each prompt: a machine's slow spell touches all of them alike
+            for m in order:
+                if m in skipped:
+                    continue
+                try:
+                    gens[m].append(runners[m](x, max_new))
+                except Exception as e:
+                    if m.split("@")[0] in EXACT + ("vanilla", "adadecode-argmax"):
+                        raise
+                    skipped[m] = f"{type(e).__name__}: {e}"
+                bar.update(1)
+        bar.close()
+    finally:
+        stack.close()
     order = [m for m in order if m not in skipped]
     if gpu and not args.no_replay and "adadecode" in order:
         for x in prompts:  # record each prompt's schedule (the decisions replayed on the 8B shape)
@@ -367,9 +422,14 @@ def main(argv=None) -> int:
         base = "vanilla" + m[m.index("@"):] if "@" in m else "vanilla"  # the same temperature's vanilla
         ref = gens[base]
         row = summarize(m, gens[m], None if m == base else ref, model.cfg.n_layers)
+        if m in PEER_OF and PEER_OF[m] in gens:  # the peer against its own plain greedy decoding
+            own = gens[PEER_OF[m]]
+            row["self_parity"] = sum(g.tokens == r.tokens for g, r in zip(gens[m], own)) / len(own)
+            row["speedup_over_own"] = statistics.median(r.ms_per_token for r in own) / row["ms_per_token"]
         row["speedup"] = statistics.median(r.ms_per_token for r in ref) / row["ms_per_token"]
-        if row.get("ideal_layer_step_speedup"):
-            row["realized_over_ideal"] = row["speedup"] / row["ideal_layer_step_speedup"]
+        ideal = row.get("ideal_speedup") or row.get("ideal_layer_step_speedup")
+        if ideal:
+            row["realized_over_ideal"] = row["speedup"] / ideal
         if bw:
             ctx = statistics.mean(len(x) + len(g.tokens) / 2 for x, g in zip(prompts, gens[m]))
             row["pct_bandwidth_floor"] = 100 * bytes_per_token(model.cfg, ctx) / bw / (row["ms_per_token"] / 1e3)
@@ -398,7 +458,7 @@ def main(argv=None) -> int:
     print(f"\n{result['model']} | {result['device']} | engine {engine.name}{threads} | heads {heads_spec} "
           f"{result['head_layers']} gamma {gamma} | {len(prompts)} prompts x {max_new} tokens ({args.prompts})")
     print(f"{'method':<22} {'ms/tok':>9} {'tok/s':>8} {'speedup':>8} {'%floor':>7} {'parity':>7} {'exit':>6} "
-          f"{'accept':>7} {'exit L':>7} {'ideal':>6} {'real/id':>7}")
+          f"{'accept':>7} {'exit L':>7} {'tok/st':>6} {'ideal':>6} {'real/id':>7} {'self':>5}")
     for r in rows:
         def f(key, fmt, scale=1.0):
             return fmt % (scale * r[key]) if r.get(key) is not None else "-"
@@ -406,7 +466,8 @@ def main(argv=None) -> int:
         print(f"{r['method']:<22} {r['ms_per_token']:9.3f} {r['tokens_per_s']:8.1f} {r['speedup']:8.2f} "
               f"{f('pct_bandwidth_floor', '%.0f%%'):>7} {f('parity_prompts', '%.0f%%', 100):>7} "
               f"{f('early_exit_rate', '%.2f'):>6} {f('acceptance', '%.2f'):>7} {f('mean_exit_layer', '%.1f'):>7} "
-              f"{f('ideal_layer_step_speedup', '%.2f'):>6} {f('realized_over_ideal', '%.2f'):>7}")
+              f"{f('tokens_per_step', '%.2f'):>6} {f('ideal_speedup', '%.2f') if r.get('ideal_speedup') else f('ideal_layer_step_speedup', '%.2f'):>6} "
+              f"{f('realized_over_ideal', '%.2f'):>7} {f('self_parity', '%.0f%%', 100):>5}")
     for m, why in skipped.items():
         print(f"{m:<22} not run: {why}")
     if "trace_replay" in result:

@@ -204,7 +204,8 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
     head_layers = sorted(head_at)
     eos = set(int(e) for e in eos_ids)
     M = max_new_tokens
-    cost = context.cost if context is not None else None
+    # the engine's step cost prices each step (stats["modeled_speedup"]): the guesser's, or one measured already
+    cost = context.cost if context is not None else getattr(engine, "_step_cost", None)
 
     st = dict(early=0, accepted=0, rejected=0, discarded=0, frontier_tokens=0, layer_steps=0, row_layer_steps=0,
               run_layers_calls=0, head_calls=0, verify_calls=0)
@@ -365,6 +366,7 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
     if cost is not None:
         vanilla = (len(tokens) - 1) * cost.token_s(L)
         st["modeled_speedup"] = vanilla / modeled if modeled else 1.0
+    if context is not None:
         st["context"] = context.summary()
     st["method"] = method
     if sampling is not None:
