@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import LlamaConfig
+from .filesys import atomic_path, write_atomic
 from .tokenizer import Tokenizer
 from .weights import LlamaWeights, ReleasedWeights, check_finite, expected_shapes
 
@@ -166,16 +165,18 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Mo
 
 
 def write_hf_dir(model: Model, out: Path) -> None:
-    """Save a Model as an HF checkpoint directory (config, bf16 safetensors, tokenizer)."""
+    """Save a Model as an HF checkpoint directory (config, bf16 safetensors, tokenizer), each file atomically."""
     from safetensors.torch import save_file
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
+    write_atomic(out / "config.json", json.dumps(model.cfg.to_hf(), indent=2))
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.weights.to_hf_state(model.cfg).items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     if model.tokenizer is not None:
-        (out / "tokenizer.json").write_text(model.tokenizer.tok.to_str())
-        (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer.config, indent=2))
+        write_atomic(out / "tokenizer.json", model.tokenizer.tok.to_str())
+        write_atomic(out / "tokenizer_config.json", json.dumps(model.tokenizer.config, indent=2))
 
 
 def default_gguf_path() -> Path:
@@ -204,17 +205,12 @@ def default_model_dir() -> Path:
     if (out / "model.safetensors").is_file():
         return out
     model = load_gguf_model(default_gguf_path())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        write_hf_dir(model, tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first
-            if not (out / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(out, directory=True) as tmp:
+            write_hf_dir(model, tmp)
+    except OSError:  # another process finished first (os.replace refuses a full folder)
+        if not (out / "model.safetensors").is_file():
+            raise
     return out
 
 
