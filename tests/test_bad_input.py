@@ -327,3 +327,23 @@ def test_default_checkpoint_with_a_layer_short_config_is_refused(default_model, 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 29}))
     with pytest.raises(ValueError, match=r"9 tensors config.json does not use \(model.layers.29.input_layernorm"):
         load_model(tmp_path)
+
+
+# ---- issue 35: a model or heads path that is a directory, a FIFO or a device ---------------------------------------
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device"])
+def test_model_and_heads_paths_that_are_not_files_say_what_they_are(ckpt, tmp_path, kind):
+    """They were reported as "no such file" (and a FIFO or /dev/zero must never be opened: the one blocks, the
+    other never ends)."""
+    from adadecode.heads.files import load_heads
+
+    path = Path("/dev/zero") if kind == "device" else tmp_path / "x.gguf"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    what = {"directory": "a directory", "fifo": r"a FIFO \(named pipe\)", "device": "a character device"}[kind]
+    as_model = "a directory without config.json" if kind == "directory" else f"is {what}, not a model"
+    with pytest.raises((ValueError, FileNotFoundError), match=rf"{path}: {as_model}"):
+        load_model(path)
+    with pytest.raises(ValueError, match=rf"{path}: is {what}, not a head file"):
+        load_heads(path, load_model(ckpt))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from adadecode.model.filesys import atomic_path, stale_temporaries, temporary_name, write_atomic
+from adadecode.model.filesys import atomic_path, check_file, stale_temporaries, temporary_name, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 FILESYS = ROOT / "adadecode" / "model" / "filesys.py"
@@ -67,6 +67,18 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
     assert sorted(stale_temporaries(f)) == sorted([stale, stale_dir])
     write_atomic(f, b"heads")
     assert leftovers(tmp_path, {"h.safetensors"}) == sorted([live.name, other.name])
+
+
+@pytest.mark.parametrize("make,kind", [(lambda p: p.mkdir(), "a directory"), (lambda p: os.mkfifo(p), "a FIFO"),
+                                       (None, "a character device")])
+def test_check_file_names_what_a_path_is(tmp_path, make, kind):
+    p = Path("/dev/zero") if make is None else tmp_path / "x"
+    if make is not None:
+        make(p)
+    with pytest.raises(ValueError, match=rf"{p}: is {kind}.*, not a head file"):
+        check_file(p, "head file")
+    with pytest.raises(FileNotFoundError, match="no such head file"):
+        check_file(tmp_path / "nothing", "head file")
 
 
 # ---- killed at every point of a write ----------------------------------------------------------------------------

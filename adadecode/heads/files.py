@@ -80,9 +80,9 @@ def read_head_file(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, raw metadata) of a head file, with a clear error for a missing, corrupt or truncated one."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such head file")
+    from ..model.filesys import check_file
+
+    path = check_file(path, "head file")  # a FIFO would block the open, /dev/zero never end
     try:
         with safe_open(str(path), framework="pt") as f:
             md = dict(f.metadata() or {})

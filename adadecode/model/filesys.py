@@ -1,4 +1,6 @@
-"""Files out: every file the project writes (the CLI, head training and its caches, the default model's cache, the
+"""Files out and in.
+
+Out: every file the project writes (the CLI, head training and its caches, the default model's cache, the
 benchmarks' results) goes through `atomic_path` or `write_atomic`: written under a temporary name in the target's
 own folder, flushed to disk (fsync), then renamed over the target (os.replace, atomic on POSIX). Whoever reads the
 target, and whenever the writer is killed, sees the old file or the new one, never a part of one (issue 35: a
@@ -8,6 +10,10 @@ A temporary is named `.<target name>.tmp-<pid>-<8 hex><target suffix>`: hidden, 
 that writers that choose a format by it (matplotlib, numpy) write the same bytes. A killed writer leaves its
 temporary behind; the next write of the same target removes every temporary of it whose process is gone (or that
 this process made and no longer writes), and nothing ever reads one.
+
+In: `check_file` names what a path that should be a file is instead (a directory, a FIFO, a device): opening a
+FIFO blocks until someone writes to it and /dev/zero never ends, so neither may reach a reader; "no such file"
+is kept for paths that do not exist.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -122,3 +129,32 @@ def write_atomic(target: str | os.PathLike, data: str | bytes) -> None:
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as f:
             f.write(raw)
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """None for a regular file (links followed); else what `path` is, for a message: "missing", "a directory",
+    "a FIFO (named pipe)", "a character device", ..."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def check_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` if it is a regular file; FileNotFoundError "no such <what>" if it does not exist, ValueError naming
+    what it is otherwise (before anything opens it)."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise FileNotFoundError(f"{path}: no such {what}")
+    if kind is not None:
+        raise ValueError(f"{path}: is {kind}, not a {what}")
+    if not os.access(path, os.R_OK):  # a PermissionError later would be a traceback, not a message
+        raise ValueError(f"{path}: is not readable (permission denied)")
+    return Path(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import LlamaConfig
-from .filesys import atomic_path, write_atomic
+from .filesys import atomic_path, check_file, file_kind, write_atomic
 from .tokenizer import Tokenizer
 from .weights import LlamaWeights, ReleasedWeights, check_finite, expected_shapes
 
@@ -62,8 +62,7 @@ def _read_safetensors(file: Path, names: set[str], dtype: torch.dtype) -> tuple[
     """(the tensors named in `names`, in `dtype` and finite; every other tensor name in the file)."""
     from safetensors import SafetensorError, safe_open
 
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: safetensors file is missing")
+    check_file(file, "safetensors file")
     out, other = {}, []
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -113,14 +112,14 @@ def load_hf_state(path: Path, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str,
         leftover += sorted(set(weight_map) - set(want))
         shards = sorted(set(files.values()))
         for s in shards:
-            if not s.is_file():
+            if not s.exists():  # one that is a folder or a FIFO: _read_safetensors names what it is
                 raise FileNotFoundError(f"{s}: shard named in {index.name} is missing")
         state = {}
         for s in shards:
             part, other = _read_safetensors(s, {n for n in want if files[n] == s}, dtype)
             state.update(part)
             leftover += [k for k in other if k not in leftover]  # unnamed by the index, or a copy of another shard's
-    elif single.is_file():
+    elif single.exists():
         state, leftover = _read_safetensors(single, set(want), dtype)
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
@@ -221,8 +220,14 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.bfloat16) -> Model:
         model.source = f"default ({DEFAULT_MODEL_NAME}, Q4_1 dequantised to bf16)"
         return model
     path = Path(spec)
-    if path.is_file() and path.suffix == ".gguf":
+    kind = file_kind(path)
+    give = "give 'default', a .gguf file or an HF checkpoint directory"
+    if kind is None and path.suffix == ".gguf":
         return load_gguf_model(path, dtype)
-    if path.is_dir():
+    if kind == "a directory":
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: a directory without config.json, so not an HF checkpoint ({give})")
         return load_hf_dir(path, dtype)
-    raise FileNotFoundError(f"{path}: no such model (give 'default', a .gguf file or an HF checkpoint directory)")
+    if kind == "missing":
+        raise FileNotFoundError(f"{path}: no such model ({give})")
+    raise ValueError(f"{path}: is {'a file not named .gguf' if kind is None else kind}, not a model ({give})")
