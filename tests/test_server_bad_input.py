@@ -1,5 +1,6 @@
 """Issue 25's server findings: surrogates are 400s, a body over --max-request-bytes is a 413 before it is parsed,
-requests are tokenised off the event loop, and a refused huge request leaves the server's memory near its baseline."""
+requests are tokenised off the event loop, and a refused huge request leaves the server's memory near its baseline.
+Issue 35's: values of the wrong JSON type (NaN, "5", "yes", null) are 400s as OpenAI's API has them."""
 from __future__ import annotations
 
 import http.client
@@ -168,3 +169,26 @@ def test_tokenising_runs_off_the_event_loop(monkeypatch):
     t0, (h_status, h_at), (status, done_at) = asyncio.run(main())
     assert status == 200 and h_status == 200
     assert h_at - t0 < 1.0 and done_at - t0 >= 2.0, (h_at - t0, done_at - t0)
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("change,param,words", [
+    ({"temperature": float("nan")}, "temperature", "finite number"),
+    ({"temperature": float("inf")}, "temperature", "finite number"),
+    ({"top_p": "0.5", "temperature": 0.5}, "top_p", "valid number"),
+    ({"max_tokens": "5"}, "max_tokens", "valid integer"),
+    ({"max_tokens": 5.0}, "max_tokens", "valid integer"),
+    ({"seed": True, "temperature": 0.5}, "seed", "valid integer"),
+    ({"stream": "true"}, "stream", "valid boolean"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options", "valid boolean"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages", "valid string"),
+    ({"messages": [{"role": "user"}]}, "messages", "Field required"),
+])
+def test_values_of_the_wrong_json_type_are_400s(server, change, param, words):
+    """Issue 35: a NaN temperature was answered "should be less than or equal to 2"; "5", "yes" and a null content
+    were accepted (pydantic's lax mode converts them) where OpenAI's API refuses them."""
+    body = json.dumps({**CHAT, **change}, allow_nan=True).encode()
+    code, out = server.post("/v1/chat/completions", body)
+    assert code == 400 and out["error"]["param"] == param and words in out["error"]["message"], out
