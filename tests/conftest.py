@@ -162,6 +162,26 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf_byte_arrays(tiny_gguf, tmp_path_factory):
+    """tiny_gguf with three more metadata arrays, of uint8, int8 and bool (16 values each), first in the file: the
+    gguf package's reader loops over an array of 1-byte items past the file's end without an error (an item size
+    that divides every remainder), which is how issue 35's file of a few hundred bytes grew it without bound.
+    Inserted whole (each entry 64 bytes: the alignment of the data section holds) with the header's count bumped."""
+    import struct
+
+    raw = tiny_gguf.read_bytes()
+    extra = b""
+    for name, itype in (("uint8", 0), ("int8", 1), ("bool", 7)):
+        key = f"fuzz.{name}_items".ljust(24, "x").encode()
+        extra += struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, itype, 16) + bytes(range(16))
+    assert len(extra) % 32 == 0
+    n_kv = struct.unpack_from("<Q", raw, 16)[0]
+    path = tmp_path_factory.mktemp("gguf-bytes") / "tiny-bytes.gguf"
+    path.write_bytes(raw[:16] + struct.pack("<Q", n_kv + 3) + extra + raw[24:])
+    return path
+
+
 def gguf_length_fields(path) -> list[tuple[int, int, str, str]]:
     """Every count and length a GGUF file holds, as (byte offset, width in bytes, what a loader's error must name,
     kind): the header's tensor and metadata counts, each metadata key's length, value type, string length, array
