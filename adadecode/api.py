@@ -34,6 +34,9 @@ METHODS = ("vanilla", "adadecode", "layerskip", "lookup")
 DEFAULT_GAMMA = 0.75  # adadecode's threshold when neither the call nor the heads file gives one
 _FUNCTIONS = {"vanilla": generate_vanilla, "adadecode": generate_adadecode, "layerskip": generate_layerskip,
               "lookup": generate_lookup}
+# a request's stop strings, at most (docs/serving.md): OpenAI takes 4; these leave room for any real use
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 64 * 1024
 _RESERVED = {"prompt_tokens", "max_new_tokens", "eos_ids", "on_token", "heads", "gamma", "max_pending", "head_index", "k"}
 
 
@@ -79,6 +82,63 @@ class Delta:
         return None if self.completion is None else self.completion.finish_reason
 
 
+class StopMatcher:
+    """Finds the first stop string in a text fed piece by piece (Knuth-Morris-Pratt, one automaton per string).
+
+    `state[j]` is the length of the longest prefix of stop string j that ends the text fed so far: the longest
+    of these is what a stream must hold back, since the next characters may complete it. A character costs
+    amortised O(1) per stop string whatever its length (the state rises by one at most, and each fall-back
+    lowers it), where testing every prefix length per token cost O(len(s)^2) and froze a server on one 3.9 MB
+    stop string (issue 35). The failure table is built only as far as a state has risen, so a stop string longer
+    than the text costs no more than the text does."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = list(stop)
+        self.state = [0] * len(self.stop)
+        self._fail = [[0] for _ in self.stop]  # _fail[j][i]: longest proper border of stop[j][:i + 1]
+
+    @staticmethod
+    def _extend(fail: list[int], s: str, n: int) -> None:
+        k = fail[-1]
+        for i in range(len(fail), n):
+            while k and s[k] != s[i]:
+                k = fail[k - 1]
+            if s[k] == s[i]:
+                k += 1
+            fail.append(k)
+
+    def feed(self, piece: str) -> tuple[int, str] | None:
+        """Advance over `piece`; -> (the index in `piece` where the first stop string found begins, counted back
+        from the piece's start, so possibly negative; that string), or None. First means the one completed
+        earliest; of two completed at the same character, the longer (it began first)."""
+        best = None
+        for j, s in enumerate(self.stop):
+            q, fail, n = self.state[j], self._fail[j], len(s)
+            if q == 0 and s[0] not in piece:  # the common case, scanned in C
+                continue
+            for end, c in enumerate(piece):
+                while q and s[q] != c:
+                    q = fail[q - 1]
+                if s[q] == c:
+                    q += 1
+                    if q == n:
+                        if best is None or (end, -n) < best[:2]:
+                            best = (end, -n, s)
+                        break
+                    if len(fail) < q:
+                        self._extend(fail, s, q)
+            self.state[j] = q
+        if best is None:
+            return None
+        end, n, s = best
+        return end + 1 + n, s
+
+    @property
+    def held(self) -> int:
+        """Characters at the end of the text that may begin a stop string."""
+        return max(self.state, default=0)
+
+
 class TextStream:
     """Text of a growing token list, cut at the first stop string; `push` returns what may be shown now.
 
@@ -88,6 +148,7 @@ class TextStream:
         from .model.tokenizer import StreamDecoder
 
         self.decoder, self.stop = StreamDecoder(tokenizer), list(stop)
+        self.matcher = StopMatcher(self.stop)
         self.text, self.sent, self.hit = "", 0, None
 
     def push(self, token: int) -> str:
@@ -99,15 +160,34 @@ class TextStream:
     def _take(self, piece: str, final: bool) -> str:
         if piece:
             old, self.text = len(self.text), self.text + piece
-            found = [(i, s) for s in self.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) >= 0]
+            found = self.matcher.feed(piece)
             if found:
-                i, self.hit = min(found)
-                self.text = self.text[:i]
+                i, self.hit = found
+                self.text = self.text[:old + i]
         end = len(self.text)
         if self.hit is None and not final:
-            end -= max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+            end -= self.matcher.held
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
+
+
+def check_stop(stop) -> list[str]:
+    """Stop strings as a list: non-empty strings, at most MAX_STOP_STRINGS of them and MAX_STOP_BYTES in all.
+
+    The matcher's cost does not grow with a string's length, but a request that asks for more is no real use and
+    would keep its megabytes for the whole generation; the bounds are documented in docs/serving.md."""
+    if isinstance(stop, (bytes, dict)) or not (stop is None or isinstance(stop, (str, Sequence))):
+        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are accepted")
+    bad = next((s for s in stop if not isinstance(s, str) or s == ""), None)
+    if bad is not None:
+        raise ValueError(f"stop must be non-empty strings, got {bad!r:.80}")
+    size = sum(len(s.encode("utf-8", "surrogatepass")) for s in stop)
+    if size > MAX_STOP_BYTES:
+        raise ValueError(f"stop strings hold {size} bytes (UTF-8) in all; at most {MAX_STOP_BYTES} are accepted")
+    return stop
 
 
 def check_messages(messages) -> list[dict]:
@@ -250,9 +330,7 @@ class LLM:
         method = method or ("adadecode" if self.heads else "vanilla")
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or s == "" for s in stop):
-            raise ValueError(f"stop must be non-empty strings, got {stop!r}")
+        stop = check_stop(stop)
         if stop and self.tokenizer is None:
             raise ValueError(f"{self.model.source} has no tokenizer.json; stop strings need one")
         params = inspect.signature(_FUNCTIONS[method]).parameters

@@ -69,11 +69,19 @@ def sampling_options(body: "_Common") -> dict:
 
 
 # ---- requests ------------------------------------------------------------------------------------------------
-class _StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """Values as JSON types, as OpenAI's API takes them: "5" is not an integer, "yes" not a boolean and NaN not a
+    temperature (pydantic's lax mode would convert the first two, and report the third as out of range). An
+    integer is still a number."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class _StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _Common(_Strict):
     model_config = ConfigDict(extra="allow")  # fields OpenAI clients send that change nothing here (user, ...)
 
     model: str
@@ -122,16 +130,17 @@ class CompletionRequest(_Common):
                 ("best_of", self.best_of not in (None, 1), "best_of=1 only"), ("suffix", bool(self.suffix), "no suffix")]
 
 
-class _TextPart(BaseModel):
+class _TextPart(_Strict):
     type: str
     text: str | None = None
 
 
-class _Message(BaseModel):
+class _Message(_Strict):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_TextPart] | None = None
+    # required, and not null: OpenAI allows a null content only beside tool_calls, which this server refuses
+    content: str | list[_TextPart]
 
 
 class ChatRequest(_Common):
@@ -452,7 +461,7 @@ def _chat_messages(body: ChatRequest) -> list[dict]:
             if any(p.type != "text" or p.text is None for p in content):
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
             content = "".join(p.text for p in content)
-        out.append({"role": m.role, "content": content or ""})
+        out.append({"role": m.role, "content": content})
     return out
 
 

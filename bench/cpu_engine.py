@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import bytes_per_token, run_facts  # noqa: E402
+from adadecode.model.filesys import atomic_path, write_atomic  # noqa: E402
 from adadecode.decoding.vanilla import generate_vanilla  # noqa: E402
 from adadecode.engines.cpu import CpuEngine, CpuWeights, cpu_unavailable_reason, read_bandwidth  # noqa: E402
 from adadecode.engines.torch import TorchEngine  # noqa: E402
@@ -192,7 +193,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{result['model']} on {result['cpu']}, {result['date'][:10]}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -310,8 +312,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"cpu-engine-{facts['date'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(table + "\n")
+    write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2))
+    write_atomic(stem.with_suffix(".md"), table + "\n")
     plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json, .md and .png")
     return 0

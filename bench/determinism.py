@@ -87,7 +87,9 @@ def main(argv=None) -> dict:
     result = {**run_facts("bench/determinism.py", argv), "load_processes": args.load, "tokens": args.tokens,
               "cases": cases}
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        from adadecode.model.filesys import write_atomic
+
+        write_atomic(args.out, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from adadecode.decoding.vanilla import generate_vanilla  # noqa: E402
+from adadecode.model.filesys import write_atomic  # noqa: E402
 from adadecode.engines.cuda import cuda_unavailable_reason  # noqa: E402
 from adadecode.model.config import LlamaConfig  # noqa: E402
 from adadecode.model.weights import LlamaWeights  # noqa: E402
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / result_name(models, f"{now:%Y-%m-%d}")
-    path.write_text(json.dumps(result, indent=2))
+    write_atomic(path, json.dumps(result, indent=2))
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import run_facts  # noqa: E402
+from adadecode.model.filesys import write_atomic  # noqa: E402
 
 NOT_HERE = 3  # exit code of --check when an engine is not in this checkout
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"engine-parity-{names[0]}-{names[1]}-{facts['date'][:10]}.json"
-    path.write_text(json.dumps(result, indent=2))
+    write_atomic(path, json.dumps(result, indent=2))
     print(f"{result['identical_prompts']}/{len(rows)} prompts identical, {len(bad)} divergences that are not ties; "
           f"wrote {path}")
     return 1 if bad else 0

@@ -106,6 +106,21 @@ PART2 = Path(".gpu/part2") / f"{GGUF}.part01"
 WHEEL_DIR = Path(".gpu/wheels")
 CARRY = {"call1": [".gpu/part1", ".gpu/wheels"], "call2": [".gpu/part2", ".gpu/wheels"]}
 
+def _writers():
+    """(atomic_path, write_atomic) of this checkout's adadecode/model/filesys.py, loaded from its file: it needs
+    the standard library alone, where `import adadecode` would need torch in whichever Python runs the plan (and a
+    lease's summary must be written whatever that Python lacks)."""
+    import importlib.util
+
+    mod = sys.modules.get("_adadecode_filesys")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("_adadecode_filesys", ROOT / "adadecode" / "model" / "filesys.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    return mod.atomic_path, mod.write_atomic
+
+
 # the device tool's limits (/work/.library/device/README.md) and this plan's budget
 MIB = 2 ** 20
 CARRY_LIMIT = 64 * MIB
@@ -401,10 +416,11 @@ class Runner:
 
     def finish(self, facts_extra: dict | None = None) -> dict:
         """The summary (md + json), the tarball; returns the summary."""
+        atomic_path, write_atomic = _writers()
         summary = summarize(self, facts_extra or {})
-        (self.out / f"{self.call}-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        (self.out / f"{self.call}-summary.md").write_text(summary_markdown(summary))
-        with tarfile.open(self.out / f"{self.call}-results.tgz", "w:gz") as tar:
+        write_atomic(self.out / f"{self.call}-summary.json", json.dumps(summary, indent=1) + "\n")
+        write_atomic(self.out / f"{self.call}-summary.md", summary_markdown(summary))
+        with atomic_path(self.out / f"{self.call}-results.tgz") as tmp, tarfile.open(tmp, "w:gz") as tar:
             for rel in summary["result_files"]:
                 tar.add(ROOT / rel, arcname=rel)
             for f in sorted(self.logs.iterdir()):
@@ -426,8 +442,7 @@ def source_digest() -> str:
 
 
 def write_build_stamp() -> None:
-    STAMP.parent.mkdir(parents=True, exist_ok=True)
-    STAMP.write_text(json.dumps({"sources": source_digest(), "python": sys.version.split()[0]}))
+    _writers()[1](STAMP, json.dumps({"sources": source_digest(), "python": sys.version.split()[0]}))
 
 
 def build_reusable() -> bool:
@@ -649,8 +664,9 @@ def stage(allow_offline: bool = False) -> list[str]:
                     raise SystemExit(f"{MODEL_PACKAGE}: {GGUF} has sha256 {sha256(src)}, expected {GGUF_SHA256}")
             data = src.read_bytes()
             half = (len(data) + 1) // 2  # as split -n 2: the first part takes the odd byte
-            p1.write_bytes(data[:half])
-            p2.write_bytes(data[half:])
+            write_atomic = _writers()[1]
+            write_atomic(p1, data[:half])
+            write_atomic(p2, data[half:])
         if joined_sha(p1, p2) != GGUF_SHA256:
             raise SystemExit("staging: the joined halves do not match the GGUF's sha256")
     have = {w.name for w in (ROOT / WHEEL_DIR).glob("*.whl")}
@@ -810,8 +826,9 @@ def dry_run(full: bool, allow_offline: bool, keep: bool) -> int:
         lease, guard = tmp / "lease", tmp / "guard"
         guard.mkdir(parents=True)
         deny = denied_modules()
-        (guard / "deny.json").write_text(json.dumps(deny))
-        (guard / "sitecustomize.py").write_text(GUARD)
+        write_atomic = _writers()[1]
+        write_atomic(guard / "deny.json", json.dumps(deny))
+        write_atomic(guard / "sitecustomize.py", GUARD)
         print(f"import guard: {len(deny)} modules not on the device: {', '.join(deny)}", flush=True)
         summaries = {}
         for call in ("call1", "call2"):  # one lease directory: call 2 finds what call 1 left, as on a warm machine

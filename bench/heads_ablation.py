@@ -25,6 +25,7 @@ from adadecode.engines.head import Head  # noqa: E402
 from adadecode.engines.torch import rms_norm  # noqa: E402
 from adadecode.heads import recipe as heads_recipe  # noqa: E402
 from adadecode.heads.data import merge_data  # noqa: E402
+from adadecode.model.filesys import write_atomic  # noqa: E402
 from adadecode.heads.evaluate import head_cost_layers, head_predictions  # noqa: E402
 from adadecode.heads.schedule_sim import simulate_set, traces_of  # noqa: E402
 from adadecode.heads.train import HeadData, build_vocab, heldout_kl, round_like_file, train_head  # noqa: E402
@@ -121,8 +122,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"heads-ablations-{args.set}"
-    stem.with_suffix(".json").write_text(json.dumps({"set": args.set, "validation_rows": int(va.y.numel()),
-                                                     "training_rows": int(tr.y.numel()), "rows": rows}, indent=1))
+    write_atomic(stem.with_suffix(".json"), json.dumps({"set": args.set, "validation_rows": int(va.y.numel()),
+                                                      "training_rows": int(tr.y.numel()), "rows": rows}, indent=1))
     lines = ["| layer | variant | cost (layers) | K coverage | top-1 | exits at >= 90% accepted | best single head: ideal / with cost "
              "(max prob) | same, margin rule |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['layer']} | {r['variant']} | {r['cost_layers']:.2f} | {100 * r['coverage']:.1f}% | {100 * r['top1']:.1f}% | "
                      f"{100 * r['exit_at_90']:.1f}% (gamma {r['gamma_at_90']}) | {b['ideal_speedup']:.3f}x / {b['speedup_with_head_cost']:.3f}x "
                      f"(gamma {b['gamma']}) | {m['ideal_speedup']:.3f}x / {m['speedup_with_head_cost']:.3f}x |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

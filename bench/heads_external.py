@@ -26,6 +26,7 @@ from adadecode.heads import recipe as heads_recipe  # noqa: E402
 from adadecode.heads.data import merge_data  # noqa: E402
 from adadecode.heads.evaluate import evaluate_set, head_predictions  # noqa: E402
 from adadecode.heads.files import load_heads  # noqa: E402
+from adadecode.model.filesys import atomic_path, write_atomic  # noqa: E402
 from adadecode.heads.schedule_sim import simulate_set, traces_of  # noqa: E402
 from adadecode.model.loader import load_model  # noqa: E402
 
@@ -74,14 +75,14 @@ def main(argv=None) -> int:
               f"{r['perfect_gate_ideal_speedup']:.3f}x", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float))
+    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=1, default=float))
     lines = ["| heads | set (never trained on) | tokens | layers | gamma | early exits | accepted | ideal speedup | "
              "with head cost | perfect gate (ceiling of these heads) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| `{r['heads']}` | {r['set']} | {r['rows']} | {r['layers']} | {r['gamma']} | {100 * r['exit_rate']:.1f}% | "
                      f"{100 * (r['early_accuracy'] or 0):.1f}% | {r['ideal_speedup']:.3f}x | {r['speedup_with_head_cost']:.3f}x | "
                      f"{r['perfect_gate_ideal_speedup']:.3f}x |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(results, out.with_suffix(".png"))
     return 0
@@ -104,7 +105,8 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_title("AdaDecode on prompts never trained on (SmolLM2-135M-Instruct)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

@@ -534,9 +534,11 @@ def main(argv=None) -> int:
                                                       separators=(",", ":")) for x in xs) + "\n]"  # noqa: E731
     body = body.replace('"kernels": null', '"kernels": ' + rows(kernels)).replace('"launches": null',
                                                                                    '"launches": ' + rows(configs))
-    out.with_suffix(".json").write_text(body + "\n")
+    from adadecode.model.filesys import write_atomic
+
+    write_atomic(out.with_suffix(".json"), body + "\n")
     md = markdown(meta, kernels, configs)
-    out.with_suffix(".md").write_text(md)
+    write_atomic(out.with_suffix(".md"), md)
     print(md.split("\n## ")[0])
     print(f"wrote {out.with_suffix('.md')} and .json ({len(kernels)} kernels, {len(configs)} launch rows)")
     decode_spills = [k["kernel"] for k in kernels if k["decode_path"] and spilled(k)]

@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import bytes_per_token, copy_bandwidth, llama31_8b, run_facts  # noqa: E402
 from adadecode import DEFAULT_GAMMA, LLM  # noqa: E402
+from adadecode.model.filesys import atomic_path, write_atomic  # noqa: E402
 from adadecode.decoding.driver import generate_adadecode  # noqa: E402
 from adadecode.decoding.trace import RecordingEngine, Trace, replay  # noqa: E402
 from adadecode.decoding.vanilla import Generation  # noqa: E402
@@ -217,7 +218,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("early exits")
         ax.set_title(f"AdaDecode exits: rate {ada['early_exit_rate']:.0%}, acceptance {ada['acceptance']:.0%}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -485,7 +487,7 @@ def main(argv=None) -> int:
     where = "gpu" if engine.name == "cuda" else "cpu" if engine.name == "cpu" else f"{engine.name}-{'gpu' if gpu else 'cpu'}"
     stem = out / (f"latency-{where}-{args.prompts if args.prompts in DEFAULT_HEADS else 'custom'}"
                   f"{'-unfused' if args.unfused else ''}-{facts['date'][:10]}")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2))
     plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and .png")
     if bugs:

@@ -111,8 +111,10 @@ def main(argv=None) -> int:
             "device": "emulated device (adadecode_emu: csrc/ on the CPU; counts, not times)"}
     md = report(meta, rows)
     print(md)
-    Path(a.out + ".json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    Path(a.out + ".md").write_text(md)
+    from adadecode.model.filesys import write_atomic
+
+    write_atomic(a.out + ".json", json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    write_atomic(a.out + ".md", md)
     return 0
 
 

@@ -160,3 +160,81 @@ def tiny_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     write_tiny_gguf(path, cfg, random_weights(cfg))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_byte_arrays(tiny_gguf, tmp_path_factory):
+    """tiny_gguf with three more metadata arrays, of uint8, int8 and bool (16 values each), first in the file: the
+    gguf package's reader loops over an array of 1-byte items past the file's end without an error (an item size
+    that divides every remainder), which is how issue 35's file of a few hundred bytes grew it without bound.
+    Inserted whole (each entry 64 bytes: the alignment of the data section holds) with the header's count bumped."""
+    import struct
+
+    raw = tiny_gguf.read_bytes()
+    extra = b""
+    for name, itype in (("uint8", 0), ("int8", 1), ("bool", 7)):
+        key = f"fuzz.{name}_items".ljust(24, "x").encode()
+        extra += struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, itype, 16) + bytes(range(16))
+    assert len(extra) % 32 == 0
+    n_kv = struct.unpack_from("<Q", raw, 16)[0]
+    path = tmp_path_factory.mktemp("gguf-bytes") / "tiny-bytes.gguf"
+    path.write_bytes(raw[:16] + struct.pack("<Q", n_kv + 3) + extra + raw[24:])
+    return path
+
+
+def gguf_length_fields(path) -> list[tuple[int, int, str, str]]:
+    """Every count and length a GGUF file holds, as (byte offset, width in bytes, what a loader's error must name,
+    kind): the header's tensor and metadata counts, each metadata key's length, value type, string length, array
+    item type and count and each string item's length, each tensor's name length, dimension count, dimensions, type
+    and data offset. Found with the gguf package's reader, whose parts are views into the mapped file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    base = reader.data.__array_interface__["data"][0]
+    at = lambda part: part.__array_interface__["data"][0] - base  # noqa: E731
+    out = [(8, 8, "tensor count", "header count"), (16, 8, "metadata count", "header count")]
+    entries = [f for k, f in reader.fields.items() if not k.startswith("GGUF.")]
+    for i, f in enumerate(entries):
+        key = f"'{f.name}'"
+        out += [(at(f.parts[0]), 8, f"metadata entry {i} of", "key length"), (at(f.parts[2]), 4, key, "value type")]
+        rest = f.parts[3:]
+        if f.types[0] == gguf.GGUFValueType.STRING:
+            out.append((at(rest[0]), 8, key, "string length"))
+        elif f.types[0] == gguf.GGUFValueType.ARRAY:
+            out += [(at(rest[0]), 4, key, "item type"), (at(rest[1]), 8, key, "array count")]
+            if f.types[-1] == gguf.GGUFValueType.STRING:
+                out += [(at(p), 8, f"'{f.name}'[{j}]", "item length") for j, p in enumerate(rest[2::2])]
+    for t in reader.tensors:
+        name_len, _, n_dims, dims, ttype, offset = t.field.parts
+        name = f"tensor '{t.name}'"
+        out += [(at(name_len), 8, "tensor info", "tensor name length"), (at(n_dims), 4, name, "dimension count"),
+                *((at(dims) + 8 * j, 8, name, "dimension") for j in range(len(dims))),
+                (at(ttype), 4, name, "tensor type"), (at(offset), 8, name, "data offset")]
+    return out
+
+
+class PeakRSS:
+    """The growth of this process's peak resident memory over a block (Linux: VmHWM, reset through clear_refs);
+    `grown_mb` is None where the peak cannot be reset."""
+
+    @staticmethod
+    def _kb(field: str) -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field}")
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start = self._kb("VmRSS")
+        except OSError:
+            self.start = None
+        self.grown_mb = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.start is not None:
+            self.grown_mb = (self._kb("VmHWM") - self.start) / 1024
+        return False

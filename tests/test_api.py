@@ -87,6 +87,80 @@ def test_text_stream_holds_back_a_possible_stop_string(model):
     assert "".join(ts.push(t) for t in tok.encode("x c", add_special=False)) + ts.finish() == "x c"
 
 
+class _Pieces:
+    """Stands in for the StreamDecoder: token i decodes to pieces[i] (any text, split anywhere)."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def push(self, token: int) -> str:
+        return self.pieces[token]
+
+    def flush(self) -> str:
+        return ""
+
+
+def first_stop(text: str, stop: list[str]):
+    """(where the text is cut, the stop string) by the definition: the stop string completed first in the text
+    (the one ending earliest; of two ending together, the longer), or None."""
+    found = [(i + len(s), -len(s), i, s) for s in stop if (i := text.find(s)) >= 0]
+    return min(found)[2:] if found else None
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(text=st.text(alphabet="abc", max_size=40), cuts=st.lists(st.integers(0, 40), max_size=12),
+       stop=st.lists(st.text(alphabet="ab", min_size=1, max_size=6), min_size=1, max_size=4))
+def test_text_stream_cuts_at_the_first_stop_string_however_the_text_is_split(text, cuts, stop):
+    """The matcher (KMP per stop string, issue 35) against the definition, the text split into pieces anywhere:
+    the same cut whatever the split, and what is shown is never more than the cut text, holding back exactly the
+    longest end of the text that begins a stop string."""
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    ts = TextStream(None, stop)
+    ts.decoder = _Pieces(pieces)
+    shown, seen = "", ""
+    for i, piece in enumerate(pieces):
+        shown += ts.push(i)
+        seen += piece
+        if ts.hit is None:
+            held = max((k for s in stop for k in range(1, len(s)) if seen.endswith(s[:k])), default=0)
+            assert shown == seen[:len(seen) - held]
+    shown += ts.finish()
+    want = first_stop(text, stop)
+    cut = text if want is None else text[:want[0]]
+    assert (shown, ts.text, ts.hit) == (cut, cut, None if want is None else want[1])
+
+
+def test_a_stop_string_of_megabytes_costs_nothing_per_token(model):
+    """Issue 35's freeze: one stop string of 3.9 MB made each token cost O(len(s)^2) (4 tokens with 400k characters:
+    3.26 s; 3.9 MB: never done). 300 tokens that all continue it: within 5 s (the old matcher would take hours),
+    every one of them held back, then shown at the end."""
+    import time
+
+    tok = model.tokenizer
+    q = tok.encode("q", add_special=False)
+    assert len(q) == 1
+    t0 = time.monotonic()
+    ts = TextStream(tok, ["q" * 3_900_000, "x" * 1_000_000 + "q"])
+    assert "".join(ts.push(q[0]) for _ in range(300)) == ""
+    assert ts.finish() == "q" * 300 and ts.hit is None
+    assert time.monotonic() - t0 < 5
+
+
+def test_stop_strings_are_bounded(llm):
+    """At most MAX_STOP_STRINGS strings and MAX_STOP_BYTES bytes (UTF-8) in all; the bounds themselves pass."""
+    from adadecode.api import MAX_STOP_BYTES, MAX_STOP_STRINGS
+
+    ok = ["é" * (MAX_STOP_BYTES // 2 // MAX_STOP_STRINGS)] * MAX_STOP_STRINGS
+    assert llm.prepare("hi", max_new_tokens=2, stop=ok).stop == ok
+    for stop, words in (([f"s{i}" for i in range(MAX_STOP_STRINGS + 1)], f"stop holds {MAX_STOP_STRINGS + 1} strings"),
+                        (["é" * (MAX_STOP_BYTES // 2) + "x"], f"stop strings hold {MAX_STOP_BYTES + 1} bytes"),
+                        ("q" * 3_900_000, "stop strings hold 3900000 bytes"), (5, "stop must be a string or a list"),
+                        ([b"x"], "stop must be non-empty strings")):
+        with pytest.raises(ValueError, match=words):
+            llm.prepare("hi", max_new_tokens=2, stop=stop)
+
+
 def metaspace_tokenizer() -> Tokenizer:
     """A Llama-2 style (SentencePiece BPE with byte fallback) tokenizer: the leading space of a text is dropped."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models

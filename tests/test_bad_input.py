@@ -327,3 +327,120 @@ def test_default_checkpoint_with_a_layer_short_config_is_refused(default_model, 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 29}))
     with pytest.raises(ValueError, match=r"9 tensors config.json does not use \(model.layers.29.input_layernorm"):
         load_model(tmp_path)
+
+
+# ---- issue 35: counts and lengths in a GGUF checked against the bytes that remain ------------------------------------
+def evil_gguf(path: Path, count: int = 2**40) -> Path:
+    """The hostile run's file: a few hundred bytes, one metadata array of uint8 whose count is `count`."""
+    import struct
+
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    raw = b"GGUF" + struct.pack("<IQQ", 3, 0, 2)
+    raw += string("general.architecture") + struct.pack("<I", 8) + string("llama")
+    raw += string("evil.bytes") + struct.pack("<IIQ", 9, 0, count) + bytes(200)
+    path.write_bytes(raw)
+    return path
+
+
+def test_cli_refuses_a_gguf_array_longer_than_the_file_at_once(tmp_path):
+    """Issue 35, as found: `generate --model FILE` on that file grew without bound (978 MB at 5 s, 6.2 GB at 75 s,
+    never an error). Now: exit 2 naming the key, the file and the bytes that remain, within 60 s (the CLI's start
+    included) and without the process passing 1.5 GB (polled; it is killed there, and the test fails)."""
+    import time
+
+    f = evil_gguf(tmp_path / "evil.gguf")
+    assert f.stat().st_size < 400
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    p = subprocess.Popen([sys.executable, "-m", "adadecode", "generate", "--model", str(f), "--prompt", "hi",
+                          "--engine", "torch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline, peak = time.monotonic() + 60, 0.0
+    while p.poll() is None and time.monotonic() < deadline and peak < 1500:
+        try:
+            peak = max(peak, next(int(l.split()[1]) for l in open(f"/proc/{p.pid}/status") if l.startswith("VmRSS")) / 1024)
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.05)
+    if p.poll() is None:
+        p.kill()
+    out, err = p.communicate()
+    assert p.returncode == 2, (p.returncode, peak, err[-2000:])
+    assert err.startswith(f"error: {f}: GGUF field 'evil.bytes', an array of 1099511627776 uint8, needs "
+                          f"1099511627776 bytes, but only 200 remain in the file"), err
+    assert peak < 1500
+
+
+@pytest.mark.parametrize("label,width,value,words", [
+    ("tensor count", 8, 2**40, r"the header's 16 metadata entries \(13 bytes each at least\) and 1099511627776 tensor "
+                               r"infos \(24 bytes each at least\) needs \d+ bytes, but only \d+ remain"),
+    ("metadata count", 8, 2**64 - 1, r"the header's 18446744073709551615 metadata entries .* needs \d+ bytes, but only "
+                                     r"\d+ remain"),
+    ("metadata entry 3 of", 8, 2**40, r"the key of metadata entry 3 of 16 \(after 'llama.context_length'\), a string "
+                                      r"of 1099511627776 bytes, needs 1099511627776 bytes, but only \d+ remain"),
+    ("'tokenizer.ggml.model'", 8, 2**63, r"GGUF field 'tokenizer.ggml.model', a string of 9223372036854775808 bytes, "
+                                         r"needs 9223372036854775808 bytes, but only \d+ remain"),
+    ("'tokenizer.ggml.tokens'", 8, 2**40, r"GGUF field 'tokenizer.ggml.tokens', an array of 1099511627776 strings "
+                                          r"\(8 bytes each at least\), needs 8796093022208 bytes, but only \d+ remain"),
+    ("'tokenizer.ggml.tokens'", 8, 2**24, r"GGUF field 'tokenizer.ggml.tokens', an array of 16777216 strings \(8 bytes "
+                                          r"each at least\), needs 134217728 bytes, but only \d+ remain"),
+    ("'tokenizer.ggml.tokens'[5]", 8, 2**40, r"GGUF field 'tokenizer.ggml.tokens'\[5\], a string of 1099511627776 "
+                                             "bytes"),
+    ("tensor 'blk.0.attn_q.weight'", 4, 2**31, "tensor 'blk.0.attn_q.weight' has 2147483648 dimensions"),
+    ("tensor 'token_embd.weight'", 8, 2**40, r"tensor 'token_embd.weight' \(\d+ bytes at data offset \d+\) runs past "
+                                             "the end"),
+])
+def test_gguf_counts_and_lengths_past_the_file_name_the_key(tiny_gguf, tmp_path, label, width, value, words):
+    """Each count and length of a GGUF set far past the file's end: a ValueError naming the file and the key (or
+    tensor), before anything of that size is allocated or read."""
+    from conftest import PeakRSS, gguf_length_fields
+
+    f = tmp_path / "x.gguf"
+    f.write_bytes(tiny_gguf.read_bytes())
+    offset = next(at for at, w, what, _ in gguf_length_fields(f) if what == label and w == width)
+    raw = bytearray(f.read_bytes())
+    raw[offset:offset + width] = value.to_bytes(width, "little")
+    f.write_bytes(bytes(raw))
+    with PeakRSS() as mem, pytest.raises(ValueError, match=rf"{f}: {words}"):
+        load_model(f)
+    assert mem.grown_mb is None or mem.grown_mb < 100, mem.grown_mb
+
+
+def test_gguf_counts_that_fit_the_file_are_still_bounded(tiny_gguf, tmp_path):
+    """Counts the file's bytes could hold but no real model has (a model's tensors: a few thousand; Llama-3's
+    merges: 280147 strings) are refused before each entry costs a Python object: 65537 tensors in a file padded to
+    hold their infos, an array of 2**24 + 1 uint8."""
+    import struct
+
+    f = tmp_path / "x.gguf"
+    raw = bytearray(tiny_gguf.read_bytes()) + bytes(2 * 2**20)
+    raw[8:16] = struct.pack("<Q", 65537)
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"{f}: the GGUF header counts 65537 tensors; at most 65536 are read"):
+        load_model(f)
+    g = evil_gguf(tmp_path / "big.gguf", count=2**24 + 1)
+    with open(g, "ab") as out:
+        out.write(bytes(2**24))
+    with pytest.raises(ValueError, match=rf"{g}: GGUF field 'evil.bytes' is an array of 16777217 values; at most "
+                                         "16777216 are read"):
+        load_model(g)
+
+
+# ---- issue 35: a model or heads path that is a directory, a FIFO or a device ---------------------------------------
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device"])
+def test_model_and_heads_paths_that_are_not_files_say_what_they_are(ckpt, tmp_path, kind):
+    """They were reported as "no such file" (and a FIFO or /dev/zero must never be opened: the one blocks, the
+    other never ends)."""
+    from adadecode.heads.files import load_heads
+
+    path = Path("/dev/zero") if kind == "device" else tmp_path / "x.gguf"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    what = {"directory": "a directory", "fifo": r"a FIFO \(named pipe\)", "device": "a character device"}[kind]
+    as_model = "a directory without config.json" if kind == "directory" else f"is {what}, not a model"
+    with pytest.raises((ValueError, FileNotFoundError), match=rf"{path}: {as_model}"):
+        load_model(path)
+    with pytest.raises(ValueError, match=rf"{path}: is {what}, not a head file"):
+        load_heads(path, load_model(ckpt))

@@ -1,7 +1,12 @@
 """Fuzzing bad input (issue 25): random damage to checkpoints, head files, tokenizer configs, prompts and request
 bodies. The property everywhere: a ValueError naming what is wrong (the file, for files), or a model that loads and
 decodes (the same tokens as the undamaged one where the damage cannot change the answer), never another exception
-type, a hang or a crash. Tiny random models keep CI's cost low; ADADECODE_FUZZ_EXAMPLES=500 runs longer."""
+type, a hang or a crash. Tiny random models keep CI's cost low; ADADECODE_FUZZ_EXAMPLES=500 runs longer.
+
+Issue 35's shapes: every count and length of a GGUF set far past the file; request strings (stop strings, prompts,
+message contents) of every length up to the body limit and lists of them past the limits; and kills at every point
+of a write. Their property adds a bound: a refused or huge input answers within a stated time and its peak memory
+stays within a stated margin (conftest.PeakRSS)."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +23,7 @@ from hypothesis import strategies as st
 
 import adadecode
 from adadecode.model.loader import load_model, write_hf_dir
-from conftest import tiny_chat_model
+from conftest import PeakRSS, gguf_length_fields, tiny_chat_model
 
 EXAMPLES = int(os.environ.get("ADADECODE_FUZZ_EXAMPLES", "60"))
 # CI: a fixed set of examples (derandomize), so a red run is reproducible; a longer run draws fresh ones
@@ -207,6 +212,57 @@ def test_fuzz_gguf(tiny_gguf, tmp_path_factory, data):
             pass  # a context too short for the prompt, or finite weights whose logits overflow
 
 
+def test_every_gguf_count_and_length_far_past_the_file(tiny_gguf_byte_arrays, tmp_path):
+    """Each count and length of the GGUF in turn (375 in the test file) set far past the file's end, to the
+    largest value its width holds and to 2**40 (2**31 for 32-bit fields): a ValueError naming the file, each within
+    5 s and 100 MB of peak memory. Issue 35's file (a uint8 array's count of 2**40) is among them."""
+    import time
+
+    raw = tiny_gguf_byte_arrays.read_bytes()
+    f = tmp_path / "x.gguf"
+    slow = []
+    for at, width, what, kind in gguf_length_fields(tiny_gguf_byte_arrays):
+        for value in (2 ** (8 * width) - 1, 2**40 if width == 8 else 2**31):
+            f.write_bytes(raw[:at] + value.to_bytes(width, "little") + raw[at + width:])
+            t = time.monotonic()
+            with PeakRSS() as mem:
+                model = load_or_refuse(f, str(f))
+            took = time.monotonic() - t
+            if took > 5 or (mem.grown_mb or 0) > 100:
+                slow.append((kind, what, value, round(took, 1), mem.grown_mb))
+            assert model is None or kind == "data offset", (kind, what, value)  # an offset may land on other data
+    assert not slow, slow
+
+
+@fuzz
+@given(data=st.data())
+def test_fuzz_gguf_counts_and_lengths_past_the_file(tiny_gguf_byte_arrays, tmp_path_factory, data):
+    """One count or length of the GGUF (header counts, key and string lengths, value and item types, array counts,
+    tensor dimension counts, dimensions, types, offsets: conftest.gguf_length_fields) set to a drawn value, most
+    often far past the file (issue 35: an array count of 2**40 grew the loader without bound). A ValueError naming
+    the file, or a model, within 5 s and 100 MB of peak memory (the file is 326 KB; with tiny_gguf_byte_arrays'
+    1-byte arrays)."""
+    import time
+
+    f = tmp_path_factory.mktemp("g") / "x.gguf"
+    raw = bytearray(tiny_gguf_byte_arrays.read_bytes())
+    fields = gguf_length_fields(tiny_gguf_byte_arrays)
+    kinds = sorted({kind for *_, kind in fields})  # each kind as likely, however many of it the file holds
+    for _ in range(data.draw(st.integers(1, 2))):
+        kind = data.draw(st.sampled_from(kinds))
+        at, width, _, _ = data.draw(st.sampled_from([x for x in fields if x[3] == kind]))
+        top = 2 ** (8 * width) - 1
+        value = data.draw(st.sampled_from([top, top // 2 + 1, 2**40, 2**32 - 1, 2**24, 2**16 + 1, len(raw), 0]) |
+                          st.integers(0, top) | st.integers(0, len(raw)))
+        raw[at:at + width] = min(value, top).to_bytes(width, "little")
+    f.write_bytes(bytes(raw))
+    t = time.monotonic()
+    with PeakRSS() as mem:
+        load_or_refuse(f, str(f))
+    assert time.monotonic() - t < 5
+    assert mem.grown_mb is None or mem.grown_mb < 100, mem.grown_mb
+
+
 # ---- head files ----------------------------------------------------------------------------------------------------
 @fuzz
 @given(data=st.data())
@@ -350,3 +406,87 @@ def test_fuzz_request_fields(app, path, changes):
        st.integers(1, 5000).map(lambda n: b'{"model": "tiny", "prompt": ' + b"[" * n + b"]" * n + b"}"))
 def test_fuzz_request_bytes(app, path, raw):
     check_answer(*asgi_post(app, path, raw))
+
+
+# ---- issue 35: strings of every length up to the request limit, lists past the limits -------------------------------
+@pytest.fixture(scope="module")
+def big_app(llm):
+    from adadecode.server import create_app
+
+    return create_app(llm, "tiny")  # the default limit, 4 MiB, as the hostile run met it
+
+
+CHARS = st.sampled_from(["q", "a", " ", "é", "€", "😀", "\n"])  # 1, 2, 3 and 4 bytes of UTF-8
+LENGTHS = st.integers(0, 22).flatmap(lambda e: st.integers(2**e - 1, 2 ** (e + 1)))  # 0 .. 8 MiB, every scale
+
+
+SIZED = [(p, w) for p in sorted(VALID) for w in ("stop", "stops")] + [("/v1/completions", "prompt"),
+         ("/v1/completions", "tokens"), ("/v1/chat/completions", "content"), ("/v1/chat/completions", "messages")]
+
+
+@fuzz
+@given(case=st.sampled_from(SIZED), char=CHARS, n=LENGTHS)
+def test_fuzz_request_sizes_up_to_the_limit(big_app, case, char, n):
+    """A string of n characters (a stop string, a prompt, a message's content), or n of something (stop strings,
+    prompt token ids, messages): a 200, a 400 naming the field, or a 413 past the body limit, within 10 s and 200 MB
+    of peak memory whatever n (the body is at most ~4 MiB when it is parsed). A stop string the limits take is
+    served: issue 35's froze the server."""
+    import time
+
+    from adadecode.api import MAX_STOP_BYTES, MAX_STOP_STRINGS
+
+    path, where = case
+    body = dict(VALID[path])
+    n = max(n, 1)
+    if where == "stop":
+        body["stop"] = char * n
+    elif where == "stops":
+        body["stop"] = [char] * n
+    elif where == "prompt":
+        body["prompt"] = char * n
+    elif where == "content":
+        body["messages"] = [{"role": "user", "content": char * n}]
+    elif where == "tokens":
+        body["prompt"] = [5] * n
+    else:
+        body["messages"] = [{"role": "user", "content": char}] * n
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    t = time.monotonic()
+    with PeakRSS() as mem:
+        status, answer = asgi_post(big_app, path, raw)
+    if os.environ.get("H35_DEBUG"):
+        print(where, char, n, len(raw), status, round(time.monotonic() - t, 2), mem.grown_mb)
+    assert time.monotonic() - t < 10 and (mem.grown_mb is None or mem.grown_mb < 200), (time.monotonic() - t, mem.grown_mb)
+    check_answer(status, answer)
+    if len(raw) > 4 * 2**20:
+        assert status == 413
+    elif where in ("stop", "stops"):
+        stops = body["stop"] if isinstance(body["stop"], list) else [body["stop"]]
+        fits = len(stops) <= MAX_STOP_STRINGS and sum(len(x.encode()) for x in stops) <= MAX_STOP_BYTES
+        assert status == (200 if fits else 400), answer[:300]
+        if status == 400:
+            assert json.loads(answer)["error"]["param"] == "stop"
+
+
+# ---- issue 35: kills at every point of a write --------------------------------------------------------------------
+@settings(max_examples=max(8, EXAMPLES // 6), deadline=None, derandomize="ADADECODE_FUZZ_EXAMPLES" not in os.environ,
+          suppress_health_check=list(HealthCheck), database=None)
+@given(point=st.sampled_from(["write", "fsync", "replace", "after"]), size=st.integers(0, 3_000_000),
+       existed=st.booleans(), stale=st.integers(0, 3))
+def test_fuzz_kill_during_a_write(tmp_path_factory, point, size, existed, stale):
+    """A writer SIGKILLed at a drawn point of an atomic write of a drawn size, over a target that existed or not,
+    after `stale` earlier kills: the target is the old file or the whole new one, never a part, and the next
+    write leaves the target alone in its folder."""
+    from test_writes import leftovers, payload, write_in_child
+
+    d = tmp_path_factory.mktemp("w")
+    target = d / "out.json"
+    if existed:
+        target.write_bytes(b"old")
+    for _ in range(stale):
+        assert write_in_child(target, "write", 1000) == "paused"
+    assert write_in_child(target, point, size) == "paused"
+    got = target.read_bytes() if target.exists() else None
+    assert got == (payload(size) if point == "after" else b"old" if existed else None)
+    assert write_in_child(target, "none", 10, kill=False) == "done"
+    assert target.read_bytes() == payload(10) and leftovers(d, {"out.json"}) == []

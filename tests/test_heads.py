@@ -364,3 +364,80 @@ def test_per_head_gammas_in_a_head_file(tmp_path):
     save_heads(f, heads, m, {"gamma": 0.7, "gammas": [0.6], "description": "x"})
     with pytest.raises(HeadFileError, match="'gammas'"):
         load_heads(f, m)
+
+
+# ---- issue 35: train-heads killed while it writes -----------------------------------------------------------------
+KILLED_TRAIN = """
+import json, os, signal, sys
+from adadecode.cli import main
+
+point = sys.argv[1]
+if point == "results":  # in the results JSON's write: json.dump into the open file, or json.dumps before it
+    def dying(real):
+        def dump(obj, *a, **k):
+            if isinstance(obj, dict) and "simulations" in obj and "recommended" in obj:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(obj, *a, **k)
+        return dump
+    json.dump, json.dumps = dying(json.dump), dying(json.dumps)
+elif point == "heads":  # the heads file written out, not yet in place
+    import safetensors.torch
+    real = safetensors.torch.save_file
+    def save_file(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        if "adadecode-heads" in str(metadata):
+            os.kill(os.getpid(), signal.SIGKILL)
+    safetensors.torch.save_file = save_file
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_train_heads_killed_while_writing_leaves_whole_files_or_none(tmp_path):
+    """Issue 35: a SIGKILL just after the results JSON was created left a 0-byte results.json beside a complete
+    heads file, and one during the heads write left a `*.tmp` that nothing cleaned. Now a kill in either write
+    leaves that file absent (never partial), and the next run leaves the folder holding its outputs alone."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from adadecode.model.loader import load_model, write_hf_dir
+    from conftest import tiny_chat_model
+
+    root = Path(__file__).resolve().parent.parent
+    write_hf_dir(tiny_chat_model(seed=2), tmp_path / "model")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p.json").write_text(json.dumps([f"prompt {i} says {'ab' * (i % 5)}" for i in range(8)]))
+    heads, res = out / "h.safetensors", out / "results.json"
+    args = ["train-heads", "--model", str(tmp_path / "model"), "--layers", "1-3", "--prompts", str(out / "p.json"),
+            "--out", str(heads), "--results", str(res), "--max-new-tokens", "6", "--vocab", "30", "--epochs", "1",
+            "--max-heads", "2", "--data-cache", str(out / "cache.pt")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+
+    def run(point: str) -> int:
+        return subprocess.run([sys.executable, "-c", KILLED_TRAIN, point, *args], env=env, capture_output=True,
+                              timeout=300).returncode
+
+    assert run("heads") == -9
+    assert not heads.exists() and not res.exists()
+    assert run("results") == -9
+    model = load_model(tmp_path / "model")
+    load_heads(heads, model)  # whole
+    assert not res.exists()  # not a 0-byte file
+    assert run("none") == 0
+    assert json.loads(res.read_text())["recommended"]["layers"] == load_heads(heads, model)[1]["layers"]
+    assert sorted(p.name for p in out.iterdir()) == ["cache.pt", "h.safetensors", "p.json", "results.json"]
+
+
+def test_an_append_cut_by_a_kill_is_dropped_from_the_requests_log(tmp_path):
+    """recipe.general_set appends one JSON line per model-written request and resumes from the file: a run killed
+    mid-line left a last line without its newline, and the next run failed to parse it. It is cut off the file,
+    so the next appends start on their own line."""
+    from adadecode.heads.recipe import _complete_lines
+
+    f = tmp_path / "requests.jsonl"
+    f.write_text('{"topic": "a", "reply": "x"}\n{"topic": "b", "reply": "y"}\n{"topic": "c", "re')
+    assert _complete_lines(f) == [{"topic": "a", "reply": "x"}, {"topic": "b", "reply": "y"}]
+    assert f.read_text() == '{"topic": "a", "reply": "x"}\n{"topic": "b", "reply": "y"}\n'
+    assert _complete_lines(tmp_path / "none.jsonl") == []

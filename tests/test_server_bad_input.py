@@ -1,5 +1,7 @@
 """Issue 25's server findings: surrogates are 400s, a body over --max-request-bytes is a 413 before it is parsed,
-requests are tokenised off the event loop, and a refused huge request leaves the server's memory near its baseline."""
+requests are tokenised off the event loop, and a refused huge request leaves the server's memory near its baseline.
+Issue 35's: a stop string of megabytes is a 400 naming `stop` (it froze the server), and values of the wrong JSON
+type (NaN, "5", "yes", null) are 400s as OpenAI's API has them."""
 from __future__ import annotations
 
 import http.client
@@ -12,10 +14,11 @@ import pytest
 pytest.importorskip("openai")
 
 from adadecode.model.loader import write_hf_dir  # noqa: E402
+from adadecode.server import DEFAULT_MAX_REQUEST_BYTES  # noqa: E402
 from conftest import tiny_chat_model  # noqa: E402
 from test_server import Server  # noqa: E402
 
-LIMIT = 1_000_000
+LIMIT = DEFAULT_MAX_REQUEST_BYTES  # the limit the hostile runs met (issues 25 and 35)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def test_a_body_over_the_limit_is_a_413(server):
 
 def test_a_chunked_body_over_the_limit_is_a_413(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    chunks = (b'{"model": "tiny", "prompt": "' + b"a" * 100_000 for _ in range(30))
+    chunks = (b'{"model": "tiny", "prompt": "' + b"a" * 100_000 for _ in range(-(-LIMIT // 100_000) + 5))
     try:
         conn.request("POST", "/v1/completions", body=chunks, encode_chunked=True,
                      headers={"Content-Type": "application/json"})
@@ -168,3 +171,58 @@ def test_tokenising_runs_off_the_event_loop(monkeypatch):
     t0, (h_status, h_at), (status, done_at) = asyncio.run(main())
     assert status == 200 and h_status == 200
     assert h_at - t0 < 1.0 and done_at - t0 >= 2.0, (h_at - t0, done_at - t0)
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def test_a_stop_string_of_megabytes_is_refused_and_the_server_keeps_serving(server):
+    """Issue 35, as found: a chat request with "stop": "q" * 3_900_000 (under the 4 MiB body limit) never finished,
+    held a core for minutes after its client left, and a 4-token request behind it timed out at 20 s. Now it is a
+    400 naming `stop` within 10 s (it is refused before it waits for the engine), the next request answers within
+    20 s, and the server's RSS stays within 50 MB of where it was (the body is 3.9 MB)."""
+    code, _ = server.post("/v1/chat/completions", CHAT)
+    assert code == 200
+    before = rss_mb(server.proc.pid)
+    t = time.monotonic()
+    code, out = server.post("/v1/chat/completions", {**CHAT, "stop": "q" * 3_900_000})
+    assert code == 400 and out["error"]["param"] == "stop" and "3900000 bytes" in out["error"]["message"], out
+    assert time.monotonic() - t < 10
+    t = time.monotonic()
+    code, out = server.post("/v1/chat/completions", CHAT)
+    assert code == 200 and time.monotonic() - t < 20, out
+    assert rss_mb(server.proc.pid) - before < 50, (before, rss_mb(server.proc.pid))
+
+
+def test_stop_strings_up_to_the_limits_are_served(server):
+    """16 stop strings of 4 KiB each (the limits exactly: docs/serving.md) decode as any request does; one more
+    string, or one more byte, is a 400 naming `stop`."""
+    from adadecode.api import MAX_STOP_BYTES, MAX_STOP_STRINGS
+
+    stop = [chr(ord("A") + i) * (MAX_STOP_BYTES // MAX_STOP_STRINGS) for i in range(MAX_STOP_STRINGS)]
+    t = time.monotonic()
+    code, out = server.post("/v1/chat/completions", {**CHAT, "stop": stop})
+    assert code == 200 and time.monotonic() - t < 20, out
+    for bad in (stop + ["x"], stop[:-1] + [stop[-1] + "x"]):
+        code, out = server.post("/v1/chat/completions", {**CHAT, "stop": bad})
+        assert code == 400 and out["error"]["param"] == "stop", out
+
+
+@pytest.mark.parametrize("change,param,words", [
+    ({"temperature": float("nan")}, "temperature", "finite number"),
+    ({"temperature": float("inf")}, "temperature", "finite number"),
+    ({"top_p": "0.5", "temperature": 0.5}, "top_p", "valid number"),
+    ({"max_tokens": "5"}, "max_tokens", "valid integer"),
+    ({"max_tokens": 5.0}, "max_tokens", "valid integer"),
+    ({"seed": True, "temperature": 0.5}, "seed", "valid integer"),
+    ({"stream": "true"}, "stream", "valid boolean"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options", "valid boolean"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages", "valid string"),
+    ({"messages": [{"role": "user"}]}, "messages", "Field required"),
+])
+def test_values_of_the_wrong_json_type_are_400s(server, change, param, words):
+    """Issue 35: a NaN temperature was answered "should be less than or equal to 2"; "5", "yes" and a null content
+    were accepted (pydantic's lax mode converts them) where OpenAI's API refuses them."""
+    body = json.dumps({**CHAT, **change}, allow_nan=True).encode()
+    code, out = server.post("/v1/chat/completions", body)
+    assert code == 400 and out["error"]["param"] == param and words in out["error"]["message"], out

@@ -41,7 +41,9 @@ class Trace:
     meta: dict = dataclasses.field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self)))
+        from ..model.filesys import write_atomic
+
+        write_atomic(path, json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":

@@ -22,6 +22,8 @@ import platform
 import time
 from pathlib import Path
 
+from ..model.filesys import write_atomic
+
 CACHE_VERSION = 2
 
 
@@ -97,9 +99,7 @@ def _store(key: str, cost: StepCost) -> None:
         except (OSError, ValueError):
             data = {}
         data[key] = {"version": CACHE_VERSION, "layer": list(cost.layer), "final": list(cost.final)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data))
     except OSError:
         pass  # a read-only home: the engine object still holds the measurement
 

@@ -233,9 +233,10 @@ def make_data(model, prompt_texts: list[str], layers: Sequence[int], max_new_tok
     data = {"key": key, "texts": list(prompt_texts), "prompts": prompts, "conts": conts, "cap": cap,
             "seconds": time.time() - t0, "device": str(fwd.device), "dtype": str(dtype)}
     if cache_file:
-        tmp = cache_file + ".tmp"
-        torch.save(data, tmp)
-        os.replace(tmp, cache_file)
+        from ..model.filesys import atomic_path
+
+        with atomic_path(cache_file) as tmp:
+            torch.save(data, tmp)
     return data
 
 
@@ -280,9 +281,10 @@ class ShardCache:
         """Generate the missing shards for `prompts` (each with 'ids'). Returns {'tokens', 'seconds', 'tokens_per_s'}
         over the shards made by this call."""
         import json
-        import os
 
         from safetensors.torch import save_file
+
+        from ..model.filesys import atomic_path, write_atomic
 
         if not prompts or any("ids" not in p or not p["ids"] for p in prompts):
             raise ValueError(f"{self.root}: every prompt needs non-empty token ids ('ids')")
@@ -296,8 +298,8 @@ class ShardCache:
                 raise ValueError(f"{mpath}: made with other settings ({', '.join(f'{k}: {old.get(k)!r} here, {man[k]!r} asked' for k in bad)}); "
                                  f"use another directory")
         else:
-            (self.root / "prompts.json").write_text(json.dumps(prompts))
-            mpath.write_text(json.dumps(man, indent=1))
+            write_atomic(self.root / "prompts.json", json.dumps(prompts))
+            write_atomic(mpath, json.dumps(man, indent=1))  # last: a manifest means its prompts are complete
         fwd = BatchedForward(self.model.cfg, self.model.weights, device=device, dtype=dtype)
         todo = [(name, idx) for name, idx in self.shards(len(prompts)) if not (self.root / name).is_file()]
         n_shards = -(-len(prompts) // self.batch)
@@ -315,9 +317,8 @@ class ShardCache:
             tensors.update(y=cap.y.int(), top_p=cap.top_p.half().contiguous(), top_i=cap.top_i.int().contiguous(),
                            seq=g[cap.seq].contiguous(), step=cap.step.int())
             md = {"conts": json.dumps({str(i): c for i, c in zip(idx, conts)}), "seconds": f"{dt:.3f}", "new_tokens": str(new)}
-            tmp = self.root / (name + ".tmp")
-            save_file(tensors, str(tmp), metadata=md)
-            os.replace(tmp, self.root / name)
+            with atomic_path(self.root / name) as tmp:
+                save_file(tensors, str(tmp), metadata=md)
             log(f"{name}: {len(idx)} prompts, {new} new tokens, {cap.y.numel()} rows in {dt:.1f} s "
                 f"({new / dt:.1f} tokens/s)")
         dt = time.time() - t_all

@@ -34,9 +34,9 @@ class HeadFileError(ValueError):
 def save_heads(path, heads: list[Head], model, meta: dict) -> None:
     """Write `heads` (bound to `model`'s fingerprint) with `meta` (must hold 'gamma' and 'description';
     anything else JSON-serialisable is kept). Written to a temporary file and renamed into place."""
-    import os
-
     from safetensors.torch import save_file
+
+    from ..model.filesys import atomic_path
 
     for k in ("gamma", "description"):
         if k not in meta:
@@ -61,11 +61,8 @@ def save_heads(path, heads: list[Head], model, meta: dict) -> None:
         if k in md:
             continue
         md[k] = v if isinstance(v, str) else json.dumps(v)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=md)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=md)
 
 
 def heads_path(spec) -> Path:
@@ -83,9 +80,9 @@ def read_head_file(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, raw metadata) of a head file, with a clear error for a missing, corrupt or truncated one."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such head file")
+    from ..model.filesys import check_file
+
+    path = check_file(path, "head file")  # a FIFO would block the open, /dev/zero never end
     try:
         with safe_open(str(path), framework="pt") as f:
             md = dict(f.metadata() or {})

@@ -229,6 +229,7 @@ def main(args) -> int:
     print(format_report(res))
     print(f"wrote {args.out} (layers {best['layers']}, gamma {best['gamma']}) in {res['total_seconds']:.0f} s")
     if args.results:
-        with open(args.results, "w") as f:
-            json.dump(res, f, indent=1, default=float)
+        from ..model.filesys import write_atomic
+
+        write_atomic(args.results, json.dumps(res, indent=1, default=float))
     return 0

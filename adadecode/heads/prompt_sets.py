@@ -144,6 +144,8 @@ def load_prompts(spec: str) -> list[str]:
 
 
 if __name__ == "__main__":
+    from ..model.filesys import write_atomic
+
     for name, prompts in build().items():
-        (DATA / f"prompts_{name}.json").write_text(json.dumps(prompts, indent=0) + "\n")
+        write_atomic(DATA / f"prompts_{name}.json", json.dumps(prompts, indent=0) + "\n")
         print(name, len(prompts))

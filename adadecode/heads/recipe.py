@@ -59,13 +59,27 @@ def code_set(model, n: int, log=print) -> list[dict]:
     return _with_ids(model.tokenizer, prompts)
 
 
+def _complete_lines(path: Path) -> list:
+    """The records of an append-only JSON-lines file. A run killed mid-append leaves a last line without its
+    newline: it is cut off the file (rewritten atomically) so that the next appends start on a line of their own."""
+    from ..model.filesys import write_atomic
+
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    whole = raw[:raw.rfind(b"\n") + 1]
+    if len(whole) != len(raw):
+        write_atomic(path, whole)
+    return [json.loads(line) for line in whole.decode("utf-8").splitlines()]
+
+
 def general_set(model, root: Path, topics: list[str], batch: int = 64, log=print) -> list[dict]:
     """Model-written requests about `topics` (resumable: requests.jsonl under `root`), as chat prompts."""
     tok = model.tokenizer
     reqs = hp.instruction_requests(topics)
     root.mkdir(parents=True, exist_ok=True)
     path = root / "requests.jsonl"
-    done = [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+    done = _complete_lines(path)
     fwd = BatchedForward(model.cfg, model.weights)
     t0, new_tokens = time.time(), 0
     with path.open("a") as f:

@@ -288,10 +288,12 @@ class LlamaConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LlamaConfig":
+        from .filesys import check_file
+
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{path}: no config.json (an HF Llama checkpoint directory needs one)")
-        cfg = read_json(path)
+        cfg = read_json(check_file(path, "config file"))
         return cls.from_hf(cfg, source=str(path))
 
     def to_hf(self) -> dict[str, Any]:

@@ -7,12 +7,15 @@ the llama architecture; a `llama.attention.sliding_window` there makes it a Mist
 """
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import ConfigError, LlamaConfig
+from .filesys import check_file
 from .weights import LAYER_HF_NAMES, check_finite, layer_shapes
 
 GGUF_LAYER_NAMES = {  # our short name -> GGUF name inside "blk.{layer}."
@@ -26,15 +29,208 @@ GGUF_LAYER_NAMES = {  # our short name -> GGUF name inside "blk.{layer}."
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def _reader(path: Path):
-    import gguf
+_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
+            10: np.uint64, 11: np.int64, 12: np.float64}  # GGUF value type -> its numpy type (little-endian)
+_STRING, _ARRAY = 8, 9
+GGUF_VERSIONS = (2, 3)  # what the gguf package reads too (version 1's counts were 32-bit)
+GGML_MAX_DIMS = 4
+# far beyond any real file (Llama-3's merges: 280147 strings; a model's tensors: a few thousand), and each entry costs
+# a Python object, so a crafted file of millions of tiny entries costs seconds and gigabytes before a check fails
+MAX_METADATA = 2**16
+MAX_TENSORS = 2**16
+MAX_ARRAY = 2**24
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises ValueError/IndexError/struct errors on damaged files
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+class GGUFField:
+    """One metadata value, decoded when asked for: an array nobody reads costs its bounds check alone."""
+
+    def __init__(self, file: "GGUFFile", key: str, vtype: int, offset: int, count: int | None = None,
+                 itype: int | None = None):
+        self.file, self.key, self.vtype, self.offset, self.count, self.itype = file, key, vtype, offset, count, itype
+
+    def _string(self, offset: int, n: int, where: str) -> str:
+        try:
+            return bytes(self.file.buf[offset:offset + n]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{self.file.path}: GGUF field {where} is not UTF-8 text ({e})") from None
+
+    def contents(self):
+        buf, key = self.file.buf, self.key
+        if self.vtype in _SCALARS:
+            return np.frombuffer(buf, _SCALARS[self.vtype], 1, self.offset)[0].item()
+        if self.vtype == _STRING:
+            return self._string(self.offset, self.count, f"'{key}'")
+        if self.itype in _SCALARS:
+            return np.frombuffer(buf, _SCALARS[self.itype], self.count, self.offset).tolist()
+        out, pos = [], self.offset
+        for i in range(self.count):  # lengths checked when the file was opened
+            n = int.from_bytes(buf[pos:pos + 8], "little")
+            out.append(self._string(pos + 8, n, f"'{key}'[{i}]"))
+            pos += 8 + n
+        return out
+
+
+class GGUFTensor:
+    def __init__(self, file: "GGUFFile", name: str, dims: list[int], tensor_type, offset: int):
+        self.file, self.name, self.dims, self.tensor_type, self.offset = file, name, dims, tensor_type, offset
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy's order (GGML lists the innermost dimension first)."""
+        return tuple(reversed(self.dims))
+
+    def data(self) -> np.ndarray:
+        """The raw data as gguf.quants.dequantize takes it: elements for float and integer types, bytes (the last
+        dimension in bytes) for quantised ones. A view of the file, nothing copied."""
+        import gguf
+
+        T = gguf.GGMLQuantizationType
+        items = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64, T.I8: np.int8, T.I16: np.int16,
+                 T.I32: np.int32, T.I64: np.int64}
+        if self.tensor_type in items:
+            shape, dtype = self.shape, items[self.tensor_type]
+        else:
+            shape, dtype = gguf.quants.quant_shape_to_byte_shape(self.shape, self.tensor_type), np.uint8
+        return np.frombuffer(self.file.buf, dtype, math.prod(shape), self.offset).reshape(shape)
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensor infos, read with every count and length checked against the bytes that
+    remain before anything is allocated or read, and each error a ValueError naming the key or tensor and the file.
+
+    The gguf package's reader trusts them: one array of 2**40 uint8 in a file of a few hundred bytes made it loop
+    and grow without bound (6.2 GB after 75 s, issue 35), and a real array costs it ~800 bytes and ~10 us per
+    element. Here a value is decoded only when read (GGUFField.contents) and tensor data is a view of the mapped
+    file. Little-endian files only (llama.cpp writes big-endian ones only when asked to, for s390x)."""
+
+    def __init__(self, path: Path):
+        import mmap
+
+        import gguf
+
+        self.path = path
+        check_file(path, "GGUF file")
+        with open(path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            if self.size < 24:
+                raise ValueError(f"{path}: {self.size} bytes, too short for a GGUF file (its header alone is 24)")
+            self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.pos = 0
+        if bytes(self.buf[:4]) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (it begins {bytes(self.buf[:4])!r}, not b'GGUF')")
+        self.pos = 4
+        version = self._int(4, "the version")
+        if version not in GGUF_VERSIONS:
+            endian = " (a big-endian file: not supported)" if version & 0xFFFF == 0 and version else ""
+            raise ValueError(f"{path}: GGUF version {version}{endian}; this reader takes versions "
+                             f"{', '.join(map(str, GGUF_VERSIONS))}")
+        n_tensors, n_kv = self._int(8, "the tensor count"), self._int(8, "the metadata count")
+        self._need(13 * n_kv + 24 * n_tensors, f"the header's {n_kv} metadata entries (13 bytes each at least) and "
+                                               f"{n_tensors} tensor infos (24 bytes each at least)")
+        for n, what, most in ((n_kv, "metadata entries", MAX_METADATA), (n_tensors, "tensors", MAX_TENSORS)):
+            if n > most:
+                raise ValueError(f"{path}: the GGUF header counts {n} {what}; at most {most} are read")
+        self.fields: dict[str, GGUFField] = {}
+        for i in range(n_kv):
+            where = f"metadata entry {i} of {n_kv}" + (f" (after '{next(reversed(self.fields))}')" if self.fields else "")
+            key = self._text(f"the key of {where}")
+            if key in self.fields:
+                raise ValueError(f"{path}: GGUF metadata key '{key}' appears twice")
+            self.fields[key] = self._value(key, self._int(4, f"the value type of '{key}'"))
+        self.tensors: list[GGUFTensor] = []
+        infos = []
+        for i in range(n_tensors):
+            name = self._text(f"the name of tensor info {i} of {n_tensors}")
+            n_dims = self._int(4, f"the dimension count of tensor '{name}'")
+            if n_dims > GGML_MAX_DIMS:
+                raise ValueError(f"{path}: tensor '{name}' has {n_dims} dimensions; GGUF allows at most {GGML_MAX_DIMS}")
+            dims = [self._int(8, f"dimension {d} of tensor '{name}'") for d in range(n_dims)]
+            raw_type = self._int(4, f"the type of tensor '{name}'")
+            try:
+                ttype = gguf.GGMLQuantizationType(raw_type)
+            except ValueError:
+                raise ValueError(f"{path}: tensor '{name}' has type {raw_type}, which GGML does not define") from None
+            infos.append((name, dims, ttype, self._int(8, f"the data offset of tensor '{name}'")))
+        align = self.fields.get("general.alignment")
+        alignment = 32
+        if align is not None:
+            alignment = align.contents() if align.vtype == 4 else 0
+            if alignment < 1 or alignment & (alignment - 1):
+                raise ValueError(f"{path}: GGUF field 'general.alignment' must be a uint32 power of two")
+        start = -(-self.pos // alignment) * alignment
+        seen = set()
+        for name, dims, ttype, offset in infos:
+            if name in seen:
+                raise ValueError(f"{path}: GGUF holds tensor '{name}' twice")
+            seen.add(name)
+            block, type_size = gguf.GGML_QUANT_SIZES[ttype]
+            if dims and dims[0] % block:
+                raise ValueError(f"{path}: tensor '{name}' of type {ttype.name} has rows of {dims[0]} values, not a "
+                                 f"multiple of its block of {block}")
+            n_bytes = math.prod(dims) // block * type_size
+            if start + offset + n_bytes > self.size:
+                raise ValueError(f"{path}: tensor '{name}' ({n_bytes} bytes at data offset {offset}) runs past the end "
+                                 f"of the file ({self.size} bytes, data from byte {start})")
+            self.tensors.append(GGUFTensor(self, name, dims, ttype, start + offset))
+
+    def _need(self, n: int, what: str) -> None:
+        left = self.size - self.pos
+        if n > left:
+            raise ValueError(f"{self.path}: {what} needs {n} bytes, but only {left} remain in the file (at byte "
+                             f"{self.pos} of {self.size})")
+
+    def _int(self, width: int, what: str) -> int:
+        self._need(width, what)
+        v = int.from_bytes(self.buf[self.pos:self.pos + width], "little")
+        self.pos += width
+        return v
+
+    def _text(self, what: str) -> str:
+        n = self._int(8, f"the length of {what}")
+        self._need(n, f"{what}, a string of {n} bytes,")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.path}: {what} is not UTF-8 text ({raw[:40]!r})") from None
+
+    def _value(self, key: str, vtype: int) -> GGUFField:
+        if vtype in _SCALARS:
+            dtype = np.dtype(_SCALARS[vtype])
+            self._need(dtype.itemsize, f"GGUF field '{key}' (a {dtype.name})")
+            self.pos += dtype.itemsize
+            return GGUFField(self, key, vtype, self.pos - dtype.itemsize)
+        if vtype == _STRING:
+            n = self._int(8, f"the length of GGUF field '{key}'")
+            self._need(n, f"GGUF field '{key}', a string of {n} bytes,")
+            self.pos += n
+            return GGUFField(self, key, vtype, self.pos - n, count=n)
+        if vtype != _ARRAY:
+            raise ValueError(f"{self.path}: GGUF field '{key}' has value type {vtype}, which GGUF does not define")
+        itype = self._int(4, f"the item type of GGUF field '{key}'")
+        count = self._int(8, f"the length of GGUF field '{key}'")
+        offset = self.pos
+        if itype in _SCALARS:
+            dtype = np.dtype(_SCALARS[itype])
+            self._need(count * dtype.itemsize, f"GGUF field '{key}', an array of {count} {dtype.name},")
+        elif itype == _STRING:
+            self._need(8 * count, f"GGUF field '{key}', an array of {count} strings (8 bytes each at least),")
+        if count > MAX_ARRAY:
+            raise ValueError(f"{self.path}: GGUF field '{key}' is an array of {count} values; at most {MAX_ARRAY} are read")
+        if itype in _SCALARS:
+            self.pos += count * np.dtype(_SCALARS[itype]).itemsize
+        elif itype == _STRING:
+            for i in range(count):
+                n = self._int(8, f"the length of GGUF field '{key}'[{i}]")
+                self._need(n, f"GGUF field '{key}'[{i}], a string of {n} bytes,")
+                self.pos += n
+        elif itype == _ARRAY:
+            raise ValueError(f"{self.path}: GGUF field '{key}' is an array of arrays, which GGUF readers do not take")
+        else:
+            raise ValueError(f"{self.path}: GGUF field '{key}' is an array of value type {itype}, which GGUF does not "
+                             "define")
+        return GGUFField(self, key, _ARRAY, offset, count=count, itype=itype)
 
 
 def _field(reader, key: str, path: Path, default=None):
@@ -46,11 +242,8 @@ def _field(reader, key: str, path: Path, default=None):
     return _contents(f, key, path)
 
 
-def _contents(f, key: str, path: Path):
-    try:
-        return f.contents()
-    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:  # a damaged string or array
-        raise ConfigError(f"{path}: GGUF field '{key}' is unreadable ({type(e).__name__}: {e})") from None
+def _contents(f: GGUFField, key: str, path: Path):
+    return f.contents()  # its bounds were checked when the file was opened; a string that is not UTF-8: ConfigError
 
 
 def _number(reader, key: str, path: Path, default=None, kind=int):
@@ -97,7 +290,9 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise ConfigError(f"{path}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
-    vocab = _number(reader, key("vocab_size"), path, default=len(tokens.data))
+    if tokens.itype != _STRING or not tokens.count:
+        raise ConfigError(f"{path}: GGUF field 'tokenizer.ggml.tokens' is not a non-empty array of strings")
+    vocab = _number(reader, key("vocab_size"), path, default=tokens.count)
     hf = {
         "model_type": model_type, "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
@@ -139,7 +334,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     import gguf
 
     path = Path(path)
-    reader = _reader(path)
+    reader = GGUFFile(path)
     cfg = gguf_config(reader, path)
     tensors = {t.name: t for t in reader.tensors}
     used: set[str] = set()
@@ -148,15 +343,15 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16):
         t = tensors.get(name)
         if t is None:
             raise ValueError(f"{path}: GGUF lacks tensor '{name}'")
+        if t.shape != shape:  # before dequantising: the file's dims are not the config's to trust
+            raise ValueError(f"{path}: tensor '{name}' has shape {t.shape}, config wants {shape}")
         try:
             with np.errstate(all="ignore"):  # non-finite results are refused below, by name
-                arr = gguf.quants.dequantize(t.data, t.tensor_type)
-            arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+                arr = gguf.quants.dequantize(t.data(), t.tensor_type)
+            arr = np.asarray(arr, dtype=np.float32).reshape(shape)
         except (NotImplementedError, ValueError, TypeError, IndexError) as e:  # a tensor type or size it cannot hold
-            raise ValueError(f"{path}: tensor '{name}' of type {getattr(t.tensor_type, 'name', t.tensor_type)} is "
-                             f"unreadable ({type(e).__name__}: {e})") from None
-        if arr.shape != shape:
-            raise ValueError(f"{path}: tensor '{name}' has shape {arr.shape}, config wants {shape}")
+            raise ValueError(f"{path}: tensor '{name}' of type {t.tensor_type.name} is unreadable "
+                             f"({type(e).__name__}: {e})") from None
         used.add(name)
         w = torch.from_numpy(arr.copy())
         check_finite(name, w.to(dtype), path)  # an inf block scale dequantises to a row of infs or NaNs

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import LlamaConfig
+from .filesys import atomic_path, check_file, file_kind, write_atomic
 from .tokenizer import Tokenizer
 from .weights import LlamaWeights, ReleasedWeights, check_finite, expected_shapes
 
@@ -63,8 +62,7 @@ def _read_safetensors(file: Path, names: set[str], dtype: torch.dtype) -> tuple[
     """(the tensors named in `names`, in `dtype` and finite; every other tensor name in the file)."""
     from safetensors import SafetensorError, safe_open
 
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: safetensors file is missing")
+    check_file(file, "safetensors file")
     out, other = {}, []
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -114,14 +112,14 @@ def load_hf_state(path: Path, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str,
         leftover += sorted(set(weight_map) - set(want))
         shards = sorted(set(files.values()))
         for s in shards:
-            if not s.is_file():
+            if not s.exists():  # one that is a folder or a FIFO: _read_safetensors names what it is
                 raise FileNotFoundError(f"{s}: shard named in {index.name} is missing")
         state = {}
         for s in shards:
             part, other = _read_safetensors(s, {n for n in want if files[n] == s}, dtype)
             state.update(part)
             leftover += [k for k in other if k not in leftover]  # unnamed by the index, or a copy of another shard's
-    elif single.is_file():
+    elif single.exists():
         state, leftover = _read_safetensors(single, set(want), dtype)
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
@@ -166,16 +164,18 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Mo
 
 
 def write_hf_dir(model: Model, out: Path) -> None:
-    """Save a Model as an HF checkpoint directory (config, bf16 safetensors, tokenizer)."""
+    """Save a Model as an HF checkpoint directory (config, bf16 safetensors, tokenizer), each file atomically."""
     from safetensors.torch import save_file
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
+    write_atomic(out / "config.json", json.dumps(model.cfg.to_hf(), indent=2))
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.weights.to_hf_state(model.cfg).items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     if model.tokenizer is not None:
-        (out / "tokenizer.json").write_text(model.tokenizer.tok.to_str())
-        (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer.config, indent=2))
+        write_atomic(out / "tokenizer.json", model.tokenizer.tok.to_str())
+        write_atomic(out / "tokenizer_config.json", json.dumps(model.tokenizer.config, indent=2))
 
 
 def default_gguf_path() -> Path:
@@ -204,17 +204,12 @@ def default_model_dir() -> Path:
     if (out / "model.safetensors").is_file():
         return out
     model = load_gguf_model(default_gguf_path())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        write_hf_dir(model, tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first
-            if not (out / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(out, directory=True) as tmp:
+            write_hf_dir(model, tmp)
+    except OSError:  # another process finished first (os.replace refuses a full folder)
+        if not (out / "model.safetensors").is_file():
+            raise
     return out
 
 
@@ -225,8 +220,14 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.bfloat16) -> Model:
         model.source = f"default ({DEFAULT_MODEL_NAME}, Q4_1 dequantised to bf16)"
         return model
     path = Path(spec)
-    if path.is_file() and path.suffix == ".gguf":
+    kind = file_kind(path)
+    give = "give 'default', a .gguf file or an HF checkpoint directory"
+    if kind is None and path.suffix == ".gguf":
         return load_gguf_model(path, dtype)
-    if path.is_dir():
+    if kind == "a directory":
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: a directory without config.json, so not an HF checkpoint ({give})")
         return load_hf_dir(path, dtype)
-    raise FileNotFoundError(f"{path}: no such model (give 'default', a .gguf file or an HF checkpoint directory)")
+    if kind == "missing":
+        raise FileNotFoundError(f"{path}: no such model ({give})")
+    raise ValueError(f"{path}: is {'a file not named .gguf' if kind is None else kind}, not a model ({give})")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # this checkout's adadecode (its atomic writer)
 BF = torch.bfloat16
 DEV = "cuda"
 
@@ -328,8 +329,10 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"micro-{now.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results, prefill=prefill,
-                                                         targets=targets), indent=1))
+    from adadecode.model.filesys import write_atomic
+
+    write_atomic(stem.with_suffix(".json"), json.dumps(dict(meta=meta, results=results, prefill=prefill,
+                                                            targets=targets), indent=1))
     plot(results, meta, stem.with_suffix(".png"))
     print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
 
@@ -360,7 +363,10 @@ def plot(results, meta, path):
         ax.set_title(f"{shape} on {meta['device']} (copy {meta['copy_gbps']:.0f} GB/s), {meta['date']}")
         ax.legend(ncol=len(Rs) + 1, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from adadecode.model.filesys import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,19 @@ const cpu::Kernels* kernels_named(const std::string& isa) {
     for (const char* const* p = cpu::supported_isas(); *p; ++p) have += std::string(have.empty() ? "" : ", ") + *p;
     const char* env = std::getenv("ADADECODE_CPU_ISA");
     const std::string want = isa.empty() ? std::string(env ? env : "") : isa;
-    throw std::invalid_argument("CPU engine: kernels '" + want + "' do not run on this CPU (it runs: " + have + ")");
+    const std::string named = isa.empty() ? " (ADADECODE_CPU_ISA)" : "";
+    std::string known;
+    bool is_known = false;
+    for (const char* const* p = cpu::known_isas(); *p; ++p) {
+      known += std::string(known.empty() ? "" : ", ") + *p;
+      is_known = is_known || want == *p;
+    }
+    // a typo is not a missing CPU feature: say which it is, or the user looks for a machine that has "avx-2"
+    if (!is_known)
+      throw std::invalid_argument("CPU engine: unknown kernels '" + want + "'" + named + "; the kernel paths are " +
+                                  known + " (this CPU runs: " + have + ")");
+    throw std::invalid_argument("CPU engine: kernels '" + want + "'" + named + " do not run on this CPU (it runs: " +
+                                have + ")");
   }
   return k;
 }

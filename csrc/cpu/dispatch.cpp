@@ -40,12 +40,17 @@ const Kernels* kernels_for(const char* isa) {
   return nullptr;
 }
 
+const char* const* known_isas() {
+  static const char* const list[] = {"avx512", "avx2", "portable", nullptr};
+  return list;
+}
+
 const char* const* supported_isas() {
   static const char* list[4] = {};
   static const bool filled = [] {
     int n = 0;
-    for (const char* isa : {"avx512", "avx2", "portable"})
-      if (cpu_has(isa)) list[n++] = isa;
+    for (const char* const* isa = known_isas(); *isa; ++isa)
+      if (cpu_has(*isa)) list[n++] = *isa;
     return true;
   }();
   (void)filled;

@@ -86,6 +86,8 @@ const Kernels* kernels_for(const char* isa);
 const Kernels* best_kernels();
 // Which paths this CPU supports, best first.
 const char* const* supported_isas();
+// Every path's name, best first (null-terminated): a name outside it is unknown, not merely unsupported here.
+const char* const* known_isas();
 
 // LM-head statistics in the CUDA order (scalar folds; the exps through k): logits [n] bf16 values, rest logit or
 // NaN-free `has_rest` false.
