@@ -358,7 +358,9 @@ class LLM:
             if any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1 for g in values):
                 raise ValueError(f"gamma must be a number in [0, 1] or one per head; got {gamma!r}")
             kwargs.update(gamma=gamma, max_pending=max_pending)
-            info.update(gamma=gamma, max_pending=max_pending, context=bool(options.get("context", False)))
+            info.update(gamma=gamma, max_pending=max_pending)
+            if options.get("context") is True:
+                info["context"] = True
         elif method == "layerskip":
             if head_layer is None:
                 index = max(range(len(layers)), key=lambda i: layers[i])  # the deepest head: the most accurate drafts
