@@ -63,7 +63,7 @@ from typing import Callable, Sequence
 from ..engines.cost import step_cost
 from ..engines.sampling import make_sampling
 from .context import ContextGuesser
-from .vanilla import Generation, check_request, final_tokens
+from .vanilla import Generation, check_request
 
 HEAD_GUESSES = ("sample", "argmax")
 
@@ -188,10 +188,30 @@ def _check_head_guess(head_guess: str) -> str:
     return head_guess
 
 
-def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active, gammas, max_pending, eos_ids,
-               on_token, method, sampling=None, head_guess="sample", context=None) -> Generation:
-    """The schedule of the module docstring. context: a ContextGuesser (decoding/context.py) whose chains are
-    embedded beside every new depth-0 frontier when its cost model says they pay, or None (heads only)."""
+def _speculate(engine, prompt: list[int], max_new_tokens: int, **kw) -> Generation:
+    """The schedule of the module docstring on one engine: each engine call that `schedule` asks for, made."""
+    return run_schedule(engine, schedule(engine, prompt, max_new_tokens, **kw))
+
+
+def run_schedule(engine, steps):
+    """Drive a schedule (a generator of engine calls, `schedule`) on `engine`; its Generation."""
+    try:
+        call = next(steps)
+        while True:
+            name, args, kwargs = call
+            call = steps.send(getattr(engine, name)(*args, **kwargs))
+    except StopIteration as done:
+        return done.value
+
+
+def schedule(engine, prompt: list[int], max_new_tokens: int, *, heads, active, gammas, max_pending, eos_ids,
+             on_token, method, sampling=None, head_guess="sample", context=None):
+    """The schedule of the module docstring as a generator: it yields each engine call it needs, as (method name,
+    args, kwargs), receives the call's result, and returns the Generation. `engine` is read for its shape
+    (n_layers, max_rows, max_seq) and its measured step cost only: every call goes out through the yields, so a
+    caller may run several schedules' calls together (rows of several sequences in one step).
+    context: a ContextGuesser (decoding/context.py) whose chains are embedded beside every new depth-0 frontier when
+    its cost model says they pay, or None (heads only)."""
     L = engine.n_layers
     head_at: dict[int, int] = {}  # layer -> head index
     for i in active:
@@ -214,9 +234,9 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
     modeled = 0.0  # seconds the cost model gives this run's steps (with a context guesser)
 
     t0 = time.perf_counter()
-    engine.prefill(prompt)
+    yield "prefill", (prompt,), {}
     n = len(prompt)
-    tokens = [final_tokens(engine, n - 1, n - 1, sampling)[0]]
+    tokens = [(yield _final(n - 1, n - 1, sampling))[0]]
     t1 = time.perf_counter()
     if on_token:
         on_token(tokens[0])
@@ -231,7 +251,7 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
     kind: list = []
     head_pending = 0
 
-    def chain() -> None:
+    def chain():
         """Embed the context's guess chain after the new frontier, as long as its cost model says it pays."""
         nonlocal front
         room = min(engine.max_rows - (front - first + 1), M - len(tokens) - len(guess) - 1,
@@ -245,22 +265,22 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
             kind.append(("context", order, j))
             src["context"]["guesses"] += 1
             front += 1
-            engine.embed(front, tok)
+            yield "embed", (front, tok), {}
             depth.append(0)
             if tok in eos:  # nothing after an EOS could be output
                 break
 
     if not done:
-        engine.embed(front, tokens[-1])
+        yield "embed", (front, tokens[-1]), {}
         depth.append(0)
         if context is not None:
             context.start(prompt + tokens)
-            chain()
+            yield from chain()
 
     while not done:
         d = depth[-1]
         if d == L:  # every row in flight is at depth L: verify the guesses in order
-            fin = final_tokens(engine, first, front, sampling)
+            fin = yield _final(first, front, sampling)
             st["verify_calls"] += 1
             if cost is not None:
                 modeled += cost.final_s(front - first + 1)
@@ -294,16 +314,16 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
                     for k in kind[i + 1:]:
                         src["context" if isinstance(k, tuple) else "heads"]["discarded"] += 1
                     st["discarded"] += max(0, len(guess) - i - 1)
-                    engine.truncate(q + 1)  # keeps exactly what vanilla decoding would have in the cache
+                    yield "truncate", (q + 1,), {}  # keeps exactly what vanilla decoding would have in the cache
                     if stop:
                         done = True
                     else:
                         first = front = q + 1
-                        engine.embed(front, f)
+                        yield "embed", (front, f), {}
                         depth, guess, kind, head_pending = [0], [], [], 0
                         if context is not None:
                             context.extend(tokens[len(tokens) - (i + 1):])
-                            chain()
+                            yield from chain()
                     break
             continue
 
@@ -315,9 +335,9 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
         if can_exit and d in head_at:
             hi = head_at[d]
             if sampling is not None and head_guess == "sample":  # its own draw, with the final layer's noise
-                tok, conf = engine.head(front, hi, sampling=sampling)
+                tok, conf = yield "head", (front, hi), {"sampling": sampling}
             else:
-                tok, conf = engine.head(front, hi)
+                tok, conf = yield "head", (front, hi), {}
             st["head_calls"] += 1
             if conf > gammas[hi]:
                 st["early"] += 1
@@ -327,10 +347,10 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
                 kind.append(d)
                 head_pending += 1
                 front += 1
-                engine.embed(front, int(tok))
+                yield "embed", (front, int(tok)), {}
                 depth.append(0)
                 if context is not None:
-                    chain()
+                    yield from chain()
                 continue
 
         # advance the rows at the frontier's depth (a contiguous suffix) to the next stop
@@ -341,7 +361,7 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
         if can_exit:
             nxt = next((h for h in head_layers if h > d), L)
             stop = min(stop, nxt)
-        engine.run_layers(first + s, front, d, stop)
+        yield "run_layers", (first + s, front, d, stop), {}
         rows = len(depth) - s
         st["run_layers_calls"] += 1
         st["layer_steps"] += stop - d
@@ -373,6 +393,11 @@ def _speculate(engine, prompt: list[int], max_new_tokens: int, *, heads, active,
         st["sampling"] = {**dataclasses.asdict(sampling), "head_guess": head_guess}
     st["max_pending"] = max_pending
     return Generation(prompt_tokens=prompt, tokens=tokens, seconds=t2 - t0, decode_seconds=t2 - t1, stats=st)
+
+
+def _final(first: int, last: int, sampling):
+    """The final call, with the sampling argument only when sampling (greedy calls stay as the contract has them)."""
+    return "final", (first, last), ({} if sampling is None else {"sampling": sampling})
 
 
 def _tail(n: int, *parts: list[int]) -> list[int]:
