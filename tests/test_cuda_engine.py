@@ -27,7 +27,8 @@ from adadecode.engines.contract import EngineError
 from adadecode.engines.cuda import MAX_ROWS, CudaEngine, check_supported, cuda_unavailable_reason
 from adadecode.engines.head import Head
 from adadecode.engines.select import auto_engine, make_engine
-from adadecode.engines.torch import TorchEngine, rms_norm
+from adadecode.engines.torch import TorchEngine
+from adadecode.model.math import rms_norm
 from adadecode.heads.files import load_heads
 from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import Model

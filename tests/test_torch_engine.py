@@ -128,7 +128,7 @@ def test_contract_violations_are_refused(tiny):
 
 def test_identity_head_is_the_logit_lens(tiny):
     from adadecode.engines.head import Head
-    from adadecode.engines.torch import rms_norm
+    from adadecode.model.math import rms_norm
 
     cfg, weights = tiny
     e = TorchEngine(cfg, weights, max_seq=32)

@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..engines.torch import TorchEngine, rms_norm, rotate_half
+from ..engines.torch import TorchEngine
+from ..model.math import rms_norm, rotate_half
 from .vanilla import Generation, check_request
 
 

@@ -34,7 +34,7 @@ from ..model.config import LlamaConfig
 from ..model.weights import LlamaWeights
 from .contract import EngineContract
 from .sampling import sample
-from .torch import rope_inv_freq
+from ..model.math import rope_inv_freq
 
 
 def cpu_unavailable_reason() -> str | None:

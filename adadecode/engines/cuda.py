@@ -29,7 +29,7 @@ from ..model.config import LlamaConfig
 from ..model.weights import LlamaWeights
 from .contract import EngineContract
 from .cpu import family_args
-from .torch import rope_inv_freq
+from ..model.math import rope_inv_freq
 
 MAX_ROWS = 16  # the batch-invariant skinny GEMM takes at most 16 rows
 

@@ -21,41 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from ..model.config import LlamaConfig
+from ..model.math import rms_norm, rope_angles, rotate_half
 from ..model.weights import LlamaWeights
 from .contract import EngineContract
 from .sampling import sample
-
-
-def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse rotary frequencies in fp32, computed the way HF transformers computes them (Llama-3 scaling too)."""
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
-    s = cfg.rope_scaling
-    if s is None:
-        return inv
-    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
-    wavelen = 2 * torch.pi / inv
-    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x @ w^T (+ b). A Qwen2 bias goes into the GEMM (F.linear: addmm, the bias added before the product is
     rounded to the engine's dtype), as transformers' nn.Linear does; without one the Llama path's bits stay as they were."""
     return x @ w.T if b is None else F.linear(x, w, b)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class TorchEngine(EngineContract):
@@ -75,9 +50,7 @@ class TorchEngine(EngineContract):
             raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads "
                               f"x head_dim {cfg.head_dim} ({gib:.2f} GiB, {dtype}) does not fit on {self.device}: {e}") from None
         self.rows = torch.zeros(self.max_rows, cfg.d, device=self.device, dtype=dtype)
-        t = torch.arange(self.max_seq, dtype=torch.float32)
-        freqs = torch.outer(t, rope_inv_freq(cfg))
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = rope_angles(cfg, self.max_seq)
         self.cos = emb.cos().to(self.device, dtype)
         self.sin = emb.sin().to(self.device, dtype)
 
