@@ -25,16 +25,15 @@ the thread indices that work stealing could give them (csrc/cpu/thread_pool.h); 
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
 from ..model.config import LlamaConfig
+from ..model.math import rope_tables
 from ..model.weights import LlamaWeights
-from .contract import EngineContract
+from .native import NativeEngine, check_finite_logits, family_args, model_dims
 from .sampling import sample
-from ..model.math import rope_inv_freq
 
 
 def cpu_unavailable_reason() -> str | None:
@@ -93,15 +92,6 @@ def parse_schedule(spec: str | None) -> tuple[str, int]:
     return name, int(seed or 0)
 
 
-def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin [max_seq, head_dim/2], computed exactly as TorchEngine and CudaEngine compute theirs."""
-    t = torch.arange(max_seq, dtype=torch.float32)
-    freqs = torch.outer(t, rope_inv_freq(cfg))
-    emb = torch.cat((freqs, freqs), dim=-1)
-    half = cfg.head_dim // 2
-    return emb.cos()[:, :half].contiguous(), emb.sin()[:, :half].contiguous()
-
-
 def check_supported(cfg: LlamaConfig) -> None:
     """The shapes the CPU kernels take; a clear ValueError naming the field otherwise."""
     if cfg.head_dim > 256:
@@ -120,29 +110,6 @@ def check_supported(cfg: LlamaConfig) -> None:
         raise ValueError(f"sliding_window must be a positive integer or None, got {w!r}")
 
 
-def family_args(cfg: LlamaConfig, weights: LlamaWeights, convert) -> dict:
-    """The family features of cfg (Qwen2's q/k/v biases, Qwen3's q/k head norms, a sliding window) as the native
-    engines take them: flags, the window (0: full attention) and per layer [bqkv] + [q_norm, k_norm], each tensor
-    through `convert`. A flag without its tensors is an error naming the layer and the field."""
-    qkv_bias, qk_norm = bool(getattr(cfg, "qkv_bias", False)), bool(getattr(cfg, "qk_norm", False))
-    extras = []
-    for i, lw in enumerate(weights.layers if (qkv_bias or qk_norm) else []):
-        x = []
-        if qkv_bias:
-            b = [getattr(lw, f, None) for f in ("bq", "bk", "bv")]
-            if any(t is None for t in b):
-                raise ValueError(f"layer {i}: qkv_bias is set but bq/bk/bv is missing")
-            x.append(convert(torch.cat([t.reshape(-1) for t in b])))
-        if qk_norm:
-            for f in ("q_norm", "k_norm"):
-                if getattr(lw, f, None) is None:
-                    raise ValueError(f"layer {i}: qk_norm is set but {f} is missing")
-                x.append(convert(getattr(lw, f)))
-        extras.append(x)
-    return dict(qkv_bias=qkv_bias, qk_norm=qk_norm, sliding_window=int(getattr(cfg, "sliding_window", None) or 0),
-                extras=extras)
-
-
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     """t as the C++ side reads it: a contiguous bf16 CPU tensor."""
     return t.detach().to("cpu", torch.bfloat16).contiguous()
@@ -159,20 +126,17 @@ class CpuWeights:
                    bf(lw.w_up), bf(lw.w_down)] for lw in weights.layers]
         tied = weights.lm_head is weights.embed
         self.cfg = cfg
-        self._w = ext.Weights(
-            n_layers=cfg.n_layers, d=cfg.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-            ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps), embed=bf(weights.embed),
-            norm=bf(weights.norm), lm_head=None if tied else bf(weights.lm_head), layers=layers,
-            **family_args(cfg, weights, bf))
+        self._w = ext.Weights(**model_dims(cfg), embed=bf(weights.embed), norm=bf(weights.norm),
+                              lm_head=None if tied else bf(weights.lm_head), layers=layers,
+                              **family_args(cfg, weights, bf))
 
     @property
     def bytes(self) -> int:
         return self._w.bytes
 
 
-class CpuEngine(EngineContract):
+class CpuEngine(NativeEngine):
     name = "cpu"
-    dtype = torch.bfloat16
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | CpuWeights, *, max_seq: int | None = None,
                  max_rows: int = 16, threads: int | None = None, isa: str | None = None, prefill_chunk: int = 64,
@@ -214,27 +178,12 @@ class CpuEngine(EngineContract):
     def threads(self) -> int:
         return self._eng.threads
 
-    @property
-    def kv_bytes(self) -> int:
-        return self._eng.kv_bytes
-
-    # ---- the contract's compute (checks and bookkeeping: EngineContract) -----------------------------------------
-    def _prefill(self, tokens: list[int]) -> None:
-        self._eng.prefill(tokens)
-
-    def _embed(self, pos: int, token: int, slot: int) -> None:
-        self._eng.embed(pos, token)
-
-    def _run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int, slots: list[int]) -> None:
-        self._eng.run_layers(first_pos, last_pos, l0, l1)
-
+    # ---- readbacks (the compute hooks, heads and test copies: NativeEngine) ------------------------------------------
     def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
         """fp32 logits [rows, vocab] of rows at depth L: the native LM head's, rounded to bf16 as the CUDA kernel's."""
         self._rows(first_pos, last_pos, self.n_layers)
         _, logits = self._eng.final(first_pos, last_pos, logits=True)
-        if not torch.isfinite(logits).all():
-            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
-        return logits
+        return check_finite_logits(logits, first_pos, last_pos)
 
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling` for positions
@@ -248,36 +197,18 @@ class CpuEngine(EngineContract):
             raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
         return tokens
 
-    def set_heads(self, heads) -> None:
-        """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
-        heads = list(heads)
-        self._eng.set_heads([(layer, _bf16(T), None if ids is None else ids.to(torch.int32).contiguous(),
-                              None if w_rest is None else _bf16(w_rest))
-                             for layer, T, ids, w_rest in self._checked_heads(heads)])
-        self.heads = [h.to("cpu", torch.bfloat16) for h in heads]
+    def _head_tensors(self, layer, T, ids, w_rest):
+        return layer, _bf16(T), None if ids is None else ids.to(torch.int32).contiguous(), \
+            None if w_rest is None else _bf16(w_rest)
 
     def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
         """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer; with `sampling`
         the token is the head's own draw for position pos + 1 (over its real tokens, as TorchEngine.head)."""
-        hd = self.heads[head_index]
-        head_index = range(len(self.heads))[head_index]
-        self._row_slot(pos, hd.layer)
+        hd, head_index = self._head_call(pos, head_index)
         token, prob, logits = self._eng.head(pos, head_index, logits=sampling is not None)
-        if not math.isfinite(prob) or token < 0:
-            raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
+        token, prob = self._head_result(token, prob, pos, hd)
         if sampling is None:
-            return int(token), float(prob)
+            return token, prob
         ids = hd.vocab if hd.vocab is not None else torch.arange(self.cfg.vocab_size)
         j = int(sample(logits[None], sampling, [pos + 1], ids)[0])
-        return int(ids[j]), float(prob)
-
-    def hidden(self, pos: int) -> torch.Tensor:
-        """The residual stream of row `pos` (a copy), for tests."""
-        self._row_slot(pos)
-        return self._eng.hidden(pos)
-
-    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of K and V [kv_len, n_kv_heads, head_dim] of `layer` (its valid cache entries), for tests."""
-        if not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
-        return self._eng.kv(layer, self.kv_len[layer])
+        return int(ids[j]), prob
