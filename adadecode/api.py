@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 from .decoding.driver import generate_adadecode, generate_layerskip
 from .decoding.vanilla import check_request, generate_vanilla
 from .engines.sampling import make_sampling
+from .errors import BadOption
 from .model.loader import Model, load_model
 
 METHODS = ("vanilla", "adadecode", "layerskip")
@@ -115,12 +116,13 @@ def check_messages(messages) -> list[dict]:
     from .model.tokenizer import check_text
 
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} objects, got {messages!r:.80}")
+        raise BadOption(f"messages must be a non-empty list of {{'role', 'content'}} objects, got {messages!r:.80}",
+                        param="messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ValueError(f"messages[{i}] must be an object with a string 'role', got {m!r:.80}")
-        check_text(m.get("content"), f"messages[{i}].content")
-        check_text(m["role"], f"messages[{i}].role")
+            raise BadOption(f"messages[{i}] must be an object with a string 'role', got {m!r:.80}", param="messages")
+        check_text(m.get("content"), f"messages[{i}].content", param="messages")
+        check_text(m["role"], f"messages[{i}].role", param="messages")
     return list(messages)
 
 
@@ -208,21 +210,21 @@ class LLM:
                chat: bool = False) -> list[int]:
         """Token ids of a text prompt (wrapped as one user message when `chat`), of token ids, or of chat messages."""
         if (prompt is None) == (messages is None):
-            raise ValueError("give either a prompt or messages")
+            raise BadOption("give either a prompt or messages", param="prompt")
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
         tok = self.tokenizer
         if tok is None:
-            raise ValueError(f"{self.model.source} has no tokenizer.json; cannot encode a text prompt")
+            raise BadOption(f"{self.model.source} has no tokenizer.json; cannot encode a text prompt", param="prompt")
         if messages is not None:
             return tok.encode_messages(check_messages(messages))
         if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise BadOption(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", param="prompt")
         from .model.tokenizer import check_text
 
-        check_text(prompt, "prompt")  # here, not after the chat template: the position is the caller's
+        check_text(prompt, "prompt", param="prompt")  # here, not after the chat template: the position is the caller's
         if prompt == "":
-            raise ValueError("empty prompt: give at least one character")
+            raise BadOption("empty prompt: give at least one character", param="prompt")
         return tok.encode_chat(prompt) if chat else tok.encode(prompt)
 
     def decode(self, tokens: Sequence[int]) -> str:
@@ -244,27 +246,27 @@ class LLM:
         """
         ids = self.encode(prompt, messages=messages, chat=chat)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+            raise BadOption(f"max_new_tokens must be an integer, got {max_new_tokens!r}", param="max_new_tokens")
         check_request(types.SimpleNamespace(cfg=self.model.cfg, max_seq=self.max_context), ids, max_new_tokens)
         method = method or ("adadecode" if self.heads else "vanilla")
         if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+            raise BadOption(f"method must be one of {', '.join(METHODS)}; got {method!r}", param="method")
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or s == "" for s in stop):
-            raise ValueError(f"stop must be non-empty strings, got {stop!r}")
+            raise BadOption(f"stop must be non-empty strings, got {stop!r}", param="stop")
         if stop and self.tokenizer is None:
-            raise ValueError(f"{self.model.source} has no tokenizer.json; stop strings need one")
+            raise BadOption(f"{self.model.source} has no tokenizer.json; stop strings need one", param="stop")
         params = inspect.signature(_FUNCTIONS[method]).parameters
         bad = [o for o in options if o not in params or o in _RESERVED]
         if bad:
-            raise ValueError(f"{method} decoding takes no option {bad[0]!r} in this build")
+            raise BadOption(f"{method} decoding takes no option {bad[0]!r} in this build", param=bad[0])
         kwargs, info, rows = dict(options), {}, 1
         sampling = {k: options[k] for k in ("temperature", "top_k", "top_p", "seed") if k in options}
         if make_sampling(**sampling) is not None:  # checks the values now, before the request waits for the engine
             info["sampling"] = sampling
         if method != "vanilla":
             if not self.heads:
-                raise ValueError(f"method {method!r} needs intermediate heads: load the LLM with heads=...")
+                raise BadOption(f"method {method!r} needs intermediate heads: load the LLM with heads=...", param="method")
             layers = [h.layer for h in self.heads]
             info = {"heads": self.heads_spec, "head_layers": layers}
             rows = self._check_count("max_pending" if method == "adadecode" else "k",
@@ -273,7 +275,7 @@ class LLM:
             gamma = (self.heads_meta.get("gammas") or self.heads_meta.get("gamma", DEFAULT_GAMMA)) if gamma is None else gamma
             values = list(gamma) if isinstance(gamma, (list, tuple)) else [gamma]
             if any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1 for g in values):
-                raise ValueError(f"gamma must be a number in [0, 1] or one per head; got {gamma!r}")
+                raise BadOption(f"gamma must be a number in [0, 1] or one per head; got {gamma!r}", param="gamma")
             kwargs.update(gamma=gamma, max_pending=max_pending)
             info.update(gamma=gamma, max_pending=max_pending)
         elif method == "layerskip":
@@ -282,7 +284,7 @@ class LLM:
             elif head_layer in layers:
                 index = layers.index(head_layer)
             else:
-                raise ValueError(f"head_layer {head_layer}: the heads sit at layers {layers}")
+                raise BadOption(f"head_layer {head_layer}: the heads sit at layers {layers}", param="head_layer")
             kwargs.update(head_index=index, k=k)
             info.update(head_layer=layers[index], k=k)
         return _Request(prompt=ids, max_new_tokens=max_new_tokens, method=method, kwargs=kwargs, options=info,
@@ -290,9 +292,10 @@ class LLM:
 
     def _check_count(self, name: str, value) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise BadOption(f"{name} must be an integer >= 1, got {value!r}", param=name)
         if self._fixed_rows and value + 1 > self._max_rows:
-            raise ValueError(f"{name}={value} needs {value + 1} rows in flight; this LLM holds max_rows={self._max_rows}")
+            raise BadOption(f"{name}={value} needs {value + 1} rows in flight; this LLM holds max_rows={self._max_rows}",
+                            param=name)
         return value
 
     def run(self, req: _Request, *, on_text: Callable[[Delta], None] | None = None,

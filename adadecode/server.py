@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 import secrets
 import threading
 import time
@@ -34,8 +33,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import LLM, METHODS, Cancelled, Completion, Delta
 from .engines.sampling import make_sampling
+from .errors import CONTEXT_LENGTH_EXCEEDED, BadOption
 
 log = logging.getLogger("adadecode.server")
+# the request field of an LLM.prepare keyword where their names differ (errors carry the keyword: BadOption.param)
+REQUEST_FIELDS = {"max_new_tokens": "max_tokens"}
 
 
 class ApiError(Exception):
@@ -64,7 +66,7 @@ def sampling_options(body: "_Common") -> dict:
     try:
         make_sampling(**options)
     except ValueError as e:
-        raise ApiError(400, str(e), param=next((k for k in options if str(e).startswith(k)), None)) from None
+        raise ApiError(400, str(e), param=getattr(e, "param", None)) from None
     return options
 
 
@@ -295,15 +297,12 @@ class Server:
             if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
                 max_tokens = 16 if messages is None else self.llm.max_context - len(ids)
                 if max_tokens < 1:
-                    raise ValueError(f"prompt of {len(ids)} tokens fills the context (max_seq={self.llm.max_context})")
+                    raise BadOption(f"prompt of {len(ids)} tokens fills the context (max_seq={self.llm.max_context})",
+                                    param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
             return self.llm.prepare(ids, max_new_tokens=max_tokens, stop=body.stop, **extra, **options)
-        except ValueError as e:
-            msg = str(e)
-            code = "context_length_exceeded" if "context" in msg else None
-            names = ("messages", "prompt", "stop", "gamma", "max_pending", "head_layer", "method", "k", "max_new_tokens")
-            param = next((p for p in names if re.search(rf"\b{p}\b", msg)), None)
-            param = "max_tokens" if param == "max_new_tokens" else param
-            raise ApiError(400, msg, param=param, code=code) from None
+        except ValueError as e:  # a BadOption names its field (the LLM's keyword); other ValueErrors name none
+            param = getattr(e, "param", None)
+            raise ApiError(400, str(e), param=REQUEST_FIELDS.get(param, param), code=getattr(e, "code", None)) from None
 
     def _bound(self, prompt, messages) -> None:
         """Refuse text that cannot fit in the context before tokenising it: no token of this vocabulary covers more
@@ -318,8 +317,8 @@ class Server:
         texts = [prompt] if isinstance(prompt, str) else [str(m.get("content") or "") for m in messages or ()]
         chars = sum(len(t) for t in texts)
         if chars > 4 * self._longest * self.llm.max_context:
-            raise ValueError(f"prompt of {chars} characters is longer than the context can hold "
-                             f"(max_seq={self.llm.max_context} tokens)")
+            raise BadOption(f"prompt of {chars} characters is longer than the context can hold "
+                            f"(max_seq={self.llm.max_context} tokens)", param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
 
     # -- decoding
     async def complete(self, request: Request, req, chat: bool, body: _Common):

@@ -4,10 +4,11 @@
 
 The parts, bottom to top, and what each may import (PARTS below is the table itself):
 
-    model     adadecode/model/     the checkpoint in: config, weights, tokenizer, loaders   nothing of adadecode
-    engines   adadecode/engines/   the contract and the engines behind it                   model
-    decoding  adadecode/decoding/  methods on any engine: vanilla, AdaDecode, LayerSkip     engines, model
-    heads     adadecode/heads/     head files, their data, training, evaluation             engines, model
+    errors    adadecode/errors.py  BadOption: a refused value that names its field          nothing of adadecode
+    model     adadecode/model/     the checkpoint in: config, weights, tokenizer, loaders   errors
+    engines   adadecode/engines/   the contract, the engines behind it, their options       model, errors
+    decoding  adadecode/decoding/  methods on any engine: vanilla, AdaDecode, LayerSkip     engines, model, errors
+    heads     adadecode/heads/     head files, their data, training, evaluation             engines, model, errors
     api       adadecode/api.py     adadecode.LLM                                            the four parts above
     server    adadecode/server.py  the OpenAI-compatible server                             api and below
     cli       adadecode/cli.py     python -m adadecode ...                                  server, api and below
@@ -44,13 +45,14 @@ import sys
 from pathlib import Path
 
 PACKAGE = "adadecode"
-BELOW_API = ("decoding", "heads", "engines", "model")
+BELOW_API = ("decoding", "heads", "engines", "model", "errors")
 # part: (the modules it holds, as dotted prefixes; the parts it may import)
 PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "model": (("adadecode.model",), ()),
-    "engines": (("adadecode.engines",), ("model",)),
-    "decoding": (("adadecode.decoding",), ("engines", "model")),
-    "heads": (("adadecode.heads",), ("engines", "model")),
+    "errors": (("adadecode.errors",), ()),
+    "model": (("adadecode.model",), ("errors",)),
+    "engines": (("adadecode.engines",), ("model", "errors")),
+    "decoding": (("adadecode.decoding",), ("engines", "model", "errors")),
+    "heads": (("adadecode.heads",), ("engines", "model", "errors")),
     "api": (("adadecode.api",), BELOW_API),
     "server": (("adadecode.server",), ("api",) + BELOW_API),
     "cli": (("adadecode.cli",), ("server", "api") + BELOW_API),

@@ -61,6 +61,7 @@ from collections import Counter
 from typing import Callable, Sequence
 
 from ..engines.sampling import make_sampling
+from ..errors import BadOption
 from .vanilla import Generation, check_request, final_tokens
 
 HEAD_GUESSES = ("sample", "argmax")
@@ -79,12 +80,13 @@ def _engine_heads(engine, heads):
 
 def _check_pending(engine, max_pending: int, what: str = "max_pending") -> int:
     if isinstance(max_pending, bool) or int(max_pending) != max_pending or max_pending < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {max_pending!r}")
+        raise BadOption(f"{what} must be an integer >= 1, got {max_pending!r}", param=what)
     max_pending = int(max_pending)
     max_rows = getattr(engine, "max_rows", None)
     if max_rows is not None and max_pending + 1 > max_rows:
-        raise ValueError(f"{what}={max_pending} needs {max_pending + 1} rows in flight, but the engine holds "
-                         f"max_rows={max_rows}; lower {what} or build the engine with max_rows >= {max_pending + 1}")
+        raise BadOption(f"{what}={max_pending} needs {max_pending + 1} rows in flight, but the engine holds "
+                        f"max_rows={max_rows}; lower {what} or build the engine with max_rows >= {max_pending + 1}",
+                        param=what)
     return max_pending
 
 
@@ -111,9 +113,9 @@ def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int
     else:
         gammas = [float(g) for g in gamma]
         if len(gammas) != len(heads):
-            raise ValueError(f"gamma has {len(gammas)} values for {len(heads)} heads")
+            raise BadOption(f"gamma has {len(gammas)} values for {len(heads)} heads", param="gamma")
     if any(math.isnan(g) for g in gammas):
-        raise ValueError(f"gamma must be a number, got {gamma!r}")
+        raise BadOption(f"gamma must be a number, got {gamma!r}", param="gamma")
     return _speculate(engine, prompt, max_new_tokens, heads=heads, active=range(len(heads)), gammas=gammas,
                       max_pending=max_pending, eos_ids=eos_ids, on_token=on_token, method="adadecode",
                       sampling=sampling, head_guess=head_guess)
@@ -132,7 +134,7 @@ def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int
     k = _check_pending(engine, k, "k")
     heads = _engine_heads(engine, heads)
     if not -len(heads) <= head_index < len(heads):
-        raise ValueError(f"head_index {head_index} is out of range for {len(heads)} heads")
+        raise BadOption(f"head_index {head_index} is out of range for {len(heads)} heads", param="head_index")
     head_index %= len(heads)
     gammas = [-math.inf] * len(heads)
     return _speculate(engine, prompt, max_new_tokens, heads=heads, active=[head_index], gammas=gammas,
@@ -142,7 +144,7 @@ def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int
 
 def _check_head_guess(head_guess: str) -> str:
     if head_guess not in HEAD_GUESSES:
-        raise ValueError(f"head_guess must be one of {HEAD_GUESSES}, got {head_guess!r}")
+        raise BadOption(f"head_guess must be one of {HEAD_GUESSES}, got {head_guess!r}", param="head_guess")
     return head_guess
 
 

@@ -13,6 +13,7 @@ import time
 from typing import Callable, Sequence
 
 from ..engines.sampling import make_sampling
+from ..errors import CONTEXT_LENGTH_EXCEEDED, BadOption
 
 
 @dataclasses.dataclass
@@ -33,16 +34,16 @@ def check_request(engine, prompt_tokens: Sequence[int], max_new_tokens: int) -> 
     """The checks every decoding method makes before it touches the cache."""
     prompt = [int(t) for t in prompt_tokens]
     if not prompt:
-        raise ValueError("empty prompt: give at least one token")
+        raise BadOption("empty prompt: give at least one token", param="prompt")
     vocab = engine.cfg.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        raise BadOption(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise BadOption(f"max_new_tokens must be >= 1, got {max_new_tokens}", param="max_new_tokens")
     if len(prompt) + max_new_tokens > engine.max_seq:
-        raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} is longer than the "
-                         f"context (max_seq={engine.max_seq})")
+        raise BadOption(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} is longer than the "
+                        f"context (max_seq={engine.max_seq})", param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
     return prompt
 
 
