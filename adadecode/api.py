@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 from .decoding.driver import generate_adadecode, generate_layerskip
 from .decoding.vanilla import check_request, generate_vanilla
+from .engines.options import EngineOptions
 from .engines.sampling import make_sampling
 from .errors import BadOption
 from .model.loader import Model, load_model
@@ -145,7 +146,8 @@ class LLM:
     heads: None, a head file, or "default" / "default:code" / "default:general" (the default model's heads).
     engine: "auto" (CUDA where it can run, else the CPU engine), "cuda", "cpu" (native CPU kernels), "torch" (the
         reference), or "emu" (the CUDA engine on the emulated device: the product's kernels on the CPU, slow); device
-        and dtype: the torch engine's; threads: the CPU engine's (default: the cores this process may use).
+        and dtype: the torch engine's; threads: the CPU engine's (default: the cores this process may use). Or an
+        adadecode.engines.options.EngineOptions holding every engine option; each is checked here (BadOption).
     release_weights: on the CPU engine, drop the model's torch weights once the engine has packed them (held once,
         not twice). None: when the model was loaded here (a name or path), not when a loaded Model was given.
     max_seq: the KV cache length. None: min(the model's context, 4096), grown (up to the model's context) when a
@@ -153,7 +155,8 @@ class LLM:
     max_rows: rows in flight (AdaDecode's max_pending + 1, LayerSkip's k + 1). None: 16, grown as needed.
     """
 
-    def __init__(self, model: str | Model = "default", *, heads=None, engine: str = "auto", device: str | None = None,
+    def __init__(self, model: str | Model = "default", *, heads=None, engine: str | EngineOptions = "auto",
+                 device: str | None = None,
                  dtype: str | None = None, max_seq: int | None = None, max_rows: int | None = None,
                  threads: int | None = None, release_weights: bool | None = None):
         self._release = (not isinstance(model, Model)) if release_weights is None else bool(release_weights)
@@ -167,7 +170,9 @@ class LLM:
             self.heads, self.heads_meta = list(loaded), dict(meta or {})
             if not self.heads:
                 raise ValueError(f"heads {heads}: no heads in it")
-        self._engine_args = dict(engine=engine, device=device, dtype=dtype, threads=threads)
+        opts = engine if isinstance(engine, EngineOptions) else EngineOptions(engine=engine)
+        given = dict(device=device, dtype=dtype, threads=threads)
+        self.engine_options = opts.replace(**{k: v for k, v in given.items() if v is not None})
         self._fixed_seq, self._fixed_rows = max_seq is not None, max_rows is not None
         self._max_seq = max_seq if max_seq is not None else min(self.model.cfg.max_position, 4096)
         self._max_rows = max_rows if max_rows is not None else 16
@@ -199,7 +204,7 @@ class LLM:
             return
         self._max_seq, self._max_rows = max(self._max_seq, seq), max(self._max_rows, rows)
         self._engine = None  # free the old cache first
-        self._engine = make_engine(self.model, **self._engine_args, max_seq=self._max_seq, max_rows=self._max_rows)
+        self._engine = make_engine(self.model, self.engine_options, max_seq=self._max_seq, max_rows=self._max_rows)
         if self._release and self._engine.name == "cpu":
             self.model.release_weights("the CPU engine's packed copy")
         if self.heads:

@@ -6,13 +6,12 @@ import json
 import sys
 
 from .api import DEFAULT_GAMMA, LLM, METHODS
-from .engines.select import ENGINES
+from .engines.options import ENGINES, EngineOptions
 
 
 def _generate(args) -> int:
-    llm = LLM(args.model, heads=None if args.method == "vanilla" else args.heads, engine=args.engine,
-              device=args.device, dtype=args.dtype, max_seq=args.max_seq, threads=args.threads,
-              max_rows=max(16, args.max_pending + 1, args.k + 1))  # rows in flight: pending tokens + 1
+    llm = LLM(args.model, heads=None if args.method == "vanilla" else args.heads, engine=_engine_options(args),
+              max_seq=args.max_seq, max_rows=max(16, args.max_pending + 1, args.k + 1))  # rows in flight: pending + 1
     on_text = None
     if not args.json:
         def on_text(delta) -> None:
@@ -41,6 +40,11 @@ def _generate(args) -> int:
                      f"{st['layer_steps']}/{st['vanilla_layer_steps']} layer steps")
         print(line + "]", file=sys.stderr)
     return 0
+
+
+def _engine_options(args) -> EngineOptions:
+    """The engine's options from the flags, checked once here (a bad value: `error: ...`, exit 2)."""
+    return EngineOptions(engine=args.engine, device=args.device, dtype=args.dtype, threads=args.threads)
 
 
 def _model_arguments(g, serve: bool) -> None:
@@ -85,8 +89,8 @@ def _serve(args) -> int:
     from .model.loader import load_model
 
     model = load_model(args.model)  # a server's cache is fixed: requests that do not fit are refused, not grown for
-    llm = LLM(model, heads=args.heads, engine=args.engine, device=args.device, dtype=args.dtype, threads=args.threads,
-              max_seq=args.max_seq or min(model.cfg.max_position, 4096), max_rows=max(16, args.max_pending + 1, args.k + 1),
+    llm = LLM(model, heads=args.heads, engine=_engine_options(args), max_seq=args.max_seq or min(model.cfg.max_position, 4096),
+              max_rows=max(16, args.max_pending + 1, args.k + 1),
               release_weights=True)  # the server's model is its own: the CPU engine's packed copy is the only one
     return serve_main(args, llm)
 

@@ -18,20 +18,20 @@ AVX2 and a portable path compute the same bits; threads split output columns and
 reduction). So CpuEngine agrees bit for bit with CudaEngine on the emulated device wherever that one runs the same
 kernels (decode, and prefill in chunks of at most 16 rows), and with itself across machines.
 
-Threads: `threads=None` takes ADADECODE_CPU_THREADS or the cores this process may use. `isa=None` takes
-ADADECODE_CPU_ISA or the best path of this CPU. `schedule` (tests only; None takes ADADECODE_CPU_SCHEDULE, else
-"natural"): "reverse" or "shuffle[:seed]" runs every job's items on one thread in reversed or shuffled order under
-the thread indices that work stealing could give them (csrc/cpu/thread_pool.h); the bits must not change.
+Options (adadecode.engines.options.EngineOptions, which reads the environment for what is left unset): `threads`
+(None: ADADECODE_CPU_THREADS or the cores this process may use), `isa` (None: ADADECODE_CPU_ISA or the best path of
+this CPU), `schedule` (tests only; None: ADADECODE_CPU_SCHEDULE, else "natural"): "reverse" or "shuffle[:seed]"
+runs every job's items on one thread in reversed or shuffled order under the thread indices that work stealing could
+give them (csrc/cpu/thread_pool.h); the bits must not change.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from ..model.config import LlamaConfig
 from ..model.math import rope_tables
 from ..model.weights import LlamaWeights
+from .options import EngineOptions
 from .native import NativeEngine, check_finite_logits, family_args, model_dims
 from .sampling import sample
 
@@ -59,37 +59,6 @@ def read_bandwidth(threads: int = 1, mib: int = 1024, reps: int = 5) -> float:
     """Bytes/s of `threads` threads reading `mib` MiB that no cache holds (a STREAM-like sum, best of `reps`): the
     ceiling of a decode step, which reads every weight once. The benchmarks measure it in the same run."""
     return float(_ext().read_bandwidth(mib, threads, reps))
-
-
-def default_threads() -> int:
-    env = os.environ.get("ADADECODE_CPU_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"ADADECODE_CPU_THREADS={env!r} is not an integer") from None
-        if n < 1:
-            raise ValueError(f"ADADECODE_CPU_THREADS={env!r} must be >= 1")
-        return n
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-SCHEDULES = ("natural", "reverse", "shuffle")
-
-
-def parse_schedule(spec: str | None) -> tuple[str, int]:
-    """(schedule, seed) of a pool schedule spec: "natural", "reverse" or "shuffle[:seed]"; None reads
-    ADADECODE_CPU_SCHEDULE (unset: natural)."""
-    what = "schedule"
-    if spec is None:
-        spec, what = os.environ.get("ADADECODE_CPU_SCHEDULE") or "natural", "ADADECODE_CPU_SCHEDULE"
-    name, _, seed = str(spec).partition(":")
-    if name not in SCHEDULES or (seed and (name != "shuffle" or not seed.isdigit())):
-        raise ValueError(f"{what}={spec!r} must be one of natural, reverse, shuffle[:seed]")
-    return name, int(seed or 0)
 
 
 def check_supported(cfg: LlamaConfig) -> None:
@@ -139,33 +108,28 @@ class CpuEngine(NativeEngine):
     name = "cpu"
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | CpuWeights, *, max_seq: int | None = None,
-                 max_rows: int = 16, threads: int | None = None, isa: str | None = None, prefill_chunk: int = 64,
-                 schedule: str | None = None):
-        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or not 1 <= max_rows <= 256:
-            raise ValueError(f"max_rows={max_rows!r} must be an integer in 1..256 for the CPU engine")
-        if not isinstance(prefill_chunk, int) or not 1 <= prefill_chunk <= 1024:
-            raise ValueError(f"prefill_chunk must be an integer in 1..1024, got {prefill_chunk!r}")
-        threads = default_threads() if threads is None else threads
-        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
-            raise ValueError(f"threads={threads!r} must be an integer in 1..1024")
+                 max_rows: int | None = None, threads: int | None = None, isa: str | None = None,
+                 prefill_chunk: int | None = None, schedule: str | None = None, options: EngineOptions | None = None):
+        given = dict(max_rows=max_rows, threads=threads, isa=isa, prefill_chunk=prefill_chunk, schedule=schedule)
+        opts = (options or EngineOptions(engine="cpu")).replace(**{k: v for k, v in given.items() if v is not None})
         ext = _ext()
-        self._init_contract(cfg, max_seq, max_rows)
+        cpu = opts.cpu(ext.isas())  # checked, the environment read for what is unset (EngineOptions)
+        self._init_contract(cfg, max_seq, cpu["max_rows"])
         self.device = torch.device("cpu")
         if not isinstance(weights, CpuWeights):
             weights = CpuWeights(cfg, weights)
         elif weights.cfg != cfg:
             raise ValueError("CpuWeights were packed for another model config")
         self.packed = weights
-        kv = 2 * cfg.n_layers * -(-self.max_seq // 16) * 16 * cfg.n_kv_heads * cfg.head_dim * 2
-        free = ext.available_memory()
+        kv, free = ext.kv_cache_bytes(weights._w, self.max_seq), ext.available_memory()
         if kv > free:  # before the RoPE tables of max_seq rows are built
             raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads x "
                               f"head_dim {cfg.head_dim} ({kv / 2**30:.2f} GiB, bf16) does not fit in the "
                               f"{free / 2**30:.2f} GiB of memory available")
         cos, sin = rope_tables(cfg, self.max_seq)
         self._eng = ext.Engine(weights._w, cos, sin, max_seq=self.max_seq, max_rows=self.max_rows,
-                               prefill_chunk=prefill_chunk, threads=threads, isa=isa or "")
-        self.schedule = parse_schedule(schedule)
+                               prefill_chunk=cpu["prefill_chunk"], threads=cpu["threads"], isa=cpu["isa"])
+        self.schedule = cpu["schedule"]
         self._eng.set_schedule(*self.schedule)
 
     # ---- sizes ------------------------------------------------------------------------------------------------------

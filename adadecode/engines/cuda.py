@@ -28,9 +28,10 @@ import torch
 from ..model.config import LlamaConfig
 from ..model.math import rope_tables
 from ..model.weights import LlamaWeights
+from .options import DEFAULT_MAX_ROWS, LIMITS, EngineOptions
 from .native import NativeEngine, check_finite_logits, family_args, model_dims
 
-MAX_ROWS = 16  # the batch-invariant skinny GEMM takes at most 16 rows
+MAX_ROWS = LIMITS["cuda"][0]  # the batch-invariant skinny GEMM takes at most 16 rows
 
 
 def _dev(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16, ext=None) -> torch.Tensor:
@@ -81,9 +82,7 @@ def check_supported(cfg: LlamaConfig, max_rows: int) -> None:
     if cfg.n_heads // cfg.n_kv_heads > 128:
         raise ValueError(f"the CUDA engine supports at most 128 query heads per KV head, this model has "
                          f"{cfg.n_heads // cfg.n_kv_heads}")
-    if not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS:
-        raise ValueError(f"max_rows={max_rows!r} must be an integer in 1..{MAX_ROWS} for the CUDA engine "
-                         f"(its batch-invariant skinny GEMM takes at most {MAX_ROWS} rows)")
+    EngineOptions(max_rows=max_rows).rows("cuda")
 
 
 def _sampling_kw(s) -> dict:
@@ -95,8 +94,13 @@ def _sampling_kw(s) -> dict:
 class CudaEngine(NativeEngine):
     name = "cuda"
 
-    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, max_seq: int | None = None, max_rows: int = 16,
-                 prefill_chunk: int = 256, device: str | torch.device | None = None):
+    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, max_seq: int | None = None,
+                 max_rows: int | None = None, prefill_chunk: int | None = None,
+                 device: str | torch.device | None = None, options: EngineOptions | None = None):
+        opts = options or EngineOptions(engine="cuda")
+        given = dict(max_rows=max_rows, prefill_chunk=prefill_chunk, device=None if device is None else str(device))
+        opts = opts.replace(**{k: v for k, v in given.items() if v is not None})
+        device = opts.device
         if str(device) == "emu":  # the emulated device: adadecode_emu, CPU tensors
             why = emu_unavailable_reason()
             if why:
@@ -118,9 +122,9 @@ class CudaEngine(NativeEngine):
                 self.device = torch.device(f"cuda:{torch.cuda.current_device()}")
             self._ext = None
             on_device = torch.cuda.device(self.device)
-        check_supported(cfg, max_rows)
-        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        max_rows = DEFAULT_MAX_ROWS if opts.max_rows is None else opts.max_rows
+        check_supported(cfg, max_rows)  # the shapes, then max_rows
+        prefill_chunk = opts.chunk("cuda")
         self._init_contract(cfg, max_seq, max_rows)
 
         put = self._put

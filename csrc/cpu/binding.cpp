@@ -36,9 +36,7 @@ const cpu::Kernels* kernels_named(const std::string& isa) {
   if (k == nullptr) {
     std::string have;
     for (const char* const* p = cpu::supported_isas(); *p; ++p) have += std::string(have.empty() ? "" : ", ") + *p;
-    const char* env = std::getenv("ADADECODE_CPU_ISA");
-    const std::string want = isa.empty() ? std::string(env ? env : "") : isa;
-    throw std::invalid_argument("CPU engine: kernels '" + want + "' do not run on this CPU (it runs: " + have + ")");
+    throw std::invalid_argument("CPU engine: kernels '" + isa + "' do not run on this CPU (it runs: " + have + ")");
   }
   return k;
 }
@@ -333,6 +331,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_bandwidth", &read_bandwidth, py::arg("mib") = 1024, py::arg("threads") = 1, py::arg("reps") = 5,
         py::arg("isa") = "", "bytes/s of `threads` threads reading a buffer of `mib` MiB (best of `reps`)");
   m.def("isas", &isas, "the kernel paths this CPU runs, best first");
+  m.def("kv_cache_bytes", [](const cpu::Weights& w, int64_t max_seq) {
+          TORCH_CHECK(max_seq >= 1, "max_seq must be >= 1, got ", max_seq);
+          return static_cast<int64_t>(cpu::kv_cache_bytes(w.dims(), max_seq));
+        }, py::arg("weights"), py::arg("max_seq"), "bytes of the KV cache of an Engine of max_seq positions");
   m.def("available_memory", [] { return static_cast<int64_t>(std::min<size_t>(cpu::available_memory(), INT64_MAX)); },
         "bytes of memory this process may still take (MemAvailable)");
   m.def("fixed_exp", &fixed_exp, py::arg("x"), py::arg("isa"), py::arg("base2"));
