@@ -12,30 +12,29 @@ One model, one engine, one sequence at a time: an LLM serialises its callers (a 
 cancelled between tokens (`cancel`, a threading.Event), which frees the engine at once. Every method gives the
 tokens of vanilla greedy decoding; they differ in speed and statistics only.
 
-Options of a decoding method that this file does not name (the sampling options, for one) are passed through
-to the method's function (`decoding.vanilla.generate_vanilla`, `decoding.driver.generate_adadecode`,
-`decoding.driver.generate_layerskip`) as keyword arguments; one that the function does not take is a ValueError.
+The methods and their options are the registry's (adadecode.decoding.methods): `method=` takes a registered name,
+and each method's options (gamma, max_pending / k, head_layer) are checked by its registration. Other keyword
+arguments (the sampling options, for one) are passed through to the method's function
+(`decoding.vanilla.generate_vanilla`, `decoding.driver.generate_adadecode`, `decoding.driver.generate_layerskip`);
+one that the function does not take is a ValueError (BadOption naming it).
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import threading
 import time
 import types
 from typing import Callable, Iterator, Sequence
 
-from .decoding.driver import generate_adadecode, generate_layerskip
-from .decoding.vanilla import check_request, generate_vanilla
+from .decoding import methods
+from .decoding.methods import DEFAULT_GAMMA
+from .decoding.vanilla import check_request
 from .engines.options import EngineOptions
 from .engines.sampling import make_sampling
 from .errors import BadOption
 from .model.loader import Model, load_model
 
-METHODS = ("vanilla", "adadecode", "layerskip")
-DEFAULT_GAMMA = 0.75  # adadecode's threshold when neither the call nor the heads file gives one
-_FUNCTIONS = {"vanilla": generate_vanilla, "adadecode": generate_adadecode, "layerskip": generate_layerskip}
-_RESERVED = {"prompt_tokens", "max_new_tokens", "eos_ids", "on_token", "heads", "gamma", "max_pending", "head_index", "k"}
+METHODS = methods.names()  # ("vanilla", "adadecode", "layerskip"): the registered decoding methods
 
 
 class Cancelled(Exception):
@@ -238,70 +237,56 @@ class LLM:
         return self.tokenizer.decode(list(tokens))
 
     def prepare(self, prompt=None, *, messages=None, chat: bool = False, max_new_tokens: int = 128,
-                method: str | None = None, stop: str | Sequence[str] | None = None, gamma=None,
-                max_pending: int = 5, k: int = 4, head_layer: int | None = None, **options) -> _Request:
+                method: str | None = None, stop: str | Sequence[str] | None = None, **options) -> _Request:
         """Check a request without touching the engine (a ValueError names what is wrong); `run` decodes it.
 
-        method: "vanilla", "adadecode" or "layerskip"; default: adadecode where heads are loaded, else vanilla.
+        method: a registered method (adadecode.decoding.methods: "vanilla", "adadecode", "layerskip"); default:
+            adadecode where heads are loaded, else vanilla.
         stop: strings that end the text (cut before them); EOS ends it too.
-        gamma (adadecode): exit when a head's confidence > gamma; one number or one per head; default: the heads
-            file's recommended per-head gammas or gamma. max_pending (adadecode): most early tokens awaiting verification.
-        k, head_layer (layerskip): draft length and the drafting head's layer (default: the deepest head).
-        options: passed to the method's function (e.g. sampling options where the build has them).
+        options: the methods' options, checked by the method's registration (any method's may be given; the chosen
+            method's are used): gamma (adadecode: exit when a head's confidence > gamma; one number or one per head;
+            default: the heads file's recommended per-head gammas or gamma), max_pending (adadecode: most early
+            tokens awaiting verification, default 5), k, head_layer (layerskip: draft length, default 4, and the
+            drafting head's layer, default the deepest head); and others passed to the method's function (e.g.
+            the sampling options).
         """
         ids = self.encode(prompt, messages=messages, chat=chat)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise BadOption(f"max_new_tokens must be an integer, got {max_new_tokens!r}", param="max_new_tokens")
         check_request(types.SimpleNamespace(cfg=self.model.cfg, max_seq=self.max_context), ids, max_new_tokens)
-        method = method or ("adadecode" if self.heads else "vanilla")
-        if method not in METHODS:
-            raise BadOption(f"method must be one of {', '.join(METHODS)}; got {method!r}", param="method")
+        m = methods.get(method or ("adadecode" if self.heads else "vanilla"))
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or s == "" for s in stop):
             raise BadOption(f"stop must be non-empty strings, got {stop!r}", param="stop")
         if stop and self.tokenizer is None:
             raise BadOption(f"{self.model.source} has no tokenizer.json; stop strings need one", param="stop")
-        params = inspect.signature(_FUNCTIONS[method]).parameters
-        bad = [o for o in options if o not in params or o in _RESERVED]
+        registered = methods.options()
+        given = {k: options.pop(k) for k in list(options) if k in registered}
+        reserved = methods.reserved()
+        bad = [o for o in options if not m.takes(o) or o in reserved]
         if bad:
-            raise BadOption(f"{method} decoding takes no option {bad[0]!r} in this build", param=bad[0])
-        kwargs, info, rows = dict(options), {}, 1
+            raise BadOption(f"{m.name} decoding takes no option {bad[0]!r} in this build", param=bad[0])
+        kwargs, info = dict(options), {}
         sampling = {k: options[k] for k in ("temperature", "top_k", "top_p", "seed") if k in options}
         if make_sampling(**sampling) is not None:  # checks the values now, before the request waits for the engine
             info["sampling"] = sampling
-        if method != "vanilla":
+        if m.needs_heads:
             if not self.heads:
-                raise BadOption(f"method {method!r} needs intermediate heads: load the LLM with heads=...", param="method")
-            layers = [h.layer for h in self.heads]
-            info = {"heads": self.heads_spec, "head_layers": layers}
-            rows = self._check_count("max_pending" if method == "adadecode" else "k",
-                                     max_pending if method == "adadecode" else k) + 1
-        if method == "adadecode":
-            gamma = (self.heads_meta.get("gammas") or self.heads_meta.get("gamma", DEFAULT_GAMMA)) if gamma is None else gamma
-            values = list(gamma) if isinstance(gamma, (list, tuple)) else [gamma]
-            if any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1 for g in values):
-                raise BadOption(f"gamma must be a number in [0, 1] or one per head; got {gamma!r}", param="gamma")
-            kwargs.update(gamma=gamma, max_pending=max_pending)
-            info.update(gamma=gamma, max_pending=max_pending)
-        elif method == "layerskip":
-            if head_layer is None:
-                index = max(range(len(layers)), key=lambda i: layers[i])  # the deepest head: the most accurate drafts
-            elif head_layer in layers:
-                index = layers.index(head_layer)
-            else:
-                raise BadOption(f"head_layer {head_layer}: the heads sit at layers {layers}", param="head_layer")
-            kwargs.update(head_index=index, k=k)
-            info.update(head_layer=layers[index], k=k)
-        return _Request(prompt=ids, max_new_tokens=max_new_tokens, method=method, kwargs=kwargs, options=info,
-                        stop=stop, rows=rows)
-
-    def _check_count(self, name: str, value) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BadOption(f"{name} must be an integer >= 1, got {value!r}", param=name)
-        if self._fixed_rows and value + 1 > self._max_rows:
-            raise BadOption(f"{name}={value} needs {value + 1} rows in flight; this LLM holds max_rows={self._max_rows}",
+                raise BadOption(f"method {m.name!r} needs intermediate heads: load the LLM with heads=...",
+                                param="method")
+            info = {"heads": self.heads_spec, "head_layers": [h.layer for h in self.heads]}  # (not the sampling)
+        ctx = methods.Context(tuple(self.heads), self.heads_meta)
+        values = m.checked(given, ctx)
+        rows = m.rows(values)
+        if self._fixed_rows and rows > self._max_rows:
+            name = m.rows_option
+            raise BadOption(f"{name}={values[name]} needs {rows} rows in flight; this LLM holds max_rows={self._max_rows}",
                             param=name)
-        return value
+        call, reported = m.bind(values, ctx)
+        kwargs.update(call)
+        info.update(reported)
+        return _Request(prompt=ids, max_new_tokens=max_new_tokens, method=m.name, kwargs=kwargs, options=info,
+                        stop=stop, rows=rows)
 
     def run(self, req: _Request, *, on_text: Callable[[Delta], None] | None = None,
             cancel: threading.Event | None = None) -> Completion:
@@ -336,16 +321,16 @@ class LLM:
                     raise _StopStringHit()
 
             t0 = time.perf_counter()
-            fn = _FUNCTIONS[req.method]
+            m = methods.get(req.method)
             try:
-                gen = fn(self._engine, req.prompt, req.max_new_tokens, eos_ids=self.model.eos_ids,
+                gen = m.function(self._engine, req.prompt, req.max_new_tokens, eos_ids=self.model.eos_ids,
                          on_token=on_token if (live or cancel is not None) else None, **req.kwargs)
                 tokens, stats, seconds, ms = gen.tokens, dict(gen.stats), gen.seconds, gen.ms_per_token
             except _StopStringHit:
                 stats = {"tokens": len(tokens), "cut_by_stop_string": True}
                 seconds = times[-1] - t0
                 ms = 1e3 * (times[-1] - times[0]) / (len(tokens) - 1) if len(tokens) > 1 else float("nan")
-        if req.method == "vanilla":
+        if not m.speculative:  # the same keys as a speculative method's, for every caller's convenience
             stats = {"tokens": len(tokens), "early": 0, "accepted": 0, "rejected": 0, **stats}
         tail = text.finish() if text is not None else ""
         if text is not None and text.hit is not None:
@@ -365,8 +350,8 @@ class LLM:
                  cancel: threading.Event | None = None, **kwargs) -> Completion:
         """Decode `prompt` (text, or token ids) or chat `messages` to the end: EOS, a stop string or max_new_tokens.
 
-        Keyword arguments: those of `prepare` (chat, max_new_tokens, method, stop, gamma, max_pending, k,
-        head_layer, and options of the method), plus `on_text` and `cancel` (see `run`)."""
+        Keyword arguments: those of `prepare` (chat, max_new_tokens, method, stop, the methods' options: gamma,
+        max_pending, k, head_layer, and the sampling options), plus `on_text` and `cancel` (see `run`)."""
         return self.run(self.prepare(prompt, messages=messages, **kwargs), on_text=on_text, cancel=cancel)
 
     def stream(self, prompt=None, *, messages=None, **kwargs) -> Iterator[Delta]:

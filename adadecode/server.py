@@ -22,16 +22,17 @@ import secrets
 import threading
 import time
 import uuid
-from typing import Literal
+from typing import Literal, Optional
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import LLM, METHODS, Cancelled, Completion, Delta
+from .decoding import methods
 from .engines.sampling import make_sampling
 from .errors import CONTEXT_LENGTH_EXCEEDED, BadOption
 
@@ -75,7 +76,7 @@ class _StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _CommonBase(BaseModel):
     model_config = ConfigDict(extra="allow")  # fields OpenAI clients send that change nothing here (user, ...)
 
     model: str
@@ -90,13 +91,7 @@ class _Common(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    # adadecode's own (the openai client sends them with extra_body={...})
-    method: Literal["vanilla", "adadecode", "layerskip"] | None = None
-    gamma: float | list[float] | None = None
-    max_pending: int | None = None
-    k: int | None = None
-    head_layer: int | None = None
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)  # adadecode's own (the openai client sends it with extra_body={...})
 
     def unsupported(self) -> None:
         """Refuse what would change the answer and that this server cannot do."""
@@ -110,6 +105,15 @@ class _Common(BaseModel):
 
     def _unsupported(self) -> list:
         return []
+
+
+# adadecode's method and its options (the openai client sends them with extra_body={...}): the fields the registry
+# declares (adadecode.decoding.methods), each of the type its option accepts; a request that names none gets the
+# server's defaults (--method and the method's flags)
+METHOD_FIELDS = ("method",) + tuple(methods.options())
+_Common = create_model(
+    "_Common", __base__=_CommonBase, method=(Optional[Literal[methods.names()]], None),
+    **{o.name: (Optional[o.accepts or o.type], None) for o in methods.options().values()})
 
 
 class CompletionRequest(_Common):
@@ -285,7 +289,7 @@ class Server:
         body.unsupported()
         options = sampling_options(body)
         extra = {}
-        for k in ("method", "gamma", "max_pending", "k", "head_layer"):  # the request's, else the server's
+        for k in METHOD_FIELDS:  # the request's, else the server's
             v = getattr(body, k)
             v = self.defaults.get(k) if v is None else v
             if v is not None:
@@ -547,12 +551,12 @@ def main(args, llm: LLM) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(name)s: %(message)s")
     engine = llm.engine  # build it now: errors before serving, no wait on the first request
-    defaults = {k: getattr(args, k) for k in ("method", "gamma", "max_pending", "k", "head_layer")}
+    defaults = {k: getattr(args, k) for k in METHOD_FIELDS}
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     app = create_app(llm, args.served_model_name or args.model, defaults, max_request_bytes=args.max_request_bytes)
     log.info("serving %s as %r on engine %s (max_seq %d), methods %s", llm.model.source,
              args.served_model_name or args.model, engine.name, llm.max_context,
-             ", ".join(m for m in METHODS if m == "vanilla" or llm.heads))
+             ", ".join(m for m in METHODS if not methods.get(m).needs_heads or llm.heads))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

@@ -1,6 +1,7 @@
 """Decoding methods on any engine of the contract (adadecode.engines): they call prefill, embed, run_layers, head,
 final and truncate, and never look inside an engine.
 
+    methods  the registry: each method's name, function, options and their checks, rows in flight (API, server, CLI)
     vanilla  generate_vanilla (greedy or seeded sampling); Generation and check_request, shared by every method
     driver   generate_adadecode and generate_layerskip: exact early exits, verified by the final layer
     graphed  GraphedDecoder: the gpt-fast-style baseline (a static-shape step over a TorchEngine's state, one CUDA
