@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 from .decoding import methods
 from .decoding.methods import DEFAULT_GAMMA
-from .decoding.vanilla import check_request
+from .decoding.common import check_request
 from .engines.options import EngineOptions
 from .engines.sampling import make_sampling
 from .errors import BadOption

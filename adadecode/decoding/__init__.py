@@ -2,7 +2,8 @@
 final and truncate, and never look inside an engine.
 
     methods  the registry: each method's name, function, options and their checks, rows in flight (API, server, CLI)
-    vanilla  generate_vanilla (greedy or seeded sampling); Generation and check_request, shared by every method
+    common   Generation, check_request and final_tokens: what every method uses
+    vanilla  generate_vanilla (greedy or seeded sampling)
     driver   generate_adadecode and generate_layerskip: exact early exits, verified by the final layer
     graphed  GraphedDecoder: the gpt-fast-style baseline (a static-shape step over a TorchEngine's state, one CUDA
              graph on a GPU); a decoding method of its own, so it lives here and not with the engines

@@ -62,7 +62,7 @@ from typing import Callable, Sequence
 
 from ..engines.sampling import make_sampling
 from ..errors import BadOption
-from .vanilla import Generation, check_request, final_tokens
+from .common import Generation, check_request, final_tokens
 
 HEAD_GUESSES = ("sample", "argmax")
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..engines.torch import TorchEngine
 from ..model.math import rms_norm, rotate_half
-from .vanilla import Generation, check_request
+from .common import Generation, check_request
 
 
 class GraphedDecoder:
