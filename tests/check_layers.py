@@ -9,6 +9,8 @@ The parts, bottom to top, and what each may import (PARTS below is the table its
     engines   adadecode/engines/   the contract, the engines behind it, their options       model, errors
     decoding  adadecode/decoding/  methods on any engine: vanilla, AdaDecode, LayerSkip     engines, model, errors
     heads     adadecode/heads/     head files, their data, training, evaluation             engines, model, errors
+    testing   adadecode/testing/   what only tests and benchmarks use: parity, trace, the   engines, decoding, model,
+                                   CPU probes; nothing of the package imports it             errors
     api       adadecode/api.py     adadecode.LLM                                            the four parts above
     server    adadecode/server.py  the OpenAI-compatible server                             api and below
     cli       adadecode/cli.py     python -m adadecode ...                                  server, api and below
@@ -18,7 +20,8 @@ The parts, bottom to top, and what each may import (PARTS below is the table its
 
 decoding and heads are siblings: a decoding method takes Head objects from its caller and never reads a head file;
 heads train and evaluate without running a decoding method. Only the engines import the compiled extensions
-(adadecode_cuda, adadecode_emu, adadecode_cpu): everything above reaches the kernels through an engine.
+(adadecode_cuda, adadecode_emu, adadecode_cpu): everything above reaches the kernels through an engine, except the
+testing seam, which reaches the CPU binding's probes (adadecode_cpu.testing) that no engine uses.
 
 Where the table puts what an engine needs:
 * Head (engines/head.py) and the sampling rule (engines/sampling.py) sit in engines, not in heads and decoding:
@@ -53,6 +56,7 @@ PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "engines": (("adadecode.engines",), ("model", "errors")),
     "decoding": (("adadecode.decoding",), ("engines", "model", "errors")),
     "heads": (("adadecode.heads",), ("engines", "model", "errors")),
+    "testing": (("adadecode.testing",), ("engines", "decoding", "model", "errors")),
     "api": (("adadecode.api",), BELOW_API),
     "server": (("adadecode.server",), ("api",) + BELOW_API),
     "cli": (("adadecode.cli",), ("server", "api") + BELOW_API),
@@ -60,7 +64,7 @@ PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "front": (("adadecode",), ("api",) + BELOW_API),
 }
 EXTENSIONS = ("adadecode_cuda", "adadecode_emu", "adadecode_cpu")  # compiled modules; imported by the parts in EXTENSION_USERS only
-EXTENSION_USERS = ("engines",)
+EXTENSION_USERS = ("engines", "testing")
 
 
 def part_of(module: str) -> str | None:

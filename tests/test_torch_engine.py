@@ -3,7 +3,7 @@ tails). The engine contract on every engine (truncate, splits, ties, AdaDecode =
 import pytest
 import torch
 
-from adadecode.decoding.parity import decode_path_logits
+from adadecode.testing.parity import decode_path_logits
 from adadecode.engines.contract import EngineError
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig

@@ -7,6 +7,6 @@ final and truncate, and never look inside an engine.
     driver   generate_adadecode and generate_layerskip: exact early exits, verified by the final layer
     graphed  GraphedDecoder: the gpt-fast-style baseline (a static-shape step over a TorchEngine's state, one CUDA
              graph on a GPU); a decoding method of its own, so it lives here and not with the engines
-    trace    record a run's engine calls and replay the schedule on another engine
-    parity   the rounding-tie criterion for comparing the tokens of two engines that round differently
+
+The tests' and benchmarks' helpers (trace replay, the parity criterion) are adadecode.testing's.
 """

@@ -55,12 +55,6 @@ def _ext():
     return adadecode_cpu
 
 
-def read_bandwidth(threads: int = 1, mib: int = 1024, reps: int = 5) -> float:
-    """Bytes/s of `threads` threads reading `mib` MiB that no cache holds (a STREAM-like sum, best of `reps`): the
-    ceiling of a decode step, which reads every weight once. The benchmarks measure it in the same run."""
-    return float(_ext().read_bandwidth(mib, threads, reps))
-
-
 def check_supported(cfg: LlamaConfig) -> None:
     """The shapes the CPU kernels take; a clear ValueError naming the field otherwise."""
     if cfg.head_dim > 256:
