@@ -17,6 +17,8 @@ method, and only its K/V and last row survive it, so every method starts from th
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     """x @ w^T (+ b). A Qwen2 bias goes into the GEMM (F.linear: addmm, the bias added before the product is
     rounded to the engine's dtype), as transformers' nn.Linear does; without one the Llama path's bits stay as they were."""
     return x @ w.T if b is None else F.linear(x, w, b)
+
+
+class StaticState(NamedTuple):
+    """What a static-shape decode step over a TorchEngine reads and writes in place (TorchEngine.static_state)."""
+
+    weights: LlamaWeights  # in the engine's device and dtype
+    cos: torch.Tensor  # [max_seq, head_dim]
+    sin: torch.Tensor
+    k_cache: list[torch.Tensor]  # per layer [max_seq, n_kv_heads, head_dim]
+    v_cache: list[torch.Tensor]
 
 
 class TorchEngine(EngineContract):
@@ -144,6 +156,12 @@ class TorchEngine(EngineContract):
         logits = hd.logits(x, self.w.lm_head)[:, : len(token_ids)]  # again: only sampling pays for it
         j = int(sample(logits, sampling, [pos + 1], token_ids)[0])
         return int(token_ids[j]), float(probs[0, i])
+
+    def static_state(self) -> StaticState:
+        """The weights, RoPE tables and KV caches of this engine, shared (not copied), for a step of static shapes
+        that one CUDA graph can replay at every position (the graphed baseline, decoding/graphed.py). The contract's
+        calls fill the caches (prefill) and read them; such a step writes a position's K/V as run_layers would."""
+        return StaticState(self.w, self.cos, self.sin, self.k_cache, self.v_cache)
 
     def hidden(self, pos: int) -> torch.Tensor:
         """The residual stream of row `pos` (a copy), for tests."""
