@@ -12,32 +12,32 @@ One model, one engine, one sequence at a time: an LLM serialises its callers (a 
 cancelled between tokens (`cancel`, a threading.Event), which frees the engine at once. Every method gives the
 tokens of vanilla greedy decoding; they differ in speed and statistics only.
 
-Options of a decoding method that this file does not name (the sampling options, for one) are passed through
-to the method's function (`decoding.vanilla.generate_vanilla`, `decoding.driver.generate_adadecode`,
-`decoding.driver.generate_layerskip`) as keyword arguments; one that the function does not take is a ValueError.
+The methods and their options are the registry's (adadecode.decoding.methods): `method=` takes a registered name,
+and each method's options (gamma, max_pending / k, head_layer) are checked by its registration. Other keyword
+arguments (the sampling options, for one) are passed through to the method's function
+(`decoding.vanilla.generate_vanilla`, `decoding.driver.generate_adadecode`, `decoding.driver.generate_layerskip`);
+one that the function does not take is a ValueError (BadOption naming it).
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import threading
 import time
 import types
 from typing import Callable, Iterator, Sequence
 
-from .decoding.driver import generate_adadecode, generate_layerskip, generate_lookup
-from .decoding.vanilla import check_request, generate_vanilla
+from .decoding import methods
+from .decoding.methods import DEFAULT_GAMMA
+from .decoding.common import check_request
+from .engines.options import EngineOptions
 from .engines.sampling import make_sampling
+from .errors import BadOption
 from .model.loader import Model, load_model
 
-METHODS = ("vanilla", "adadecode", "layerskip", "lookup")
-DEFAULT_GAMMA = 0.75  # adadecode's threshold when neither the call nor the heads file gives one
-_FUNCTIONS = {"vanilla": generate_vanilla, "adadecode": generate_adadecode, "layerskip": generate_layerskip,
-              "lookup": generate_lookup}
+METHODS = methods.names()  # ("vanilla", "adadecode", "layerskip"): the registered decoding methods
 # a request's stop strings, at most (docs/serving.md): OpenAI takes 4; these leave room for any real use
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 64 * 1024
-_RESERVED = {"prompt_tokens", "max_new_tokens", "eos_ids", "on_token", "heads", "gamma", "max_pending", "head_index", "k"}
 
 
 class Cancelled(Exception):
@@ -177,16 +177,17 @@ def check_stop(stop) -> list[str]:
     The matcher's cost does not grow with a string's length, but a request that asks for more is no real use and
     would keep its megabytes for the whole generation; the bounds are documented in docs/serving.md."""
     if isinstance(stop, (bytes, dict)) or not (stop is None or isinstance(stop, (str, Sequence))):
-        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        raise BadOption(f"stop must be a string or a list of strings, got {type(stop).__name__}", param="stop")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are accepted")
+        raise BadOption(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are accepted", param="stop")
     bad = next((s for s in stop if not isinstance(s, str) or s == ""), None)
     if bad is not None:
-        raise ValueError(f"stop must be non-empty strings, got {bad!r:.80}")
+        raise BadOption(f"stop must be non-empty strings, got {bad!r:.80}", param="stop")
     size = sum(len(s.encode("utf-8", "surrogatepass")) for s in stop)
     if size > MAX_STOP_BYTES:
-        raise ValueError(f"stop strings hold {size} bytes (UTF-8) in all; at most {MAX_STOP_BYTES} are accepted")
+        raise BadOption(f"stop strings hold {size} bytes (UTF-8) in all; at most {MAX_STOP_BYTES} are accepted",
+                        param="stop")
     return stop
 
 
@@ -196,12 +197,13 @@ def check_messages(messages) -> list[dict]:
     from .model.tokenizer import check_text
 
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} objects, got {messages!r:.80}")
+        raise BadOption(f"messages must be a non-empty list of {{'role', 'content'}} objects, got {messages!r:.80}",
+                        param="messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ValueError(f"messages[{i}] must be an object with a string 'role', got {m!r:.80}")
-        check_text(m.get("content"), f"messages[{i}].content")
-        check_text(m["role"], f"messages[{i}].role")
+            raise BadOption(f"messages[{i}] must be an object with a string 'role', got {m!r:.80}", param="messages")
+        check_text(m.get("content"), f"messages[{i}].content", param="messages")
+        check_text(m["role"], f"messages[{i}].role", param="messages")
     return list(messages)
 
 
@@ -224,7 +226,8 @@ class LLM:
     heads: None, a head file, or "default" / "default:code" / "default:general" (the default model's heads).
     engine: "auto" (CUDA where it can run, else the CPU engine), "cuda", "cpu" (native CPU kernels), "torch" (the
         reference), or "emu" (the CUDA engine on the emulated device: the product's kernels on the CPU, slow); device
-        and dtype: the torch engine's; threads: the CPU engine's (default: the cores this process may use).
+        and dtype: the torch engine's; threads: the CPU engine's (default: the cores this process may use). Or an
+        adadecode.engines.options.EngineOptions holding every engine option; each is checked here (BadOption).
     release_weights: on the CPU engine, drop the model's torch weights once the engine has packed them (held once,
         not twice). None: when the model was loaded here (a name or path), not when a loaded Model was given.
     max_seq: the KV cache length. None: min(the model's context, 4096), grown (up to the model's context) when a
@@ -232,7 +235,8 @@ class LLM:
     max_rows: rows in flight (AdaDecode's max_pending + 1, LayerSkip's k + 1). None: 16, grown as needed.
     """
 
-    def __init__(self, model: str | Model = "default", *, heads=None, engine: str = "auto", device: str | None = None,
+    def __init__(self, model: str | Model = "default", *, heads=None, engine: str | EngineOptions = "auto",
+                 device: str | None = None,
                  dtype: str | None = None, max_seq: int | None = None, max_rows: int | None = None,
                  threads: int | None = None, release_weights: bool | None = None):
         self._release = (not isinstance(model, Model)) if release_weights is None else bool(release_weights)
@@ -246,7 +250,9 @@ class LLM:
             self.heads, self.heads_meta = list(loaded), dict(meta or {})
             if not self.heads:
                 raise ValueError(f"heads {heads}: no heads in it")
-        self._engine_args = dict(engine=engine, device=device, dtype=dtype, threads=threads)
+        opts = engine if isinstance(engine, EngineOptions) else EngineOptions(engine=engine)
+        given = dict(device=device, dtype=dtype, threads=threads)
+        self.engine_options = opts.replace(**{k: v for k, v in given.items() if v is not None})
         self._fixed_seq, self._fixed_rows = max_seq is not None, max_rows is not None
         self._max_seq = max_seq if max_seq is not None else min(self.model.cfg.max_position, 4096)
         self._max_rows = max_rows if max_rows is not None else 16
@@ -278,7 +284,7 @@ class LLM:
             return
         self._max_seq, self._max_rows = max(self._max_seq, seq), max(self._max_rows, rows)
         self._engine = None  # free the old cache first
-        self._engine = make_engine(self.model, **self._engine_args, max_seq=self._max_seq, max_rows=self._max_rows)
+        self._engine = make_engine(self.model, self.engine_options, max_seq=self._max_seq, max_rows=self._max_rows)
         if self._release and self._engine.name == "cpu":
             self.model.release_weights("the CPU engine's packed copy")
         if self.heads:
@@ -289,21 +295,21 @@ class LLM:
                chat: bool = False) -> list[int]:
         """Token ids of a text prompt (wrapped as one user message when `chat`), of token ids, or of chat messages."""
         if (prompt is None) == (messages is None):
-            raise ValueError("give either a prompt or messages")
+            raise BadOption("give either a prompt or messages", param="prompt")
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
         tok = self.tokenizer
         if tok is None:
-            raise ValueError(f"{self.model.source} has no tokenizer.json; cannot encode a text prompt")
+            raise BadOption(f"{self.model.source} has no tokenizer.json; cannot encode a text prompt", param="prompt")
         if messages is not None:
             return tok.encode_messages(check_messages(messages))
         if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise BadOption(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", param="prompt")
         from .model.tokenizer import check_text
 
-        check_text(prompt, "prompt")  # here, not after the chat template: the position is the caller's
+        check_text(prompt, "prompt", param="prompt")  # here, not after the chat template: the position is the caller's
         if prompt == "":
-            raise ValueError("empty prompt: give at least one character")
+            raise BadOption("empty prompt: give at least one character", param="prompt")
         return tok.encode_chat(prompt) if chat else tok.encode(prompt)
 
     def decode(self, tokens: Sequence[int]) -> str:
@@ -312,75 +318,54 @@ class LLM:
         return self.tokenizer.decode(list(tokens))
 
     def prepare(self, prompt=None, *, messages=None, chat: bool = False, max_new_tokens: int = 128,
-                method: str | None = None, stop: str | Sequence[str] | None = None, gamma=None,
-                max_pending: int = 5, k: int = 4, head_layer: int | None = None, **options) -> _Request:
+                method: str | None = None, stop: str | Sequence[str] | None = None, **options) -> _Request:
         """Check a request without touching the engine (a ValueError names what is wrong); `run` decodes it.
 
-        method: "vanilla", "adadecode" or "layerskip"; default: adadecode where heads are loaded, else vanilla.
+        method: a registered method (adadecode.decoding.methods: "vanilla", "adadecode", "layerskip"); default:
+            adadecode where heads are loaded, else vanilla.
         stop: strings that end the text (cut before them); EOS ends it too.
-        gamma (adadecode): exit when a head's confidence > gamma; one number or one per head; default: the heads
-            file's recommended per-head gammas or gamma. max_pending (adadecode): most early tokens awaiting verification.
-        k, head_layer (layerskip): draft length and the drafting head's layer (default: the deepest head).
-        options: passed to the method's function (e.g. sampling options where the build has them).
+        options: the methods' options, checked by the method's registration (any method's may be given; the chosen
+            method's are used): gamma (adadecode: exit when a head's confidence > gamma; one number or one per head;
+            default: the heads file's recommended per-head gammas or gamma), max_pending (adadecode: most early
+            tokens awaiting verification, default 5), k, head_layer (layerskip: draft length, default 4, and the
+            drafting head's layer, default the deepest head); and others passed to the method's function (e.g.
+            the sampling options).
         """
         ids = self.encode(prompt, messages=messages, chat=chat)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+            raise BadOption(f"max_new_tokens must be an integer, got {max_new_tokens!r}", param="max_new_tokens")
         check_request(types.SimpleNamespace(cfg=self.model.cfg, max_seq=self.max_context), ids, max_new_tokens)
-        method = method or ("adadecode" if self.heads else "vanilla")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        m = methods.get(method or ("adadecode" if self.heads else "vanilla"))
         stop = check_stop(stop)
         if stop and self.tokenizer is None:
-            raise ValueError(f"{self.model.source} has no tokenizer.json; stop strings need one")
-        params = inspect.signature(_FUNCTIONS[method]).parameters
-        bad = [o for o in options if o not in params or o in _RESERVED]
+            raise BadOption(f"{self.model.source} has no tokenizer.json; stop strings need one", param="stop")
+        registered = methods.options()
+        given = {k: options.pop(k) for k in list(options) if k in registered}
+        reserved = methods.reserved()
+        bad = [o for o in options if not m.takes(o) or o in reserved]
         if bad:
-            raise ValueError(f"{method} decoding takes no option {bad[0]!r} in this build")
-        kwargs, info, rows = dict(options), {}, 1
+            raise BadOption(f"{m.name} decoding takes no option {bad[0]!r} in this build", param=bad[0])
+        kwargs, info = dict(options), {}
         sampling = {k: options[k] for k in ("temperature", "top_k", "top_p", "seed") if k in options}
         if make_sampling(**sampling) is not None:  # checks the values now, before the request waits for the engine
             info["sampling"] = sampling
-        chain = None
-        if method == "lookup" or options.get("context") is True:
-            chain = options.get("max_chain", 8)
-            rows = max(rows, self._check_count("max_chain", chain) + 1)
-        if method not in ("vanilla", "lookup"):
+        if m.needs_heads:
             if not self.heads:
-                raise ValueError(f"method {method!r} needs intermediate heads: load the LLM with heads=...")
-            layers = [h.layer for h in self.heads]
-            info = {"heads": self.heads_spec, "head_layers": layers}
-            rows = max(rows, self._check_count("max_pending" if method == "adadecode" else "k",
-                                               max_pending if method == "adadecode" else k) + 1)
-        if method == "adadecode":
-            gamma = (self.heads_meta.get("gammas") or self.heads_meta.get("gamma", DEFAULT_GAMMA)) if gamma is None else gamma
-            values = list(gamma) if isinstance(gamma, (list, tuple)) else [gamma]
-            if any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1 for g in values):
-                raise ValueError(f"gamma must be a number in [0, 1] or one per head; got {gamma!r}")
-            kwargs.update(gamma=gamma, max_pending=max_pending)
-            info.update(gamma=gamma, max_pending=max_pending)
-            if options.get("context") is True:
-                info["context"] = True
-        elif method == "layerskip":
-            if head_layer is None:
-                index = max(range(len(layers)), key=lambda i: layers[i])  # the deepest head: the most accurate drafts
-            elif head_layer in layers:
-                index = layers.index(head_layer)
-            else:
-                raise ValueError(f"head_layer {head_layer}: the heads sit at layers {layers}")
-            kwargs.update(head_index=index, k=k)
-            info.update(head_layer=layers[index], k=k)
-        if chain is not None:
-            info["max_chain"] = chain
-        return _Request(prompt=ids, max_new_tokens=max_new_tokens, method=method, kwargs=kwargs, options=info,
+                raise BadOption(f"method {m.name!r} needs intermediate heads: load the LLM with heads=...",
+                                param="method")
+            info = {"heads": self.heads_spec, "head_layers": [h.layer for h in self.heads]}  # (not the sampling)
+        ctx = methods.Context(tuple(self.heads), self.heads_meta)
+        values = m.checked(given, ctx)
+        rows = m.rows(values)
+        if self._fixed_rows and rows > self._max_rows:
+            name = m.rows_option(values) if callable(m.rows_option) else m.rows_option
+            raise BadOption(f"{name}={values[name]} needs {rows} rows in flight; this LLM holds max_rows={self._max_rows}",
+                            param=name)
+        call, reported = m.bind(values, ctx)
+        kwargs.update(call)
+        info.update(reported)
+        return _Request(prompt=ids, max_new_tokens=max_new_tokens, method=m.name, kwargs=kwargs, options=info,
                         stop=stop, rows=rows)
-
-    def _check_count(self, name: str, value) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self._fixed_rows and value + 1 > self._max_rows:
-            raise ValueError(f"{name}={value} needs {value + 1} rows in flight; this LLM holds max_rows={self._max_rows}")
-        return value
 
     def run(self, req: _Request, *, on_text: Callable[[Delta], None] | None = None,
             cancel: threading.Event | None = None) -> Completion:
@@ -415,16 +400,16 @@ class LLM:
                     raise _StopStringHit()
 
             t0 = time.perf_counter()
-            fn = _FUNCTIONS[req.method]
+            m = methods.get(req.method)
             try:
-                gen = fn(self._engine, req.prompt, req.max_new_tokens, eos_ids=self.model.eos_ids,
+                gen = m.function(self._engine, req.prompt, req.max_new_tokens, eos_ids=self.model.eos_ids,
                          on_token=on_token if (live or cancel is not None) else None, **req.kwargs)
                 tokens, stats, seconds, ms = gen.tokens, dict(gen.stats), gen.seconds, gen.ms_per_token
             except _StopStringHit:
                 stats = {"tokens": len(tokens), "cut_by_stop_string": True}
                 seconds = times[-1] - t0
                 ms = 1e3 * (times[-1] - times[0]) / (len(tokens) - 1) if len(tokens) > 1 else float("nan")
-        if req.method == "vanilla":
+        if not m.speculative:  # the same keys as a speculative method's, for every caller's convenience
             stats = {"tokens": len(tokens), "early": 0, "accepted": 0, "rejected": 0, **stats}
         tail = text.finish() if text is not None else ""
         if text is not None and text.hit is not None:
@@ -444,8 +429,8 @@ class LLM:
                  cancel: threading.Event | None = None, **kwargs) -> Completion:
         """Decode `prompt` (text, or token ids) or chat `messages` to the end: EOS, a stop string or max_new_tokens.
 
-        Keyword arguments: those of `prepare` (chat, max_new_tokens, method, stop, gamma, max_pending, k,
-        head_layer, and options of the method), plus `on_text` and `cancel` (see `run`)."""
+        Keyword arguments: those of `prepare` (chat, max_new_tokens, method, stop, the methods' options: gamma,
+        max_pending, k, head_layer, and the sampling options), plus `on_text` and `cancel` (see `run`)."""
         return self.run(self.prepare(prompt, messages=messages, **kwargs), on_text=on_text, cancel=cancel)
 
     def stream(self, prompt=None, *, messages=None, **kwargs) -> Iterator[Delta]:

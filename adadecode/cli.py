@@ -5,14 +5,15 @@ import argparse
 import json
 import sys
 
-from .api import DEFAULT_GAMMA, LLM, METHODS
-from .engines.select import ENGINES
+from .api import LLM, METHODS
+from .decoding import methods
+from .engines.options import ENGINES, EngineOptions
 
 
 def _generate(args) -> int:
-    llm = LLM(args.model, heads=None if args.method == "vanilla" else args.heads, engine=args.engine,
-              device=args.device, dtype=args.dtype, max_seq=args.max_seq, threads=args.threads,
-              max_rows=max(16, args.max_pending + 1, args.k + 1))  # rows in flight: pending tokens + 1
+    method = methods.get(args.method)
+    llm = LLM(args.model, heads=args.heads if method.needs_heads else None, engine=_engine_options(args),
+              max_seq=args.max_seq, max_rows=_max_rows(args))
     on_text = None
     if not args.json:
         def on_text(delta) -> None:
@@ -20,11 +21,10 @@ def _generate(args) -> int:
             sys.stdout.flush()
 
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    if args.method != "vanilla":
+    if method.takes("head_guess"):
         sampling["head_guess"] = args.head_guess
     out = llm.generate(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens, method=args.method,
-                       gamma=args.gamma, max_pending=args.max_pending, k=args.k, head_layer=args.head_layer,
-                       on_text=on_text, **sampling)
+                       on_text=on_text, **_method_options(args), **sampling)
     if args.json:
         print(json.dumps({"prompt_tokens": out.prompt_tokens, "tokens": out.tokens, "text": out.text,
                           "ms_per_token": out.ms_per_token, "engine": out.engine, "method": out.method,
@@ -35,12 +35,30 @@ def _generate(args) -> int:
     else:
         sys.stdout.write("\n")
         line = f"[{len(out.tokens)} tokens, {out.ms_per_token:.2f} ms/token, engine {out.engine}, {out.method}"
-        if out.method != "vanilla":
+        if method.speculative:
             st = out.stats
             line += (f": {st['early']} early, {st['accepted']} accepted, {st['rejected']} rejected, "
                      f"{st['layer_steps']}/{st['vanilla_layer_steps']} layer steps")
+            ctx = st.get("sources", {}).get("context")
+            if ctx and ctx["guesses"]:
+                line += f", context {ctx['accepted']}/{ctx['guesses']} guesses verified"
         print(line + "]", file=sys.stderr)
     return 0
+
+
+def _method_options(args) -> dict:
+    """The methods' options from their flags (every registered option has one: adadecode.decoding.methods)."""
+    return {name: getattr(args, name) for name in methods.options()}
+
+
+def _max_rows(args) -> int:
+    """Rows in flight for every method at these flags (AdaDecode: max_pending + 1, LayerSkip: k + 1), at least 16."""
+    return max(16, methods.rows_needed(_method_options(args)))
+
+
+def _engine_options(args) -> EngineOptions:
+    """The engine's options from the flags, checked once here (a bad value: `error: ...`, exit 2)."""
+    return EngineOptions(engine=args.engine, device=args.device, dtype=args.dtype, threads=args.threads)
 
 
 def _model_arguments(g, serve: bool) -> None:
@@ -56,17 +74,18 @@ def _model_arguments(g, serve: bool) -> None:
                    help="KV cache length (default: " + ("min(the model's context, 4096); longer requests are refused)"
                                                          if serve else "enough for the request)"))
     g.add_argument("--method", default=None if serve else "vanilla", choices=list(METHODS),
-                   help="vanilla greedy, AdaDecode early exits, or the LayerSkip-style baseline (all exact)"
+                   help="; ".join(f"{m}: {methods.get(m).doc}" for m in METHODS) + " (all exact)"
                         + ("; requests may override it (default: adadecode with --heads, else vanilla)" if serve else ""))
+    with_heads = "/".join(m for m in METHODS if methods.get(m).needs_heads)
     g.add_argument("--heads", default=None if serve else "default",
-                   help="adadecode/layerskip: a heads file, or 'default' / 'default:code' (the default model's shipped heads)"
+                   help=f"{with_heads}: a heads file, or 'default' / 'default:code' (the default model's shipped heads)"
                         + ("; without it the server decodes vanilla only" if serve else ""))
-    g.add_argument("--gamma", type=float, default=None,
-                   help=f"adadecode: exit when a head's confidence > GAMMA (default: the heads file's, else {DEFAULT_GAMMA})")
-    g.add_argument("--max-pending", type=int, default=5, help="adadecode: most early tokens awaiting verification")
-    g.add_argument("--k", type=int, default=4, help="layerskip: tokens drafted per verification")
-    g.add_argument("--head-layer", type=int, default=None,
-                   help="layerskip: the layer of the drafting head (default: the deepest head)")
+    for o in methods.options().values():  # each method's options, as the registry declares them
+        helptext = f"{'/'.join(methods.users(o.name))}: {o.doc}"
+        if o.type is bool:  # --context / --no-context
+            g.add_argument(o.flag, action=argparse.BooleanOptionalAction, default=o.default, help=helptext)
+        else:
+            g.add_argument(o.flag, type=o.type, default=o.default, help=helptext)
 
 
 def _sampling_arguments(g) -> None:
@@ -85,9 +104,8 @@ def _serve(args) -> int:
     from .model.loader import load_model
 
     model = load_model(args.model)  # a server's cache is fixed: requests that do not fit are refused, not grown for
-    llm = LLM(model, heads=args.heads, engine=args.engine, device=args.device, dtype=args.dtype, threads=args.threads,
-              max_seq=args.max_seq or min(model.cfg.max_position, 4096), max_rows=max(16, args.max_pending + 1, args.k + 1),
-              release_weights=True)  # the server's model is its own: the CPU engine's packed copy is the only one
+    llm = LLM(model, heads=args.heads, engine=_engine_options(args), max_seq=args.max_seq or min(model.cfg.max_position, 4096),
+              max_rows=_max_rows(args), release_weights=True)  # the server's model is its own: the CPU engine's packed copy is the only one
     return serve_main(args, llm)
 
 

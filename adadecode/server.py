@@ -18,24 +18,27 @@ import contextlib
 import json
 import logging
 import math
-import re
 import secrets
 import threading
 import time
 import uuid
-from typing import Literal
+from typing import Literal, Optional
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import LLM, METHODS, Cancelled, Completion, Delta
+from .decoding import methods
 from .engines.sampling import make_sampling
+from .errors import CONTEXT_LENGTH_EXCEEDED, BadOption
 
 log = logging.getLogger("adadecode.server")
+# the request field of an LLM.prepare keyword where their names differ (errors carry the keyword: BadOption.param)
+REQUEST_FIELDS = {"max_new_tokens": "max_tokens"}
 
 
 class ApiError(Exception):
@@ -64,7 +67,7 @@ def sampling_options(body: "_Common") -> dict:
     try:
         make_sampling(**options)
     except ValueError as e:
-        raise ApiError(400, str(e), param=next((k for k in options if str(e).startswith(k)), None)) from None
+        raise ApiError(400, str(e), param=getattr(e, "param", None)) from None
     return options
 
 
@@ -81,7 +84,7 @@ class _StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Common(_Strict):
+class _CommonBase(_Strict):
     model_config = ConfigDict(extra="allow")  # fields OpenAI clients send that change nothing here (user, ...)
 
     model: str
@@ -96,13 +99,7 @@ class _Common(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    # adadecode's own (the openai client sends them with extra_body={...})
-    method: Literal["vanilla", "adadecode", "layerskip"] | None = None
-    gamma: float | list[float] | None = None
-    max_pending: int | None = None
-    k: int | None = None
-    head_layer: int | None = None
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)  # adadecode's own (the openai client sends it with extra_body={...})
 
     def unsupported(self) -> None:
         """Refuse what would change the answer and that this server cannot do."""
@@ -116,6 +113,15 @@ class _Common(_Strict):
 
     def _unsupported(self) -> list:
         return []
+
+
+# adadecode's method and its options (the openai client sends them with extra_body={...}): the fields the registry
+# declares (adadecode.decoding.methods), each of the type its option accepts; a request that names none gets the
+# server's defaults (--method and the method's flags)
+METHOD_FIELDS = ("method",) + tuple(methods.options())
+_Common = create_model(
+    "_Common", __base__=_CommonBase, method=(Optional[Literal[methods.names()]], None),
+    **{o.name: (Optional[o.accepts or o.type], None) for o in methods.options().values()})
 
 
 class CompletionRequest(_Common):
@@ -292,7 +298,7 @@ class Server:
         body.unsupported()
         options = sampling_options(body)
         extra = {}
-        for k in ("method", "gamma", "max_pending", "k", "head_layer"):  # the request's, else the server's
+        for k in METHOD_FIELDS:  # the request's, else the server's
             v = getattr(body, k)
             v = self.defaults.get(k) if v is None else v
             if v is not None:
@@ -304,15 +310,12 @@ class Server:
             if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
                 max_tokens = 16 if messages is None else self.llm.max_context - len(ids)
                 if max_tokens < 1:
-                    raise ValueError(f"prompt of {len(ids)} tokens fills the context (max_seq={self.llm.max_context})")
+                    raise BadOption(f"prompt of {len(ids)} tokens fills the context (max_seq={self.llm.max_context})",
+                                    param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
             return self.llm.prepare(ids, max_new_tokens=max_tokens, stop=body.stop, **extra, **options)
-        except ValueError as e:
-            msg = str(e)
-            code = "context_length_exceeded" if "context" in msg else None
-            names = ("messages", "prompt", "stop", "gamma", "max_pending", "head_layer", "method", "k", "max_new_tokens")
-            param = next((p for p in names if re.search(rf"\b{p}\b", msg)), None)
-            param = "max_tokens" if param == "max_new_tokens" else param
-            raise ApiError(400, msg, param=param, code=code) from None
+        except ValueError as e:  # a BadOption names its field (the LLM's keyword); other ValueErrors name none
+            param = getattr(e, "param", None)
+            raise ApiError(400, str(e), param=REQUEST_FIELDS.get(param, param), code=getattr(e, "code", None)) from None
 
     def _bound(self, prompt, messages) -> None:
         """Refuse text that cannot fit in the context before tokenising it: no token of this vocabulary covers more
@@ -327,8 +330,8 @@ class Server:
         texts = [prompt] if isinstance(prompt, str) else [str(m.get("content") or "") for m in messages or ()]
         chars = sum(len(t) for t in texts)
         if chars > 4 * self._longest * self.llm.max_context:
-            raise ValueError(f"prompt of {chars} characters is longer than the context can hold "
-                             f"(max_seq={self.llm.max_context} tokens)")
+            raise BadOption(f"prompt of {chars} characters is longer than the context can hold "
+                            f"(max_seq={self.llm.max_context} tokens)", param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
 
     # -- decoding
     async def complete(self, request: Request, req, chat: bool, body: _Common):
@@ -557,12 +560,12 @@ def main(args, llm: LLM) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(name)s: %(message)s")
     engine = llm.engine  # build it now: errors before serving, no wait on the first request
-    defaults = {k: getattr(args, k) for k in ("method", "gamma", "max_pending", "k", "head_layer")}
+    defaults = {k: getattr(args, k) for k in METHOD_FIELDS}
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     app = create_app(llm, args.served_model_name or args.model, defaults, max_request_bytes=args.max_request_bytes)
     log.info("serving %s as %r on engine %s (max_seq %d), methods %s", llm.model.source,
              args.served_model_name or args.model, engine.name, llm.max_context,
-             ", ".join(m for m in METHODS if m == "vanilla" or llm.heads))
+             ", ".join(m for m in METHODS if not methods.get(m).needs_heads or llm.heads))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

@@ -4,7 +4,7 @@
                                [--peers llama.cpp,transformers,torch] [--layers] [--out bench/results]
 
 Per thread count (each peer is told the same count):
-  read bandwidth  a STREAM-like read of 1 GiB (adadecode.engines.cpu.read_bandwidth): the ceiling, measured in this run
+  read bandwidth  a STREAM-like read of 1 GiB (adadecode.testing.probes.read_bandwidth): the ceiling, measured in this run
   cpu             CpuEngine (bf16 weights, fp32 accumulation), vanilla greedy decoding of chat prompts
   llama.cpp       llama-bench tg (decode) and pp (prefill) on a BF16 GGUF of the same weights (its requantisation of
                   the shipped Q4_1 GGUF: the values the project's loader holds, checked bit for bit here)
@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import bytes_per_token, run_facts  # noqa: E402
 from adadecode.model.filesys import atomic_path, write_atomic  # noqa: E402
 from adadecode.decoding.vanilla import generate_vanilla  # noqa: E402
-from adadecode.engines.cpu import CpuEngine, CpuWeights, cpu_unavailable_reason, read_bandwidth  # noqa: E402
+from adadecode.engines.cpu import CpuEngine, CpuWeights, cpu_unavailable_reason  # noqa: E402
+from adadecode.testing.probes import read_bandwidth  # noqa: E402
 from adadecode.engines.torch import TorchEngine  # noqa: E402
 from adadecode.heads.prompt_sets import load_prompts  # noqa: E402
 from adadecode.model.loader import default_model_dir, load_model  # noqa: E402

@@ -4,7 +4,7 @@
                                   [--max-new-tokens 128] [--out bench/results] [--check]
 
 Vanilla greedy decoding of each prompt on engine A and engine B (the default: the CUDA engine and the native CPU
-engine, `engine="cpu"`). Where the tokens differ, the first divergence is judged by adadecode.decoding.parity's
+engine, `engine="cpu"`). Where the tokens differ, the first divergence is judged by adadecode.testing.parity's
 fp32_tie_verdict, the criterion of the engine tests: on the fp32 model (TorchEngine fp32 on the same bf16 weights)
 and on engine B's own logits along A's decode path, the two tokens must be within a few bf16 steps of each other.
 Anything else is a bug and fails the run (exit 1). Writes bench/results/engine-parity-<A>-<B>-<date>.json.
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     import adadecode
     from adadecode.decoding.vanilla import generate_vanilla
     from adadecode.engines.select import make_engine
-    from adadecode.decoding.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
+    from adadecode.testing.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
     from adadecode.engines.torch import TorchEngine
 
     model = adadecode.load_model(args.model)

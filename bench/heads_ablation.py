@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adadecode.engines.head import Head  # noqa: E402
-from adadecode.engines.torch import rms_norm  # noqa: E402
+from adadecode.model.math import rms_norm  # noqa: E402
 from adadecode.heads import recipe as heads_recipe  # noqa: E402
 from adadecode.heads.data import merge_data  # noqa: E402
 from adadecode.model.filesys import write_atomic  # noqa: E402

@@ -56,8 +56,8 @@ from common import bytes_per_token, copy_bandwidth, llama31_8b, run_facts  # noq
 from adadecode import DEFAULT_GAMMA, LLM  # noqa: E402
 from adadecode.model.filesys import atomic_path, write_atomic  # noqa: E402
 from adadecode.decoding.driver import generate_adadecode  # noqa: E402
-from adadecode.decoding.trace import RecordingEngine, Trace, replay  # noqa: E402
-from adadecode.decoding.vanilla import Generation  # noqa: E402
+from adadecode.testing.trace import RecordingEngine, Trace, replay  # noqa: E402
+from adadecode.decoding.common import Generation  # noqa: E402
 from adadecode.engines.cuda import cuda_unavailable_reason  # noqa: E402
 from adadecode.engines.head import Head  # noqa: E402
 from adadecode.engines.select import auto_engine, make_engine  # noqa: E402
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
 
     bw = copy_bandwidth() if engine.name == "cuda" else None
     if engine.name == "cpu":
-        from adadecode.engines.cpu import read_bandwidth
+        from adadecode.testing.probes import read_bandwidth
 
         bw = read_bandwidth(engine.threads)
     rows = []

@@ -4,10 +4,13 @@
 
 The parts, bottom to top, and what each may import (PARTS below is the table itself):
 
-    model     adadecode/model/     the checkpoint in: config, weights, tokenizer, loaders   nothing of adadecode
-    engines   adadecode/engines/   the contract and the engines behind it                   model
-    decoding  adadecode/decoding/  methods on any engine: vanilla, AdaDecode, LayerSkip     engines, model
-    heads     adadecode/heads/     head files, their data, training, evaluation             engines, model
+    errors    adadecode/errors.py  BadOption: a refused value that names its field          nothing of adadecode
+    model     adadecode/model/     the checkpoint in: config, weights, tokenizer, loaders   errors
+    engines   adadecode/engines/   the contract, the engines behind it, their options       model, errors
+    decoding  adadecode/decoding/  methods on any engine: vanilla, AdaDecode, LayerSkip     engines, model, errors
+    heads     adadecode/heads/     head files, their data, training, evaluation             engines, model, errors
+    testing   adadecode/testing/   what only tests and benchmarks use: parity, trace, the   engines, decoding, model,
+                                   CPU probes; nothing of the package imports it             errors
     api       adadecode/api.py     adadecode.LLM                                            the four parts above
     server    adadecode/server.py  the OpenAI-compatible server                             api and below
     cli       adadecode/cli.py     python -m adadecode ...                                  server, api and below
@@ -17,7 +20,8 @@ The parts, bottom to top, and what each may import (PARTS below is the table its
 
 decoding and heads are siblings: a decoding method takes Head objects from its caller and never reads a head file;
 heads train and evaluate without running a decoding method. Only the engines import the compiled extensions
-(adadecode_cuda, adadecode_emu, adadecode_cpu): everything above reaches the kernels through an engine.
+(adadecode_cuda, adadecode_emu, adadecode_cpu): everything above reaches the kernels through an engine, except the
+testing seam, which reaches the CPU binding's probes (adadecode_cpu.testing) that no engine uses.
 
 Where the table puts what an engine needs:
 * Head (engines/head.py) and the sampling rule (engines/sampling.py) sit in engines, not in heads and decoding:
@@ -44,13 +48,15 @@ import sys
 from pathlib import Path
 
 PACKAGE = "adadecode"
-BELOW_API = ("decoding", "heads", "engines", "model")
+BELOW_API = ("decoding", "heads", "engines", "model", "errors")
 # part: (the modules it holds, as dotted prefixes; the parts it may import)
 PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "model": (("adadecode.model",), ()),
-    "engines": (("adadecode.engines",), ("model",)),
-    "decoding": (("adadecode.decoding",), ("engines", "model")),
-    "heads": (("adadecode.heads",), ("engines", "model")),
+    "errors": (("adadecode.errors",), ()),
+    "model": (("adadecode.model",), ("errors",)),
+    "engines": (("adadecode.engines",), ("model", "errors")),
+    "decoding": (("adadecode.decoding",), ("engines", "model", "errors")),
+    "heads": (("adadecode.heads",), ("engines", "model", "errors")),
+    "testing": (("adadecode.testing",), ("engines", "decoding", "model", "errors")),
     "api": (("adadecode.api",), BELOW_API),
     "server": (("adadecode.server",), ("api",) + BELOW_API),
     "cli": (("adadecode.cli",), ("server", "api") + BELOW_API),
@@ -58,7 +64,7 @@ PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "front": (("adadecode",), ("api",) + BELOW_API),
 }
 EXTENSIONS = ("adadecode_cuda", "adadecode_emu", "adadecode_cpu")  # compiled modules; imported by the parts in EXTENSION_USERS only
-EXTENSION_USERS = ("engines",)
+EXTENSION_USERS = ("engines", "testing")
 
 
 def part_of(module: str) -> str | None:

@@ -215,7 +215,7 @@ def test_errors_name_what_is_wrong(tiny):
 @pytest.mark.parametrize("kind", ["cpu", "emu"])
 def test_family_weights_that_are_missing_are_named(kind):
     """A config that says qkv_bias / qk_norm with a layer that lacks the tensors: a ValueError naming the layer and
-    the field, from both native engines (they share engines.cpu.family_args), before any native state is built."""
+    the field, from both native engines (they share engines.native.family_args), before any native state is built."""
     from adadecode.engines.cuda import CudaEngine
 
     make = (lambda c, w: CpuEngine(c, w, max_seq=16)) if kind == "cpu" else (

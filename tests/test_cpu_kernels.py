@@ -35,7 +35,7 @@ def exp_inputs() -> torch.Tensor:
 @pytest.mark.parametrize("base2", [False, True], ids=["exp", "exp2"])
 def test_vector_exp_is_the_scalar_sequence(isa, base2):
     x = exp_inputs()
-    got, want = adadecode_cpu.fixed_exp(x, isa, base2), adadecode_cpu.fixed_exp_scalar(x, base2)
+    got, want = adadecode_cpu.testing.fixed_exp(x, isa, base2), adadecode_cpu.testing.fixed_exp_scalar(x, base2)
     same = bits(got) == bits(want)
     assert bool(same.all()), f"{isa}: {int((~same).sum())} of {x.numel()} differ, e.g. x={x[~same][:4].tolist()}"
 
@@ -44,12 +44,12 @@ def test_vector_exp_is_the_scalar_sequence(isa, base2):
 def test_fixed_exp_within_one_ulp(base2):
     lo, hi = (-125.9, 127.9) if base2 else (-87.3, 88.7)  # results in the normal range
     x = torch.cat([torch.linspace(lo, hi, 1_000_001), torch.rand(200_000) - 0.5])
-    got = adadecode_cpu.fixed_exp_scalar(x, base2).double()
+    got = adadecode_cpu.testing.fixed_exp_scalar(x, base2).double()
     ref = (torch.exp2 if base2 else torch.exp)(x.double())
     ulp = torch.pow(2.0, torch.floor(torch.log2(ref)) - 23)
     err = ((got - ref).abs() / ulp).max().item()
     assert err < 1.0, f"max error {err:.3f} ulp"
-    y = adadecode_cpu.fixed_exp_scalar(torch.tensor([float("nan"), float("inf"), -float("inf"), 200.0, -200.0]), base2)
+    y = adadecode_cpu.testing.fixed_exp_scalar(torch.tensor([float("nan"), float("inf"), -float("inf"), 200.0, -200.0]), base2)
     assert torch.isnan(y[0]) and y[1] == float("inf") and y[2] == 0 and y[3] == float("inf") and y[4] == 0
 
 
@@ -92,7 +92,7 @@ def test_dot_is_the_cuda_order(isa, K):
     g = torch.Generator().manual_seed(K)
     R, N = 3, 7
     x, w = bf16_values((R, K), g), bf16_values((N, K), g)
-    got = adadecode_cpu.lane_dot(x.float(), w, isa)
+    got = adadecode_cpu.testing.lane_dot(x.float(), w, isa)
     want = torch.from_numpy(cuda_order_dot(x.float().numpy(), w.float().numpy()))
     assert torch.equal(bits(got), bits(want)), f"max |diff| {(got - want).abs().max().item()}"
 
@@ -104,22 +104,22 @@ def test_dot_rows_are_batch_invariant(isa):
     g = torch.Generator().manual_seed(3)
     K, N = 576, 13
     x, w = bf16_values((16, K), g).float(), bf16_values((N, K), g)
-    alone = torch.cat([adadecode_cpu.lane_dot(x[r:r + 1], w, isa) for r in range(16)])
+    alone = torch.cat([adadecode_cpu.testing.lane_dot(x[r:r + 1], w, isa) for r in range(16)])
     for R in (2, 3, 4, 5, 6, 7, 8, 13, 16):
-        together = adadecode_cpu.lane_dot(x[:R], w, isa)
+        together = adadecode_cpu.testing.lane_dot(x[:R], w, isa)
         assert torch.equal(bits(together), bits(alone[:R])), f"R = {R}"
-    one_col = torch.cat([adadecode_cpu.lane_dot(x, w[n:n + 1], isa) for n in range(N)], dim=1)
+    one_col = torch.cat([adadecode_cpu.testing.lane_dot(x, w[n:n + 1], isa) for n in range(N)], dim=1)
     assert torch.equal(bits(one_col), bits(alone))
 
 
 def test_every_path_gives_the_same_bits():
     g = torch.Generator().manual_seed(4)
     x, w = bf16_values((5, 1536), g).float(), bf16_values((9, 1536), g)
-    outs = {isa: adadecode_cpu.lane_dot(x, w, isa) for isa in ISAS}
+    outs = {isa: adadecode_cpu.testing.lane_dot(x, w, isa) for isa in ISAS}
     for isa, o in outs.items():
         assert torch.equal(bits(o), bits(outs["portable"])), isa
 
 
 def test_unknown_or_unsupported_path_is_named():
     with pytest.raises(ValueError, match="unknown kernels 'sse9'; the kernel paths are avx512, avx2, portable"):
-        adadecode_cpu.lane_dot(torch.zeros(1, 8), torch.zeros(1, 8, dtype=torch.bfloat16), "sse9")
+        adadecode_cpu.testing.lane_dot(torch.zeros(1, 8), torch.zeros(1, 8, dtype=torch.bfloat16), "sse9")

@@ -3,7 +3,7 @@
 GPU tests (marked `gpu`, skipped without one):
 * greedy tokens of CudaEngine == TorchEngine (bf16 on the GPU, no reduced-precision GEMM reductions) over 20 prompts
   x 256 tokens of the default model, or every first divergence is a logit tie within bf16 rounding, judged on the
-  decode-path logits of the fp32 model and of the engine itself (adadecode.decoding.parity.fp32_tie_verdict, the
+  decode-path logits of the fp32 model and of the engine itself (adadecode.testing.parity.fp32_tie_verdict, the
   criterion of the emulated-device tests too; its CPU unit test is tests/test_parity.py);
 * run_layers in any split of rows and layers == one call, bitwise (hidden states, K/V cache, tokens), graphs on
   and off;
@@ -21,13 +21,14 @@ import pytest
 import torch
 
 from adadecode.decoding.driver import generate_adadecode
-from adadecode.decoding.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
+from adadecode.testing.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.contract import EngineError
 from adadecode.engines.cuda import MAX_ROWS, CudaEngine, check_supported, cuda_unavailable_reason
 from adadecode.engines.head import Head
 from adadecode.engines.select import auto_engine, make_engine
-from adadecode.engines.torch import TorchEngine, rms_norm
+from adadecode.engines.torch import TorchEngine
+from adadecode.model.math import rms_norm
 from adadecode.heads.files import load_heads
 from adadecode.model.config import LlamaConfig
 from adadecode.model.loader import Model

@@ -25,7 +25,7 @@ from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.decoding.driver import generate_adadecode
 from adadecode.engines.cuda import cuda_unavailable_reason
 from adadecode.engines.head import Head
-from adadecode.decoding.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
+from adadecode.testing.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict, oracle_matmul_precision
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.weights import LlamaWeights
 

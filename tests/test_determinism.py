@@ -20,7 +20,8 @@ import os
 import pytest
 import torch
 
-from adadecode.engines.cpu import CpuEngine, CpuWeights, parse_schedule
+from adadecode.engines.cpu import CpuEngine, CpuWeights
+from adadecode.engines.options import parse_schedule
 from adadecode.engines.cuda import CudaEngine
 from adadecode.engines.head import Head
 from adadecode.engines.torch import TorchEngine

@@ -4,7 +4,7 @@ oracle), CpuEngine (native kernels) and CudaEngine on the emulated device (the C
 * greedy tokens of CpuEngine and CudaEngine(emu) == TorchEngine bf16's on tiny random models (GQA, MQA, tied and
   untied embeddings, head_dim 8, 64 and 128, Llama-3 RoPE; Qwen2 biases with a sliding window, Qwen3 q/k head norms
   with n_heads * head_dim != hidden_size, Mistral's window), and CpuEngine's on the default model, or each first
-  divergence a bf16 logit tie (adadecode.decoding.parity.fp32_tie_verdict, judged on the fp32 model's and the
+  divergence a bf16 logit tie (adadecode.testing.parity.fp32_tie_verdict, judged on the fp32 model's and the
   engine's own logits along the decode path);
 * run_layers in any split of rows and layers == one call, bitwise; truncate + re-run == never having run;
 * the contract's checks: every engine refuses the same calls with TorchEngine's exceptions and messages;
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from adadecode.decoding.driver import generate_adadecode, generate_layerskip
-from adadecode.decoding.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict
+from adadecode.testing.parity import bf16_ulp, decode_path_logits, fp32_tie_verdict
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.cpu import CpuEngine
 from adadecode.engines.cuda import CudaEngine, emu_unavailable_reason

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adadecode.decoding.graphed import GraphedDecoder
-from adadecode.decoding.parity import decode_path_logits, tie_verdict
+from adadecode.testing.parity import decode_path_logits, tie_verdict
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig

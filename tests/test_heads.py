@@ -7,7 +7,8 @@ import torch
 
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.head import Head
-from adadecode.engines.torch import TorchEngine, rms_norm
+from adadecode.engines.torch import TorchEngine
+from adadecode.model.math import rms_norm
 from adadecode.heads import data as hd, train as ht, schedule_sim as sim, pipeline as th
 from adadecode.heads.files import HeadFileError, heads_path, load_heads, save_heads
 from adadecode.model.config import LlamaConfig

@@ -316,7 +316,7 @@ def test_linear_dispatch(dev):
 # RoPE + KV append
 # ---------------------------------------------------------------------------------------------------------------
 def rope_tables(dev, hd, max_seq, theta, scaling=None):
-    from adadecode.engines.torch import rope_inv_freq
+    from adadecode.model.math import rope_inv_freq
 
     cfg = types.SimpleNamespace(rope_theta=theta, head_dim=hd, rope_scaling=scaling)
     inv = rope_inv_freq(cfg)

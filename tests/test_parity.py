@@ -1,4 +1,4 @@
-"""The tie criteria of the parity tests (adadecode.decoding.parity), on the CPU: a rounding tie passes, a wrong
+"""The tie criteria of the parity tests (adadecode.testing.parity), on the CPU: a rounding tie passes, a wrong
 engine (a logit moved by more than rounding) fails, and the logits are judged on the decode path vanilla took;
 fp32_tie_verdict (CudaEngine on a GPU or the emulated device vs TorchEngine bf16) likewise on an fp32 model."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.model.config import LlamaConfig
-from adadecode.decoding.parity import (ENGINE_TIE_ULPS, FP32_TIE_ULPS, bf16_tols, bf16_ulp, decode_path_logits,
+from adadecode.testing.parity import (ENGINE_TIE_ULPS, FP32_TIE_ULPS, bf16_tols, bf16_ulp, decode_path_logits,
                                        fp32_tie_verdict, tie_verdict)
 from adadecode.engines.torch import TorchEngine
 

@@ -299,7 +299,7 @@ def test_head_sample_shares_the_final_noise():
     eng.run_layers(3, 3, 0, 2)
     s = Sampling(0.9, top_k=10, seed=77)
     tok, _ = eng.head(3, 0, sampling=s)
-    from adadecode.engines.torch import rms_norm
+    from adadecode.model.math import rms_norm
 
     x = rms_norm(eng.hidden(3)[None], eng.w.norm, cfg.rms_norm_eps)
     assert tok == sample(x @ eng.w.lm_head.T, s, [4]).item()

@@ -3,7 +3,7 @@ tails). The engine contract on every engine (truncate, splits, ties, AdaDecode =
 import pytest
 import torch
 
-from adadecode.decoding.parity import decode_path_logits
+from adadecode.testing.parity import decode_path_logits
 from adadecode.engines.contract import EngineError
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig
@@ -128,7 +128,7 @@ def test_contract_violations_are_refused(tiny):
 
 def test_identity_head_is_the_logit_lens(tiny):
     from adadecode.engines.head import Head
-    from adadecode.engines.torch import rms_norm
+    from adadecode.model.math import rms_norm
 
     cfg, weights = tiny
     e = TorchEngine(cfg, weights, max_seq=32)

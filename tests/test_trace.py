@@ -4,7 +4,7 @@ import dataclasses
 import torch
 
 from adadecode.decoding.driver import generate_adadecode
-from adadecode.decoding.trace import RecordingEngine, Trace, replay
+from adadecode.testing.trace import RecordingEngine, Trace, replay
 from adadecode.engines.head import Head
 from adadecode.engines.torch import TorchEngine
 from adadecode.model.config import LlamaConfig

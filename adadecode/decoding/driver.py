@@ -62,8 +62,9 @@ from typing import Callable, Sequence
 
 from ..engines.cost import step_cost
 from ..engines.sampling import make_sampling
+from ..errors import BadOption
+from .common import Generation, check_request
 from .context import ContextGuesser
-from .vanilla import Generation, check_request
 
 HEAD_GUESSES = ("sample", "argmax")
 
@@ -81,12 +82,13 @@ def _engine_heads(engine, heads):
 
 def _check_pending(engine, max_pending: int, what: str = "max_pending") -> int:
     if isinstance(max_pending, bool) or int(max_pending) != max_pending or max_pending < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {max_pending!r}")
+        raise BadOption(f"{what} must be an integer >= 1, got {max_pending!r}", param=what)
     max_pending = int(max_pending)
     max_rows = getattr(engine, "max_rows", None)
     if max_rows is not None and max_pending + 1 > max_rows:
-        raise ValueError(f"{what}={max_pending} needs {max_pending + 1} rows in flight, but the engine holds "
-                         f"max_rows={max_rows}; lower {what} or build the engine with max_rows >= {max_pending + 1}")
+        raise BadOption(f"{what}={max_pending} needs {max_pending + 1} rows in flight, but the engine holds "
+                        f"max_rows={max_rows}; lower {what} or build the engine with max_rows >= {max_pending + 1}",
+                        param=what)
     return max_pending
 
 
@@ -119,9 +121,9 @@ def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int
     else:
         gammas = [float(g) for g in gamma]
         if len(gammas) != len(heads):
-            raise ValueError(f"gamma has {len(gammas)} values for {len(heads)} heads")
+            raise BadOption(f"gamma has {len(gammas)} values for {len(heads)} heads", param="gamma")
     if any(math.isnan(g) for g in gammas):
-        raise ValueError(f"gamma must be a number, got {gamma!r}")
+        raise BadOption(f"gamma must be a number, got {gamma!r}", param="gamma")
     return _speculate(engine, prompt, max_new_tokens, heads=heads, active=range(len(heads)), gammas=gammas,
                       max_pending=max_pending, eos_ids=eos_ids, on_token=on_token,
                       method="adadecode+context" if guesser else "adadecode", sampling=sampling,
@@ -138,7 +140,7 @@ def generate_lookup(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *
     sampling = make_sampling(temperature, top_k, top_p, seed)
     prompt = check_request(engine, prompt_tokens, max_new_tokens)
     if context is False:
-        raise ValueError("lookup decoding takes its guesses from the context: context cannot be false")
+        raise BadOption("lookup decoding takes its guesses from the context: context cannot be false", param="context")
     guesser = _context_guesser(engine, context, max_chain, step_cost)
     return _speculate(engine, prompt, max_new_tokens, heads=[], active=[], gammas=[], max_pending=0,
                       eos_ids=eos_ids, on_token=on_token, method="lookup", sampling=sampling, context=guesser)
@@ -148,15 +150,15 @@ def _context_guesser(engine, context, max_chain, given_cost) -> ContextGuesser |
     if isinstance(context, ContextGuesser):
         return context
     if not isinstance(context, bool):
-        raise ValueError(f"context must be true, false or a ContextGuesser, got {context!r}")
+        raise BadOption(f"context must be true, false or a ContextGuesser, got {context!r}", param="context")
     if not context:
         return None
     if isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1:
-        raise ValueError(f"max_chain must be an integer >= 1, got {max_chain!r}")
+        raise BadOption(f"max_chain must be an integer >= 1, got {max_chain!r}", param="max_chain")
     if max_chain + 1 > engine.max_rows:
-        raise ValueError(f"max_chain={max_chain} needs {max_chain + 1} rows in flight, but the engine holds "
-                         f"max_rows={engine.max_rows}; lower max_chain or build the engine with max_rows >= "
-                         f"{max_chain + 1}")
+        raise BadOption(f"max_chain={max_chain} needs {max_chain + 1} rows in flight, but the engine holds "
+                        f"max_rows={engine.max_rows}; lower max_chain or build the engine with max_rows >= "
+                        f"{max_chain + 1}", param="max_chain")
     cost = given_cost if given_cost is not None else step_cost(engine)  # before the prefill: see engines/cost.py
     return ContextGuesser(cost, engine.n_layers, max_chain=max_chain)
 
@@ -174,7 +176,7 @@ def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int
     k = _check_pending(engine, k, "k")
     heads = _engine_heads(engine, heads)
     if not -len(heads) <= head_index < len(heads):
-        raise ValueError(f"head_index {head_index} is out of range for {len(heads)} heads")
+        raise BadOption(f"head_index {head_index} is out of range for {len(heads)} heads", param="head_index")
     head_index %= len(heads)
     gammas = [-math.inf] * len(heads)
     return _speculate(engine, prompt, max_new_tokens, heads=heads, active=[head_index], gammas=gammas,
@@ -184,7 +186,7 @@ def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int
 
 def _check_head_guess(head_guess: str) -> str:
     if head_guess not in HEAD_GUESSES:
-        raise ValueError(f"head_guess must be one of {HEAD_GUESSES}, got {head_guess!r}")
+        raise BadOption(f"head_guess must be one of {HEAD_GUESSES}, got {head_guess!r}", param="head_guess")
     return head_guess
 
 

@@ -3,7 +3,8 @@ in a CUDA graph on the GPU (run eagerly on the CPU).
 
 The step reads the token and position from device tensors and attends over the whole static cache
 with a mask, so one captured graph serves every position. It shares the weights, caches and RoPE
-tables of a TorchEngine, whose batched `prefill` fills the cache first.
+tables of a TorchEngine (TorchEngine.static_state: the one thing it takes beyond the engine contract), whose
+batched `prefill` fills the cache first.
 
 Cache entries past `pos` are dead or were never written (the cache is `torch.empty`): the step zeroes
 their V before P.V, because a probability of 0 times a NaN or inf there is NaN (the K side is safe: the
@@ -18,8 +19,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..engines.torch import TorchEngine, rms_norm, rotate_half
-from .vanilla import Generation, check_request
+from ..engines.torch import TorchEngine
+from ..model.math import rms_norm, rotate_half
+from .common import Generation, check_request
 
 
 class GraphedDecoder:
@@ -27,6 +29,7 @@ class GraphedDecoder:
 
     def __init__(self, engine: TorchEngine):
         self.e = engine
+        self.s = engine.static_state()
         dev = engine.device
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -36,23 +39,23 @@ class GraphedDecoder:
         self.positions = torch.arange(engine.max_seq, device=dev)
 
     def _step(self) -> None:
-        e, cfg = self.e, self.e.cfg
+        e, s, cfg = self.e, self.s, self.e.cfg
         group = cfg.n_heads // cfg.n_kv_heads
-        h = e.w.embed[self.token]  # [1, d]
-        cos, sin = e.cos[self.pos][:, None, :], e.sin[self.pos][:, None, :]
+        h = s.weights.embed[self.token]  # [1, d]
+        cos, sin = s.cos[self.pos][:, None, :], s.sin[self.pos][:, None, :]
         dead = self.positions > self.pos  # [max_seq]: future, dead and unwritten entries
         mask = dead[None, None, :]
-        for layer, lw in enumerate(e.w.layers):
+        for layer, lw in enumerate(s.weights.layers):
             x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
             q = (x @ lw.wq.T).view(1, cfg.n_heads, cfg.head_dim)
             k = (x @ lw.wk.T).view(1, cfg.n_kv_heads, cfg.head_dim)
             v = (x @ lw.wv.T).view(1, cfg.n_kv_heads, cfg.head_dim)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            e.k_cache[layer].index_copy_(0, self.pos, k)
-            e.v_cache[layer].index_copy_(0, self.pos, v)
-            kc = e.k_cache[layer].view(e.max_seq, cfg.n_kv_heads, 1, cfg.head_dim).expand(-1, -1, group, -1)
-            live_v = e.v_cache[layer].masked_fill(dead[:, None, None], 0)  # 0 * NaN would be NaN (docstring)
+            s.k_cache[layer].index_copy_(0, self.pos, k)
+            s.v_cache[layer].index_copy_(0, self.pos, v)
+            kc = s.k_cache[layer].view(e.max_seq, cfg.n_kv_heads, 1, cfg.head_dim).expand(-1, -1, group, -1)
+            live_v = s.v_cache[layer].masked_fill(dead[:, None, None], 0)  # 0 * NaN would be NaN (docstring)
             vc = live_v.view(e.max_seq, cfg.n_kv_heads, 1, cfg.head_dim).expand(-1, -1, group, -1)
             kc = kc.reshape(e.max_seq, cfg.n_heads, cfg.head_dim)
             vc = vc.reshape(e.max_seq, cfg.n_heads, cfg.head_dim)
@@ -62,7 +65,7 @@ class GraphedDecoder:
             h = h + attn @ lw.wo.T
             x = rms_norm(h, lw.mlp_norm, cfg.rms_norm_eps)
             h = h + (F.silu(x @ lw.w_gate.T) * (x @ lw.w_up.T)) @ lw.w_down.T
-        self.logits.copy_(rms_norm(h, e.w.norm, cfg.rms_norm_eps) @ e.w.lm_head.T)
+        self.logits.copy_(rms_norm(h, s.weights.norm, cfg.rms_norm_eps) @ s.weights.lm_head.T)
         self.out.copy_(self.logits.argmax(dim=-1))
 
     def _capture(self) -> None:

@@ -1,56 +1,17 @@
-"""Vanilla decoding on any engine of the contract (DESIGN.md §3): greedy, or seeded sampling (§9).
+"""Vanilla decoding on any engine of the contract (docs/design.md#the-engine-contract): greedy, or seeded sampling
+(docs/design.md#sampling).
 
 One token = embed + run_layers over all layers for one row + final. It stops after an EOS token
 (which is part of the output, as in HF `generate`) or after `max_new_tokens`. With temperature > 0 the token at
 position p is drawn by adadecode.engines.sampling with randomness that depends only on (seed, p).
-
-Every decoding method returns a `Generation` and checks its request with `check_request` before it touches the cache.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Callable, Sequence
 
 from ..engines.sampling import make_sampling
-
-
-@dataclasses.dataclass
-class Generation:
-    prompt_tokens: list[int]
-    tokens: list[int]  # generated ids, EOS included when it ended the generation
-    seconds: float  # wall time from the start of prefill to the last token
-    decode_seconds: float  # wall time after the first token (what ms/token measures)
-    stats: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def ms_per_token(self) -> float:
-        n = len(self.tokens) - 1  # the first token comes from prefill
-        return 1e3 * self.decode_seconds / n if n > 0 else float("nan")
-
-
-def check_request(engine, prompt_tokens: Sequence[int], max_new_tokens: int) -> list[int]:
-    """The checks every decoding method makes before it touches the cache."""
-    prompt = [int(t) for t in prompt_tokens]
-    if not prompt:
-        raise ValueError("empty prompt: give at least one token")
-    vocab = engine.cfg.vocab_size
-    bad = [t for t in prompt if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if len(prompt) + max_new_tokens > engine.max_seq:
-        raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} is longer than the "
-                         f"context (max_seq={engine.max_seq})")
-    return prompt
-
-
-def final_tokens(engine, first_pos: int, last_pos: int, sampling) -> list[int]:
-    """engine.final, with the sampling argument only when sampling (greedy calls stay as the contract has them)."""
-    if sampling is None:
-        return engine.final(first_pos, last_pos)
-    return engine.final(first_pos, last_pos, sampling=sampling)
+from .common import Generation, check_request, final_tokens
 
 
 def generate_vanilla(engine, prompt_tokens: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = (),

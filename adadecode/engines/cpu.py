@@ -18,24 +18,24 @@ AVX2 and a portable path compute the same bits; threads split output columns and
 reduction). So CpuEngine agrees bit for bit with CudaEngine on the emulated device wherever that one runs the same
 kernels (decode, and prefill in chunks of at most 16 rows), and with itself across machines.
 
-Threads: `threads=None` takes ADADECODE_CPU_THREADS or the cores this process may use. `isa=None` takes
-ADADECODE_CPU_ISA or the best path of this CPU. `schedule` (tests only; None takes ADADECODE_CPU_SCHEDULE, else
-"natural"): "reverse" or "shuffle[:seed]" runs every job's items on one thread in reversed or shuffled order under
-the thread indices that work stealing could give them (csrc/cpu/thread_pool.h); the bits must not change.
+Options (adadecode.engines.options.EngineOptions, which reads the environment for what is left unset): `threads`
+(None: ADADECODE_CPU_THREADS or the cores this process may use), `isa` (None: ADADECODE_CPU_ISA or the best path of
+this CPU), `schedule` (tests only; None: ADADECODE_CPU_SCHEDULE, else "natural"): "reverse" or "shuffle[:seed]"
+runs every job's items on one thread in reversed or shuffled order under the thread indices that work stealing could
+give them (csrc/cpu/thread_pool.h); the bits must not change.
 """
 from __future__ import annotations
 
-import math
-import os
 import warnings
 
 import torch
 
 from ..model.config import LlamaConfig
+from ..model.math import rope_tables
 from ..model.weights import LlamaWeights
-from .contract import EngineContract
+from .options import EngineOptions, usable_cores
+from .native import NativeEngine, check_finite_logits, family_args, model_dims
 from .sampling import sample
-from .torch import rope_inv_freq
 
 
 def cpu_unavailable_reason() -> str | None:
@@ -57,57 +57,6 @@ def _ext():
     return adadecode_cpu
 
 
-def read_bandwidth(threads: int = 1, mib: int = 1024, reps: int = 5) -> float:
-    """Bytes/s of `threads` threads reading `mib` MiB that no cache holds (a STREAM-like sum, best of `reps`): the
-    ceiling of a decode step, which reads every weight once. The benchmarks measure it in the same run."""
-    return float(_ext().read_bandwidth(mib, threads, reps))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, which a container's cpuset narrows)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def default_threads() -> int:
-    env = os.environ.get("ADADECODE_CPU_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"ADADECODE_CPU_THREADS={env!r} is not an integer") from None
-        if n < 1:
-            raise ValueError(f"ADADECODE_CPU_THREADS={env!r} must be >= 1")
-        return n
-    return usable_cores()
-
-
-SCHEDULES = ("natural", "reverse", "shuffle")
-
-
-def parse_schedule(spec: str | None) -> tuple[str, int]:
-    """(schedule, seed) of a pool schedule spec: "natural", "reverse" or "shuffle[:seed]"; None reads
-    ADADECODE_CPU_SCHEDULE (unset: natural)."""
-    what = "schedule"
-    if spec is None:
-        spec, what = os.environ.get("ADADECODE_CPU_SCHEDULE") or "natural", "ADADECODE_CPU_SCHEDULE"
-    name, _, seed = str(spec).partition(":")
-    if name not in SCHEDULES or (seed and (name != "shuffle" or not seed.isdigit())):
-        raise ValueError(f"{what}={spec!r} must be one of natural, reverse, shuffle[:seed]")
-    return name, int(seed or 0)
-
-
-def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin [max_seq, head_dim/2], computed exactly as TorchEngine and CudaEngine compute theirs."""
-    t = torch.arange(max_seq, dtype=torch.float32)
-    freqs = torch.outer(t, rope_inv_freq(cfg))
-    emb = torch.cat((freqs, freqs), dim=-1)
-    half = cfg.head_dim // 2
-    return emb.cos()[:, :half].contiguous(), emb.sin()[:, :half].contiguous()
-
-
 def check_supported(cfg: LlamaConfig) -> None:
     """The shapes the CPU kernels take; a clear ValueError naming the field otherwise."""
     if cfg.head_dim > 256:
@@ -126,29 +75,6 @@ def check_supported(cfg: LlamaConfig) -> None:
         raise ValueError(f"sliding_window must be a positive integer or None, got {w!r}")
 
 
-def family_args(cfg: LlamaConfig, weights: LlamaWeights, convert) -> dict:
-    """The family features of cfg (Qwen2's q/k/v biases, Qwen3's q/k head norms, a sliding window) as the native
-    engines take them: flags, the window (0: full attention) and per layer [bqkv] + [q_norm, k_norm], each tensor
-    through `convert`. A flag without its tensors is an error naming the layer and the field."""
-    qkv_bias, qk_norm = bool(getattr(cfg, "qkv_bias", False)), bool(getattr(cfg, "qk_norm", False))
-    extras = []
-    for i, lw in enumerate(weights.layers if (qkv_bias or qk_norm) else []):
-        x = []
-        if qkv_bias:
-            b = [getattr(lw, f, None) for f in ("bq", "bk", "bv")]
-            if any(t is None for t in b):
-                raise ValueError(f"layer {i}: qkv_bias is set but bq/bk/bv is missing")
-            x.append(convert(torch.cat([t.reshape(-1) for t in b])))
-        if qk_norm:
-            for f in ("q_norm", "k_norm"):
-                if getattr(lw, f, None) is None:
-                    raise ValueError(f"layer {i}: qk_norm is set but {f} is missing")
-                x.append(convert(getattr(lw, f)))
-        extras.append(x)
-    return dict(qkv_bias=qkv_bias, qk_norm=qk_norm, sliding_window=int(getattr(cfg, "sliding_window", None) or 0),
-                extras=extras)
-
-
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     """t as the C++ side reads it: a contiguous bf16 CPU tensor."""
     return t.detach().to("cpu", torch.bfloat16).contiguous()
@@ -165,54 +91,46 @@ class CpuWeights:
                    bf(lw.w_up), bf(lw.w_down)] for lw in weights.layers]
         tied = weights.lm_head is weights.embed
         self.cfg = cfg
-        self._w = ext.Weights(
-            n_layers=cfg.n_layers, d=cfg.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-            ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps), embed=bf(weights.embed),
-            norm=bf(weights.norm), lm_head=None if tied else bf(weights.lm_head), layers=layers,
-            **family_args(cfg, weights, bf))
+        self._w = ext.Weights(**model_dims(cfg), embed=bf(weights.embed), norm=bf(weights.norm),
+                              lm_head=None if tied else bf(weights.lm_head), layers=layers,
+                              **family_args(cfg, weights, bf))
 
     @property
     def bytes(self) -> int:
         return self._w.bytes
 
 
-class CpuEngine(EngineContract):
+class CpuEngine(NativeEngine):
     name = "cpu"
-    dtype = torch.bfloat16
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | CpuWeights, *, max_seq: int | None = None,
-                 max_rows: int = 16, threads: int | None = None, isa: str | None = None, prefill_chunk: int = 64,
-                 schedule: str | None = None):
-        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or not 1 <= max_rows <= 256:
-            raise ValueError(f"max_rows={max_rows!r} must be an integer in 1..256 for the CPU engine")
-        if not isinstance(prefill_chunk, int) or not 1 <= prefill_chunk <= 1024:
-            raise ValueError(f"prefill_chunk must be an integer in 1..1024, got {prefill_chunk!r}")
-        threads = default_threads() if threads is None else threads
-        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
-            raise ValueError(f"threads={threads!r} must be an integer in 1..1024")
-        cores = usable_cores()
-        if threads > cores:  # the threads meet at a barrier per job: one waiting for a core stalls them all
-            warnings.warn(f"CpuEngine: threads={threads} on {cores} usable cores; each step waits for threads that "
-                          f"have no core to run on (64 on 2 cores ran 6.5-7.5x slower than 2): use threads <= {cores}",
-                          RuntimeWarning, stacklevel=2)
+                 max_rows: int | None = None, threads: int | None = None, isa: str | None = None,
+                 prefill_chunk: int | None = None, schedule: str | None = None, options: EngineOptions | None = None):
+        given = dict(max_rows=max_rows, threads=threads, isa=isa, prefill_chunk=prefill_chunk, schedule=schedule)
+        opts = (options or EngineOptions(engine="cpu")).replace(**{k: v for k, v in given.items() if v is not None})
         ext = _ext()
-        self._init_contract(cfg, max_seq, max_rows)
+        cpu = opts.cpu(ext.isas(), ext.known_isas())  # checked, the environment read for what is unset (EngineOptions)
+        cores = usable_cores()
+        if cpu["threads"] > cores:  # the threads meet at the end of every job: one waiting for a core stalls them all
+            warnings.warn(f"CpuEngine: threads={cpu['threads']} on {cores} usable cores; each step waits for threads "
+                          f"that have no core to run on (64 on 2 cores ran 6.5-7.5x slower than 2): use threads <= "
+                          f"{cores}", RuntimeWarning, stacklevel=2)
+        self._init_contract(cfg, max_seq, cpu["max_rows"])
         self.device = torch.device("cpu")
         if not isinstance(weights, CpuWeights):
             weights = CpuWeights(cfg, weights)
         elif weights.cfg != cfg:
             raise ValueError("CpuWeights were packed for another model config")
         self.packed = weights
-        kv = 2 * cfg.n_layers * -(-self.max_seq // 16) * 16 * cfg.n_kv_heads * cfg.head_dim * 2
-        free = ext.available_memory()
+        kv, free = ext.kv_cache_bytes(weights._w, self.max_seq), ext.available_memory()
         if kv > free:  # before the RoPE tables of max_seq rows are built
             raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads x "
                               f"head_dim {cfg.head_dim} ({kv / 2**30:.2f} GiB, bf16) does not fit in the "
                               f"{free / 2**30:.2f} GiB of memory available")
         cos, sin = rope_tables(cfg, self.max_seq)
         self._eng = ext.Engine(weights._w, cos, sin, max_seq=self.max_seq, max_rows=self.max_rows,
-                               prefill_chunk=prefill_chunk, threads=threads, isa=isa or "")
-        self.schedule = parse_schedule(schedule)
+                               prefill_chunk=cpu["prefill_chunk"], threads=cpu["threads"], isa=cpu["isa"])
+        self.schedule = cpu["schedule"]
         self._eng.set_schedule(*self.schedule)
 
     # ---- sizes ------------------------------------------------------------------------------------------------------
@@ -225,27 +143,12 @@ class CpuEngine(EngineContract):
     def threads(self) -> int:
         return self._eng.threads
 
-    @property
-    def kv_bytes(self) -> int:
-        return self._eng.kv_bytes
-
-    # ---- the contract's compute (checks and bookkeeping: EngineContract) -----------------------------------------
-    def _prefill(self, tokens: list[int]) -> None:
-        self._eng.prefill(tokens)
-
-    def _embed(self, pos: int, token: int, slot: int) -> None:
-        self._eng.embed(pos, token)
-
-    def _run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int, slots: list[int]) -> None:
-        self._eng.run_layers(first_pos, last_pos, l0, l1)
-
+    # ---- readbacks (the compute hooks, heads and test copies: NativeEngine) ------------------------------------------
     def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
         """fp32 logits [rows, vocab] of rows at depth L: the native LM head's, rounded to bf16 as the CUDA kernel's."""
         self._rows(first_pos, last_pos, self.n_layers)
         _, logits = self._eng.final(first_pos, last_pos, logits=True)
-        if not torch.isfinite(logits).all():
-            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
-        return logits
+        return check_finite_logits(logits, first_pos, last_pos)
 
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling` for positions
@@ -259,36 +162,18 @@ class CpuEngine(EngineContract):
             raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
         return tokens
 
-    def set_heads(self, heads) -> None:
-        """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
-        heads = list(heads)
-        self._eng.set_heads([(layer, _bf16(T), None if ids is None else ids.to(torch.int32).contiguous(),
-                              None if w_rest is None else _bf16(w_rest))
-                             for layer, T, ids, w_rest in self._checked_heads(heads)])
-        self.heads = [h.to("cpu", torch.bfloat16) for h in heads]
+    def _head_tensors(self, layer, T, ids, w_rest):
+        return layer, _bf16(T), None if ids is None else ids.to(torch.int32).contiguous(), \
+            None if w_rest is None else _bf16(w_rest)
 
     def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
         """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer; with `sampling`
         the token is the head's own draw for position pos + 1 (over its real tokens, as TorchEngine.head)."""
-        hd = self.heads[head_index]
-        head_index = range(len(self.heads))[head_index]
-        self._row_slot(pos, hd.layer)
+        hd, head_index = self._head_call(pos, head_index)
         token, prob, logits = self._eng.head(pos, head_index, logits=sampling is not None)
-        if not math.isfinite(prob) or token < 0:
-            raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
+        token, prob = self._head_result(token, prob, pos, hd)
         if sampling is None:
-            return int(token), float(prob)
+            return token, prob
         ids = hd.vocab if hd.vocab is not None else torch.arange(self.cfg.vocab_size)
         j = int(sample(logits[None], sampling, [pos + 1], ids)[0])
-        return int(ids[j]), float(prob)
-
-    def hidden(self, pos: int) -> torch.Tensor:
-        """The residual stream of row `pos` (a copy), for tests."""
-        self._row_slot(pos)
-        return self._eng.hidden(pos)
-
-    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of K and V [kv_len, n_kv_heads, head_dim] of `layer` (its valid cache entries), for tests."""
-        if not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
-        return self._eng.kv(layer, self.kv_len[layer])
+        return int(ids[j]), prob

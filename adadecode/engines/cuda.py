@@ -26,12 +26,12 @@ import math
 import torch
 
 from ..model.config import LlamaConfig
+from ..model.math import rope_tables
 from ..model.weights import LlamaWeights
-from .contract import EngineContract
-from .cpu import family_args
-from .torch import rope_inv_freq
+from .options import DEFAULT_MAX_ROWS, LIMITS, EngineOptions
+from .native import NativeEngine, check_finite_logits, family_args, model_dims
 
-MAX_ROWS = 16  # the batch-invariant skinny GEMM takes at most 16 rows
+MAX_ROWS = LIMITS["cuda"][0]  # the batch-invariant skinny GEMM takes at most 16 rows
 
 
 def _dev(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16, ext=None) -> torch.Tensor:
@@ -43,15 +43,6 @@ def _dev(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloa
     if t.data_ptr() % 16:
         t = t.clone()
     return t
-
-
-def rope_tables(cfg: LlamaConfig, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin [max_seq, head_dim/2], computed exactly as TorchEngine computes its tables (before the cast)."""
-    t = torch.arange(max_seq, dtype=torch.float32)
-    freqs = torch.outer(t, rope_inv_freq(cfg))
-    emb = torch.cat((freqs, freqs), dim=-1)  # the same tensor TorchEngine takes cos/sin of: the same bits
-    half = cfg.head_dim // 2
-    return emb.cos()[:, :half].contiguous(), emb.sin()[:, :half].contiguous()
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -91,9 +82,7 @@ def check_supported(cfg: LlamaConfig, max_rows: int) -> None:
     if cfg.n_heads // cfg.n_kv_heads > 128:
         raise ValueError(f"the CUDA engine supports at most 128 query heads per KV head, this model has "
                          f"{cfg.n_heads // cfg.n_kv_heads}")
-    if not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS:
-        raise ValueError(f"max_rows={max_rows!r} must be an integer in 1..{MAX_ROWS} for the CUDA engine "
-                         f"(its batch-invariant skinny GEMM takes at most {MAX_ROWS} rows)")
+    EngineOptions(max_rows=max_rows).rows("cuda")
 
 
 def _sampling_kw(s) -> dict:
@@ -102,12 +91,16 @@ def _sampling_kw(s) -> dict:
     return {} if s is None else {"sampling": (s.seed, s.inv_temperature, s.top_k, s.top_p)}
 
 
-class CudaEngine(EngineContract):
+class CudaEngine(NativeEngine):
     name = "cuda"
-    dtype = torch.bfloat16
 
-    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, max_seq: int | None = None, max_rows: int = 16,
-                 prefill_chunk: int = 256, device: str | torch.device | None = None):
+    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, max_seq: int | None = None,
+                 max_rows: int | None = None, prefill_chunk: int | None = None,
+                 device: str | torch.device | None = None, options: EngineOptions | None = None):
+        opts = options or EngineOptions(engine="cuda")
+        given = dict(max_rows=max_rows, prefill_chunk=prefill_chunk, device=None if device is None else str(device))
+        opts = opts.replace(**{k: v for k, v in given.items() if v is not None})
+        device = opts.device
         if str(device) == "emu":  # the emulated device: adadecode_emu, CPU tensors
             why = emu_unavailable_reason()
             if why:
@@ -129,9 +122,9 @@ class CudaEngine(EngineContract):
                 self.device = torch.device(f"cuda:{torch.cuda.current_device()}")
             self._ext = None
             on_device = torch.cuda.device(self.device)
-        check_supported(cfg, max_rows)
-        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        max_rows = DEFAULT_MAX_ROWS if opts.max_rows is None else opts.max_rows
+        check_supported(cfg, max_rows)  # the shapes, then max_rows
+        prefill_chunk = opts.chunk("cuda")
         self._init_contract(cfg, max_seq, max_rows)
 
         put = self._put
@@ -153,10 +146,8 @@ class CudaEngine(EngineContract):
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()  # the runtime allocates with cudaMalloc, outside torch's cache
             self._eng = ext.Engine(
-                n_layers=cfg.n_layers, d=cfg.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                head_dim=cfg.head_dim, ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=float(cfg.rms_norm_eps),
-                embed=embed, norm=norm, lm_head=lm_head, layers=layers, cos=cos, sin=sin, max_seq=self.max_seq,
-                max_rows=self.max_rows, prefill_chunk=prefill_chunk, **fam)
+                **model_dims(cfg), embed=embed, norm=norm, lm_head=lm_head, layers=layers, cos=cos, sin=sin,
+                max_seq=self.max_seq, max_rows=self.max_rows, prefill_chunk=prefill_chunk, **fam)
 
     @classmethod
     def _with_backend(cls, cfg: LlamaConfig, backend, *, max_seq: int, max_rows: int = 16,
@@ -172,10 +163,6 @@ class CudaEngine(EngineContract):
         return _dev(t, self.device, dtype, self._ext)
 
     # ---- sizes and switches -------------------------------------------------------------------------------------
-    @property
-    def kv_bytes(self) -> int:
-        return self._eng.kv_bytes
-
     @property
     def workspace_bytes(self) -> int:
         return self._eng.workspace_bytes
@@ -212,24 +199,12 @@ class CudaEngine(EngineContract):
     def synchronize(self) -> None:
         self._eng.synchronize()
 
-    # ---- the contract's compute (checks and bookkeeping: EngineContract) -----------------------------------------
-    def _prefill(self, tokens: list[int]) -> None:
-        self._eng.prefill(tokens)
-
-    def _embed(self, pos: int, token: int, slot: int) -> None:
-        self._eng.embed(pos, token)
-
-    def _run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int, slots: list[int]) -> None:
-        self._eng.run_layers(first_pos, last_pos, l0, l1)
-
+    # ---- readbacks (the compute hooks, heads and test copies: NativeEngine) ------------------------------------------
     def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
         """fp32 logits [rows, vocab] of rows at depth L (final norm on the GPU kernels, LM head by torch)."""
         self._rows(first_pos, last_pos, self.n_layers)
         x = self._eng.final_normed(first_pos, last_pos)
-        logits = (x @ self._lm_head.T).float()
-        if not torch.isfinite(logits).all():
-            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
-        return logits
+        return check_finite_logits((x @ self._lm_head.T).float(), first_pos, last_pos)
 
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling`
@@ -240,32 +215,13 @@ class CudaEngine(EngineContract):
             raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
         return tokens
 
-    def set_heads(self, heads) -> None:
-        """Intermediate heads (adadecode.engines.head.Head), indexed by `head_index` in `head()`."""
-        heads = list(heads)
-        specs = [(layer, self._put(T), None if ids is None else self._put(ids, torch.int32),
-                  None if w_rest is None else self._put(w_rest)) for layer, T, ids, w_rest in self._checked_heads(heads)]
-        self._eng.set_heads(specs)
-        self.heads = [h.to(self.device, torch.bfloat16) for h in heads]
+    def _head_tensors(self, layer, T, ids, w_rest):
+        return layer, self._put(T), None if ids is None else self._put(ids, torch.int32), \
+            None if w_rest is None else self._put(w_rest)
 
     def head(self, pos: int, head_index: int, sampling=None) -> tuple[int, float]:
         """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer; with
         `sampling` the token is the head's own draw for position pos + 1 (as TorchEngine.head)."""
-        hd = self.heads[head_index]
-        head_index = range(len(self.heads))[head_index]  # a negative index as a list takes it
-        self._row_slot(pos, hd.layer)
+        hd, head_index = self._head_call(pos, head_index)
         token, prob = self._eng.head(pos, head_index, **_sampling_kw(sampling))
-        if not math.isfinite(prob) or token < 0:
-            raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
-        return int(token), float(prob)
-
-    def hidden(self, pos: int) -> torch.Tensor:
-        """The residual stream of row `pos` (a copy), for tests."""
-        self._row_slot(pos)
-        return self._eng.hidden(pos)
-
-    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of K and V [kv_len, n_kv_heads, head_dim] of `layer` (its valid cache entries), for tests."""
-        if not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
-        return self._eng.kv(layer, self.kv_len[layer])
+        return self._head_result(token, prob, pos, hd)

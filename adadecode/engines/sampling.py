@@ -47,6 +47,8 @@ import struct
 
 import torch
 
+from ..errors import BadOption
+
 M32 = 0xFFFFFFFF
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -84,39 +86,40 @@ def make_sampling(temperature=0.0, top_k=0, top_p=1.0, seed=0) -> Sampling | Non
     """Checked settings; None for temperature 0 (greedy, whatever top_k / top_p say)."""
     def real(name, v):
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise ValueError(f"{name} must be a number, got {v!r}")
+            raise BadOption(f"{name} must be a number, got {v!r}", param=name)
         v = float(v)
         if not math.isfinite(v):
-            raise ValueError(f"{name} must be finite, got {v!r}")
+            raise BadOption(f"{name} must be finite, got {v!r}", param=name)
         return v
 
     def integer(name, v):
         if isinstance(v, bool):
-            raise ValueError(f"{name} must be an integer, got {v!r}")
+            raise BadOption(f"{name} must be an integer, got {v!r}", param=name)
         try:
             return operator.index(v)
         except TypeError:
-            raise ValueError(f"{name} must be an integer, got {v!r}") from None
+            raise BadOption(f"{name} must be an integer, got {v!r}", param=name) from None
 
     temperature = real("temperature", temperature)
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        raise BadOption(f"temperature must be >= 0 (0 is greedy), got {temperature!r}", param="temperature")
     top_p = real("top_p", top_p)
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise BadOption(f"top_p must be in (0, 1], got {top_p!r}", param="top_p")
     top_k = integer("top_k", top_k)
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {top_k!r}")
+        raise BadOption(f"top_k must be >= 0 (0 keeps every token), got {top_k!r}", param="top_k")
     seed = integer("seed", seed)
     if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+        raise BadOption(f"seed must be an integer in 0..2**64-1, got {seed!r}", param="seed")
     if temperature == 0:
         return None
     s = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     try:
         s.inv_temperature
     except OverflowError:
-        raise ValueError(f"temperature {temperature!r} is too small: 1/temperature overflows fp32") from None
+        raise BadOption(f"temperature {temperature!r} is too small: 1/temperature overflows fp32",
+                        param="temperature") from None
     return s
 
 

@@ -4,7 +4,8 @@ CPU, for tests without a GPU). `auto` takes cuda where it can run, else cpu, els
 
 Why an engine cannot run here is said by the engine's own module (cuda.py: `cuda_unavailable_reason`,
 `emu_unavailable_reason`; cpu.py: `cpu_unavailable_reason`), so that an engine built directly refuses with the same
-words; this module imports the engines, never the other way round."""
+words; this module imports the engines, never the other way round. The options (EngineOptions) are checked where
+they are made and handed to the engine whole."""
 from __future__ import annotations
 
 import torch
@@ -12,12 +13,8 @@ import torch
 from ..model.loader import Model
 from .cpu import CpuEngine, CpuWeights, cpu_unavailable_reason
 from .cuda import CudaEngine, cuda_unavailable_reason
+from .options import DTYPES, ENGINES, EngineOptions  # noqa: F401 (ENGINES, DTYPES: the names the faces offer)
 from .torch import TorchEngine
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-ENGINES = ("auto", "cuda", "cpu", "torch", "emu")
 
 
 def auto_engine() -> str:
@@ -27,33 +24,31 @@ def auto_engine() -> str:
     return "cpu" if cpu_unavailable_reason() is None else "torch"
 
 
-def make_engine(model: Model, engine: str = "auto", *, device: str | None = None, dtype: str | None = None,
-                max_seq: int | None = None, max_rows: int = 16, threads: int | None = None):
-    """An engine for `model`. cpu: the weights are packed once per model (Model.cpu_weights() keeps the pack, so an
-    engine rebuilt for a longer context reuses it); threads: the CPU engine's thread count (default: the cores)."""
-    if engine == "auto":
-        engine = auto_engine()
-    if engine == "cpu":
-        if dtype not in (None, "bf16", "bfloat16"):
-            raise ValueError(f"the CPU engine computes in bf16 (fp32 accumulation); dtype={dtype!r} is the torch "
-                             f"engine's option")
-        if device not in (None, "cpu"):
-            raise ValueError(f"the CPU engine runs on the CPU; device={device!r} is the torch engine's option")
-        return CpuEngine(model.cfg, cpu_weights(model), max_seq=max_seq, max_rows=max_rows, threads=threads)
-    if engine == "cuda":
+def make_engine(model: Model, engine: str | EngineOptions = "auto", *, max_seq: int | None = None,
+                max_rows: int | None = None, **options):
+    """An engine for `model`, of the options `engine` (an EngineOptions, or its `engine` field with the others as
+    keyword arguments: device, dtype, threads, isa, schedule, prefill_chunk); max_rows overrides the options'.
+    cpu: the weights are packed once per model (Model.cpu_weights() keeps the pack, so an engine rebuilt for a
+    longer context reuses it)."""
+    opts = engine if isinstance(engine, EngineOptions) else EngineOptions(engine=engine, **options)
+    if isinstance(engine, EngineOptions) and options:
+        opts = opts.replace(**options)
+    if max_rows is not None:
+        opts = opts.replace(max_rows=max_rows)
+    kind = auto_engine() if opts.engine == "auto" else opts.engine
+    if kind == "cpu":
+        return CpuEngine(model.cfg, cpu_weights(model), max_seq=max_seq, options=opts)
+    if kind == "cuda":
         why = cuda_unavailable_reason()
         if why:
             raise RuntimeError(f"the CUDA engine cannot run: {why}")
-        return CudaEngine(model.cfg, model.weights, max_seq=max_seq, max_rows=max_rows)
-    if engine == "emu":
-        return CudaEngine(model.cfg, model.weights, max_seq=max_seq, max_rows=max_rows, device="emu")
-    if engine != "torch":
-        raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return TorchEngine(model.cfg, model.weights, device=device, dtype=DTYPES[dtype], max_seq=max_seq, max_rows=max_rows)
+        return CudaEngine(model.cfg, model.weights, max_seq=max_seq, options=opts.replace(device=None))  # the torch
+        # engine's device and dtype do not apply: the CUDA engine runs on the current device, in bf16
+    if kind == "emu":
+        return CudaEngine(model.cfg, model.weights, max_seq=max_seq, options=opts.replace(device="emu"))
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return TorchEngine(model.cfg, model.weights, device=device, dtype=opts.torch_dtype(device), max_seq=max_seq,
+                       max_rows=opts.rows("torch"))
 
 
 def cpu_weights(model: Model) -> CpuWeights:

@@ -17,34 +17,16 @@ method, and only its K/V and last row survive it, so every method starts from th
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from ..model.config import LlamaConfig
+from ..model.math import rms_norm, rope_angles, rotate_half
 from ..model.weights import LlamaWeights
 from .contract import EngineContract
 from .sampling import sample
-
-
-def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse rotary frequencies in fp32, computed the way HF transformers computes them (Llama-3 scaling too)."""
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
-    s = cfg.rope_scaling
-    if s is None:
-        return inv
-    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
-    wavelen = 2 * torch.pi / inv
-    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -53,9 +35,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     return x @ w.T if b is None else F.linear(x, w, b)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+class StaticState(NamedTuple):
+    """What a static-shape decode step over a TorchEngine reads and writes in place (TorchEngine.static_state)."""
+
+    weights: LlamaWeights  # in the engine's device and dtype
+    cos: torch.Tensor  # [max_seq, head_dim]
+    sin: torch.Tensor
+    k_cache: list[torch.Tensor]  # per layer [max_seq, n_kv_heads, head_dim]
+    v_cache: list[torch.Tensor]
 
 
 class TorchEngine(EngineContract):
@@ -75,9 +62,7 @@ class TorchEngine(EngineContract):
             raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads "
                               f"x head_dim {cfg.head_dim} ({gib:.2f} GiB, {dtype}) does not fit on {self.device}: {e}") from None
         self.rows = torch.zeros(self.max_rows, cfg.d, device=self.device, dtype=dtype)
-        t = torch.arange(self.max_seq, dtype=torch.float32)
-        freqs = torch.outer(t, rope_inv_freq(cfg))
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = rope_angles(cfg, self.max_seq)
         self.cos = emb.cos().to(self.device, dtype)
         self.sin = emb.sin().to(self.device, dtype)
 
@@ -171,6 +156,12 @@ class TorchEngine(EngineContract):
         logits = hd.logits(x, self.w.lm_head)[:, : len(token_ids)]  # again: only sampling pays for it
         j = int(sample(logits, sampling, [pos + 1], token_ids)[0])
         return int(token_ids[j]), float(probs[0, i])
+
+    def static_state(self) -> StaticState:
+        """The weights, RoPE tables and KV caches of this engine, shared (not copied), for a step of static shapes
+        that one CUDA graph can replay at every position (the graphed baseline, decoding/graphed.py). The contract's
+        calls fill the caches (prefill) and read them; such a step writes a position's K/V as run_layers would."""
+        return StaticState(self.w, self.cos, self.sin, self.k_cache, self.v_cache)
 
     def hidden(self, pos: int) -> torch.Tensor:
         """The residual stream of row `pos` (a copy), for tests."""

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..engines.torch import rms_norm, rope_inv_freq, rotate_half
+from ..model.math import rms_norm, rope_inv_freq, rotate_half
 from ..model.config import LlamaConfig
 from ..model.weights import LlamaWeights
 

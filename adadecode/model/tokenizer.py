@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import BadOption
 
-def check_text(text, what: str) -> None:
+
+def check_text(text, what: str, param: str | None = None) -> None:
     """Refuse what the tokenizer cannot take, naming where: a lone surrogate (what Python makes of invalid UTF-8 in
-    argv, or a JSON "\\ud800") reaches the Rust tokenizer as a TypeError otherwise."""
+    argv, or a JSON "\\ud800") reaches the Rust tokenizer as a TypeError otherwise. `param`: the request field the
+    text came from (the error is then a BadOption carrying it)."""
+    error = (lambda msg: BadOption(msg, param=param)) if param else ValueError
     if not isinstance(text, str):
-        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+        raise error(f"{what} must be a string, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid Unicode text: {text[e.start:e.end]!r} at character {e.start} "
-                         "(a lone surrogate, or invalid UTF-8 bytes)") from None
+        raise error(f"{what} is not valid Unicode text: {text[e.start:e.end]!r} at character {e.start} "
+                    "(a lone surrogate, or invalid UTF-8 bytes)") from None
 
 
 class Tokenizer:
@@ -85,7 +89,7 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        check_text(text, "prompt")
+        check_text(text, "prompt", param="prompt")
         ids = self.tok.encode(text, add_special_tokens=False).ids
         if add_special and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids

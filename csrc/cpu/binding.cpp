@@ -1,4 +1,5 @@
-// adadecode_cpu: the torch binding of the CPU engine runtime (engine.h). It checks every tensor it is given (CPU,
+// adadecode_cpu: the torch binding of the CPU engine runtime (engine.h); its submodule `testing` holds the kernels'
+// probes that only the tests and benchmarks call. It checks every tensor it is given (CPU,
 // dtype, shape, contiguity), copies what the runtime keeps (the weights are packed into its own buffers: the caller
 // may drop its tensors), releases the GIL while the engine computes, and turns runtime errors into Python
 // exceptions: OutOfMemory -> MemoryError, std::invalid_argument -> ValueError, std::out_of_range -> IndexError.
@@ -36,21 +37,18 @@ const cpu::Kernels* kernels_named(const std::string& isa) {
   if (k == nullptr) {
     std::string have;
     for (const char* const* p = cpu::supported_isas(); *p; ++p) have += std::string(have.empty() ? "" : ", ") + *p;
-    const char* env = std::getenv("ADADECODE_CPU_ISA");
-    const std::string want = isa.empty() ? std::string(env ? env : "") : isa;
-    const std::string named = isa.empty() ? " (ADADECODE_CPU_ISA)" : "";
+    // The Python side (EngineOptions) names a bad ISA first, with the variable it came from; this is the probes' and
+    // the last line's check. A typo is not a missing CPU feature: say which it is.
     std::string known;
     bool is_known = false;
     for (const char* const* p = cpu::known_isas(); *p; ++p) {
       known += std::string(known.empty() ? "" : ", ") + *p;
-      is_known = is_known || want == *p;
+      is_known = is_known || isa == *p;
     }
-    // a typo is not a missing CPU feature: say which it is, or the user looks for a machine that has "avx-2"
     if (!is_known)
-      throw std::invalid_argument("CPU engine: unknown kernels '" + want + "'" + named + "; the kernel paths are " +
-                                  known + " (this CPU runs: " + have + ")");
-    throw std::invalid_argument("CPU engine: kernels '" + want + "'" + named + " do not run on this CPU (it runs: " +
-                                have + ")");
+      throw std::invalid_argument("CPU engine: unknown kernels '" + isa + "'; the kernel paths are " + known +
+                                  " (this CPU runs: " + have + ")");
+    throw std::invalid_argument("CPU engine: kernels '" + isa + "' do not run on this CPU (it runs: " + have + ")");
   }
   return k;
 }
@@ -239,6 +237,7 @@ std::vector<std::string> isas() {
   return out;
 }
 
+// ---- probes for tests and benchmarks only (the submodule adadecode_cpu.testing; no engine calls them) -------------
 // exp_fixed (base2 false) or exp2_fixed of every element, through the vector kernels of `isa` (tests).
 at::Tensor fixed_exp(const at::Tensor& x, const std::string& isa, bool base2) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous fp32 CPU tensor");
@@ -342,12 +341,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("threads", &PyEngine::threads)
       .def_property_readonly("kv_bytes", &PyEngine::kv_bytes)
       .def_property_readonly("weight_bytes", &PyEngine::weight_bytes);
-  m.def("read_bandwidth", &read_bandwidth, py::arg("mib") = 1024, py::arg("threads") = 1, py::arg("reps") = 5,
-        py::arg("isa") = "", "bytes/s of `threads` threads reading a buffer of `mib` MiB (best of `reps`)");
   m.def("isas", &isas, "the kernel paths this CPU runs, best first");
+  m.def("known_isas", [] {
+    std::vector<std::string> out;
+    for (const char* const* p = cpu::known_isas(); *p; ++p) out.emplace_back(*p);
+    return out;
+  }, "every kernel path this build knows, whether or not this CPU runs it");
+  m.def("kv_cache_bytes", [](const cpu::Weights& w, int64_t max_seq) {
+          TORCH_CHECK(max_seq >= 1, "max_seq must be >= 1, got ", max_seq);
+          return static_cast<int64_t>(cpu::kv_cache_bytes(w.dims(), max_seq));
+        }, py::arg("weights"), py::arg("max_seq"), "bytes of the KV cache of an Engine of max_seq positions");
   m.def("available_memory", [] { return static_cast<int64_t>(std::min<size_t>(cpu::available_memory(), INT64_MAX)); },
         "bytes of memory this process may still take (MemAvailable)");
-  m.def("fixed_exp", &fixed_exp, py::arg("x"), py::arg("isa"), py::arg("base2"));
-  m.def("fixed_exp_scalar", &fixed_exp_scalar, py::arg("x"), py::arg("base2"));
-  m.def("lane_dot", &lane_dot, py::arg("x"), py::arg("w"), py::arg("isa"));
+
+  // The one seam for what only tests and benchmarks call: no engine uses these (adadecode/testing/ wraps them).
+  py::module_ t = m.def_submodule("testing", "probes of the CPU kernels for tests and benchmarks (not the engine)");
+  t.def("read_bandwidth", &read_bandwidth, py::arg("mib") = 1024, py::arg("threads") = 1, py::arg("reps") = 5,
+        py::arg("isa") = "", "bytes/s of `threads` threads reading a buffer of `mib` MiB (best of `reps`)");
+  t.def("fixed_exp", &fixed_exp, py::arg("x"), py::arg("isa"), py::arg("base2"),
+        "exp_fixed / exp2_fixed of every element through the vector kernels of `isa`");
+  t.def("fixed_exp_scalar", &fixed_exp_scalar, py::arg("x"), py::arg("base2"),
+        "the scalar sequences of fixed_math.h, element by element");
+  t.def("lane_dot", &lane_dot, py::arg("x"), py::arg("w"), py::arg("isa"),
+        "x [R, K] . w [N, K] in the CUDA skinny GEMM's order, through `isa`");
 }

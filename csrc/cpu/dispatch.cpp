@@ -1,6 +1,6 @@
-// Which kernel path runs: the best one this CPU supports, or the one named by ADADECODE_CPU_ISA (or the engine's
-// `isa` argument). All paths compute the same bits (kernels.h); the choice is speed alone.
-#include <cstdlib>
+// Which kernel path runs: the best one this CPU supports, or the one the engine is given (its `isa`: Python's
+// EngineOptions reads ADADECODE_CPU_ISA, the one place it is read). All paths compute the same bits (kernels.h); the
+// choice is speed alone.
 #include <cstring>
 #include <string>
 
@@ -57,10 +57,6 @@ const char* const* supported_isas() {
   return list;
 }
 
-const Kernels* best_kernels() {
-  const char* env = std::getenv("ADADECODE_CPU_ISA");
-  if (env != nullptr && env[0] != '\0') return kernels_for(env);  // nullptr: the caller names what is missing
-  return kernels_for(supported_isas()[0]);
-}
+const Kernels* best_kernels() { return kernels_for(supported_isas()[0]); }
 
 }  // namespace adadecode::cpu

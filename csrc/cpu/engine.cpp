@@ -52,6 +52,12 @@ size_t available_memory() {
   return SIZE_MAX;  // unknown: the allocation itself decides
 }
 
+size_t kv_cache_bytes(const ModelDims& m, int64_t max_seq) {
+  const size_t per_position = static_cast<size_t>(m.n_layers) * m.n_kv_heads * m.head_dim * sizeof(uint16_t);
+  const size_t k_positions = static_cast<size_t>((max_seq + kKBlock - 1) / kKBlock) * kKBlock;  // whole K blocks
+  return per_position * (k_positions + static_cast<size_t>(max_seq));
+}
+
 // ---- buffers ------------------------------------------------------------------------------------------------------
 template <class T>
 Buffer<T>::Buffer(size_t n, const char* what) : n_(n) {
@@ -118,17 +124,14 @@ Weights::Weights(const ModelDims& dims, const uint16_t* embed, const uint16_t* l
                  const std::vector<LayerSource>& layers_in)
     : dims_(dims), tied_(lm_head == nullptr) {
   const ModelDims& m = dims_;
-  if (m.n_layers < 1 || m.d < 8 || m.n_heads < 1 || m.n_kv_heads < 1 || m.ffn < 8 || m.vocab < 1 || m.head_dim < 2)
-    bad("model dimensions must be positive");
-  if (m.d % 8) bad("hidden size " + std::to_string(m.d) + " must be a multiple of 8");
-  if (m.ffn % 8) bad("intermediate size " + std::to_string(m.ffn) + " must be a multiple of 8");
-  if (m.head_dim % 2 || m.head_dim > 256) bad("head_dim " + std::to_string(m.head_dim) + " must be even, at most 256");
-  if (m.n_heads * m.head_dim % 8) bad("n_heads * head_dim must be a multiple of 8 (the o_proj reduction)");
-  if (m.n_heads % m.n_kv_heads) bad("n_heads " + std::to_string(m.n_heads) + " is not a multiple of n_kv_heads " + std::to_string(m.n_kv_heads));
-  if (!(m.eps > 0.f) || !std::isfinite(m.eps)) bad("rms_norm_eps must be positive and finite");
-  if (m.window < 0) bad("sliding_window " + std::to_string(m.window) + " must be >= 1 (0: full attention)");
-  // the head norm sums in the 32-lane order of 8-element chunks (rmsnorm_core.cuh), as the d-wide RMSNorm does
-  if (m.qk_norm && m.head_dim % 8) bad("qk_norm needs head_dim % 8 == 0, head_dim is " + std::to_string(m.head_dim));
+  // Bounds that keep the kernels' accesses inside their buffers (a head's 256-entry scratch, the 8-value lane
+  // chunks, whole kv groups). What a model may be is checked, with the field's name, by the Python side
+  // (adadecode.engines.cpu.check_supported) before this runs.
+  if (m.n_layers < 1 || m.d < 8 || m.d % 8 || m.n_heads < 1 || m.n_kv_heads < 1 || m.n_heads % m.n_kv_heads ||
+      m.ffn < 8 || m.ffn % 8 || m.vocab < 1 || m.head_dim < 2 || m.head_dim % 2 || m.head_dim > 256 ||
+      m.n_heads * m.head_dim % 8 || (m.qk_norm && m.head_dim % 8) || m.window < 0 || !(m.eps > 0.f) ||
+      !std::isfinite(m.eps))
+    bad("model dimensions outside what the kernels take");
   if (static_cast<int>(layers_in.size()) != m.n_layers)
     bad("got weights of " + std::to_string(layers_in.size()) + " layers, expected " + std::to_string(m.n_layers));
   const int d = m.d, q = m.n_heads * m.head_dim, kv = m.n_kv_heads * m.head_dim;
@@ -469,25 +472,20 @@ Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* 
   if (kernels == nullptr) bad("no kernels for this instruction set on this CPU");
   if (!w_) bad("no weights");
   const ModelDims& m = dims();
-  if (max_seq < 1) bad("max_seq must be >= 1");
-  if (max_rows < 1 || max_rows > 256) bad("max_rows " + std::to_string(max_rows) + " must be in 1..256");
-  if (prefill_chunk < 1 || prefill_chunk > 1024)
-    bad("prefill_chunk " + std::to_string(prefill_chunk) + " must be in 1..1024");
+  // bounds only: the ranges a caller may ask for are EngineOptions' (adadecode/engines/options.py)
+  if (max_seq < 1 || max_rows < 1 || prefill_chunk < 1) bad("max_seq, max_rows and prefill_chunk must be >= 1");
   nkb_ = (max_seq + kKBlock - 1) / kKBlock;
   const int hd = m.head_dim, H = m.n_heads, Hkv = m.n_kv_heads, q = H * hd;
   const size_t kv_elems = static_cast<size_t>(m.n_layers) * Hkv * hd;
   const size_t k_elems = kv_elems * nkb_ * kKBlock, v_elems = kv_elems * max_seq;
-  const size_t kv_bytes = (k_elems + v_elems) * sizeof(uint16_t);
-  try {
-    // Refused before it is touched: a cache larger than the free memory would be killed mid-fill, not refused.
-    if (kv_bytes > available_memory()) throw OutOfMemory("");
-    k_cache_ = Buffer<uint16_t>(k_elems, "K cache");
-    v_cache_ = Buffer<uint16_t>(v_elems, "V cache");
-  } catch (const OutOfMemory&) {
-    throw OutOfMemory("CPU engine: KV cache of max_seq=" + std::to_string(max_seq) + " x " + std::to_string(m.n_layers) +
-                      " layers x " + std::to_string(Hkv) + " kv heads x head_dim " + std::to_string(hd) + " = " +
-                      gib(kv_bytes) + " (bf16) does not fit in the " + gib(available_memory()) + " of memory available");
-  }
+  const size_t kv_bytes = kv_cache_bytes(m, max_seq);
+  // Refused before it is touched: a cache larger than the free memory would be killed mid-fill, not refused (the
+  // Python side refuses it first, with the sizes; this is the runtime's own guard).
+  if (kv_bytes > available_memory())
+    throw OutOfMemory("CPU engine: KV cache of " + gib(kv_bytes) + " does not fit in the " + gib(available_memory()) +
+                      " of memory available");
+  k_cache_ = Buffer<uint16_t>(k_elems, "K cache");
+  v_cache_ = Buffer<uint16_t>(v_elems, "V cache");
   const int P = std::max(max_rows, prefill_chunk);
   ring_ = Buffer<uint16_t>(static_cast<size_t>(max_rows) * m.d, "rows");
   hw_ = Buffer<uint16_t>(static_cast<size_t>(P) * m.d, "rows");

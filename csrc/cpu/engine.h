@@ -120,6 +120,10 @@ class Weights {
   std::map<std::pair<int, int>, std::unique_ptr<LaneLayout>> layouts_;
 };
 
+// Bytes of the K and V caches of an Engine of max_seq positions (K in whole blocks of kKBlock positions): the one
+// formula, which the Python side checks against available_memory() before it builds an Engine.
+size_t kv_cache_bytes(const ModelDims& dims, int64_t max_seq);
+
 constexpr int kGateUpBlock = 16;  // = the gate/up job's columns per item (engine.cpp: kColsPerItem)
 
 struct Head {

@@ -82,7 +82,7 @@ struct Kernels {
 
 // The kernels of one instruction set: "avx512", "avx2" or "portable". nullptr when this build or CPU lacks it.
 const Kernels* kernels_for(const char* isa);
-// The best path this CPU runs (ADADECODE_CPU_ISA=avx512|avx2|portable picks one, if the CPU supports it).
+// The best path this CPU runs.
 const Kernels* best_kernels();
 // Which paths this CPU supports, best first.
 const char* const* supported_isas();

@@ -1,0 +1,46 @@
+"""What every decoding method uses: the `Generation` it returns, `check_request` (the checks it makes before it
+touches the cache) and `final_tokens` (the contract's final, with the sampling argument only when sampling)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from ..errors import CONTEXT_LENGTH_EXCEEDED, BadOption
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt_tokens: list[int]
+    tokens: list[int]  # generated ids, EOS included when it ended the generation
+    seconds: float  # wall time from the start of prefill to the last token
+    decode_seconds: float  # wall time after the first token (what ms/token measures)
+    stats: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ms_per_token(self) -> float:
+        n = len(self.tokens) - 1  # the first token comes from prefill
+        return 1e3 * self.decode_seconds / n if n > 0 else float("nan")
+
+
+def check_request(engine, prompt_tokens: Sequence[int], max_new_tokens: int) -> list[int]:
+    """The checks every decoding method makes before it touches the cache."""
+    prompt = [int(t) for t in prompt_tokens]
+    if not prompt:
+        raise BadOption("empty prompt: give at least one token", param="prompt")
+    vocab = engine.cfg.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise BadOption(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+    if max_new_tokens < 1:
+        raise BadOption(f"max_new_tokens must be >= 1, got {max_new_tokens}", param="max_new_tokens")
+    if len(prompt) + max_new_tokens > engine.max_seq:
+        raise BadOption(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} is longer than the "
+                        f"context (max_seq={engine.max_seq})", param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
+    return prompt
+
+
+def final_tokens(engine, first_pos: int, last_pos: int, sampling) -> list[int]:
+    """engine.final, with the sampling argument only when sampling (greedy calls stay as the contract has them)."""
+    if sampling is None:
+        return engine.final(first_pos, last_pos)
+    return engine.final(first_pos, last_pos, sampling=sampling)
