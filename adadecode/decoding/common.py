@@ -1,9 +1,14 @@
 """What every decoding method uses: the `Generation` it returns, `check_request` (the checks it makes before it
-touches the cache) and `final_tokens` (the contract's final, with the sampling argument only when sampling)."""
+touches the cache), `final_call` (the contract's final, with the sampling argument only when sampling), and the
+form every method takes: a steps function that checks its request and returns a schedule (a generator that yields
+each engine call it needs as (name, args, kwargs), is sent the call's result, and returns the Generation), made into
+the method's generate function by `runs`. One engine runs a schedule with `run_schedule`; decoding/batch.py runs
+the schedules of several sequences together."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from typing import Generator, Sequence
 
 from ..errors import CONTEXT_LENGTH_EXCEEDED, BadOption
 
@@ -39,8 +44,34 @@ def check_request(engine, prompt_tokens: Sequence[int], max_new_tokens: int) -> 
     return prompt
 
 
-def final_tokens(engine, first_pos: int, last_pos: int, sampling) -> list[int]:
-    """engine.final, with the sampling argument only when sampling (greedy calls stay as the contract has them)."""
-    if sampling is None:
-        return engine.final(first_pos, last_pos)
-    return engine.final(first_pos, last_pos, sampling=sampling)
+def final_call(first_pos: int, last_pos: int, sampling) -> tuple:
+    """A schedule's final call, with the sampling argument only when sampling (greedy calls stay as the contract has
+    them)."""
+    return "final", (first_pos, last_pos), ({} if sampling is None else {"sampling": sampling})
+
+
+Schedule = Generator[tuple, object, Generation]  # yields (name, args, kwargs), is sent each call's result
+
+
+def run_schedule(engine, steps: Schedule) -> Generation:
+    """Drive a schedule on `engine`, each call made as it comes; the schedule's Generation."""
+    try:
+        call = next(steps)
+        while True:
+            name, args, kwargs = call
+            call = steps.send(getattr(engine, name)(*args, **kwargs))
+    except StopIteration as done:
+        return done.value
+
+
+def runs(steps_fn):
+    """generate(engine, ...) -> Generation from steps(engine, ...) -> schedule: the same signature and checks, the
+    schedule run on the engine. `generate.steps` is the steps function (what decoding/batch.py runs)."""
+    @functools.wraps(steps_fn)
+    def generate(engine, *args, **kwargs):
+        return run_schedule(engine, steps_fn(engine, *args, **kwargs))
+
+    generate.__name__ = generate.__qualname__ = "generate_" + steps_fn.__name__.removesuffix("_steps")
+    generate.__annotations__ = {**steps_fn.__annotations__, "return": Generation}
+    generate.steps = steps_fn
+    return generate

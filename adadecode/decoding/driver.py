@@ -6,8 +6,8 @@ sampling (temperature > 0, adadecode.engines.sampling) `final` draws each row's 
 (seed, position), so verification is the same equality test and the output is vanilla sampling's with that seed;
 a head then guesses its own draw with the same noise (head_guess="sample") or its argmax.
 
-The schedule (`_speculate`, shared by both methods)
----------------------------------------------------
+The schedule (`schedule`, shared by every method here)
+--------------------------------------------------------
 The rows in flight are the contiguous positions `first..front`. Row `first`'s input token is verified;
 rows `first+1..front` were started with *guesses* (early tokens, unverified): the guess emitted at row
 `p` is the model's early prediction of the token after position `p`, i.e. row `p+1`'s input. Row
@@ -63,7 +63,7 @@ from typing import Callable, Sequence
 from ..engines.cost import step_cost
 from ..engines.sampling import make_sampling
 from ..errors import BadOption
-from .common import Generation, check_request
+from .common import Generation, Schedule, check_request, final_call, runs
 from .context import ContextGuesser
 
 HEAD_GUESSES = ("sample", "argmax")
@@ -92,11 +92,11 @@ def _check_pending(engine, max_pending: int, what: str = "max_pending") -> int:
     return max_pending
 
 
-def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *,
+def adadecode_steps(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *,
                        gamma: float | Sequence[float] = 0.75, eos_ids: Sequence[int] = (), max_pending: int = 5,
                        heads=None, on_token: Callable[[int], None] | None = None, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, seed: int = 0, head_guess: str = "sample",
-                       context=False, max_chain: int = 8, step_cost=None) -> Generation:
+                       context=False, max_chain: int = 8, step_cost=None) -> Schedule:
     """AdaDecode: exact, with early exits at every head whose confidence exceeds `gamma`.
 
     heads: the intermediate heads (set on the engine with `set_heads`); None uses the engine's own.
@@ -124,16 +124,16 @@ def generate_adadecode(engine, prompt_tokens: Sequence[int], max_new_tokens: int
             raise BadOption(f"gamma has {len(gammas)} values for {len(heads)} heads", param="gamma")
     if any(math.isnan(g) for g in gammas):
         raise BadOption(f"gamma must be a number, got {gamma!r}", param="gamma")
-    return _speculate(engine, prompt, max_new_tokens, heads=heads, active=range(len(heads)), gammas=gammas,
-                      max_pending=max_pending, eos_ids=eos_ids, on_token=on_token,
-                      method="adadecode+context" if guesser else "adadecode", sampling=sampling,
-                      head_guess=head_guess, context=guesser)
+    return schedule(engine, prompt, max_new_tokens, heads=heads, active=range(len(heads)), gammas=gammas,
+                    max_pending=max_pending, eos_ids=eos_ids, on_token=on_token,
+                    method="adadecode+context" if guesser else "adadecode", sampling=sampling,
+                    head_guess=head_guess, context=guesser)
 
 
-def generate_lookup(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *, eos_ids: Sequence[int] = (),
+def lookup_steps(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *, eos_ids: Sequence[int] = (),
                     on_token: Callable[[int], None] | None = None, temperature: float = 0.0, top_k: int = 0,
                     top_p: float = 1.0, seed: int = 0, max_chain: int = 8, step_cost=None,
-                    context=True) -> Generation:
+                    context=True) -> Schedule:
     """Guesses from the context alone (no heads): chains of up to `max_chain` tokens that followed the latest
     earlier occurrence of the last tokens, verified by the final layer, drafted when they pay on this engine.
     Exact, greedy or sampled (the options of generate_vanilla); context: True or a ContextGuesser."""
@@ -142,8 +142,8 @@ def generate_lookup(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *
     if context is False:
         raise BadOption("lookup decoding takes its guesses from the context: context cannot be false", param="context")
     guesser = _context_guesser(engine, context, max_chain, step_cost)
-    return _speculate(engine, prompt, max_new_tokens, heads=[], active=[], gammas=[], max_pending=0,
-                      eos_ids=eos_ids, on_token=on_token, method="lookup", sampling=sampling, context=guesser)
+    return schedule(engine, prompt, max_new_tokens, heads=[], active=[], gammas=[], max_pending=0,
+                    eos_ids=eos_ids, on_token=on_token, method="lookup", sampling=sampling, context=guesser)
 
 
 def _context_guesser(engine, context, max_chain, given_cost) -> ContextGuesser | None:
@@ -163,10 +163,10 @@ def _context_guesser(engine, context, max_chain, given_cost) -> ContextGuesser |
     return ContextGuesser(cost, engine.n_layers, max_chain=max_chain)
 
 
-def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *, head_index: int = -1,
+def layerskip_steps(engine, prompt_tokens: Sequence[int], max_new_tokens: int, *, head_index: int = -1,
                        k: int = 4, eos_ids: Sequence[int] = (), heads=None,
                        on_token: Callable[[int], None] | None = None, temperature: float = 0.0, top_k: int = 0,
-                       top_p: float = 1.0, seed: int = 0, head_guess: str = "sample") -> Generation:
+                       top_p: float = 1.0, seed: int = 0, head_guess: str = "sample") -> Schedule:
     """LayerSkip-style self-speculative decoding: draft up to `k` tokens with the head `head_index` (no
     confidence threshold), then verify them with the remaining layers, reusing the drafts' KV. Exact, greedy or
     sampled (the options of generate_adadecode)."""
@@ -179,31 +179,15 @@ def generate_layerskip(engine, prompt_tokens: Sequence[int], max_new_tokens: int
         raise BadOption(f"head_index {head_index} is out of range for {len(heads)} heads", param="head_index")
     head_index %= len(heads)
     gammas = [-math.inf] * len(heads)
-    return _speculate(engine, prompt, max_new_tokens, heads=heads, active=[head_index], gammas=gammas,
-                      max_pending=k, eos_ids=eos_ids, on_token=on_token, method="layerskip",
-                      sampling=sampling, head_guess=head_guess)
+    return schedule(engine, prompt, max_new_tokens, heads=heads, active=[head_index], gammas=gammas,
+                    max_pending=k, eos_ids=eos_ids, on_token=on_token, method="layerskip",
+                    sampling=sampling, head_guess=head_guess)
 
 
 def _check_head_guess(head_guess: str) -> str:
     if head_guess not in HEAD_GUESSES:
         raise BadOption(f"head_guess must be one of {HEAD_GUESSES}, got {head_guess!r}", param="head_guess")
     return head_guess
-
-
-def _speculate(engine, prompt: list[int], max_new_tokens: int, **kw) -> Generation:
-    """The schedule of the module docstring on one engine: each engine call that `schedule` asks for, made."""
-    return run_schedule(engine, schedule(engine, prompt, max_new_tokens, **kw))
-
-
-def run_schedule(engine, steps):
-    """Drive a schedule (a generator of engine calls, `schedule`) on `engine`; its Generation."""
-    try:
-        call = next(steps)
-        while True:
-            name, args, kwargs = call
-            call = steps.send(getattr(engine, name)(*args, **kwargs))
-    except StopIteration as done:
-        return done.value
 
 
 def schedule(engine, prompt: list[int], max_new_tokens: int, *, heads, active, gammas, max_pending, eos_ids,
@@ -238,7 +222,7 @@ def schedule(engine, prompt: list[int], max_new_tokens: int, *, heads, active, g
     t0 = time.perf_counter()
     yield "prefill", (prompt,), {}
     n = len(prompt)
-    tokens = [(yield _final(n - 1, n - 1, sampling))[0]]
+    tokens = [(yield final_call(n - 1, n - 1, sampling))[0]]
     t1 = time.perf_counter()
     if on_token:
         on_token(tokens[0])
@@ -282,7 +266,7 @@ def schedule(engine, prompt: list[int], max_new_tokens: int, *, heads, active, g
     while not done:
         d = depth[-1]
         if d == L:  # every row in flight is at depth L: verify the guesses in order
-            fin = yield _final(first, front, sampling)
+            fin = yield final_call(first, front, sampling)
             st["verify_calls"] += 1
             if cost is not None:
                 modeled += cost.final_s(front - first + 1)
@@ -397,9 +381,9 @@ def schedule(engine, prompt: list[int], max_new_tokens: int, *, heads, active, g
     return Generation(prompt_tokens=prompt, tokens=tokens, seconds=t2 - t0, decode_seconds=t2 - t1, stats=st)
 
 
-def _final(first: int, last: int, sampling):
-    """The final call, with the sampling argument only when sampling (greedy calls stay as the contract has them)."""
-    return "final", (first, last), ({} if sampling is None else {"sampling": sampling})
+generate_adadecode = runs(adadecode_steps)
+generate_lookup = runs(lookup_steps)
+generate_layerskip = runs(layerskip_steps)
 
 
 def _tail(n: int, *parts: list[int]) -> list[int]:

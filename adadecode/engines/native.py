@@ -60,7 +60,9 @@ class NativeEngine(EngineContract):
     _eng: object
 
     # ---- the contract's compute (checks and bookkeeping: EngineContract) -----------------------------------------
-    def _prefill(self, tokens: list[int]) -> None:
+    def _prefill(self, tokens: list[int], start: int) -> None:
+        if start:
+            raise NotImplementedError(f"the {self.name} engine prefills from position 0 only")
         self._eng.prefill(tokens)
 
     def _embed(self, pos: int, token: int, slot: int) -> None:

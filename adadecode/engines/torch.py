@@ -2,7 +2,7 @@
 
 It is the oracle: CI runs the whole product on it, and the CUDA engine is compared against it.
 
-State of one sequence:
+State of each sequence (max_seqs of them; the selected one's in k_cache, v_cache, rows):
   k_cache[layer], v_cache[layer]  [max_seq, n_kv_heads, head_dim]   valid below kv_len[layer]
   rows                            [max_rows, d]  residual stream of the rows in flight, slot = pos % max_rows
 
@@ -49,19 +49,24 @@ class TorchEngine(EngineContract):
     name = "torch"
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, max_seq: int | None = None, max_rows: int = 16):
-        self._init_contract(cfg, max_seq, max_rows)
+                 dtype: torch.dtype = torch.float32, max_seq: int | None = None, max_rows: int = 16,
+                 max_seqs: int = 1):
+        self._init_contract(cfg, max_seq, max_rows, max_seqs)
         self.device, self.dtype = torch.device(device), dtype
         self.w = weights.to(device=self.device, dtype=dtype)
         shape = (self.max_seq, cfg.n_kv_heads, cfg.head_dim)
-        try:
-            self.k_cache = [torch.empty(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layers)]
-            self.v_cache = [torch.empty(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layers)]
+        try:  # per sequence: K and V of every layer, and the rows in flight
+            self._seq_tensors = [([torch.empty(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layers)],
+                                  [torch.empty(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layers)],
+                                  torch.zeros(self.max_rows, cfg.d, device=self.device, dtype=dtype))
+                                 for _ in range(self.max_seqs)]
         except (torch.OutOfMemoryError, RuntimeError) as e:
-            gib = 2 * cfg.n_layers * self.max_seq * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize / 2**30
-            raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads "
-                              f"x head_dim {cfg.head_dim} ({gib:.2f} GiB, {dtype}) does not fit on {self.device}: {e}") from None
-        self.rows = torch.zeros(self.max_rows, cfg.d, device=self.device, dtype=dtype)
+            gib = 2 * self.max_seqs * cfg.n_layers * self.max_seq * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize / 2**30
+            seqs = "" if self.max_seqs == 1 else f"{self.max_seqs} sequences x "
+            raise MemoryError(f"KV cache of {seqs}max_seq={self.max_seq} x {cfg.n_layers} layers x "
+                              f"{cfg.n_kv_heads} kv heads x head_dim {cfg.head_dim} ({gib:.2f} GiB, {dtype}) does not "
+                              f"fit on {self.device}: {e}") from None
+        self.k_cache, self.v_cache, self.rows = self._seq_tensors[0]
         emb = rope_angles(cfg, self.max_seq)
         self.cos = emb.cos().to(self.device, dtype)
         self.sin = emb.sin().to(self.device, dtype)
@@ -113,11 +118,14 @@ class TorchEngine(EngineContract):
         return (x @ self.w.lm_head.T).float()
 
     # ---- the contract's compute (checks and bookkeeping: EngineContract) -----------------------------------------
-    def _prefill(self, tokens: list[int]) -> None:
+    def _select(self, seq: int) -> None:
+        self.k_cache, self.v_cache, self.rows = self._seq_tensors[seq]
+
+    def _prefill(self, tokens: list[int], start: int) -> None:
         h = self.w.embed[torch.tensor(tokens, device=self.device)]
         for layer in range(self.n_layers):
-            h = self._layer(layer, h, 0)
-        self.rows[(len(tokens) - 1) % self.max_rows] = h[-1]
+            h = self._layer(layer, h, start)
+        self.rows[(start + len(tokens) - 1) % self.max_rows] = h[-1]
 
     def _embed(self, pos: int, token: int, slot: int) -> None:
         self.rows[slot] = self.w.embed[token]
