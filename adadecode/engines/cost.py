@@ -27,14 +27,21 @@ from ..model.filesys import write_atomic
 CACHE_VERSION = 2
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class StepCost:
     """Seconds per decoder layer for R rows (layer[R], R = 1..len(layer) - 1; layer[0] unused) and seconds of the
-    final LM head for R rows (final[R]), on one engine; R past the table costs as the last entry scaled by rows."""
+    final LM head for R rows (final[R]), on one engine; R past the table costs as the last entry scaled by rows.
+
+    `observe_*` lower an entry to a step actually timed (the drivers time their engine calls): another process only
+    ever adds time, so the fastest time seen is the closest to the machine's own cost, and a calibration made while
+    the machine was busy heals as the steps it prices run."""
 
     layer: tuple[float, ...]
     final: tuple[float, ...]
     source: str = "measured"  # "measured", "cache" or "given"
+
+    def __post_init__(self):
+        self.layer, self.final = list(self.layer), list(self.final)
 
     def layer_s(self, rows: int) -> float:
         return self._at(self.layer, rows)
@@ -45,7 +52,17 @@ class StepCost:
     @staticmethod
     def _at(table, rows: int) -> float:
         top = len(table) - 1
-        return table[rows] if rows <= top else table[top] * rows / top
+        if rows > top:
+            return table[top] * rows / top
+        return max(table[1:rows + 1])  # a row more never costs less (an entry lowered by a timed step included)
+
+    def observe_layers(self, rows: int, layers: int, seconds: float) -> None:
+        if 1 <= rows < len(self.layer) and layers > 0 and self.source != "given":
+            self.layer[rows] = min(self.layer[rows], seconds / layers)
+
+    def observe_final(self, rows: int, seconds: float) -> None:
+        if 1 <= rows < len(self.final) and self.source != "given":
+            self.final[rows] = min(self.final[rows], seconds)
 
     def token_s(self, n_layers: int) -> float:
         """One vanilla decode step: every layer and the LM head over one row."""
