@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Generator, Sequence
 
 from ..errors import CONTEXT_LENGTH_EXCEEDED, BadOption
@@ -54,12 +55,28 @@ Schedule = Generator[tuple, object, Generation]  # yields (name, args, kwargs), 
 
 
 def run_schedule(engine, steps: Schedule) -> Generation:
-    """Drive a schedule on `engine`, each call made as it comes; the schedule's Generation."""
+    """Drive a schedule on `engine`, each call made as it comes; the schedule's Generation. On an engine that
+    computes as it is called (not the CUDA engine, whose calls return before the GPU is done) and holds a measured
+    step cost (engines/cost.py), each run_layers and final is timed and lowers the cost's entry for its rows."""
+    cost = getattr(engine, "_step_cost", None)
+    timed = cost is not None and getattr(engine, "name", "") in ("cpu", "torch")
+    clock = time.perf_counter
     try:
         call = next(steps)
         while True:
             name, args, kwargs = call
-            call = steps.send(getattr(engine, name)(*args, **kwargs))
+            if timed and name in ("run_layers", "final"):
+                t0 = clock()
+                out = getattr(engine, name)(*args, **kwargs)
+                dt = clock() - t0
+                rows = args[1] - args[0] + 1
+                if name == "run_layers":
+                    cost.observe_layers(rows, args[3] - args[2], dt)
+                else:
+                    cost.observe_final(rows, dt)
+                call = steps.send(out)
+            else:
+                call = steps.send(getattr(engine, name)(*args, **kwargs))
     except StopIteration as done:
         return done.value
 
