@@ -36,15 +36,6 @@ inline int attn_lo(int p, int window) { return window > 0 && p - window + 1 > 0 
 constexpr int kAttnChunk = 128;  // positions per partial (csrc/kernels/attention.cuh: kAttnChunk)
 constexpr int kKBlock = 16;      // positions per K block (one lane vector)
 
-// Statistics of an LM-head row over its n logits (bf16-rounded), in the CUDA kernel's order (lm_head.cu: blocks of
-// kLmHeadCols folded in order, the blocks merged by 256 strided folds and a tree), with an optional rest logit.
-struct LmStats {
-  int idx = -1;            // argmax (lowest index on ties); -1 when a logit is NaN or the row is not finite
-  float max_prob = 0.f;    // exp(max - lse)
-};
-constexpr int kLmHeadCols = 64;
-constexpr int kLmMergeThreads = 256;
-
 struct Kernels {
   const char* name;
   // xp <- x permuted into layout L (x holds L.K values and x[L.K] == 0: the padding source)
@@ -86,9 +77,5 @@ const Kernels* kernels_for(const char* isa);
 const Kernels* best_kernels();
 // Which paths this CPU supports, best first.
 const char* const* supported_isas();
-
-// LM-head statistics in the CUDA order (scalar folds; the exps through k): logits [n] bf16 values, rest logit or
-// NaN-free `has_rest` false.
-LmStats lm_stats(const Kernels& k, const float* logits, int n, bool has_rest, float rest);
 
 }  // namespace adadecode::cpu
