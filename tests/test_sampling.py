@@ -68,7 +68,7 @@ def test_noise_bounds_hold_for_every_possible_draw():
 
 HOST_PROGRAM = r"""
 #include <cstdio>
-#include "kernels/sampling.cuh"
+#include "cuda/kernels/sampling.cuh"
 int main() {
   const unsigned long long seeds[] = {0ull, 5ull, 0xFFFFFFFFFFFFFFFFull, 1ull << 40};
   for (unsigned long long s : seeds)
@@ -81,7 +81,7 @@ int main() {
 
 @pytest.mark.parametrize("flags", [["-O2", "-ffp-contract=off"], ["-O3", "-march=native", "-ffp-contract=fast"]])
 def test_kernel_math_compiled_for_the_host_matches_the_reference(tmp_path, flags):
-    """csrc/kernels/sampling.cuh (the device functions of the epilogue) built by the host compiler, even with FMA
+    """csrc/cuda/kernels/sampling.cuh (the device functions of the epilogue) built by the host compiler, even with FMA
     contraction allowed: Philox, the Gumbel noise and the top-p weights are this module's, bit for bit."""
     import shutil
     import subprocess

@@ -3,7 +3,7 @@
 The same Python API and semantics as TorchEngine (the oracle): prefill, embed, run_layers, head, final,
 final_logits, set_heads, truncate, hidden. The host-side bookkeeping (which rows are in flight, at which depth,
 how much of each layer's cache is valid) and the contract checks live here, with TorchEngine's messages; the
-compute runs in `adadecode_cuda.Engine` (csrc/runtime/engine.cu):
+compute runs in `adadecode_cuda.Engine` (csrc/cuda/runtime/engine.cu):
 
 * weights go to the GPU once, in bf16 (q/k/v fused into one [q; k; v] matrix per layer); one KV cache and one
   workspace are allocated for `max_seq` up front (MemoryError naming the sizes when they do not fit);

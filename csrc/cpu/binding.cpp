@@ -15,7 +15,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../kernels/fixed_math.h"
+#include "../common/fixed_math.h"
 #include "engine.h"
 #include "kernels.h"
 
@@ -225,7 +225,7 @@ at::Tensor fixed_exp(const at::Tensor& x, const std::string& isa, bool base2) {
   return y;
 }
 
-// The scalar fixed-math functions of csrc/kernels/fixed_math.h, element by element (the reference of the tests).
+// The scalar fixed-math functions of csrc/common/fixed_math.h, element by element (the reference of the tests).
 at::Tensor fixed_exp_scalar(const at::Tensor& x, bool base2) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous fp32 CPU tensor");
   at::Tensor y = at::empty_like(x);
@@ -294,7 +294,8 @@ double read_bandwidth(int64_t mib, int64_t threads, int64_t reps, const std::str
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adadecode's CPU engine: the engine contract on native batch-invariant kernels (csrc/cpu)";
-  py::register_exception<cpu::OutOfMemory>(m, "HostOutOfMemory", PyExc_MemoryError);
+  // module-local: the CUDA bindings register the same C++ type (csrc/common/model.h) as their DeviceOutOfMemory
+  py::register_local_exception<cpu::OutOfMemory>(m, "HostOutOfMemory", PyExc_MemoryError);
   py::class_<cpu::Weights, std::shared_ptr<cpu::Weights>>(m, "Weights")
       .def(py::init(&make_weights), py::arg("n_layers"), py::arg("d"), py::arg("n_heads"), py::arg("n_kv_heads"),
            py::arg("head_dim"), py::arg("ffn"), py::arg("vocab"), py::arg("eps"), py::arg("embed"), py::arg("norm"),

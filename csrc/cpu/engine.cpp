@@ -11,16 +11,10 @@
 #include <sys/mman.h>
 #endif
 
-#include "../kernels/fixed_math.h"
+#include "../common/fixed_math.h"
 
 namespace adadecode::cpu {
 namespace {
-
-std::string gib(size_t bytes) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.3f GiB", static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0));
-  return buf;
-}
 
 [[noreturn]] void bad(const std::string& why) { throw std::invalid_argument("CPU engine: " + why); }
 

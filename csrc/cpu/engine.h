@@ -28,29 +28,18 @@
 #include <utility>
 #include <vector>
 
+#include "../common/model.h"
 #include "kernels.h"
 #include "lanes.h"
 #include "thread_pool.h"
 
 namespace adadecode::cpu {
 
-// An allocation that does not fit: the binding turns it into a Python MemoryError.
-struct OutOfMemory : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using adadecode::ModelDims;    // csrc/common/model.h, shared with the CUDA engine
+using adadecode::OutOfMemory;  // an allocation that does not fit: the binding turns it into a Python MemoryError
 
 // Memory this process may still take (MemAvailable), SIZE_MAX when unknown.
 size_t available_memory();
-
-// head_dim is its own field: n_heads * head_dim need not be d (Qwen3: 16 x 128 heads on d = 1024). window > 0: a
-// row at position p attends to positions max(0, p - window + 1)..p (Mistral / Qwen2 sliding windows); 0: all of 0..p.
-struct ModelDims {
-  int n_layers = 0, d = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, vocab = 0;
-  float eps = 1e-5f;
-  int window = 0;
-  bool qkv_bias = false;  // Qwen2: q, k, v projections with biases (added to the fp32 sums before the bf16 rounding)
-  bool qk_norm = false;   // Qwen3: each q and k head RMS-normalised over head_dim after the projection, before RoPE
-};
 
 // 64-byte aligned storage (2 MB aligned and advised for huge pages when large: the weights stream through the TLB).
 template <class T>

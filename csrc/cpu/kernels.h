@@ -33,7 +33,7 @@ struct AttnArgs {
 };
 // The first position row p attends to.
 inline int attn_lo(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
-constexpr int kAttnChunk = 128;  // positions per partial (csrc/kernels/attention.cuh: kAttnChunk)
+constexpr int kAttnChunk = 128;  // positions per partial (csrc/cuda/kernels/attention.cuh: kAttnChunk)
 constexpr int kKBlock = 16;      // positions per K block (one lane vector)
 
 struct Kernels {

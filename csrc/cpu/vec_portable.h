@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../kernels/fixed_math.h"
+#include "../common/fixed_math.h"
 
 namespace adadecode::cpu::portable {
 

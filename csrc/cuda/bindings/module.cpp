@@ -1,4 +1,4 @@
-// adadecode_cuda: thin torch bindings over the torch-free kernels in csrc/kernels.
+// adadecode_cuda: thin torch bindings over the torch-free kernels in csrc/cuda/kernels.
 // Each op checks its tensors (device, dtype, shape, contiguity), launches on the current stream and
 // checks the launch. Outputs are written into tensors the caller allocates (CUDA-graph friendly).
 #include <cmath>
@@ -336,7 +336,7 @@ void lm_head_sample(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max
 
 }  // namespace
 
-// csrc/bindings/engine.cpp: adadecode_cuda.Engine.
+// csrc/cuda/bindings/engine.cpp: adadecode_cuda.Engine.
 void register_engine(pybind11::module_& m);
 #ifdef ADADECODE_EMU
 void register_emu(pybind11::module_& m);  // csrc/emu/bindings_emu.cpp: device tensors, thread order, counters
@@ -347,7 +347,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef ADADECODE_EMU
   register_emu(m);
 #endif
-  m.doc() = "adadecode CUDA kernels (torch bindings over csrc/kernels; every op writes into caller tensors)";
+  m.doc() = "adadecode CUDA kernels (torch bindings over csrc/cuda/kernels; every op writes into caller tensors)";
   m.def("add_rmsnorm", &add_rmsnorm, "residual += delta; out = RMSNorm(residual) * weight (bf16, in place)",
         py::arg("residual"), py::arg("delta"), py::arg("weight"), py::arg("out"), py::arg("eps"));
   m.def("embedding", &embedding, "out[r] = table[tokens[r]] (bf16; out-of-range ids give a NaN row)",

@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 
-#include "fixed_math.h"
+#include "common/fixed_math.h"  // csrc/common: shared with the CPU engine
 
 #ifdef __CUDACC__
 #define ADADECODE_HOST_DEVICE __host__ __device__
