@@ -45,18 +45,23 @@ def _dev(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloa
     return t
 
 
+def _without_engine(ext) -> str | None:
+    """Why a loaded extension cannot run the engine: a build of it without the Engine class."""
+    if hasattr(ext, "Engine"):
+        return None
+    return f"this build of {ext.__name__} has no Engine (rebuild: pip install --no-build-isolation -e .)"
+
+
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA engine cannot run here, or None when it can."""
     try:
-        import adadecode_cuda  # noqa: F401
+        import adadecode_cuda
     except ImportError as e:
         return (f"the extension adadecode_cuda is not built or does not load ({e}); it needs nvcc and a CUDA build "
                 f"of torch at install time (see README)")
     if not torch.cuda.is_available():
         return f"no CUDA GPU is visible to torch {torch.__version__} (CUDA {torch.version.cuda})"
-    if not hasattr(adadecode_cuda, "Engine"):
-        return "this build of adadecode_cuda has no Engine (rebuild: pip install --no-build-isolation -e .)"
-    return None
+    return _without_engine(adadecode_cuda)
 
 
 def emu_unavailable_reason() -> str | None:
@@ -66,9 +71,7 @@ def emu_unavailable_reason() -> str | None:
     except ImportError as e:
         return (f"the extension adadecode_emu is not built or does not load ({e}); `pip install --no-build-isolation "
                 f"-e .` builds it with g++ wherever torch is installed (see README)")
-    if not hasattr(adadecode_emu, "Engine"):
-        return "this build of adadecode_emu has no Engine (rebuild: pip install --no-build-isolation -e .)"
-    return None
+    return _without_engine(adadecode_emu)
 
 
 def check_supported(cfg: LlamaConfig, max_rows: int) -> None:
