@@ -1,4 +1,4 @@
-"""Seeded sampling (adadecode/engines/sampling.py, DESIGN.md §9): the generator, the rule, its distribution, and
+"""Seeded sampling (adadecode/engines/sampling.py, docs/design.md#sampling): the generator, the rule, its distribution, and
 AdaDecode / LayerSkip equal to vanilla sampling token for token on TorchEngine. The CUDA epilogue against this reference:
 test_sampling_cuda.py."""
 from __future__ import annotations

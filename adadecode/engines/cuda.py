@@ -1,4 +1,4 @@
-"""CudaEngine: the engine contract (DESIGN.md §3) on the CUDA kernels, through the C++ runtime of adadecode_cuda.
+"""CudaEngine: the engine contract (docs/design.md#contract) on the CUDA kernels, through the C++ runtime of adadecode_cuda.
 
 The same Python API and semantics as TorchEngine (the oracle): prefill, embed, run_layers, head, final,
 final_logits, set_heads, truncate, hidden. The host-side bookkeeping (which rows are in flight, at which depth,
@@ -14,7 +14,7 @@ compute runs in `adadecode_cuda.Engine` (csrc/cuda/runtime/engine.cu):
 `device="emu"` runs the same C++ runtime and kernels on the emulated device (`adadecode_emu`, csrc/emu: the CUDA
 execution model on the CPU, for CI): its memory is guarded host memory, so its tensors are CPU tensors.
 
-Batch invariance (DESIGN.md §4): every kernel of `run_layers` computes a row's bits independently of the other
+Batch invariance (docs/design.md#invariance): every kernel of `run_layers` computes a row's bits independently of the other
 rows of the call (skinny GEMM for <= 16 rows, split-sequence attention with fixed chunks), so `max_rows` is at
 most 16.
 """

@@ -1,4 +1,4 @@
-"""Seeded sampling that stays exact (DESIGN.md §9): temperature, top-k, top-p; the reference implementation.
+"""Seeded sampling that stays exact (docs/design.md#sampling): temperature, top-k, top-p; the reference implementation.
 
 The rule (one row of logits l[0..n), token ids id[j], the drawn token's position `pos`, Sampling s):
 

@@ -1,4 +1,4 @@
-// The CPU engine runtime: the engine contract of DESIGN.md §3 on the CPU kernels (kernels.h) and a thread pool.
+// The CPU engine runtime: the engine contract of docs/design.md#contract on the CPU kernels (kernels.h) and a thread pool.
 // Torch-free: the caller hands over bf16 weights (HF layout, [out, in] row-major) once; they are packed into the
 // kernels' lane order (lanes.h) and held here, once (the caller may drop its copy).
 //

@@ -1,4 +1,4 @@
-// The CUDA engine runtime: the engine contract of DESIGN.md §3 on the kernels of csrc/cuda/kernels.
+// The CUDA engine runtime: the engine contract of docs/design.md#contract on the kernels of csrc/cuda/kernels.
 // Torch-free: it holds raw device pointers (weights are owned by the caller, e.g. the torch binding in
 // csrc/cuda/bindings/engine.cpp, and must outlive the Engine), allocates its own KV cache and workspace once,
 // and runs everything on one dedicated non-blocking stream.
