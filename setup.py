@@ -98,8 +98,10 @@ def cuda_extensions():
 
 
 def emu_extension():
-    """adadecode_emu: the files of extension_sources(), the .cu ones rewritten by csrc/emu/emu_pp.py into
-    build/emu_src (line numbers kept), compiled by g++ with csrc/emu first on the include path."""
+    """adadecode_emu: the files of extension_sources() rewritten by csrc/emu/emu_pp.py into build/emu_src (line
+    numbers kept; the bindings' C++ is copied as it is, with its #line), compiled by g++ with csrc/emu first on the
+    include path. Every object is built from build/emu_src, never from csrc/cuda itself: torch's build puts an object
+    at the path of its source, and adadecode_cuda's objects of the same sources must not be overwritten by these."""
     CppExtension = host_extension_class("adadecode_emu") if os.environ.get("ADADECODE_BUILD_EMU", "1") != "0" else None
     if CppExtension is None:
         return []
@@ -108,13 +110,11 @@ def emu_extension():
 
     out = ROOT / "build" / "emu_src"
     # the CUDA sources' own headers are rewritten too (csrc/common's are plain C++, read from csrc through -I csrc)
-    headers = [p for d in ("kernels", "runtime") for p in (CUDA_SRC / d).iterdir() if p.suffix in (".cuh", ".h")]
+    headers = [p for d in ("kernels", "runtime", "bindings") for p in (CUDA_SRC / d).iterdir()
+               if p.suffix in (".cuh", ".h")]
     sources = []
     for rel in extension_sources() + [str(p.relative_to(ROOT)) for p in headers]:
         src = ROOT / rel
-        if src.suffix != ".cu" and src.suffix not in (".cuh", ".h"):
-            sources.append(rel)  # bindings: plain C++ already
-            continue
         dst = out / src.relative_to(ROOT / "csrc")
         dst = dst.with_name(dst.name + ".cpp") if src.suffix == ".cu" else dst
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def emu_extension():
             tmp.unlink()  # unchanged: keep the mtime, ninja keeps the object
         else:
             tmp.replace(dst)
-        if src.suffix == ".cu":
+        if src.suffix in (".cu", ".cpp"):
             sources.append(str(dst.relative_to(ROOT)))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "emu").glob("*.cpp"))
     flags = ["-O2", "-std=c++20", "-DADADECODE_EMU", "-ffp-contract=off", "-fno-strict-aliasing",
