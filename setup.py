@@ -1,6 +1,6 @@
 """Builds the package `adadecode` and, where a CUDA build of torch and nvcc are present, the extension
-`adadecode_cuda` from csrc/ (kernels in csrc/kernels/*.cu, the engine runtime in csrc/runtime/*.cu, bindings
-in csrc/bindings/*.cpp). On every machine with torch and g++ it also builds `adadecode_emu`: the same sources
+`adadecode_cuda` from csrc/cuda/ (kernels in csrc/cuda/kernels/*.cu, the engine runtime in csrc/cuda/runtime/*.cu,
+bindings in csrc/cuda/bindings/*.cpp; headers shared with the CPU engine in csrc/common/). On every machine with torch and g++ it also builds `adadecode_emu`: the same sources
 on the emulated device of csrc/emu (the CUDA execution model on the CPU; no GPU, no nvcc).
 
 Wherever torch and g++ are, it also builds `adadecode_cpu`, the CPU engine (csrc/cpu: native kernels, no nvcc).
@@ -42,12 +42,23 @@ def cuda_home() -> str | None:
     return str(Path(nvcc).parent.parent)
 
 
+CUDA_SRC = ROOT / "csrc" / "cuda"  # kernels/, runtime/, bindings/ (csrc/common: headers shared with csrc/cpu)
+
+
 def extension_sources() -> list[str]:
     # The one source list: CMakeLists.txt globs the same folders.
-    kernels = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "kernels").glob("*.cu"))
-    runtime = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "runtime").glob("*.cu"))
-    bindings = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "bindings").glob("*.cpp"))
-    return kernels + runtime + bindings
+    return [str(p.relative_to(ROOT)) for folder, pattern in (("kernels", "*.cu"), ("runtime", "*.cu"), ("bindings", "*.cpp"))
+            for p in sorted((CUDA_SRC / folder).glob(pattern))]
+
+
+def host_extension_class(module: str):
+    """torch's CppExtension, or None (with a warning) where torch is not installed: `module` is then not built."""
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        print(f"warning: building adadecode without {module}: torch is not installed", file=sys.stderr)
+        return None
+    return CppExtension
 
 
 def cuda_extensions():
@@ -87,26 +98,23 @@ def cuda_extensions():
 
 
 def emu_extension():
-    """adadecode_emu: the files of extension_sources(), the .cu ones rewritten by csrc/emu/emu_pp.py into
-    build/emu_src (line numbers kept), compiled by g++ with csrc/emu first on the include path."""
-    if os.environ.get("ADADECODE_BUILD_EMU", "1") == "0":
-        return []
-    try:
-        from torch.utils.cpp_extension import CppExtension
-    except ImportError:
-        print("warning: building adadecode without adadecode_emu: torch is not installed", file=sys.stderr)
+    """adadecode_emu: the files of extension_sources() rewritten by csrc/emu/emu_pp.py into build/emu_src (line
+    numbers kept; the bindings' C++ is copied as it is, with its #line), compiled by g++ with csrc/emu first on the
+    include path. Every object is built from build/emu_src, never from csrc/cuda itself: torch's build puts an object
+    at the path of its source, and adadecode_cuda's objects of the same sources must not be overwritten by these."""
+    CppExtension = host_extension_class("adadecode_emu") if os.environ.get("ADADECODE_BUILD_EMU", "1") != "0" else None
+    if CppExtension is None:
         return []
     sys.path.insert(0, str(ROOT / "csrc" / "emu"))
     from emu_pp import preprocess
 
     out = ROOT / "build" / "emu_src"
-    headers = [p for d in ("kernels", "runtime") for p in (ROOT / "csrc" / d).iterdir() if p.suffix in (".cuh", ".h")]
+    # the CUDA sources' own headers are rewritten too (csrc/common's are plain C++, read from csrc through -I csrc)
+    headers = [p for d in ("kernels", "runtime", "bindings") for p in (CUDA_SRC / d).iterdir()
+               if p.suffix in (".cuh", ".h")]
     sources = []
     for rel in extension_sources() + [str(p.relative_to(ROOT)) for p in headers]:
         src = ROOT / rel
-        if src.suffix != ".cu" and src.suffix not in (".cuh", ".h"):
-            sources.append(rel)  # bindings: plain C++ already
-            continue
         dst = out / src.relative_to(ROOT / "csrc")
         dst = dst.with_name(dst.name + ".cpp") if src.suffix == ".cu" else dst
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +124,7 @@ def emu_extension():
             tmp.unlink()  # unchanged: keep the mtime, ninja keeps the object
         else:
             tmp.replace(dst)
-        if src.suffix == ".cu":
+        if src.suffix in (".cu", ".cpp"):
             sources.append(str(dst.relative_to(ROOT)))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "emu").glob("*.cpp"))
     flags = ["-O2", "-std=c++20", "-DADADECODE_EMU", "-ffp-contract=off", "-fno-strict-aliasing",
@@ -140,12 +148,8 @@ def cpu_extension():
     """adadecode_cpu: the CPU engine (csrc/cpu), g++ only. Its kernels are built once per instruction set (AVX-512,
     AVX2 and portable on x86-64; portable elsewhere) and chosen at run time: no -march flag, so the module runs on
     any CPU of its architecture. -ffp-contract=off: no operation is fused that the source does not fuse."""
-    if os.environ.get("ADADECODE_BUILD_CPU", "1") == "0":
-        return []
-    try:
-        from torch.utils.cpp_extension import CppExtension
-    except ImportError:
-        print("warning: building adadecode without adadecode_cpu: torch is not installed", file=sys.stderr)
+    CppExtension = host_extension_class("adadecode_cpu") if os.environ.get("ADADECODE_BUILD_CPU", "1") != "0" else None
+    if CppExtension is None:
         return []
     import platform
 

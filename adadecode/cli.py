@@ -109,7 +109,8 @@ def _serve(args) -> int:
     return serve_main(args, llm)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser: generate, serve and train-heads, with every registered method's flags."""
     p = argparse.ArgumentParser(prog="adadecode", description="Exact early-exit greedy decoding for Llama models")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generation from a prompt (greedy, or seeded sampling)")
@@ -125,7 +126,11 @@ def main(argv=None) -> int:
     _serve_arguments(s)
     from .heads.pipeline import add_arguments as _train_heads_arguments
     _train_heads_arguments(sub.add_parser("train-heads", help="train intermediate heads on the model's own greedy continuations"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         if args.command == "train-heads":
             from .heads.pipeline import main as _train_heads_main

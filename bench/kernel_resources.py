@@ -4,12 +4,12 @@
 
 Three sources, joined by the kernel's demangled name:
 
-1. ptxas (no GPU needed): every translation unit of the extension (csrc/kernels/*.cu, csrc/runtime/*.cu) compiled for
+1. ptxas (no GPU needed): every translation unit of the extension (csrc/cuda/kernels/*.cu, csrc/cuda/runtime/*.cu) compiled for
    sm_90 with the flags of the real build (setup.py's NVCC_FLAGS, torch's COMMON_NVCC_FLAGS, the -gencode of
    TORCH_CUDA_ARCH_LIST=9.0, -Icsrc) plus `-Xptxas -v`, which reports per entry function: registers, barriers,
    static shared memory, stack frame, spill stores and loads. Names are demangled with c++filt.
-2. The launches as the engine configures them: the engine runtime (csrc/runtime/engine.cu) and the kernel launchers
-   (csrc/kernels/*.cu) run on the emulated device (adadecode_emu) with execution off (`set_execute(False)`: every
+2. The launches as the engine configures them: the engine runtime (csrc/cuda/runtime/engine.cu) and the kernel launchers
+   (csrc/cuda/kernels/*.cu) run on the emulated device (adadecode_emu) with execution off (`set_execute(False)`: every
    launch is checked and logged, no block runs), so the Llama-3.1-8B shape costs no emulation time. The log gives
    each launch's kernel, grid, block and dynamic shared memory; the kernel is an offset into adadecode_emu's image,
    which `nm` names. Scenarios, for SmolLM2-135M (its 30 layers) and the Llama-3.1-8B shape (2 of its 32 layers:
@@ -246,7 +246,8 @@ def torch_nvcc_flags() -> list[str]:
 
 def units() -> list[Path]:
     """The CUDA translation units of the extension, as setup.py's extension_sources() globs them."""
-    return sorted((ROOT / "csrc" / "kernels").glob("*.cu")) + sorted((ROOT / "csrc" / "runtime").glob("*.cu"))
+    cuda = ROOT / "csrc" / "cuda"
+    return sorted((cuda / "kernels").glob("*.cu")) + sorted((cuda / "runtime").glob("*.cu"))
 
 
 def compile_command(nvcc: Path, src: Path, obj: Path) -> list[str]:

@@ -1,5 +1,5 @@
 """Kernels and CUDA-graph nodes per decode token, per layer and in total, fused (issue 16) vs unfused, counted
-on the emulated device (no GPU needed: the emulator runs the real launch sequence of csrc/runtime/engine.cu and
+on the emulated device (no GPU needed: the emulator runs the real launch sequence of csrc/cuda/runtime/engine.cu and
 counts every launch, every programmatic dependent launch and every node a graph replay runs).
 
     python bench/launch_count.py [--shapes smollm2,8b] [--out bench/results/launch-count]

@@ -28,6 +28,9 @@ Where the table puts what an engine needs:
   they are what the contract's head() and final() compute. TorchEngine runs Head.probs and sampling.sample, and
   the CUDA kernels reproduce both bit for bit. Above them, heads/ stores and trains Heads and decoding/ only picks
   sampling settings (make_sampling).
+* errors.py (BadOption) is the floor: every part raises it, and it imports nothing. testing/ (the parity criterion,
+  trace replay, the CPU probes) serves only tests and benchmarks: it sits above engines and decoding, may import
+  the CPU binding's probes (adadecode_cpu.testing), and no part imports it.
 * The graphed baseline (decoding/graphed.py) is a decoding method over a TorchEngine's state that returns a
   decoding Generation; in engines it would import decoding.
 * Why an engine cannot run here is said by the engine's own module (engines/cuda.py: cuda_unavailable_reason,

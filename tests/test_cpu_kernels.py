@@ -1,7 +1,7 @@
 """The CPU kernels (csrc/cpu) one by one, on every vector path this CPU runs (AVX-512, AVX2, portable), against
 references written here from the CUDA kernels' definitions:
 
-* exp_fixed / exp2_fixed: each vector path equals the scalar sequence of csrc/kernels/fixed_math.h bit for bit
+* exp_fixed / exp2_fixed: each vector path equals the scalar sequence of csrc/common/fixed_math.h bit for bit
   (dense ranges, edges, NaN, infinities, subnormal results), and both are within 1 ulp of the true value;
 * the dot products: the CUDA skinny GEMM's reduction order (chunk i of 8 elements on thread i % NT, an FMA chain
   per thread, the warp butterfly, warps in order), written in numpy, equals the kernels bit for bit for K with and
@@ -58,7 +58,7 @@ def skinny_lanes(K: int) -> int:
 
 
 def cuda_order_dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """out[r, n] = x[r] . w[n] in the CUDA skinny GEMM's order (csrc/kernels/skinny_core.cuh), fp32 throughout.
+    """out[r, n] = x[r] . w[n] in the CUDA skinny GEMM's order (csrc/cuda/kernels/skinny_core.cuh), fp32 throughout.
     x and w hold bf16 values, so every product is exact in fp32 and each FMA is one rounded add."""
     R, K = x.shape
     N = w.shape[0]

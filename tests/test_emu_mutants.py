@@ -21,19 +21,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (what, file, original text, broken text, the test that must fail, what its output must say)
 MUTANTS = [
-    ("dropped __syncthreads", "csrc/kernels/skinny_core.cuh",
+    ("dropped __syncthreads", "csrc/cuda/kernels/skinny_core.cuh",
      "    if (threadIdx.x % 32 == 0) inv[r] = v;\n  }\n  __syncthreads();\n",
      "    if (threadIdx.x % 32 == 0) inv[r] = v;\n  }\n",
      "tests/test_fused_kernels.py::test_skinny_gemm_with_the_norm_in_its_prologue[emu-smol-plain]",
      r"non-finite|out of tolerance|not bitwise"),
-    ("missing cp.async wait", "csrc/kernels/gemm_tc.cu",
+    ("missing cp.async wait", "csrc/cuda/kernels/gemm_tc.cu",
      "      cp_async_commit();\n      cp_async_wait_all_but_one();\n", "      cp_async_commit();\n",
      "tests/test_kernels.py::test_gemm_tc[emu-17-576-576-plain]", r"non-finite|out of tolerance"),
-    ("off-by-one: K read one position later", "csrc/kernels/attention.cu",
+    ("off-by-one: K read one position later", "csrc/cuda/kernels/attention.cu",
      "cp_async16(Ks + t * LDK + j * 8, k_cache + (t0 + t) * kv_row", "cp_async16(Ks + t * LDK + j * 8, k_cache + (t0 + t + 1) * kv_row",
      "tests/test_kernels.py::test_attention[emu-smol-4080-16]",
      r"illegal address 0x[0-9a-f]+: \d+ bytes past the end of a device allocation of 1572864 bytes"),
-    ("warp shuffle reached by half the warp", "csrc/kernels/lm_head.cu",
+    ("warp shuffle reached by half the warp", "csrc/cuda/kernels/lm_head.cu",
      "    a = warp_sum(a);\n", "    if (tid % 32 < 16) a = warp_sum(a);\n",
      "tests/test_kernels.py::test_lm_head_subset_and_rest[emu-smol]", r"deadlock|warp"),
 ]

@@ -1,4 +1,4 @@
-"""The engine contract (DESIGN.md §3), one suite over every engine that runs without a GPU: TorchEngine (the
+"""The engine contract (docs/design.md#contract), one suite over every engine that runs without a GPU: TorchEngine (the
 oracle), CpuEngine (native kernels) and CudaEngine on the emulated device (the CUDA kernels on the CPU).
 
 * greedy tokens of CpuEngine and CudaEngine(emu) == TorchEngine bf16's on tiny random models (GQA, MQA, tied and

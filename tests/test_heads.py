@@ -1,4 +1,4 @@
-"""Heads (DESIGN.md §5): the logit lens, head files and their refusals, the batched generator, training,
+"""Heads (docs/design.md#heads): the logit lens, head files and their refusals, the batched generator, training,
 and the schedule simulator. Tiny random models, CPU, fast."""
 import json
 

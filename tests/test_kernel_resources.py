@@ -4,7 +4,7 @@ spill or stack frame in any kernel the engine launches on the decode path (sm_90
 
 Captured samples (tests/data): ptxas-spill-sm80-sm90.txt is `nvcc -O3 -gencode=arch=compute_80,code=sm_80
 -gencode=arch=compute_90,code=sm_90 -maxrregcount=32 -Xptxas -v -c tests/data/ptxas-spill.cu` (a kernel made to
-spill, and a non-inlined helper); ptxas-attention-maxrreg40.txt is csrc/kernels/attention.cu at both archs with
+spill, and a non-inlined helper); ptxas-attention-maxrreg40.txt is csrc/cuda/kernels/attention.cu at both archs with
 -maxrregcount=40 (constant-bank lines, template instantiations).
 """
 from __future__ import annotations
@@ -37,14 +37,14 @@ def test_parser_reads_spills_stack_and_registers_per_arch():
 
 
 def test_parser_reads_every_instantiation_and_its_shared_memory():
-    f = kr.parse_ptxas((DATA / "ptxas-attention-maxrreg40.txt").read_text(), unit="csrc/kernels/attention.cu")
+    f = kr.parse_ptxas((DATA / "ptxas-attention-maxrreg40.txt").read_text(), unit="csrc/cuda/kernels/attention.cu")
     entries = {kr.short_name(name): r for r, name in zip(f.values(), kr.demangle([r.mangled for r in f.values()]))}
     assert sorted(entries) == ["attn_merge_kernel<128>", "attn_merge_kernel<64>", "attn_split_kernel<128>",
                                "attn_split_kernel<64>"]
     split = entries["attn_split_kernel<128>"]
     assert (split.registers, split.barriers, split.static_smem, split.stack, split.cmem) == (128, 1, 16, 0, {})
     assert entries["attn_merge_kernel<64>"].static_smem == 0 and all(r.entry for r in f.values())
-    assert all(r.unit == "csrc/kernels/attention.cu" for r in f.values())
+    assert all(r.unit == "csrc/cuda/kernels/attention.cu" for r in f.values())
 
 
 def test_names_join_ptxas_and_nm():

@@ -4,7 +4,7 @@ the emulated device (adadecode_emu: the same csrc/ sources on the CPU, csrc/emu;
 Every test: fresh random inputs (never zeros), outputs poisoned with NaN (or a sentinel for ints) before each
 launch, an explicit finiteness check (a NaN never passes a tolerance test), shapes of SmolLM2-135M, Llama-3.1-8B
 and odd ones, and, where rows are batched, bitwise batch invariance: row i computed alone is bit-for-bit the
-row computed at every index of launches of R = 1..16 rows (DESIGN.md §4).
+row computed at every index of launches of R = 1..16 rows (docs/design.md#invariance).
 
 Emulated, the 8B shapes and the largest prefill GEMMs are left to the GPU (minutes per test on a CPU), the
 invariance sweep takes the indices 0, R/2 and R-1 of R in 1, 2, 3, 5, 8, 13, 16 (every row bucket of the

@@ -1,4 +1,4 @@
-"""Seeded sampling (adadecode/engines/sampling.py, DESIGN.md §9): the generator, the rule, its distribution, and
+"""Seeded sampling (adadecode/engines/sampling.py, docs/design.md#sampling): the generator, the rule, its distribution, and
 AdaDecode / LayerSkip equal to vanilla sampling token for token on TorchEngine. The CUDA epilogue against this reference:
 test_sampling_cuda.py."""
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_noise_bounds_hold_for_every_possible_draw():
 
 HOST_PROGRAM = r"""
 #include <cstdio>
-#include "kernels/sampling.cuh"
+#include "cuda/kernels/sampling.cuh"
 int main() {
   const unsigned long long seeds[] = {0ull, 5ull, 0xFFFFFFFFFFFFFFFFull, 1ull << 40};
   for (unsigned long long s : seeds)
@@ -81,7 +81,7 @@ int main() {
 
 @pytest.mark.parametrize("flags", [["-O2", "-ffp-contract=off"], ["-O3", "-march=native", "-ffp-contract=fast"]])
 def test_kernel_math_compiled_for_the_host_matches_the_reference(tmp_path, flags):
-    """csrc/kernels/sampling.cuh (the device functions of the epilogue) built by the host compiler, even with FMA
+    """csrc/cuda/kernels/sampling.cuh (the device functions of the epilogue) built by the host compiler, even with FMA
     contraction allowed: Philox, the Gumbel noise and the top-p weights are this module's, bit for bit."""
     import shutil
     import subprocess

@@ -1,7 +1,7 @@
-"""AdaDecode and a LayerSkip-style baseline on any engine of the contract (DESIGN.md §1 and §3).
+"""AdaDecode and a LayerSkip-style baseline on any engine of the contract (docs/design.md#schedule).
 
 Both are exact: every token they output is the greedy token of the full model, so the output equals
-`vanilla.generate_vanilla`'s on the same engine (the engine must be batch-invariant, DESIGN.md §4). Under seeded
+`vanilla.generate_vanilla`'s on the same engine (the engine must be batch-invariant, docs/design.md#invariance). Under seeded
 sampling (temperature > 0, adadecode.engines.sampling) `final` draws each row's token with noise that depends only on
 (seed, position), so verification is the same equality test and the output is vanilla sampling's with that seed;
 a head then guesses its own draw with the same noise (head_guess="sample") or its argmax.

@@ -1,6 +1,6 @@
 """The decoding methods, registered: what the API (`LLM.prepare`), the server (a request's fields) and the CLI (its
 flags) know about a method comes from here, so a new method is one module (its function) plus one `register` call
-below (docs/design.md#adding-a-decoding-method).
+below (docs/design.md#add-method).
 
 A method is registered with
     name          what `method=` / `--method` / the request's "method" take

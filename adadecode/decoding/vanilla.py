@@ -1,4 +1,4 @@
-"""Vanilla decoding on any engine of the contract (docs/design.md#the-engine-contract): greedy, or seeded sampling
+"""Vanilla decoding on any engine of the contract (docs/design.md#contract): greedy, or seeded sampling
 (docs/design.md#sampling).
 
 One token = embed + run_layers over all layers for one row + final. It stops after an EOS token

@@ -1,8 +1,8 @@
-"""The engine contract's host side (DESIGN.md §3), shared by TorchEngine and CudaEngine.
+"""The engine contract's host side (docs/design.md#contract), shared by every engine.
 
 It keeps which rows are in flight (ring slot = pos % max_rows), at which depth, and how much of each
 layer's KV cache is valid, and it refuses every call that breaks the contract before any compute
-runs, with one set of messages for both engines. Subclasses compute through these hooks:
+runs, with one set of messages for every engine. Subclasses compute through these hooks:
 
     _prefill(tokens, start)                       the prompt's forward from position start (the cache holds
                                                   0..start-1); its last row ends at depth L

@@ -1,4 +1,4 @@
-"""CpuEngine: the engine contract (DESIGN.md §3) on native CPU kernels, through the C++ runtime of adadecode_cpu.
+"""CpuEngine: the engine contract (docs/design.md#contract) on native CPU kernels, through the C++ runtime of adadecode_cpu.
 
 The same Python API and semantics as TorchEngine (the oracle) and CudaEngine: prefill, embed, run_layers, head,
 final, final_logits, set_heads, truncate, hidden, kv. The host-side bookkeeping and the contract checks are
@@ -12,7 +12,7 @@ EngineContract's; the compute runs in `adadecode_cpu.Engine` (csrc/cpu/engine.cp
 * `final` returns the greedy tokens of the native LM head; with sampling, the token is drawn by the reference rule
   (adadecode.engines.sampling.sample) from the same bf16-rounded logits the CUDA kernel samples from.
 
-Bitwise by construction (DESIGN.md §4): every output's reduction order is the CUDA kernels' (csrc/cpu/lanes.h),
+Bitwise by construction (docs/design.md#invariance): every output's reduction order is the CUDA kernels' (csrc/cpu/lanes.h),
 a function of the shapes alone, never of the rows in a call, the thread count or the instruction set (AVX-512,
 AVX2 and a portable path compute the same bits; threads split output columns and (kv head, chunk) items, never a
 reduction). So CpuEngine agrees bit for bit with CudaEngine on the emulated device wherever that one runs the same

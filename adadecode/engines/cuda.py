@@ -1,9 +1,9 @@
-"""CudaEngine: the engine contract (DESIGN.md §3) on the CUDA kernels, through the C++ runtime of adadecode_cuda.
+"""CudaEngine: the engine contract (docs/design.md#contract) on the CUDA kernels, through the C++ runtime of adadecode_cuda.
 
 The same Python API and semantics as TorchEngine (the oracle): prefill, embed, run_layers, head, final,
 final_logits, set_heads, truncate, hidden. The host-side bookkeeping (which rows are in flight, at which depth,
 how much of each layer's cache is valid) and the contract checks live here, with TorchEngine's messages; the
-compute runs in `adadecode_cuda.Engine` (csrc/runtime/engine.cu):
+compute runs in `adadecode_cuda.Engine` (csrc/cuda/runtime/engine.cu):
 
 * weights go to the GPU once, in bf16 (q/k/v fused into one [q; k; v] matrix per layer); one KV cache and one
   workspace are allocated for `max_seq` up front (MemoryError naming the sizes when they do not fit);
@@ -14,7 +14,7 @@ compute runs in `adadecode_cuda.Engine` (csrc/runtime/engine.cu):
 `device="emu"` runs the same C++ runtime and kernels on the emulated device (`adadecode_emu`, csrc/emu: the CUDA
 execution model on the CPU, for CI): its memory is guarded host memory, so its tensors are CPU tensors.
 
-Batch invariance (DESIGN.md §4): every kernel of `run_layers` computes a row's bits independently of the other
+Batch invariance (docs/design.md#invariance): every kernel of `run_layers` computes a row's bits independently of the other
 rows of the call (skinny GEMM for <= 16 rows, split-sequence attention with fixed chunks), so `max_rows` is at
 most 16.
 """
@@ -45,18 +45,23 @@ def _dev(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloa
     return t
 
 
+def _without_engine(ext) -> str | None:
+    """Why a loaded extension cannot run the engine: a build of it without the Engine class."""
+    if hasattr(ext, "Engine"):
+        return None
+    return f"this build of {ext.__name__} has no Engine (rebuild: pip install --no-build-isolation -e .)"
+
+
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA engine cannot run here, or None when it can."""
     try:
-        import adadecode_cuda  # noqa: F401
+        import adadecode_cuda
     except ImportError as e:
         return (f"the extension adadecode_cuda is not built or does not load ({e}); it needs nvcc and a CUDA build "
                 f"of torch at install time (see README)")
     if not torch.cuda.is_available():
         return f"no CUDA GPU is visible to torch {torch.__version__} (CUDA {torch.version.cuda})"
-    if not hasattr(adadecode_cuda, "Engine"):
-        return "this build of adadecode_cuda has no Engine (rebuild: pip install --no-build-isolation -e .)"
-    return None
+    return _without_engine(adadecode_cuda)
 
 
 def emu_unavailable_reason() -> str | None:
@@ -66,9 +71,7 @@ def emu_unavailable_reason() -> str | None:
     except ImportError as e:
         return (f"the extension adadecode_emu is not built or does not load ({e}); `pip install --no-build-isolation "
                 f"-e .` builds it with g++ wherever torch is installed (see README)")
-    if not hasattr(adadecode_emu, "Engine"):
-        return "this build of adadecode_emu has no Engine (rebuild: pip install --no-build-isolation -e .)"
-    return None
+    return _without_engine(adadecode_emu)
 
 
 def check_supported(cfg: LlamaConfig, max_rows: int) -> None:

@@ -1,4 +1,4 @@
-"""Head: an intermediate-layer head and its math (DESIGN.md §5).
+"""Head: an intermediate-layer head and its math (docs/design.md#heads).
 
 It sits with the engines because it is what their head() computes: an engine takes Heads in set_heads, and
 TorchEngine.head runs `probs` and `logits` below, the CUDA kernels the same from T, vocab and w_rest. Training,

@@ -1,4 +1,4 @@
-"""Seeded sampling that stays exact (DESIGN.md §9): temperature, top-k, top-p; the reference implementation.
+"""Seeded sampling that stays exact (docs/design.md#sampling): temperature, top-k, top-p; the reference implementation.
 
 The rule (one row of logits l[0..n), token ids id[j], the drawn token's position `pos`, Sampling s):
 
@@ -13,7 +13,7 @@ Gumbel-max draws from softmax(z) restricted to `kept`, and the noise depends onl
 early guess at position `pos` is accepted exactly when it is what vanilla sampling draws there: AdaDecode with a
 seed outputs what vanilla sampling with that seed outputs, token for token (the driver verifies as under greedy).
 
-Why the CUDA epilogue (csrc/kernels/lm_head.cu) and this module agree bit for bit, for the same logits:
+Why the CUDA epilogue (csrc/cuda/kernels/lm_head.cu) and this module agree bit for bit, for the same logits:
 * Noise: Philox-4x32-10 (Salmon et al. 2011; Random123's known-answer vectors are in the tests), counter
   (pos, id, 0, 0), key (seed & 0xffffffff, seed >> 32); word 0's top 23 bits k give u = (2k+1) * 2^-24 in (0, 1),
   exactly. Integer arithmetic only: here on int64 tensors (32x32-bit products split in 16-bit halves, no overflow).

@@ -1,4 +1,4 @@
-"""TorchEngine: a textbook Llama forward in PyTorch behind the engine contract (DESIGN.md §3).
+"""TorchEngine: a textbook Llama forward in PyTorch behind the engine contract (docs/design.md#contract).
 
 It is the oracle: CI runs the whole product on it, and the CUDA engine is compared against it.
 
@@ -6,7 +6,7 @@ State of each sequence (max_seqs of them; the selected one's in k_cache, v_cache
   k_cache[layer], v_cache[layer]  [max_seq, n_kv_heads, head_dim]   valid below kv_len[layer]
   rows                            [max_rows, d]  residual stream of the rows in flight, slot = pos % max_rows
 
-Batch invariance (DESIGN.md §4), by construction: `run_layers` runs each layer one row at a time, in
+Batch invariance (docs/design.md#invariance), by construction: `run_layers` runs each layer one row at a time, in
 position order, so every op of the decode path sees tensors whose shapes depend on the row's position
 only, never on how many rows share the call. Each row's K/V is in the cache before the next row of the
 same call attends (causal, as the contract asks). Batching rows instead is not safe even for

@@ -1,4 +1,4 @@
-"""Intermediate heads (DESIGN.md §5): files, the data they learn from, training, evaluation, and the choice of
+"""Intermediate heads (docs/design.md#heads): files, the data they learn from, training, evaluation, and the choice of
 layers and gamma. Above the model and the engines (a head is adadecode.engines.head.Head, what an engine's head()
 computes); beside the decoding methods, which take heads from here through the faces only.
 

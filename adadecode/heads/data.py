@@ -1,4 +1,4 @@
-"""The data heads learn from (DESIGN.md §5): the model's own greedy continuations, with, at every continuation
+"""The data heads learn from (docs/design.md#heads): the model's own greedy continuations, with, at every continuation
 position, the final-normed hidden state at candidate layers and the final-layer distribution (top entries).
 
 * `BatchedForward` / `generate_batched`: a batched, left-padded forward with a KV cache (torch, CPU or GPU) that

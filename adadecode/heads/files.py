@@ -1,4 +1,4 @@
-"""Head files (DESIGN.md §5): intermediate heads (adadecode.engines.head.Head) saved with the model they were trained
+"""Head files (docs/design.md#heads): intermediate heads (adadecode.engines.head.Head) saved with the model they were trained
 for, and the default model's shipped heads (`heads_path("default:code")`, ...).
 
 A head file is safetensors. Tensors, for head i (in layer order):

@@ -1,4 +1,4 @@
-"""Training intermediate heads (DESIGN.md §5) and choosing where to put them: the pipeline and the CLI.
+"""Training intermediate heads (docs/design.md#heads) and choosing where to put them: the pipeline and the CLI.
 
 `python -m adadecode train-heads` (or `train_pipeline()`) runs the steps, each in its own module:
 

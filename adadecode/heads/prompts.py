@@ -1,4 +1,4 @@
-"""Prompts for training and evaluating heads, from real sources, offline (DESIGN.md §5).
+"""Prompts for training and evaluating heads, from real sources, offline (docs/design.md#heads).
 
 A prompt is a dict: {"plain": text} (plain completion, as HumanEval is) or {"chat": [{"role", "content"}, ...]}
 (the chat template, user turn last). `encode(tokenizer, prompt)` turns either into token ids.

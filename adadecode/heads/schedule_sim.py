@@ -18,7 +18,7 @@ def simulate(conf: torch.Tensor, correct: torch.Tensor, layers: Sequence[int], g
     conf, correct: [R, H] for the rows holding generated tokens 0..R-1 (row r predicts token r+1), heads in
     `layers` order (ascending). One layer step = one launch of one decoder layer, whatever the number of rows.
 
-    Rules (DESIGN.md §1, §3): the frontier row runs from layer 0; at each head layer, if the head is confident
+    Rules (docs/design.md#schedule): the frontier row runs from layer 0; at each head layer, if the head is confident
     (conf > gamma) and fewer than `max_pending` rows are pending, the early token is emitted: the row becomes
     pending at that depth and the next row starts at layer 0 (cost so far: the exit layer). A pending row only
     advances together with a later frontier row, in the same launch, so it costs no extra steps. A frontier that

@@ -1,4 +1,4 @@
-"""Training one head (DESIGN.md §5): the restricted vocabulary, the distillation target, and forward
+"""Training one head (docs/design.md#heads): the restricted vocabulary, the distillation target, and forward
 KL(p_final || p_head) with the base model frozen, T from the identity, Adam with a cosine schedule.
 Optional ablation parts (adadecode.engines.head.Head): an MLP adapter of rank `adapter_rank`, the previous token
 (rank `prev_rank`)."""

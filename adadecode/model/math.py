@@ -1,7 +1,7 @@
 """The model's math that every engine computes the same way: RoPE's frequencies and tables, RMSNorm, rotate-half.
 
 TorchEngine (the oracle) runs these directly; the native engines take the RoPE tables from `rope_tables`, so the
-cos/sin they read are the same fp32 bits TorchEngine takes cos/sin of (docs/design.md#the-model); the head-data
+cos/sin they read are the same fp32 bits TorchEngine takes cos/sin of (docs/design.md#model); the head-data
 generator (heads/data.py) and the graphed baseline (decoding/graphed.py) use them too.
 """
 from __future__ import annotations

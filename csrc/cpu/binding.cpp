@@ -15,7 +15,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../kernels/fixed_math.h"
+#include "../common/fixed_math.h"
 #include "engine.h"
 #include "kernels.h"
 
@@ -148,49 +148,38 @@ class PyEngine {
     }
     return {tokens, logits};
   }
-  // heads: (layer, T [d, d] bf16, vocab int32 [K] or None, w_rest bf16 [d] or None)
+  // heads: (layer, T [d, d] bf16, vocab int32 [K] or None, w_rest bf16 [d] or None); the engine packs them
   void set_heads(const std::vector<std::tuple<int64_t, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>>>& specs) {
     const int64_t d = e_->dims().d;
-    std::vector<cpu::Head> heads;
-    auto& W = *e_->w_;
+    std::vector<cpu::HeadSource> heads;
     for (size_t i = 0; i < specs.size(); ++i) {
       const auto& [layer, T, vocab, w_rest] = specs[i];
       const std::string p = "head " + std::to_string(i) + " ";
       check(T, p + "T", {d, d}, at::kBFloat16);
-      cpu::Head h;
+      cpu::HeadSource h;
       h.layer = static_cast<int>(layer);
-      std::vector<const uint16_t*> rows;
-      for (int64_t n = 0; n < d; ++n) rows.push_back(bf16_ptr(T) + n * d);
-      W.pack(h.T, static_cast<int>(d), rows);
+      h.T = bf16_ptr(T);
       if (vocab) {
         TORCH_CHECK(vocab->device().is_cpu() && vocab->scalar_type() == at::kInt && vocab->dim() == 1 &&
-                        vocab->is_contiguous() && vocab->numel() >= 1,
+                        vocab->is_contiguous() && vocab->numel() >= 1 && vocab->numel() <= INT_MAX,
                     p, "vocab must be a non-empty contiguous 1-d int32 CPU tensor");
-        h.vocab.assign(vocab->data_ptr<int32_t>(), vocab->data_ptr<int32_t>() + vocab->numel());
+        h.vocab = vocab->data_ptr<int32_t>();
+        h.n_vocab = static_cast<int>(vocab->numel());
       }
       if (w_rest) {
         check(*w_rest, p + "w_rest", {d}, at::kBFloat16);
-        const cpu::LaneLayout& L = *e_->L_rest_;
-        std::vector<float> x(d + 1, 0.f);
-        const uint16_t* wr = bf16_ptr(*w_rest);
-        for (int64_t j = 0; j < d; ++j) {
-          const uint32_t u = static_cast<uint32_t>(wr[j]) << 16;
-          std::memcpy(&x[j], &u, 4);
-        }
-        h.w_rest.resize(L.xlen);
-        for (int j = 0; j < L.xlen; ++j) h.w_rest[j] = x[L.xsrc[j]];
+        h.w_rest = bf16_ptr(*w_rest);
       }
-      heads.push_back(std::move(h));
+      heads.push_back(h);
     }
-    e_->set_heads(std::move(heads));
+    e_->set_heads(heads);
   }
   // (token, confidence, logits over the head's real tokens or None); token -1: not finite
   std::tuple<int32_t, float, c10::optional<at::Tensor>> head(int64_t pos, int64_t i, bool with_logits) {
     c10::optional<at::Tensor> logits;
     if (with_logits) {
       TORCH_CHECK(i >= 0 && i < e_->n_heads_set(), "head index ", i, " outside 0..", e_->n_heads_set() - 1);
-      const auto& h = e_->head_at(static_cast<int>(i));
-      logits = at::empty({h.vocab.empty() ? e_->dims().vocab : static_cast<int64_t>(h.vocab.size())}, at::kFloat);
+      logits = at::empty({e_->head_vocab(static_cast<int>(i))}, at::kFloat);
     }
     std::pair<int32_t, float> r;
     {
@@ -247,7 +236,7 @@ at::Tensor fixed_exp(const at::Tensor& x, const std::string& isa, bool base2) {
   return y;
 }
 
-// The scalar fixed-math functions of csrc/kernels/fixed_math.h, element by element (the reference of the tests).
+// The scalar fixed-math functions of csrc/common/fixed_math.h, element by element (the reference of the tests).
 at::Tensor fixed_exp_scalar(const at::Tensor& x, bool base2) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous fp32 CPU tensor");
   at::Tensor y = at::empty_like(x);
@@ -316,7 +305,8 @@ double read_bandwidth(int64_t mib, int64_t threads, int64_t reps, const std::str
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adadecode's CPU engine: the engine contract on native batch-invariant kernels (csrc/cpu)";
-  py::register_exception<cpu::OutOfMemory>(m, "HostOutOfMemory", PyExc_MemoryError);
+  // module-local: the CUDA bindings register the same C++ type (csrc/common/model.h) as their DeviceOutOfMemory
+  py::register_local_exception<cpu::OutOfMemory>(m, "HostOutOfMemory", PyExc_MemoryError);
   py::class_<cpu::Weights, std::shared_ptr<cpu::Weights>>(m, "Weights")
       .def(py::init(&make_weights), py::arg("n_layers"), py::arg("d"), py::arg("n_heads"), py::arg("n_kv_heads"),
            py::arg("head_dim"), py::arg("ffn"), py::arg("vocab"), py::arg("eps"), py::arg("embed"), py::arg("norm"),

@@ -11,16 +11,10 @@
 #include <sys/mman.h>
 #endif
 
-#include "../kernels/fixed_math.h"
+#include "../common/fixed_math.h"
 
 namespace adadecode::cpu {
 namespace {
-
-std::string gib(size_t bytes) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.3f GiB", static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0));
-  return buf;
-}
 
 [[noreturn]] void bad(const std::string& why) { throw std::invalid_argument("CPU engine: " + why); }
 
@@ -188,20 +182,18 @@ void Weights::embedding(int token, uint16_t* out) const {
 // ---- the jobs -------------------------------------------------------------------------------------------------------
 namespace {
 
-using ThreadWs = Engine::ThreadWs;
-
 // Row r of `rows` (bf16, stride d) RMS-normalised (rmsnorm_core.cuh: the sum of squares in the 32-lane order, then
 // inv = 1 / sqrt(ss / d + eps), then norm_elem) and permuted into L_d: t.xp + r * xlen.
-void prep_norm(const Engine& e, ThreadWs& t, const uint16_t* rows, int R, const uint16_t* g) {
-  const Kernels& k = e.k_;
-  const int d = e.dims().d;
-  const LaneLayout &Ln = *e.L_norm_, &Ld = *e.L_d_;
+void prep_norm(const JobContext& cx, ThreadWs& t, const uint16_t* rows, int R, const uint16_t* g) {
+  const Kernels& k = cx.k;
+  const int d = cx.m.d;
+  const LaneLayout &Ln = *cx.L_norm, &Ld = *cx.L_d;
   for (int r = 0; r < R; ++r) {
     k.bf16_to_f32(rows + static_cast<size_t>(r) * d, t.row.data(), d);
     t.row[d] = 0.f;
     k.permute(Ln, t.row.data(), t.tmp.data());
     const float ss = k.dot_f32(Ln, t.tmp.data(), t.tmp.data());
-    const float inv = inv_sqrt(rn::add(rn::div(ss, static_cast<float>(d)), e.dims().eps));
+    const float inv = inv_sqrt(rn::add(rn::div(ss, static_cast<float>(d)), cx.m.eps));
     k.norm_apply(t.row.data(), inv, g, t.xn.data(), d);
     t.xn[d] = 0.f;
     k.permute(Ld, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * Ld.xlen);
@@ -209,16 +201,16 @@ void prep_norm(const Engine& e, ThreadWs& t, const uint16_t* rows, int R, const 
 }
 
 // Rows of fp32 activations (bf16 values, stride K) permuted into L.
-void prep_plain(const Engine& e, ThreadWs& t, const float* rows, int R, int K, const LaneLayout& L) {
+void prep_plain(const JobContext& cx, ThreadWs& t, const float* rows, int R, int K, const LaneLayout& L) {
   for (int r = 0; r < R; ++r) {
     std::memcpy(t.xn.data(), rows + static_cast<size_t>(r) * K, K * sizeof(float));
     t.xn[K] = 0.f;
-    e.k_.permute(L, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * L.xlen);
+    cx.k.permute(L, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * L.xlen);
   }
 }
 
 struct LayerJob {
-  Engine* e;
+  const JobContext* c;
   int R, first, layer;
   AttnArgs attn;
   // attention items: (row block, kv head, chunk); a (row block, kv head)'s last chunk to finish merges
@@ -228,18 +220,18 @@ struct LayerJob {
 
 void qkv_item(void* ctx, int thread, int item, bool first) {
   auto& j = *static_cast<LayerJob*>(ctx);
-  Engine& e = *j.e;
-  ThreadWs& t = e.ws_[thread];
-  const ModelDims& m = e.dims();
-  const Weights::Layer& W = e.w_->layers[j.layer];
-  if (first) prep_norm(e, t, e.hw_.data(), j.R, W.attn_norm.data());
+  const JobContext& cx = *j.c;
+  ThreadWs& t = cx.ws[thread];
+  const ModelDims& m = cx.m;
+  const Weights::Layer& W = cx.w.layers[j.layer];
+  if (first) prep_norm(cx, t, cx.hw, j.R, W.attn_norm.data());
   const int hd = m.head_dim, half = hd / 2, H = m.n_heads, Hkv = m.n_kv_heads;
   const uint16_t* ptrs[256];
   for (int c = 0; c < hd; ++c) ptrs[c] = W.wqkv.row(item * hd + c);
-  e.k_.dot_tile(*e.L_d_, ptrs, hd, t.xp.data(), e.L_d_->xlen, j.R, t.out.data());
+  cx.k.dot_tile(*cx.L_d, ptrs, hd, t.xp.data(), cx.L_d->xlen, j.R, t.out.data());
   float rot[256], bias[256];
   const bool has_bias = W.bqkv.size() > 0;
-  if (has_bias) e.k_.bf16_to_f32(W.bqkv.data() + static_cast<size_t>(item) * hd, bias, hd);
+  if (has_bias) cx.k.bf16_to_f32(W.bqkv.data() + static_cast<size_t>(item) * hd, bias, hd);
   const uint16_t* head_g = item >= H + Hkv || W.q_norm.size() == 0 ? nullptr
                            : item < H ? W.q_norm.data() : W.k_norm.data();
   for (int r = 0; r < j.R; ++r) {
@@ -248,27 +240,27 @@ void qkv_item(void* ctx, int thread, int item, bool first) {
     // the bias joins the fp32 sum, then one rounding to bf16 (skinny_gemm.cu's epilogue: bf16(acc + b))
     if (has_bias)
       for (int c = 0; c < hd; ++c) y[c] = y[c] + bias[c];
-    e.k_.round_bf16(y, y, hd);
+    cx.k.round_bf16(y, y, hd);
     if (item >= H + Hkv) {  // v: into the cache as it is
       const int kh = item - H - Hkv;
-      e.k_.f32_to_bf16(y, e.v_layer(j.layer) + (static_cast<size_t>(kh) * e.max_seq_ + pos) * hd, hd);
+      cx.k.f32_to_bf16(y, cx.v_layer(j.layer) + (static_cast<size_t>(kh) * cx.max_seq + pos) * hd, hd);
       continue;
     }
     if (head_g) {  // Qwen3's q/k norm over the head: rope_kv.cu's order (the sum of squares on 32 lanes)
       std::memcpy(t.row.data(), y, hd * sizeof(float));
       t.row[hd] = 0.f;
-      e.k_.permute(*e.L_hd_, t.row.data(), t.tmp.data());
-      const float ss = e.k_.dot_f32(*e.L_hd_, t.tmp.data(), t.tmp.data());
+      cx.k.permute(*cx.L_hd, t.row.data(), t.tmp.data());
+      const float ss = cx.k.dot_f32(*cx.L_hd, t.tmp.data(), t.tmp.data());
       const float inv = inv_sqrt(rn::add(rn::div(ss, static_cast<float>(hd)), m.eps));
-      e.k_.norm_apply(y, inv, head_g, y, hd);
+      cx.k.norm_apply(y, inv, head_g, y, hd);
     }
-    e.k_.rope(y, e.cos_.data() + static_cast<size_t>(pos) * half, e.sin_.data() + static_cast<size_t>(pos) * half, hd,
+    cx.k.rope(y, cx.cos + static_cast<size_t>(pos) * half, cx.sin + static_cast<size_t>(pos) * half, hd,
               rot);
     if (item < H) {
-      std::memcpy(e.q_.data() + (static_cast<size_t>(r) * H + item) * hd, rot, hd * sizeof(float));
+      std::memcpy(cx.q + (static_cast<size_t>(r) * H + item) * hd, rot, hd * sizeof(float));
     } else {  // k: lane pos % 16 of its position block
       const int kh = item - H;
-      uint16_t* kb = e.k_layer(j.layer) + ((static_cast<size_t>(kh) * e.nkb_ + pos / kKBlock) * hd) * kKBlock;
+      uint16_t* kb = cx.k_layer(j.layer) + ((static_cast<size_t>(kh) * cx.nkb + pos / kKBlock) * hd) * kKBlock;
       for (int dd = 0; dd < hd; ++dd) kb[dd * kKBlock + pos % kKBlock] = bf16_bits(rot[dd]);
     }
   }
@@ -276,58 +268,58 @@ void qkv_item(void* ctx, int thread, int item, bool first) {
 
 void attn_item(void* ctx, int, int item, bool) {
   auto& j = *static_cast<LayerJob*>(ctx);
-  const Engine& e = *j.e;
+  const JobContext& cx = *j.c;
   const int rb = j.item_rb[item], kh = j.item_kh[item], c = j.item_c[item];
   const int r0 = rb * kRowBlock, r1 = std::min(j.R, r0 + kRowBlock);
-  e.k_.attn_chunk(j.attn, kh, c, r0, r1);
-  const int slot = rb * e.dims().n_kv_heads + kh;
+  cx.k.attn_chunk(j.attn, kh, c, r0, r1);
+  const int slot = rb * cx.m.n_kv_heads + kh;
   if (j.count[slot].fetch_add(1, std::memory_order_acq_rel) + 1 != j.need[rb]) return;
-  const int G = e.dims().n_heads / e.dims().n_kv_heads;
+  const int G = cx.m.n_heads / cx.m.n_kv_heads;
   for (int r = r0; r < r1; ++r)
-    for (int g = 0; g < G; ++g) e.k_.attn_merge(j.attn, r, kh * G + g);
+    for (int g = 0; g < G; ++g) cx.k.attn_merge(j.attn, r, kh * G + g);
 }
 
 // Column items of a residual GEMM: h[:, n0:n1] = bf16(h + bf16(x W^T)).
-void residual_item(Engine& e, ThreadWs& t, int R, const PackedMatrix& W, int item) {
+void residual_item(const JobContext& cx, ThreadWs& t, int R, const PackedMatrix& W, int item) {
   const int n0 = item * kColsPerItem, cn = std::min(kColsPerItem, W.N - n0);
   const uint16_t* ptrs[kColsPerItem];
   for (int c = 0; c < cn; ++c) ptrs[c] = W.row(n0 + c);
-  e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, R, t.out.data());
+  cx.k.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, R, t.out.data());
   for (int r = 0; r < R; ++r)
-    e.k_.residual_add(t.out.data() + static_cast<size_t>(r) * cn, e.hw_.data() + static_cast<size_t>(r) * W.N + n0, cn);
+    cx.k.residual_add(t.out.data() + static_cast<size_t>(r) * cn, cx.hw + static_cast<size_t>(r) * W.N + n0, cn);
 }
 
 void o_item(void* ctx, int thread, int item, bool first) {
   auto& j = *static_cast<LayerJob*>(ctx);
-  Engine& e = *j.e;
-  ThreadWs& t = e.ws_[thread];
-  const int q = e.dims().n_heads * e.dims().head_dim;
-  if (first) prep_plain(e, t, e.attn_.data(), j.R, q, *e.L_q_);
-  residual_item(e, t, j.R, e.w_->layers[j.layer].wo, item);
+  const JobContext& cx = *j.c;
+  ThreadWs& t = cx.ws[thread];
+  const int q = cx.m.n_heads * cx.m.head_dim;
+  if (first) prep_plain(cx, t, cx.attn, j.R, q, *cx.L_q);
+  residual_item(cx, t, j.R, cx.w.layers[j.layer].wo, item);
 }
 
 void gate_up_item(void* ctx, int thread, int item, bool first) {
   auto& j = *static_cast<LayerJob*>(ctx);
-  Engine& e = *j.e;
-  ThreadWs& t = e.ws_[thread];
-  const Weights::Layer& W = e.w_->layers[j.layer];
-  if (first) prep_norm(e, t, e.hw_.data(), j.R, W.mlp_norm.data());
-  const int ffn = e.dims().ffn, n0 = item * kGateUpBlock, cn = std::min(kGateUpBlock, ffn - n0);
+  const JobContext& cx = *j.c;
+  ThreadWs& t = cx.ws[thread];
+  const Weights::Layer& W = cx.w.layers[j.layer];
+  if (first) prep_norm(cx, t, cx.hw, j.R, W.mlp_norm.data());
+  const int ffn = cx.m.ffn, n0 = item * kGateUpBlock, cn = std::min(kGateUpBlock, ffn - n0);
   const uint16_t* ptrs[2 * kGateUpBlock];
   for (int c = 0; c < 2 * cn; ++c) ptrs[c] = W.gate_up.row(2 * n0 + c);  // cn gate rows, then the same cn up rows
-  e.k_.dot_tile(*e.L_d_, ptrs, 2 * cn, t.xp.data(), e.L_d_->xlen, j.R, t.out.data());
+  cx.k.dot_tile(*cx.L_d, ptrs, 2 * cn, t.xp.data(), cx.L_d->xlen, j.R, t.out.data());
   for (int r = 0; r < j.R; ++r) {
     const float* gu = t.out.data() + static_cast<size_t>(r) * 2 * cn;
-    e.k_.silu_mul(gu, gu + cn, e.act_.data() + static_cast<size_t>(r) * ffn + n0, cn);
+    cx.k.silu_mul(gu, gu + cn, cx.act + static_cast<size_t>(r) * ffn + n0, cn);
   }
 }
 
 void down_item(void* ctx, int thread, int item, bool first) {
   auto& j = *static_cast<LayerJob*>(ctx);
-  Engine& e = *j.e;
-  ThreadWs& t = e.ws_[thread];
-  if (first) prep_plain(e, t, e.act_.data(), j.R, e.dims().ffn, *e.L_ffn_);
-  residual_item(e, t, j.R, e.w_->layers[j.layer].w_down, item);
+  const JobContext& cx = *j.c;
+  ThreadWs& t = cx.ws[thread];
+  if (first) prep_plain(cx, t, cx.act, j.R, cx.m.ffn, *cx.L_ffn);
+  residual_item(cx, t, j.R, cx.w.layers[j.layer].w_down, item);
 }
 
 int col_items(int n, int per) { return (n + per - 1) / per; }
@@ -335,7 +327,7 @@ int col_items(int n, int per) { return (n + per - 1) / per; }
 // LM head (all rows of W: the LM head, or a head's copy of its vocabulary rows) for R normed rows: logits rounded to bf16 (as the CUDA LM
 // head with round_bf16), into `logits` (row stride n) when given, and each thread's running argmax.
 struct LmJob {
-  Engine* e;
+  const JobContext* c;
   int R, n, job;
   const PackedMatrix* W;  // the LM head, or a head's rows of it
   const uint16_t* rows;  // the rows to normalise (final) or nullptr (the head: t.xp already holds z, see head())
@@ -345,13 +337,13 @@ struct LmJob {
 
 void lm_item(void* ctx, int thread, int item, bool first) {
   auto& j = *static_cast<LmJob*>(ctx);
-  Engine& e = *j.e;
-  ThreadWs& t = e.ws_[thread];
+  const JobContext& cx = *j.c;
+  ThreadWs& t = cx.ws[thread];
   if (first) {
     if (j.rows)
-      prep_norm(e, t, j.rows, j.R, e.w_->norm.data());
+      prep_norm(cx, t, j.rows, j.R, cx.w.norm.data());
     else
-      prep_plain(e, t, j.z, 1, e.dims().d, *e.L_d_);
+      prep_plain(cx, t, j.z, 1, cx.m.d, *cx.L_d);
     for (int r = 0; r < j.R; ++r) t.best[r] = -INFINITY, t.best_idx[r] = -1, t.ok[r] = 1;
     t.job = j.job;
   }
@@ -359,18 +351,18 @@ void lm_item(void* ctx, int thread, int item, bool first) {
   const int n0 = item * kVocabPerItem, cn = std::min(kVocabPerItem, j.n - n0);
   const uint16_t* ptrs[kVocabPerItem];
   for (int c = 0; c < cn; ++c) ptrs[c] = W.row(n0 + c);
-  e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, j.R, t.out.data());
+  cx.k.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, j.R, t.out.data());
   for (int r = 0; r < j.R; ++r) {
     float* y = t.out.data() + static_cast<size_t>(r) * cn;
-    e.k_.round_bf16(y, y, cn);
+    cx.k.round_bf16(y, y, cn);
     if (j.logits) std::memcpy(j.logits + static_cast<size_t>(r) * j.n + n0, y, cn * sizeof(float));
-    if (!e.k_.argmax(y, cn, n0, &t.best[r], &t.best_idx[r])) t.ok[r] = 0;
+    if (!cx.k.argmax(y, cn, n0, &t.best[r], &t.best_idx[r])) t.ok[r] = 0;
   }
 }
 
 // The head's T: z = bf16(T . norm(row)), columns split.
 struct HeadTJob {
-  Engine* e;
+  const JobContext* c;
   const PackedMatrix* T;
   const uint16_t* row;
   float* z;
@@ -378,17 +370,24 @@ struct HeadTJob {
 
 void head_t_item(void* ctx, int thread, int item, bool first) {
   auto& j = *static_cast<HeadTJob*>(ctx);
-  Engine& e = *j.e;
-  ThreadWs& t = e.ws_[thread];
-  if (first) prep_norm(e, t, j.row, 1, e.w_->norm.data());
-  const int d = e.dims().d, n0 = item * kColsPerItem, cn = std::min(kColsPerItem, d - n0);
+  const JobContext& cx = *j.c;
+  ThreadWs& t = cx.ws[thread];
+  if (first) prep_norm(cx, t, j.row, 1, cx.w.norm.data());
+  const int d = cx.m.d, n0 = item * kColsPerItem, cn = std::min(kColsPerItem, d - n0);
   const uint16_t* ptrs[kColsPerItem];
   for (int c = 0; c < cn; ++c) ptrs[c] = j.T->row(n0 + c);
-  e.k_.dot_tile(*e.L_d_, ptrs, cn, t.xp.data(), e.L_d_->xlen, 1, t.out.data());
-  e.k_.round_bf16(t.out.data(), j.z + n0, cn);
+  cx.k.dot_tile(*cx.L_d, ptrs, cn, t.xp.data(), cx.L_d->xlen, 1, t.out.data());
+  cx.k.round_bf16(t.out.data(), j.z + n0, cn);
 }
 
-}  // namespace
+// Statistics of an LM-head row over its n logits (bf16-rounded), in the CUDA kernel's order (lm_head.cu: blocks of
+// kLmHeadCols folded in order, the blocks merged by 256 strided folds and a tree), with an optional rest logit.
+struct LmStats {
+  int idx = -1;            // argmax (lowest index on ties); -1 when a logit is NaN or the row is not finite
+  float max_prob = 0.f;    // exp(max - lse)
+};
+constexpr int kLmHeadCols = 64;
+constexpr int kLmMergeThreads = 256;
 
 // LM-head statistics in the CUDA kernel's order (lm_head.cu: combine, blocks of kLmHeadCols folded in order, the
 // blocks merged by 256 strided folds and a tree, then the rest logit). Every fold is the kernel's combine; its exps
@@ -464,6 +463,8 @@ LmStats lm_stats(const Kernels& k, const float* lg, int n, bool has_rest, float 
   return out;
 }
 
+}  // namespace
+
 // ---- the engine ---------------------------------------------------------------------------------------------------
 Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* sin, int max_seq, int max_rows,
                int prefill_chunk, int threads, const Kernels* kernels)
@@ -521,6 +522,12 @@ Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* 
   }
 }
 
+JobContext Engine::context() {
+  return JobContext{k_, dims(), *w_, k_cache_.data(), v_cache_.data(), max_seq_, nkb_, hw_.data(), cos_.data(),
+                    sin_.data(), q_.data(), attn_.data(), act_.data(), ws_, L_d_, L_norm_, L_rest_, L_q_, L_ffn_,
+                    L_hd_};
+}
+
 void Engine::check_rows(const char* what, int first, int last) const {
   const int R = last - first + 1;
   if (first < 0 || last >= max_seq_ || R < 1 || R > max_rows_)
@@ -532,8 +539,9 @@ void Engine::check_rows(const char* what, int first, int last) const {
 void Engine::forward(int R, int first, int l0, int l1) {
   const ModelDims& m = dims();
   const int H = m.n_heads, Hkv = m.n_kv_heads, hd = m.head_dim;
+  const JobContext cx = context();
   LayerJob j;
-  j.e = this;
+  j.c = &cx;
   j.R = R;
   j.first = first;
   const int n_rb = (R + kRowBlock - 1) / kRowBlock;
@@ -559,8 +567,8 @@ void Engine::forward(int R, int first, int l0, int l1) {
   const size_t kv_read = 4 * static_cast<size_t>(Hkv) * hd * (first + R);  // K and V bf16 of every position read
   for (int l = l0; l < l1; ++l) {
     j.layer = l;
-    a.k_blocks = k_layer(l);
-    a.v = v_layer(l);
+    a.k_blocks = cx.k_layer(l);
+    a.v = cx.v_layer(l);
     for (size_t i = 0; i < static_cast<size_t>(n_rb) * Hkv; ++i) j.count[i].store(0);
     const Weights::Layer& W = w_->layers[l];
     pool_.run(H + 2 * Hkv, qkv_item, &j, W.wqkv.bytes());
@@ -612,7 +620,8 @@ void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
   check_rows("final", first, last);
   const int R = last - first + 1, d = dims().d, V = dims().vocab;
   for (int r = 0; r < R; ++r) std::memcpy(hw_.data() + static_cast<size_t>(r) * d, ring_row(first + r), d * sizeof(uint16_t));
-  LmJob j{this, R, V, ++job_counter_, &w_->lm_head, hw_.data(), nullptr, logits};
+  const JobContext cx = context();
+  LmJob j{&cx, R, V, ++job_counter_, &w_->lm_head, hw_.data(), nullptr, logits};
   pool_.run(col_items(V, kVocabPerItem), lm_item, &j, w_->lm_head.bytes());
   for (int r = 0; r < R; ++r) {
     float best = -INFINITY;
@@ -628,29 +637,58 @@ void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
   }
 }
 
-void Engine::set_heads(std::vector<Head> heads) {
-  for (size_t i = 0; i < heads.size(); ++i) {
-    const Head& h = heads[i];
+void Engine::set_heads(const std::vector<HeadSource>& sources) {
+  const ModelDims& m = dims();
+  for (size_t i = 0; i < sources.size(); ++i) {  // bounds (the Python side checks every head first, by name)
+    const HeadSource& h = sources[i];
     const std::string p = "head " + std::to_string(i) + ": ";
-    if (h.layer < 0 || h.layer > dims().n_layers) bad(p + "layer outside 0..L");
-    if (h.T.N != dims().d || h.T.K != dims().d) bad(p + "T must be [d, d]");
-    for (int32_t id : h.vocab)
-      if (id < 0 || id >= dims().vocab) bad(p + "vocabulary id " + std::to_string(id) + " outside the model's");
-    if (!h.w_rest.empty() && (h.vocab.empty() || static_cast<int>(h.w_rest.size()) != L_rest_->xlen))
-      bad(p + "w_rest needs a vocabulary subset and d values");
+    if (h.layer < 0 || h.layer > m.n_layers) bad(p + "layer outside 0..L");
+    if (h.T == nullptr) bad(p + "no T");
+    if (h.vocab != nullptr && h.n_vocab < 1) bad(p + "an empty vocabulary subset");
+    for (int n = 0; h.vocab != nullptr && n < h.n_vocab; ++n)
+      if (h.vocab[n] < 0 || h.vocab[n] >= m.vocab) bad(p + "vocabulary id " + std::to_string(h.vocab[n]) + " outside the model's");
+    if (h.w_rest != nullptr && h.vocab == nullptr) bad(p + "w_rest needs a vocabulary subset");
   }
+  const int d = m.d;
   const PackedMatrix& W = w_->lm_head;
-  for (Head& h : heads) {
-    if (h.vocab.empty()) continue;
-    h.E.N = static_cast<int>(h.vocab.size());
-    h.E.K = W.K;
-    h.E.L = W.L;
-    h.E.own = Buffer<uint16_t>(static_cast<size_t>(h.E.N) * W.K, "head vocabulary rows");
-    h.E.data = h.E.own.data();
-    for (int n = 0; n < h.E.N; ++n)
-      std::memcpy(h.E.data + static_cast<size_t>(n) * W.K, W.row(h.vocab[n]), W.K * sizeof(uint16_t));
+  std::vector<Head> heads;
+  for (const HeadSource& src : sources) {
+    Head h;
+    h.layer = src.layer;
+    std::vector<const uint16_t*> rows;
+    for (int n = 0; n < d; ++n) rows.push_back(src.T + static_cast<size_t>(n) * d);
+    w_->pack(h.T, d, rows);  // in the lane order of the skinny GEMM over d
+    if (src.vocab != nullptr) {
+      h.vocab.assign(src.vocab, src.vocab + src.n_vocab);
+      // the LM head's rows of the vocabulary, copied contiguously (one stream instead of scattered rows)
+      h.E.N = src.n_vocab;
+      h.E.K = W.K;
+      h.E.L = W.L;
+      h.E.own = Buffer<uint16_t>(static_cast<size_t>(h.E.N) * W.K, "head vocabulary rows");
+      h.E.data = h.E.own.data();
+      for (int n = 0; n < h.E.N; ++n)
+        std::memcpy(h.E.data + static_cast<size_t>(n) * W.K, W.row(h.vocab[n]), W.K * sizeof(uint16_t));
+    }
+    if (src.w_rest != nullptr) {  // fp32 values permuted into the rest logit's 256-lane layout
+      const LaneLayout& L = *L_rest_;
+      std::vector<float> x(d + 1, 0.f);
+      for (int j = 0; j < d; ++j) {
+        const uint32_t u = static_cast<uint32_t>(src.w_rest[j]) << 16;
+        std::memcpy(&x[j], &u, 4);
+      }
+      h.w_rest.resize(L.xlen);
+      for (int j = 0; j < L.xlen; ++j) h.w_rest[j] = x[L.xsrc[j]];
+    }
+    heads.push_back(std::move(h));
   }
   heads_ = std::move(heads);
+}
+
+int Engine::head_vocab(int i) const {
+  if (i < 0 || i >= static_cast<int>(heads_.size()))
+    throw std::out_of_range("CPU engine: head index " + std::to_string(i) + " outside 0.." +
+                            std::to_string(static_cast<int>(heads_.size()) - 1));
+  return heads_[i].vocab.empty() ? dims().vocab : static_cast<int>(heads_[i].vocab.size());
 }
 
 std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
@@ -662,11 +700,12 @@ std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
   const int d = dims().d;
   std::memcpy(hw_.data(), ring_row(pos), d * sizeof(uint16_t));
   float* z = q_.data();
-  HeadTJob tj{this, &h.T, hw_.data(), z};
+  const JobContext cx = context();
+  HeadTJob tj{&cx, &h.T, hw_.data(), z};
   pool_.run(col_items(d, kColsPerItem), head_t_item, &tj, h.T.bytes());
   const int n = h.vocab.empty() ? dims().vocab : static_cast<int>(h.vocab.size());
   float* lg = lg_.data();
-  LmJob j{this, 1, n, ++job_counter_, h.vocab.empty() ? &w_->lm_head : &h.E, nullptr, z, lg};
+  LmJob j{&cx, 1, n, ++job_counter_, h.vocab.empty() ? &w_->lm_head : &h.E, nullptr, z, lg};
   pool_.run(col_items(n, kVocabPerItem), lm_item, &j, static_cast<size_t>(n) * d * sizeof(uint16_t));
   float rest = 0.f;
   if (!h.w_rest.empty()) {  // lm_head.cu's merge: x . w_rest over 256 threads (8 warps), rounded to bf16
@@ -694,13 +733,14 @@ void Engine::copy_kv(int layer, int length, uint16_t* k_dst, uint16_t* v_dst) co
     throw std::out_of_range("CPU engine: kv of layer " + std::to_string(layer) + ", length " + std::to_string(length) +
                             " is outside the cache");
   const int hd = m.head_dim, Hkv = m.n_kv_heads;
+  const JobContext cx = const_cast<Engine*>(this)->context();  // only read here
   for (int p = 0; p < length; ++p)
     for (int kh = 0; kh < Hkv; ++kh) {
-      const uint16_t* kb = k_layer(layer) + ((static_cast<size_t>(kh) * nkb_ + p / kKBlock) * hd) * kKBlock;
+      const uint16_t* kb = cx.k_layer(layer) + ((static_cast<size_t>(kh) * nkb_ + p / kKBlock) * hd) * kKBlock;
       uint16_t* ko = k_dst + (static_cast<size_t>(p) * Hkv + kh) * hd;
       for (int dd = 0; dd < hd; ++dd) ko[dd] = kb[dd * kKBlock + p % kKBlock];
       std::memcpy(v_dst + (static_cast<size_t>(p) * Hkv + kh) * hd,
-                  v_layer(layer) + (static_cast<size_t>(kh) * max_seq_ + p) * hd, hd * sizeof(uint16_t));
+                  cx.v_layer(layer) + (static_cast<size_t>(kh) * max_seq_ + p) * hd, hd * sizeof(uint16_t));
     }
 }
 

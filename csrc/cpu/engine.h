@@ -1,4 +1,4 @@
-// The CPU engine runtime: the engine contract of DESIGN.md §3 on the CPU kernels (kernels.h) and a thread pool.
+// The CPU engine runtime: the engine contract of docs/design.md#contract on the CPU kernels (kernels.h) and a thread pool.
 // Torch-free: the caller hands over bf16 weights (HF layout, [out, in] row-major) once; they are packed into the
 // kernels' lane order (lanes.h) and held here, once (the caller may drop its copy).
 //
@@ -15,6 +15,9 @@
 // merges its chunks; (3) o_proj + residual; (4) RMSNorm + gate/up + SiLU * up; (5) down + residual: items = column
 // ranges. Each thread prepares its own copy of a job's inputs (the norm, the lane permutation) before its first
 // item: nothing waits for a thread that never comes.
+//
+// The jobs (engine.cpp) see a JobContext (the kernels, the model, the caches, the workspace, the layouts), never the
+// Engine: its state is private, and the heads are packed by set_heads from their sources (HeadSource).
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -25,29 +28,18 @@
 #include <utility>
 #include <vector>
 
+#include "../common/model.h"
 #include "kernels.h"
 #include "lanes.h"
 #include "thread_pool.h"
 
 namespace adadecode::cpu {
 
-// An allocation that does not fit: the binding turns it into a Python MemoryError.
-struct OutOfMemory : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using adadecode::ModelDims;    // csrc/common/model.h, shared with the CUDA engine
+using adadecode::OutOfMemory;  // an allocation that does not fit: the binding turns it into a Python MemoryError
 
 // Memory this process may still take (MemAvailable), SIZE_MAX when unknown.
 size_t available_memory();
-
-// head_dim is its own field: n_heads * head_dim need not be d (Qwen3: 16 x 128 heads on d = 1024). window > 0: a
-// row at position p attends to positions max(0, p - window + 1)..p (Mistral / Qwen2 sliding windows); 0: all of 0..p.
-struct ModelDims {
-  int n_layers = 0, d = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, vocab = 0;
-  float eps = 1e-5f;
-  int window = 0;
-  bool qkv_bias = false;  // Qwen2: q, k, v projections with biases (added to the fp32 sums before the bf16 rounding)
-  bool qk_norm = false;   // Qwen3: each q and k head RMS-normalised over head_dim after the projection, before RoPE
-};
 
 // 64-byte aligned storage (2 MB aligned and advised for huge pages when large: the weights stream through the TLB).
 template <class T>
@@ -135,6 +127,46 @@ struct Head {
   std::vector<float> w_rest;      // rest-logit weights permuted into the 256-lane layout (empty: none)
 };
 
+// A head as the caller holds it (bf16 bit patterns, HF layout), only read by Engine::set_heads, which packs it.
+struct HeadSource {
+  int layer = 0;
+  const uint16_t* T = nullptr;       // [d, d]
+  const int32_t* vocab = nullptr;    // [n_vocab] ascending ids, or nullptr (the full vocabulary)
+  int n_vocab = 0;
+  const uint16_t* w_rest = nullptr;  // [d] or nullptr (only with a vocabulary)
+};
+
+// Per-thread scratch of the jobs (engine.cpp).
+struct ThreadWs {
+  std::vector<float> row, tmp, xn, xp, out;
+  std::vector<float> best;     // [max_rows] this thread's running argmax per row (LM-head jobs)
+  std::vector<int> best_idx;
+  std::vector<char> ok;
+  int job = -1;                // the LM-head job those belong to (a thread that took no item keeps an old one)
+};
+
+// What the jobs of a step (engine.cpp) read and write, and all they see of an Engine: the kernels, the model, the KV
+// cache, the workspace and the lane layouts. The pointers are the Engine's buffers.
+struct JobContext {
+  const Kernels& k;
+  const ModelDims& m;
+  const Weights& w;
+  uint16_t* k_cache;  // [n_layers][n_kv_heads][nkb blocks][head_dim][kKBlock]
+  uint16_t* v_cache;  // [n_layers][n_kv_heads][max_seq][head_dim]
+  int max_seq, nkb;
+  uint16_t* hw;       // [P, d] bf16: the rows being run (P = max(max_rows, prefill_chunk))
+  const float* cos;   // [max_seq, head_dim / 2]
+  const float* sin;
+  float* q;           // [P, max(H hd, d)]: rotated q (a head's z)
+  float* attn;        // [P, H hd]: attention's output
+  float* act;         // [P, ffn]: SiLU(gate) * up
+  std::vector<ThreadWs>& ws;
+  const LaneLayout *L_d, *L_norm, *L_rest, *L_q, *L_ffn, *L_hd;  // L_hd: a head's norm (32 lanes)
+
+  uint16_t* k_layer(int l) const { return k_cache + static_cast<size_t>(l) * m.n_kv_heads * nkb * kKBlock * m.head_dim; }
+  uint16_t* v_layer(int l) const { return v_cache + static_cast<size_t>(l) * m.n_kv_heads * max_seq * m.head_dim; }
+};
+
 class Engine {
  public:
   Engine(std::shared_ptr<Weights> weights, const float* cos, const float* sin, int max_seq, int max_rows,
@@ -146,11 +178,11 @@ class Engine {
   // Greedy tokens of rows first..last; token -1 for a row whose logits hold a NaN or no finite maximum. With
   // `logits` ([R, vocab] fp32), the bf16-rounded logits too.
   void final_tokens(int first, int last, int32_t* tokens, float* logits = nullptr);
-  // The final-normed row (bf16 values) of pos into out [d].
-  void final_normed(int pos, float* out);
-  void set_heads(std::vector<Head> heads);
-  // (token, confidence) of head i on row pos (token -1: non-finite); with `logits` ([n_vocab of the head] fp32),
-  // the head's bf16-rounded logits over its real tokens.
+  // Packs the heads (T into the kernels' lane order, E: the LM head's rows of the vocabulary, w_rest into the rest
+  // logit's lanes) and keeps them; the sources may be dropped afterwards.
+  void set_heads(const std::vector<HeadSource>& heads);
+  // (token, confidence) of head i on row pos (token -1: non-finite); with `logits` ([head_vocab(i)] fp32), the
+  // head's bf16-rounded logits over its real tokens.
   std::pair<int32_t, float> head(int pos, int i, float* logits = nullptr);
   void copy_row(int pos, uint16_t* dst) const;
   void copy_kv(int layer, int length, uint16_t* k_dst, uint16_t* v_dst) const;
@@ -164,18 +196,14 @@ class Engine {
   const char* isa() const { return k_.name; }
   size_t kv_bytes() const { return k_cache_.bytes() + v_cache_.bytes(); }
   int n_heads_set() const { return static_cast<int>(heads_.size()); }
-  const Head& head_at(int i) const { return heads_.at(i); }
+  int head_vocab(int i) const;  // the real tokens of head i (its vocabulary subset, or the model's)
 
-  // per-thread scratch (public for the job functions in engine.cpp)
-  struct ThreadWs {
-    std::vector<float> row, tmp, xn, xp, out;
-    std::vector<float> best;     // [max_rows] this thread's running argmax per row (LM-head jobs)
-    std::vector<int> best_idx;
-    std::vector<char> ok;
-    int job = -1;                // the LM-head job those belong to (a thread that took no item keeps an old one)
-  };
+ private:
+  JobContext context();
+  uint16_t* ring_row(int pos) { return ring_.data() + static_cast<size_t>(pos % max_rows_) * dims().d; }
+  void check_rows(const char* what, int first, int last) const;
+  void forward(int R, int first, int l0, int l1);  // layers [l0, l1) over hw_[0..R) at positions first + r
 
-  // The jobs (engine.cpp) read these.
   const Kernels& k_;
   std::shared_ptr<Weights> w_;
   int max_seq_, max_rows_, chunk_, nkb_;
@@ -185,17 +213,7 @@ class Engine {
   std::vector<ThreadWs> ws_;
   std::vector<Head> heads_;
   ThreadPool pool_;
-  const LaneLayout *L_d_, *L_norm_, *L_rest_, *L_q_, *L_ffn_, *L_hd_;  // L_hd_: a head's norm (32 lanes)
-
-  uint16_t* k_layer(int l) { return k_cache_.data() + static_cast<size_t>(l) * dims().n_kv_heads * nkb_ * 16 * dims().head_dim; }
-  uint16_t* v_layer(int l) { return v_cache_.data() + static_cast<size_t>(l) * dims().n_kv_heads * max_seq_ * dims().head_dim; }
-  const uint16_t* k_layer(int l) const { return const_cast<Engine*>(this)->k_layer(l); }
-  const uint16_t* v_layer(int l) const { return const_cast<Engine*>(this)->v_layer(l); }
-  uint16_t* ring_row(int pos) { return ring_.data() + static_cast<size_t>(pos % max_rows_) * dims().d; }
-
- private:
-  void check_rows(const char* what, int first, int last) const;
-  void forward(int R, int first, int l0, int l1);  // layers [l0, l1) over hw_[0..R) at positions first + r
+  const LaneLayout *L_d_, *L_norm_, *L_rest_, *L_q_, *L_ffn_, *L_hd_;
 };
 
 }  // namespace adadecode::cpu

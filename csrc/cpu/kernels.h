@@ -33,17 +33,8 @@ struct AttnArgs {
 };
 // The first position row p attends to.
 inline int attn_lo(int p, int window) { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
-constexpr int kAttnChunk = 128;  // positions per partial (csrc/kernels/attention.cuh: kAttnChunk)
+constexpr int kAttnChunk = 128;  // positions per partial (csrc/cuda/kernels/attention.cuh: kAttnChunk)
 constexpr int kKBlock = 16;      // positions per K block (one lane vector)
-
-// Statistics of an LM-head row over its n logits (bf16-rounded), in the CUDA kernel's order (lm_head.cu: blocks of
-// kLmHeadCols folded in order, the blocks merged by 256 strided folds and a tree), with an optional rest logit.
-struct LmStats {
-  int idx = -1;            // argmax (lowest index on ties); -1 when a logit is NaN or the row is not finite
-  float max_prob = 0.f;    // exp(max - lse)
-};
-constexpr int kLmHeadCols = 64;
-constexpr int kLmMergeThreads = 256;
 
 struct Kernels {
   const char* name;
@@ -88,9 +79,5 @@ const Kernels* best_kernels();
 const char* const* supported_isas();
 // Every path's name, best first (null-terminated): a name outside it is unknown, not merely unsupported here.
 const char* const* known_isas();
-
-// LM-head statistics in the CUDA order (scalar folds; the exps through k): logits [n] bf16 values, rest logit or
-// NaN-free `has_rest` false.
-LmStats lm_stats(const Kernels& k, const float* logits, int n, bool has_rest, float rest);
 
 }  // namespace adadecode::cpu

@@ -263,7 +263,7 @@ inline bool k_argmax(const float* v, int n, int base, float* best, int* best_idx
   return ok;
 }
 
-// ---- attention (csrc/kernels/attention.cu, bit for bit) -----------------------------------------------------------
+// ---- attention (csrc/cuda/kernels/attention.cu, bit for bit) -----------------------------------------------------------
 // For each query (row r, head h) of the chunk: q scaled by qscale (log2 units); scores s_t = one FMA chain over the
 // head dims in order, -inf past the row's position; m = their max; p_t = exp2(s_t - m) (0 where -inf);
 // l = the warp's sum of p (lane L: positions L, L + 32, L + 64, L + 96 in order, then the butterfly: vectors 0, 2, 4,

@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "../kernels/fixed_math.h"
+#include "../common/fixed_math.h"
 #include "kernels.h"
 
 // Only what is defined below gets the target: the headers above (the standard library's inline functions, the

@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "../kernels/fixed_math.h"
+#include "../common/fixed_math.h"
 #include "kernels.h"
 #include "vec_portable.h"
 

@@ -1,4 +1,4 @@
-// The lane layout of the CPU kernels: the reduction order of the CUDA skinny GEMM (csrc/kernels/skinny_core.cuh),
+// The lane layout of the CPU kernels: the reduction order of the CUDA skinny GEMM (csrc/cuda/kernels/skinny_core.cuh),
 // laid out so that 16-lane vectors can follow it.
 //
 // On the GPU, a dot product of length K is split into 16-byte chunks of 8 elements; chunk i belongs to thread

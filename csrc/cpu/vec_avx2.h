@@ -10,9 +10,10 @@
 
 namespace adadecode::cpu::avx2 {
 
-// Lane vectors of accumulators a register tile may hold (the others: one weight, one activation vector).
-// Lane vectors the register file holds (AVX2: 16 ymm = 8 vectors).
+// Lane vectors the register file holds (AVX2: 16 ymm = 8 lane vectors of two ymm each): the register tiles' bound
+// (kernels.inl: tile_regs, cols_for).
 constexpr int kVecRegs = 8;
+// Accumulator lane vectors a pass may keep live (kernels.inl: attention's P.V; the other registers hold operands).
 constexpr int kAccBudget = 4;
 constexpr const char* kIsaName = "avx2";
 

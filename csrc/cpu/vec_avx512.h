@@ -9,9 +9,10 @@
 
 namespace adadecode::cpu::avx512 {
 
-// Lane vectors of accumulators a register tile may hold (the others: one weight, one activation vector).
-// Lane vectors the register file holds (AVX2: 16 ymm = 8 vectors).
+// Lane vectors the register file holds (AVX-512: 32 zmm, one lane vector each): the register tiles' bound
+// (kernels.inl: tile_regs, cols_for).
 constexpr int kVecRegs = 32;
+// Accumulator lane vectors a pass may keep live (kernels.inl: attention's P.V; the other registers hold operands).
 constexpr int kAccBudget = 16;
 constexpr const char* kIsaName = "avx512";
 

@@ -8,13 +8,14 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../kernels/fixed_math.h"
+#include "../common/fixed_math.h"
 
 namespace adadecode::cpu::portable {
 
-// Lane vectors of accumulators a register tile may hold (the others: one weight, one activation vector).
-// Lane vectors the register file holds (AVX2: 16 ymm = 8 vectors).
+// No register file to fit (the compiler allocates the arrays): a bound that lets every register tile shape through
+// (kernels.inl: tile_regs, cols_for). Tile shapes decide which outputs are computed together, never their bits.
 constexpr int kVecRegs = 64;
+// Accumulator lane vectors a pass may keep live (kernels.inl: attention's P.V).
 constexpr int kAccBudget = 16;
 constexpr const char* kIsaName = "portable";
 

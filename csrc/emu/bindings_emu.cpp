@@ -2,7 +2,7 @@
 // device tensors in the emulator's guarded memory, the thread order between synchronisation points, counters.
 #include <string>
 
-#include "../bindings/checks.h"
+#include "../cuda/bindings/checks.h"
 
 namespace py = pybind11;
 

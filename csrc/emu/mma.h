@@ -1,4 +1,4 @@
-// mma.h of the emulated device (csrc/emu): nvcuda::wmma in plain C++, what csrc/kernels/gemm_tc.cu uses:
+// mma.h of the emulated device (csrc/emu): nvcuda::wmma in plain C++, what csrc/cuda/kernels/gemm_tc.cu uses:
 // 16x16x16 fragments (matrix_a / matrix_b of __nv_bfloat16, row or col major; accumulator of float),
 // fill_fragment, load_matrix_sync, mma_sync, store_matrix_sync.
 //

@@ -5,7 +5,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/add_rmsnorm.cuh"
+#include "cuda/kernels/add_rmsnorm.cuh"
 
 #define CHECK(x)                                                                        \
   do {                                                                                  \

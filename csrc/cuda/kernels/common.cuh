@@ -2,7 +2,7 @@
 // reductions. Torch-free: kernels take raw pointers, sizes and a cudaStream_t, and report cudaError_t.
 //
 // Reductions here have a fixed order (a butterfly over the 32 lanes) so that a value's bits depend only on
-// the inputs and the shapes, never on how many rows share a launch (DESIGN.md §4). Floating-point
+// the inputs and the shapes, never on how many rows share a launch (docs/design.md#invariance). Floating-point
 // accumulation uses explicit __fmaf_rn / __fadd_rn so the compiler cannot contract or reorder differently
 // in different template instantiations.
 #pragma once
@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 
-#include "fixed_math.h"
+#include "common/fixed_math.h"  // csrc/common: shared with the CPU engine
 
 #ifdef __CUDACC__
 #define ADADECODE_HOST_DEVICE __host__ __device__

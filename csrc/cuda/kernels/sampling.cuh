@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "fixed_math.h"
+#include "common/fixed_math.h"  // csrc/common: shared with the CPU engine
 
 namespace adadecode {
 

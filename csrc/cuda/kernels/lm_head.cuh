@@ -1,7 +1,7 @@
 // LM head + argmax + maximum probability for R = 1..16 rows, the probability vector never written.
 //
 //   logit[r, j] = x[r] . W[id_j]          j = 0..n-1; id_j = vocab_subset[j] (or j when vocab_subset == nullptr)
-//   rest[r]     = x[r] . w_rest           (restricted heads only, w_rest != nullptr; DESIGN.md §5)
+//   rest[r]     = x[r] . w_rest           (restricted heads only, w_rest != nullptr; docs/design.md#heads)
 //   token[r]    = id of argmax_j logit[r, j]   (ties: the lowest j, i.e. the lowest id for a sorted subset)
 //   lse[r]      = log( sum_j exp(logit[r, j]) + exp(rest[r]) )     (the rest term only when w_rest is given)
 //   max_prob[r] = exp(max_j logit[r, j] - lse[r])

@@ -29,12 +29,6 @@ namespace {
     if (rt_err_ != cudaSuccess) throw_cuda(rt_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 
-std::string gib(size_t bytes) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.3f GiB", static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0));
-  return buf;
-}
-
 constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 

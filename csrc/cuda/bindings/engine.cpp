@@ -1,4 +1,4 @@
-// adadecode_cuda.Engine: the torch binding of the CUDA engine runtime (csrc/runtime/engine.h).
+// adadecode_cuda.Engine: the torch binding of the CUDA engine runtime (csrc/cuda/runtime/engine.h).
 // It owns the bf16 CUDA weight tensors (the runtime holds raw pointers into them), checks every tensor it is
 // given (device, dtype, shape, contiguity, alignment), and turns runtime errors into Python exceptions:
 // rt::OutOfMemory -> MemoryError (adadecode_cuda.DeviceOutOfMemory), std::invalid_argument -> ValueError,
@@ -254,9 +254,10 @@ class PyEngine {
 }  // namespace
 
 void register_engine(pybind11::module_& m) {
-  py::register_exception<adadecode::rt::OutOfMemory>(m, "DeviceOutOfMemory", PyExc_MemoryError);
+  // module-local: adadecode_cpu registers the same C++ type (csrc/common/model.h) as its HostOutOfMemory
+  py::register_local_exception<adadecode::rt::OutOfMemory>(m, "DeviceOutOfMemory", PyExc_MemoryError);
   py::class_<PyEngine>(m, "Engine",
-                       "The CUDA engine runtime (DESIGN.md §3): weights, KV cache and workspace on one device, "
+                       "The CUDA engine runtime (docs/design.md#contract): weights, KV cache and workspace on one device, "
                        "run_layers replayed from CUDA graphs cached per (rows, l0, l1). Host-side contract checks "
                        "live in adadecode.engines.cuda.CudaEngine; this class only keeps memory accesses in bounds.")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor,

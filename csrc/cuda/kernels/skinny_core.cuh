@@ -6,7 +6,7 @@
 // belongs to thread i % NT (NT = the block's thread count, a function of K only), which walks its chunks in
 // increasing order with an fp32 FMA chain (8 elements in order per chunk); the 32 lanes of a warp are then
 // combined by a fixed butterfly and the warps by a sequential sum in warp order. Every step of that order
-// depends on K alone: a row's dot products are bitwise the same for any R and any row index (DESIGN.md §4).
+// depends on K alone: a row's dot products are bitwise the same for any R and any row index (docs/design.md#invariance).
 //
 // Two options fold neighbouring work into the same pass without changing a bit:
 //   rows (XRows): row r may live at base + ((first + r) % wrap) * K: the engine's ring slots, read in place;

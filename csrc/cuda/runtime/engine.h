@@ -1,6 +1,6 @@
-// The CUDA engine runtime: the engine contract of DESIGN.md §3 on the kernels of csrc/kernels.
+// The CUDA engine runtime: the engine contract of docs/design.md#contract on the kernels of csrc/cuda/kernels.
 // Torch-free: it holds raw device pointers (weights are owned by the caller, e.g. the torch binding in
-// csrc/bindings/engine.cpp, and must outlive the Engine), allocates its own KV cache and workspace once,
+// csrc/cuda/bindings/engine.cpp, and must outlive the Engine), allocates its own KV cache and workspace once,
 // and runs everything on one dedicated non-blocking stream.
 //
 // State of one sequence:
@@ -36,25 +36,17 @@
 #include <vector>
 
 #include "../kernels/sampling.cuh"
+#include "common/model.h"
 
 namespace adadecode::rt {
 
 using bf16 = __nv_bfloat16;
 
-// A device allocation that does not fit: the binding turns it into a Python MemoryError.
-struct OutOfMemory : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-// head_dim is its own field (n_heads * head_dim need not be d: Qwen3). window > 0: a sliding window, row p attends to
-// max(0, p - window + 1)..p (attention.cuh); 0: full attention. qkv_bias / qk_norm: every layer has the biases /
-// the q and k head norms (LayerPtrs).
-struct ModelDims {
-  int n_layers = 0, d = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, vocab = 0;
-  float eps = 1e-5f;
-  int window = 0;
-  bool qkv_bias = false, qk_norm = false;
-};
+// The model's sizes (window: attention.cuh's sliding window; qkv_bias / qk_norm: every layer has the biases / the q
+// and k head norms, LayerPtrs) and the error of a device allocation that does not fit (the binding turns it into a
+// Python MemoryError): csrc/common/model.h, shared with the CPU engine.
+using adadecode::ModelDims;
+using adadecode::OutOfMemory;
 
 // Non-owning device pointers, all bf16 row-major in the HF [out, in] layout, 16-byte aligned.
 struct LayerPtrs {

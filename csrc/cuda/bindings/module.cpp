@@ -1,4 +1,4 @@
-// adadecode_cuda: thin torch bindings over the torch-free kernels in csrc/kernels.
+// adadecode_cuda: thin torch bindings over the torch-free kernels in csrc/cuda/kernels.
 // Each op checks its tensors (device, dtype, shape, contiguity), launches on the current stream and
 // checks the launch. Outputs are written into tensors the caller allocates (CUDA-graph friendly).
 #include <cmath>
@@ -125,20 +125,14 @@ void skinny_gemm(at::Tensor x, at::Tensor w, at::Tensor out, c10::optional<at::T
                                           pdl));
 }
 
-void gemm_tc(at::Tensor x, at::Tensor w, at::Tensor out, c10::optional<at::Tensor> residual,
-             c10::optional<at::Tensor> w_up) {
+// gemm_tc and linear: any number of rows (0: nothing to do), the same arguments and epilogues.
+template <auto Launch>
+void any_rows_gemm(at::Tensor x, at::Tensor w, at::Tensor out, c10::optional<at::Tensor> residual,
+                   c10::optional<at::Tensor> w_up) {
   const GemmArgs a = gemm_args(x, w, out, residual, w_up);
   TORCH_CHECK(a.M == x.size(0), "out must have x's ", x.size(0), " rows, got ", out.sizes());
   if (a.M == 0) return;
-  ADA_CHECK_LAUNCH(adadecode::gemm_tc(a.x, a.w, a.w_up, a.residual, a.out, a.M, a.N, a.K, ada_stream()));
-}
-
-void linear(at::Tensor x, at::Tensor w, at::Tensor out, c10::optional<at::Tensor> residual,
-            c10::optional<at::Tensor> w_up) {
-  const GemmArgs a = gemm_args(x, w, out, residual, w_up);
-  TORCH_CHECK(a.M == x.size(0), "out must have x's ", x.size(0), " rows, got ", out.sizes());
-  if (a.M == 0) return;
-  ADA_CHECK_LAUNCH(adadecode::linear(a.x, a.w, a.w_up, a.residual, a.out, a.M, a.N, a.K, ada_stream()));
+  ADA_CHECK_LAUNCH(Launch(a.x, a.w, a.w_up, a.residual, a.out, a.M, a.N, a.K, ada_stream(), nullptr));
 }
 
 // The checks rope_append_kv and qkv_rope share: caches [max_seq, Hkv, hd], fp32 cos/sin tables [>= max_seq,
@@ -336,7 +330,7 @@ void lm_head_sample(at::Tensor x, at::Tensor w, at::Tensor token, at::Tensor max
 
 }  // namespace
 
-// csrc/bindings/engine.cpp: adadecode_cuda.Engine.
+// csrc/cuda/bindings/engine.cpp: adadecode_cuda.Engine.
 void register_engine(pybind11::module_& m);
 #ifdef ADADECODE_EMU
 void register_emu(pybind11::module_& m);  // csrc/emu/bindings_emu.cpp: device tensors, thread order, counters
@@ -347,7 +341,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef ADADECODE_EMU
   register_emu(m);
 #endif
-  m.doc() = "adadecode CUDA kernels (torch bindings over csrc/kernels; every op writes into caller tensors)";
+  m.doc() = "adadecode CUDA kernels (torch bindings over csrc/cuda/kernels; every op writes into caller tensors)";
   m.def("add_rmsnorm", &add_rmsnorm, "residual += delta; out = RMSNorm(residual) * weight (bf16, in place)",
         py::arg("residual"), py::arg("delta"), py::arg("weight"), py::arg("out"), py::arg("eps"));
   m.def("embedding", &embedding, "out[r] = table[tokens[r]] (bf16; out-of-range ids give a NaN row)",
@@ -356,9 +350,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = x @ w.T for 1..16 rows (batch invariant); + residual, or silu(x @ w.T) * (x @ w_up.T)",
         py::arg("x"), py::arg("w"), py::arg("out"), py::arg("residual") = py::none(), py::arg("w_up") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5, py::arg("ring_first") = -1, py::arg("pdl") = false);
-  m.def("gemm_tc", &gemm_tc, "tensor-core out = x @ w.T for any rows (prefill); same epilogues as skinny_gemm",
+  m.def("gemm_tc", &any_rows_gemm<&adadecode::gemm_tc>,
+        "tensor-core out = x @ w.T for any rows (prefill); same epilogues as skinny_gemm",
         py::arg("x"), py::arg("w"), py::arg("out"), py::arg("residual") = py::none(), py::arg("w_up") = py::none());
-  m.def("linear", &linear, "skinny_gemm for <= 16 rows, gemm_tc above", py::arg("x"), py::arg("w"), py::arg("out"),
+  m.def("linear", &any_rows_gemm<&adadecode::linear>,
+        "skinny_gemm for <= 16 rows, gemm_tc above", py::arg("x"), py::arg("w"), py::arg("out"),
         py::arg("residual") = py::none(), py::arg("w_up") = py::none());
   m.def("rope_append_kv", &rope_append_kv,
         "RoPE on the q/k parts of qkv (q in place, k into k_cache) and v into v_cache at positions first_pos + r",
