@@ -215,12 +215,12 @@ def test_real_lookup_on_repeating_contexts(kind, seg, reps, lead, M, seed, cheap
     right), on a measured or a free cost model."""
     cfg, w = tiny_model(4, seed)
     extra = {"threads": 2} if kind == "cpu" else {}
-    ref = ENGINES[kind](cfg, w, max_seq=128)
+    ref = ENGINES[kind](cfg, w, max_seq=192)
     first = generate_vanilla(ref, lead + seg * reps, M).tokens
     prompt = lead + seg * reps + first + lead + seg * reps  # the continuation of this prompt's end is in it
     eos = [first[eos_at]] if eos_at is not None and eos_at < len(first) else []
     van = generate_vanilla(ref, prompt, M, eos_ids=eos)
-    eng = CHECKED[kind](cfg, w, max_seq=128, max_rows=9, max_flight=9, **extra)
+    eng = CHECKED[kind](cfg, w, max_seq=192, max_rows=9, max_flight=9, **extra)
     heads = [Head.identity(1, cfg.d), Head.identity(3, cfg.d)]
     cost = FREE if cheap else None
     lk = generate_lookup(eng, prompt, M, eos_ids=eos, step_cost=cost)
