@@ -15,10 +15,36 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from adadecode.model.config import LlamaConfig
 from adadecode.model.weights import LlamaWeights
 
+import isa_paths  # which CPU engine kernel paths this run tested (tests/isa_paths.py)
+
+isa_paths.install()
+
 
 def pytest_report_header(config):
     # which vector kernels ATen dispatches to (ATEN_CPU_CAPABILITY=avx2 forces AVX2; make test runs both)
-    return f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    return [f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
+            isa_paths.header()]
+
+
+def pytest_collection_finish(session):
+    isa_paths.collection_finish(session)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    isa_paths.start_test()
+
+
+def pytest_runtest_logreport(report):
+    isa_paths.logreport(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    isa_paths.session_finish(session)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    isa_paths.terminal_summary(terminalreporter)
 
 
 def pytest_collection_modifyitems(config, items):
