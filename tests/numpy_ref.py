@@ -468,6 +468,20 @@ def lowest_argmax(logits: np.ndarray) -> np.ndarray:
 
 
 # ---- a whole decoder ----------------------------------------------------------------------------------------------
+_MEMO: dict = {}
+
+
+def memo(fn):
+    """Memoize fn(*args) here, keyed by its module, name and arguments: a reference computed once per process, even
+    when the test module that asks for it is imported afresh (tests/test_cpu_mutants.py reruns test modules in one
+    process, one planted change at a time; the reference does not depend on the engine, so it stays valid)."""
+    def wrapped(*args):
+        key = (fn.__module__, fn.__qualname__, args)
+        if key not in _MEMO:
+            _MEMO[key] = fn(*args)
+        return _MEMO[key]
+    wrapped.__wrapped__ = fn
+    return wrapped
 def _np_bf16(t) -> np.ndarray:
     """A torch tensor (any float dtype) as bf16 values in float32 numpy (rounded here, RNE)."""
     return bf16(t.detach().float().cpu().numpy())

@@ -18,7 +18,6 @@ cannot see it.
 """
 from __future__ import annotations
 
-import functools
 import math
 from fractions import Fraction
 
@@ -248,9 +247,10 @@ def heads_of(cfg, seed: int) -> list[Head]:
                  w_rest=0.05 * torch.randn(d, generator=g))]
 
 
-@functools.lru_cache(maxsize=None)
+@R.memo
 def reference(name: str):
-    """(cfg, packed weights, prompt, new tokens, heads, the reference forward, its logits and head answers)."""
+    """(cfg, weights, prompt, new tokens, heads, the reference forward, its logits and head answers, max_seq): numpy
+    and torch only, no engine (so it may be shared by engines built from other sources)."""
     cfg, w = engine_model(name, seed=11)
     n, _ = CASES[name]
     g = torch.Generator().manual_seed(12)
@@ -264,22 +264,25 @@ def reference(name: str):
     logits = ref.logits(out["hidden"][-1][rows])
     heads = heads_of(cfg, 13)
     head_answers = [[ref.head(out["hidden"][h.layer][p], h) for p in range(n, n + NEW)] for h in heads]
-    return cfg, CpuWeights(cfg, w), prompt, new, heads, out, logits, head_answers, max_seq
+    return cfg, w, prompt, new, heads, out, logits, head_answers, max_seq
 
 
 def path_configs():
-    """Every path this CPU runs, each with another thread count (1, 2, 3 all taken when there are three paths)."""
-    return [(isa, (3, 2, 1)[i % 3]) for i, isa in enumerate(ISAS)]
+    """Every path this CPU runs, each with another thread count and pool schedule: 3 threads with the items shuffled
+    over them, 2 with every share under the other thread's index (thread_pool.h: so every thread index runs items,
+    whatever the machine's load), 1 thread (ADADECODE_CPU_SCHEDULE or the natural pool)."""
+    return [(isa, *((3, "shuffle:2"), (2, "reverse"), (1, None))[i % 3]) for i, isa in enumerate(ISAS)]
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_engine_is_the_numpy_reference_bit_for_bit(name):
-    cfg, packed, prompt, new, heads, out, logits, head_answers, max_seq = reference(name)
+    cfg, w, prompt, new, heads, out, logits, head_answers, max_seq = reference(name)
+    packed = CpuWeights(cfg, w)
     n = len(prompt)
     first, last = n, n + NEW - 1
-    for isa, threads in path_configs():
-        what = f"{name}, {isa} x {threads} threads"
-        e = CpuEngine(cfg, packed, max_seq=max_seq, max_rows=8, threads=threads, isa=isa,
+    for isa, threads, schedule in path_configs():
+        what = f"{name}, {isa} x {threads} threads ({schedule or 'natural'} pool)"
+        e = CpuEngine(cfg, packed, max_seq=max_seq, max_rows=8, threads=threads, isa=isa, schedule=schedule,
                       prefill_chunk=CASES[name][1])
         assert e.isa == isa
         e.set_heads(heads)
