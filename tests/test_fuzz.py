@@ -279,7 +279,8 @@ def llm(base):
 def test_fuzz_prompts(llm, prompt, chat):
     try:
         out = llm.generate(prompt, chat=chat, max_new_tokens=2)
-    except ValueError:
+    except ValueError as e:
+        assert "prompt" in str(e), f"error names no prompt: {e}"
         return
     assert len(out.tokens) <= 2
 
@@ -289,9 +290,11 @@ def test_fuzz_prompts(llm, prompt, chat):
                          max_size=3) | json_values)
 def test_fuzz_messages(llm, messages):
     try:
-        llm.generate(messages=messages, max_new_tokens=2)
-    except ValueError:
-        pass
+        out = llm.generate(messages=messages, max_new_tokens=2)
+    except ValueError as e:
+        assert "messages" in str(e), f"error names no messages: {e}"
+        return
+    assert 1 <= len(out.tokens) <= 2 and isinstance(out.text, str)
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------------
