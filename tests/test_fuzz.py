@@ -337,22 +337,58 @@ BODY_FIELDS = ["model", "prompt", "messages", "max_tokens", "stop", "stream", "t
                "method", "gamma", "max_pending", "k", "head_layer", "top_k", "logit_bias", "stream_options"]
 
 
-def check_answer(status: int, raw: bytes) -> None:
+# request fields whose damage cannot change a greedy answer's tokens when the request is still accepted: every
+# method is exact, the sampling knobs do nothing without a temperature, stream is set false here
+SAME_ANSWER = {"model", "stream", "seed", "top_p", "top_k", "n", "stream_options", "method", "gamma", "max_pending",
+               "k", "head_layer"}
+
+
+@pytest.fixture(scope="module")
+def answers(app) -> dict:
+    """The undamaged requests' tokens, per endpoint."""
+    out = {}
+    for path, body in VALID.items():
+        status, raw = asgi_post(app, path, json.dumps(body).encode())
+        assert status == 200, raw
+        out[path] = json.loads(raw)["adadecode"]["tokens"]
+    return out
+
+
+def check_answer(status: int, raw: bytes, path: str | None = None, changes: dict | None = None,
+                 answers: dict | None = None) -> None:
+    """An error object (naming a damaged field when `changes` says which), or a whole answer: one choice with a
+    text and a finish reason, usage that adds up, and the undamaged request's tokens where the damage cannot
+    change them."""
     assert status in (200, 400, 404, 413), (status, raw[:300])
     out = json.loads(raw) if not raw.startswith(b"data:") else None
     if status != 200:
         assert set(out["error"]) == {"message", "type", "param", "code"} and out["error"]["message"], out
+        if changes and status == 400:
+            e = out["error"]
+            assert e["param"] in changes or any(k in e["message"] for k in changes), f"names no damaged field: {e}"
+        return
+    assert out is not None, raw[:300]  # stream is false: one JSON answer
+    chat = out["object"] == "chat.completion"
+    assert out["object"] in ("chat.completion", "text_completion"), out
+    (choice,) = out["choices"]
+    text = choice["message"]["content"] if chat else choice["text"]
+    assert isinstance(text, str) and choice["finish_reason"] in ("stop", "length"), choice
+    tokens, usage = out["adadecode"]["tokens"], out["usage"]
+    assert usage["completion_tokens"] == len(tokens) >= 1, out
+    assert usage["total_tokens"] == usage["prompt_tokens"] + len(tokens), out
+    if answers is not None and changes is not None and set(changes) <= SAME_ANSWER:
+        assert tokens == answers[path], f"{sorted(changes)} changed the answer: {tokens} vs {answers[path]}"
 
 
 @fuzz
 @given(path=st.sampled_from(sorted(VALID)),
        changes=st.dictionaries(st.sampled_from(BODY_FIELDS), BAD | json_values | odd_text, max_size=3))
-def test_fuzz_request_fields(app, path, changes):
+def test_fuzz_request_fields(app, answers, path, changes):
     body = {**VALID[path], **changes}
     if body.get("stream") is True:
         body["stream"] = False  # this driver reads one answer; streaming is test_server.py's
     raw = json.dumps(body, allow_nan=True).replace("\\\\ud", "\\ud").encode()
-    check_answer(*asgi_post(app, path, raw))
+    check_answer(*asgi_post(app, path, raw), path, changes, answers)
 
 
 @fuzz
