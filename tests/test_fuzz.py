@@ -1,7 +1,8 @@
 """Fuzzing bad input (issue 25): random damage to checkpoints, head files, tokenizer configs, prompts and request
 bodies. The property everywhere: a ValueError naming what is wrong (the file, for files), or a model that loads and
 decodes (the same tokens as the undamaged one where the damage cannot change the answer), never another exception
-type, a hang or a crash. Tiny random models keep CI's cost low; ADADECODE_FUZZ_EXAMPLES=500 runs longer."""
+type, a hang or a crash. Every test that decodes runs on TorchEngine and on the CPU engine. Tiny random models keep
+CI's cost low; ADADECODE_FUZZ_EXAMPLES=500 runs longer."""
 from __future__ import annotations
 
 import asyncio
@@ -60,8 +61,23 @@ def base(tmp_path_factory):
     return d, tokens, fresh
 
 
-def decode(model) -> list[int]:
-    return adadecode.LLM(model, engine="torch", device="cpu", dtype="fp32").generate("ab", max_new_tokens=3).tokens
+# every test that decodes runs on TorchEngine and on the CPU engine
+ENGINES = {"torch": dict(engine="torch", device="cpu", dtype="fp32"), "cpu": dict(engine="cpu", threads=1)}
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINES))
+def engine(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def base_tokens(base, engine) -> list[int]:
+    """The undamaged checkpoint's greedy tokens on `engine`."""
+    return decode(load_model(base[0]), engine)
+
+
+def decode(model, engine: str = "torch") -> list[int]:
+    return adadecode.LLM(model, **ENGINES[engine]).generate("ab", max_new_tokens=3).tokens
 
 
 def load_or_refuse(path: Path, names: str, fields=()):
@@ -90,7 +106,7 @@ def dump(value) -> str:
 @fuzz
 @given(changes=st.dictionaries(st.sampled_from(CONFIG_FIELDS), BAD | BAD | json_values, min_size=1, max_size=3),
        drop=st.lists(st.sampled_from(CONFIG_FIELDS), max_size=2))
-def test_fuzz_config_fields(base, changes, drop):
+def test_fuzz_config_fields(base, engine, changes, drop):
     d, _, fresh = base
     m = fresh()
     cfg = json.loads((m / "config.json").read_text())
@@ -101,19 +117,19 @@ def test_fuzz_config_fields(base, changes, drop):
     model = load_or_refuse(m, str(m), fields=[*changes, *drop])
     if model is not None:
         try:
-            decode(model)
+            decode(model, engine)
         except ValueError as e:  # e.g. a context too short for the prompt: a request error, not a load error
             assert names_one(str(e), [*changes, *drop, "context"]), f"error names no damaged field: {e}"
 
 
 @fuzz
 @given(extra=st.dictionaries(st.text(min_size=1, max_size=8).map(lambda s: "fuzz_" + s), json_values, min_size=1, max_size=4))
-def test_fuzz_config_extra_fields_change_nothing(base, extra):
-    d, tokens, fresh = base
+def test_fuzz_config_extra_fields_change_nothing(base, base_tokens, engine, extra):
+    d, _, fresh = base
     m = fresh()
     cfg = json.loads((m / "config.json").read_text())
     (m / "config.json").write_text(dump({**cfg, **extra}))
-    assert decode(load_model(m)) == tokens
+    assert decode(load_model(m), engine) == base_tokens
 
 
 @fuzz
@@ -133,8 +149,8 @@ def header_size(path: Path) -> int:
 
 @fuzz
 @given(data=st.data())
-def test_fuzz_safetensors_header(base, data):
-    d, tokens, fresh = base
+def test_fuzz_safetensors_header(base, base_tokens, engine, data):
+    d, _, fresh = base
     m = fresh()
     f = m / "model.safetensors"
     raw = bytearray(f.read_bytes())
@@ -145,12 +161,12 @@ def test_fuzz_safetensors_header(base, data):
     f.write_bytes(bytes(raw))
     model = load_or_refuse(m, str(m))
     if model is not None:  # a header that still parses to the same tensors (e.g. damage in the metadata)
-        assert decode(model) == tokens
+        assert decode(model, engine) == base_tokens
 
 
 @fuzz
 @given(data=st.data())
-def test_fuzz_safetensors_bytes_and_length(base, data):
+def test_fuzz_safetensors_bytes_and_length(base, engine, data):
     d, _, fresh = base
     m = fresh()
     f = m / "model.safetensors"
@@ -164,7 +180,7 @@ def test_fuzz_safetensors_bytes_and_length(base, data):
     model = load_or_refuse(m, str(m))
     if model is not None:  # other weights (a NaN or inf is refused at load): it must still decode
         try:
-            decode(model)
+            decode(model, engine)
         except FloatingPointError:
             pass  # finite weights whose logits overflow: an engine's error for that request, named as such
 
@@ -178,7 +194,7 @@ GGUF_NUMERIC = ["llama.block_count", "llama.context_length", "llama.embedding_le
 
 @fuzz
 @given(data=st.data())
-def test_fuzz_gguf(tiny_gguf, tmp_path_factory, data):
+def test_fuzz_gguf(tiny_gguf, tmp_path_factory, engine, data):
     import gguf
 
     f = tmp_path_factory.mktemp("g") / "x.gguf"
@@ -210,7 +226,7 @@ def test_fuzz_gguf(tiny_gguf, tmp_path_factory, data):
     model = load_or_refuse(f, str(f))
     if model is not None:
         try:
-            decode(model)
+            decode(model, engine)
         except (ValueError, FloatingPointError):
             pass  # a context too short for the prompt, or finite weights whose logits overflow
 
@@ -252,7 +268,7 @@ def test_fuzz_head_files(base, tmp_path_factory, data):
 @fuzz
 @given(changes=st.dictionaries(st.sampled_from(["bos_token", "eos_token", "add_bos_token", "chat_template", "unk_token"]),
                                BAD | json_values | odd_text, min_size=1, max_size=3))
-def test_fuzz_tokenizer_config(base, changes):
+def test_fuzz_tokenizer_config(base, engine, changes):
     d, _, fresh = base
     m = fresh()
     cfg = json.loads((m / "tokenizer_config.json").read_text())
@@ -260,7 +276,7 @@ def test_fuzz_tokenizer_config(base, changes):
     (m / "tokenizer_config.json").write_text(json.dumps(cfg, allow_nan=True).replace("\\\\ud", "\\ud"))
     model = load_or_refuse(m, str(m / "tokenizer_config.json"))
     if model is not None:
-        llm = adadecode.LLM(model, engine="torch", device="cpu", dtype="fp32")
+        llm = adadecode.LLM(model, **ENGINES[engine])
         for kwargs in ({"prompt": "ab"}, {"prompt": "ab", "chat": True}):
             try:
                 llm.generate(max_new_tokens=2, **kwargs)
@@ -270,8 +286,8 @@ def test_fuzz_tokenizer_config(base, changes):
 
 # ---- prompts -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def llm(base):
-    return adadecode.LLM(load_model(base[0]), engine="torch", device="cpu", dtype="fp32", max_seq=256)
+def llm(base, engine):
+    return adadecode.LLM(load_model(base[0]), **ENGINES[engine], max_seq=256)
 
 
 @fuzz
