@@ -1,10 +1,10 @@
 """Which CPU engine kernel paths (AVX-512, AVX2, portable: adadecode_cpu.isas()) this run tested (issue 32, item 7).
 
 Which paths run depends on the host: an AVX2-only machine never runs the AVX-512 path. So the run says which it
-tested. The extension's entry points that pick a path (adadecode_cpu.Engine, the kernel probes lane_dot, fixed_exp
-and read_bandwidth) are wrapped here to note the path each call used; a path counts as tested when a test that used
-it PASSED (a skipped or failed test counts for nothing). pytest's header names the paths this CPU runs; a line at the
-end of the run names those tested, each with its number of passing tests.
+tested. The extension's entry points that pick a path (adadecode_cpu.Engine, the kernel probes lane_dot, fixed_exp,
+attn_partials, attn_merge and read_bandwidth) are wrapped here to note the path each call used; a path counts as
+tested when a test that used it PASSED (a skipped or failed test counts for nothing). pytest's header names the
+paths this CPU runs; a line at the end of the run names those tested, each with its number of passing tests.
 
 Enforced (the run fails when a path this CPU runs was tested by no passing test) when the run holds the CPU path
 tests (a test parametrized by `isa`: tests/test_cpu_kernels.py, tests/test_cpu_reference.py) and is not narrowed by
@@ -51,6 +51,10 @@ def install() -> None:
     m.lane_dot = _noting(m.lane_dot, lambda o, a, kw: kw.get("isa", a[2] if len(a) > 2 else ""))
     m.fixed_exp = _noting(m.fixed_exp, lambda o, a, kw: kw.get("isa", a[1] if len(a) > 1 else ""))
     m.read_bandwidth = _noting(m.read_bandwidth, lambda o, a, kw: kw.get("isa", a[3] if len(a) > 3 else ""))
+    for name, at in (("attn_partials", 5), ("attn_merge", 4)):  # the test probes (binding.cpp)
+        if hasattr(m, name):
+            isa_of = lambda o, a, kw, at=at: kw.get("isa", a[at] if len(a) > at else "")  # noqa: E731
+            setattr(m, name, _noting(getattr(m, name), isa_of))
     m._isa_paths_installed = True
 
 

@@ -324,20 +324,21 @@ def attn_lo(p: np.ndarray, window: int) -> np.ndarray:
     return np.maximum(0, p - window + 1) if window > 0 else np.zeros_like(p)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, window: int = 0) -> np.ndarray:
-    """q [R, H, hd] (bf16 values, rotated), k/v [T, Hkv, hd] (the cache, bf16 values), pos [R]: the rows' positions
-    (row r attends to attn_lo(p)..p). Returns [R, H, hd] bf16 values, in the chunked order of the module docstring."""
+def attn_partials(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, window: int = 0):
+    """The chunk partials of rows at positions pos [R] (row r attends to attn_lo(p)..p): q [R, H, hd] (bf16 values,
+    rotated), k/v [T, Hkv, hd] (the cache, bf16 values). Returns m, l [R, H, n_chunks] (log2 units) and o [R, H,
+    n_chunks, hd], NaN for a chunk that holds no position of the row's window."""
     R, H, hd = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
-    T = int(pos.max()) + 1
+    T = max(int(pos.max()) + 1, k.shape[0])
     nch = -(-T // CHUNK)
     Tp = nch * CHUNK
     qscale = F32(1.4426950408889634) / np.sqrt(F32(hd))
     qs = q * qscale  # one rounding
     kk = np.zeros((Tp, Hkv, hd), np.float32)
     vv = np.zeros((Tp, Hkv, hd), np.float32)
-    kk[:T], vv[:T] = k[:T], v[:T]
+    kk[:k.shape[0]], vv[:v.shape[0]] = k, v
     kh = np.arange(H) // G
     kq = kk[:, kh, :]  # [Tp, H, hd]
     vq = vv[:, kh, :]
@@ -365,23 +366,39 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, wind
     for j in range(CHUNK):
         nxt = fma32(p[..., j][..., None], vc[None, :, j].transpose(0, 2, 1, 3), o)
         o = np.where(vmask[:, None, :, j, None], nxt, o)
-    # merge chunks c0..nc-1 in order
-    c0 = lo // CHUNK
+    none = ~vmask.any(-1)[:, None, :]  # [R, 1, nch]: no position of the row in the chunk
+    m, l = np.where(none, F32(np.nan), m), np.where(none, F32(np.nan), l)
+    return m, l, np.where(none[..., None], F32(np.nan), o)
+
+
+def attn_merge(m: np.ndarray, l: np.ndarray, o: np.ndarray, pos: np.ndarray, window: int = 0) -> np.ndarray:
+    """The merge of the chunks c0..nc-1 of each row (the chunks that hold its window) in order: M = their max,
+    w = exp2_fixed(m_c - M), L = fma(l_c, w, L), acc = fma(o_c, w, acc), out = bf16(acc / L): [R, H, hd]."""
+    R, H, nch, hd = o.shape
+    c0 = attn_lo(pos, window) // CHUNK
     nc = pos // CHUNK + 1
     out = np.empty((R, H, hd), np.float32)
-    for r in range(R):
-        cs = range(int(c0[r]), int(nc[r]))
-        M = np.full(H, -np.inf, np.float32)
-        for c in cs:
-            M = np.maximum(M, m[r, :, c])
-        L = np.zeros(H, np.float32)
-        acc = np.zeros((H, hd), np.float32)
-        for c in cs:
-            w = exp2_fixed(m[r, :, c] - M)
-            L = fma32(l[r, :, c], w, L)
-            acc = fma32(o[r, :, c], w[:, None], acc)
-        out[r] = bf16(acc / L[:, None])
+    for c_lo in np.unique(c0):
+        for c_hi in np.unique(nc[c0 == c_lo]):
+            rows = np.nonzero((c0 == c_lo) & (nc == c_hi))[0]
+            M = np.full((len(rows), H), -np.inf, np.float32)
+            for c in range(c_lo, c_hi):
+                M = np.maximum(M, m[rows, :, c])
+            L = np.zeros((len(rows), H), np.float32)
+            acc = np.zeros((len(rows), H, hd), np.float32)
+            for c in range(c_lo, c_hi):
+                w = exp2_fixed(m[rows, :, c] - M)
+                L = fma32(l[rows, :, c], w, L)
+                acc = fma32(o[rows, :, c], w[..., None], acc)
+            out[rows] = bf16(acc / L[..., None])
     return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, window: int = 0) -> np.ndarray:
+    """q [R, H, hd] (bf16 values, rotated), k/v [T, Hkv, hd] (the cache, bf16 values), pos [R]: the rows'
+    positions. Returns [R, H, hd] bf16 values: the partials of each chunk, merged in order."""
+    m, l, o = attn_partials(q, k, v, pos, window)
+    return attn_merge(m, l, o, pos, window)
 
 
 def attention_fp64(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, window: int = 0) -> np.ndarray:

@@ -221,6 +221,172 @@ def test_the_reference_head_confidence_is_the_softmax_probability():
     assert R.lm_stats(tied)[0] == 70
 
 
+# ---- attention kernels on raw arrays: the chunk partials (fp32) and the merge ----------------------------------------
+def attn_inputs(rng, T: int, R: int, H: int, Hkv: int, hd: int):
+    """q [R, H, hd] (numpy), k, v [T, Hkv, hd] (bf16 tensors): random bf16 values."""
+    kv = [torch.from_numpy(R_bf16(rng, (T, Hkv, hd))).bfloat16() for _ in range(2)]
+    return R_bf16(rng, (R, H, hd)), kv[0], kv[1]
+
+
+def R_bf16(rng, shape) -> np.ndarray:
+    return R.bf16(rng.standard_normal(shape).astype(np.float32))
+
+
+def same_with_nan(a, b) -> bool:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    nan = np.isnan(a)
+    return a.shape == b.shape and bool((nan == np.isnan(b)).all()) and same_bits(a[~nan], b[~nan])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_partials_and_merge_are_the_reference(isa):
+    """Rows across three 128-position chunks, without and with windows (one that leaves chunk 0 out of later rows,
+    one shorter than a chunk), head_dim 120 (a partial vector) with 3 query heads per kv head, and head_dim 64 with
+    MQA: every chunk's (max, sum of exps) and P.V bit for bit (fp32, before any rounding), and the merge's output."""
+    rng = np.random.default_rng(8)
+    for window, first, rows, H, Hkv, hd in ((0, 258, 42, 6, 2, 120), (150, 240, 60, 6, 2, 120), (37, 90, 50, 4, 1, 64),
+                                            (0, 0, 20, 4, 1, 64)):
+        T = first + rows
+        q, k, v = attn_inputs(rng, T, rows, H, Hkv, hd)
+        pos = np.arange(first, T)
+        po, pml = adadecode_cpu.attn_partials(torch.from_numpy(q), k, v, first, window, isa)
+        m, l, o = R.attn_partials(q, k.float().numpy(), v.float().numpy(), pos, window)
+        what = f"{isa}: window {window}, rows {first}..{T - 1}, hd {hd}"
+        assert np.isfinite(m).mean() > 0.3  # partials to compare (NaN: the chunk is past the row or its window)
+        assert same_with_nan(pml[..., 0].numpy(), m), f"{what}: chunk maxima"
+        assert same_with_nan(pml[..., 1].numpy(), l), f"{what}: chunk sums of exps"
+        assert same_with_nan(po.numpy(), o), f"{what}: chunk P.V"
+        out = adadecode_cpu.attn_merge(po, pml, first, window, isa)
+        assert same_bits(out.numpy(), R.attn_merge(m, l, o, pos, window)), f"{what}: merged output"
+
+
+def test_attention_partials_are_the_emulated_devices():
+    """The CPU kernels' chunk partials (fp32: max, sum of exps, P.V) equal the CUDA kernel's on the emulated device
+    bit for bit (its two-launch path leaves them in its workspace), rows across three chunks, head_dim 64 and 128."""
+    emu = pytest.importorskip("adadecode_emu", reason="adadecode_emu is not built (ADADECODE_BUILD_EMU=0)")
+    rng = np.random.default_rng(10)
+    for first, rows, H, Hkv, hd in ((258, 42, 6, 2, 128), (100, 60, 4, 1, 64)):
+        T = first + rows
+        q, k, v = attn_inputs(rng, T, rows, H, Hkv, hd)
+        po, pml = adadecode_cpu.attn_partials(torch.from_numpy(q), k, v, first, 0, ISAS[0])
+        put = lambda t: emu.empty(list(t.shape), t.dtype).copy_(t)  # noqa: E731 (the device's guarded memory)
+        n = emu.attention_workspace_floats(rows, H, hd, T)
+        ws = put(torch.full((n,), float("nan")))
+        ws[:emu.attention_counters] = 0
+        out = put(torch.zeros(rows, H * hd, dtype=torch.bfloat16))
+        emu.attention(put(torch.from_numpy(q).reshape(rows, H * hd).bfloat16()), put(k), put(v),
+                      put(torch.tensor([first], dtype=torch.int32)), out, H, T, workspace=ws, single_launch=False)
+        nch = po.shape[2]
+        body = ws[emu.attention_counters:].clone()
+        e_o = body[:rows * H * nch * hd].reshape(rows, H, nch, hd)
+        e_ml = body[rows * H * nch * hd:rows * H * nch * (hd + 2)].reshape(rows, H, nch, 2)
+        what = f"rows {first}..{T - 1}, hd {hd}"
+        assert np.isfinite(pml.numpy()).mean() > 0.5  # most slots hold a partial (NaN: the chunk is past the row)
+        assert same_with_nan(pml.numpy(), e_ml.numpy()), f"{what}: chunk (max, sum of exps)"
+        assert same_with_nan(po.numpy(), e_o.numpy()), f"{what}: chunk P.V"
+        merged = adadecode_cpu.attn_merge(po, pml, first, 0, ISAS[0]).reshape(rows, H * hd)
+        assert torch.equal(merged.bfloat16(), out.clone()), f"{what}: merged output"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_merge_order_on_cancelling_partials(isa):
+    """Partials chosen so that the merge's order shows in its rounded output: three chunks of equal max (every
+    weight exactly 1) whose P.V are +B u, -B u (B = 2^40) and a small s: in chunk order acc = (B u - B u) + s = s
+    exactly, so out = bf16(s / L) with L = l0 + l1 + l2 exact; any other order absorbs s into B u and gives 0. Half
+    the rows hold random partials instead (the merge of general values, against the reference)."""
+    rng = np.random.default_rng(9)
+    rows, H, hd, first = 96, 8, 64, 256  # positions 256..351: chunks 0, 1, 2
+    m = np.zeros((rows, H, 3), np.float32)
+    l = np.float32(rng.integers(1, 64, (rows, H, 3)))
+    u = R_bf16(rng, (rows, H, hd))
+    small = R_bf16(rng, (rows, H, hd))
+    o = np.stack([u * np.float32(2.0**40), -u * np.float32(2.0**40), small], axis=2)
+    rand = np.arange(rows) % 2 == 1
+    m[rand] = np.float32(rng.standard_normal((int(rand.sum()), H, 3)) * 4)
+    o[rand] = np.float32(rng.standard_normal((int(rand.sum()), H, 3, hd)) * 20)
+    pos = np.arange(first, first + rows)
+    out = adadecode_cpu.attn_merge(torch.from_numpy(o), torch.from_numpy(np.stack([m, l], -1)), first, 0, isa).numpy()
+    exact = R.bf16(small / l.sum(-1, keepdims=True))  # the cancelling rows, from the math alone
+    assert same_bits(out[~rand], exact[~rand]), f"{isa}: the chunks are not merged in order"
+    assert same_bits(out, R.attn_merge(m, l, o, pos, 0)), f"{isa}: the merge of random partials"
+
+
+# ---- the engine's dot products on inputs whose sum depends on every step of the order --------------------------------
+def absorbing_model():
+    """loop-llama's shape, one layer, with layer 0's K and V projections on inputs that make the documented order
+    visible in the bf16 results: embedding rows of +-1 (so the normed rows, with a norm gain of 1, are exactly +-1:
+    rms 1, and bf16(+-1 x inv) = +-1) that are +1 on 64 "big" dims; K and V weight rows of small bf16 values (in
+    [1/8, 1/4]) with 4 pairs +B, -B (B = 2^40 times a bf16 value) on big dims. Each sum is then the sum of the small
+    products that were NOT added while an uncancelled B sat in the same accumulator (a lane's chain, a warp's
+    butterfly, the warps' sum), and that set depends on every step of the order: a change of order in any loop
+    (main steps, tail, tiles of several rows, lanes, warps) changes the value by whole small terms, far more than
+    bf16's rounding hides."""
+    from adadecode.model.config import LlamaConfig
+
+    from conftest import LOOP_MODELS, random_weights, tiny_hf_config
+
+    cfg = LlamaConfig.from_hf(tiny_hf_config(**{**LOOP_MODELS["loop-llama"], "num_hidden_layers": 1}))
+    w = random_weights(cfg, seed=31)
+    g = torch.Generator().manual_seed(32)
+    d, kv = cfg.d, cfg.n_kv_heads * cfg.head_dim
+    big = torch.randperm(d, generator=g)[:64]
+    w.embed = (torch.randint(0, 2, (cfg.vocab_size, d), generator=g) * 2 - 1).float()
+    w.embed[:, big] = 1.0
+    w.layers[0].attn_norm = torch.ones(d)
+
+    def rows() -> torch.Tensor:
+        sign = torch.randint(0, 2, (kv, d), generator=g) * 2 - 1
+        x = (torch.rand(kv, d, generator=g) + 1) / 8 * sign
+        for r in range(kv):
+            at = big[torch.randperm(64, generator=g)[:8]]
+            b = (torch.rand(4, generator=g) + 1) * 2.0**40
+            x[r, at[:4]], x[r, at[4:]] = b, -b
+        return x.bfloat16().float()
+
+    w.layers[0].wk, w.layers[0].wv = rows(), rows()
+    return cfg, w
+
+
+def test_engine_dot_products_follow_the_order_on_absorbing_inputs():
+    """Layer 0's K and V (bf16(x . w), K then rotated) of 40 rows: 4 prefilled, then run_layers calls of 1, 2, ..., 8
+    rows (every register tile), on every path x 1, 2 (reversed pool), 3 threads, bit for bit against the numpy order;
+    and the inputs do tell orders apart: a sum in plain sequential order differs from the documented one."""
+    cfg, w = absorbing_model()
+    tokens = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(33)).tolist()
+    xn = R.rmsnorm(R.bf16(w.embed[tokens].numpy()), np.ones(cfg.d, np.float32), cfg.rms_norm_eps)
+    assert (np.abs(xn) == 1).all()
+    wk, wv = w.layers[0].wk.numpy(), w.layers[0].wv.numpy()
+    v_ref = R.bf16(R.lanes_dot(xn, wv)).reshape(40, cfg.n_kv_heads, cfg.head_dim)
+    cos, sin = rope_tables(cfg, 48)
+    k_ref = R.rope(R.bf16(R.lanes_dot(xn, wk)).reshape(40, cfg.n_kv_heads, cfg.head_dim), cos.numpy()[:40, None],
+                   sin.numpy()[:40, None])
+    sequential = R.bf16(np.array([[np.float32(sum_seq(xn[r] * wv[c])) for c in range(8)] for r in range(8)]))
+    assert (sequential != v_ref.reshape(40, -1)[:8, :8]).mean() > 0.5  # the order shows
+    packed = CpuWeights(cfg, w)
+    for isa in ISAS:
+        for threads, schedule in ((1, None), (2, "reverse"), (3, None)):
+            e = CpuEngine(cfg, packed, max_seq=48, max_rows=8, threads=threads, isa=isa, schedule=schedule,
+                          prefill_chunk=4)
+            e.prefill(tokens[:4])
+            p = 4
+            for rows in range(1, 9):
+                for i in range(rows):
+                    e.embed(p + i, tokens[p + i])
+                e.run_layers(p, p + rows - 1, 0, 1)
+                p += rows
+            k, v = e.kv(0)
+            what = f"{isa} x {threads} threads ({schedule or 'natural'} pool)"
+            assert same_bits(v.float().numpy(), v_ref), f"{what}: V of layer 0"
+            assert same_bits(k.float().numpy(), k_ref), f"{what}: K of layer 0"
+
+
+def sum_seq(prod: np.ndarray) -> np.float32:
+    s = np.float32(0)
+    for p in prod:
+        s = np.float32(s + p)
+    return s
+
+
 # ---- the engine, every path and thread count, bit for bit against the reference ---------------------------------
 # (prompt length, prefill chunk): chunks of several rows with a shorter last one
 CASES = {
