@@ -15,6 +15,10 @@ cannot see it.
   K/V of every layer and position, hidden states, logits, greedy tokens and both heads' (token, confidence) on
   models whose reductions reach every loop (conftest.LOOP_MODELS), three 128-position attention chunks with and
   without a window that straddles them, and the four families (Qwen2 biases, Qwen3 head norms, Mistral's window).
+* Where the engine's bf16 rounding would hide an order (a reordered fp32 sum changes a bf16 value about once in
+  2^16): the attention chunk partials in fp32 through the test probes (against numpy and the emulated device), the
+  merge on partials that cancel, and the engine's dot products on inputs built so that every step of the order
+  moves the bf16 result.
 """
 from __future__ import annotations
 
