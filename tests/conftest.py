@@ -15,10 +15,36 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from adadecode.model.config import LlamaConfig
 from adadecode.model.weights import LlamaWeights
 
+import isa_paths  # which CPU engine kernel paths this run tested (tests/isa_paths.py)
+
+isa_paths.install()
+
 
 def pytest_report_header(config):
     # which vector kernels ATen dispatches to (ATEN_CPU_CAPABILITY=avx2 forces AVX2; make test runs both)
-    return f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    return [f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
+            isa_paths.header()]
+
+
+def pytest_collection_finish(session):
+    isa_paths.collection_finish(session)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    isa_paths.start_test()
+
+
+def pytest_runtest_logreport(report):
+    isa_paths.logreport(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    isa_paths.session_finish(session)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    isa_paths.terminal_summary(terminalreporter)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -120,12 +146,41 @@ ENGINE_MODELS = {
 }
 FAMILY_MODELS = ["qwen2-bias-window", "qwen3-qknorm-hd128", "mistral-window"]
 
+# Shapes that reach every loop of the CPU kernels (issue 32; tests/test_cpu_reference.py, test_row_invariance.py,
+# test_cpu_mutants.py). A dot product of length K runs on NT = 32 x ceil(K / 1024) lanes (1..8 warps, lanes.h), each
+# lane's chain has K / 8 // NT full chunk steps (the main loop) and (K / 8) % NT lanes one more (the tail):
+#   loop-llama  d = 2056: 3 warps, 2 full steps, a tail of 65 lanes (4 whole lane blocks and one lane of a fifth);
+#               o_proj K = 9 x 120 = 1080: 2 warps, 2 steps, tail 7; down K = ffn = 1032: 2 warps, 2 steps, tail 1;
+#               RMSNorm's 32 lanes: 8 steps, tail 1; a head's rest logit on 256 lanes: 1 step, tail 1; head_dim 120
+#               (attention and RoPE on partial vectors); vocab 1000: 32 LM-head items of 32 columns (10-11 per thread
+#               at 3 threads, the last one 8 wide), 16 blocks of 64 in the head statistics
+#   loop-qwen3  q/k head norms on head_dim 256 (the only head_dim whose norm reaches the main loop: 32 chunks on 32
+#               lanes), d = 1032 (2 warps, tail 1), o_proj K = 1024, down K = 2824 (3 warps, 3 steps, tail 65), tied
+#   chunks-*    attention over three 128-position chunks and their merge (prompts of ~300 tokens on small matrices):
+#               full attention (MQA), and a Qwen2 with biases and a window of 150 that straddles the chunk boundaries
+#               (rows from position 277 on leave chunk 0 out)
+LOOP_MODELS = {
+    "loop-llama": dict(hidden_size=2056, num_attention_heads=9, num_key_value_heads=3, head_dim=120,
+                       intermediate_size=1032, vocab_size=1000, num_hidden_layers=2, max_position_embeddings=512),
+    "loop-qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=1032, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=256, intermediate_size=2824, vocab_size=600, num_hidden_layers=2,
+                       tie_word_embeddings=True, attention_bias=False, rope_theta=1000000.0,
+                       max_position_embeddings=512),
+    "chunks-llama": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                         intermediate_size=256, vocab_size=300, num_hidden_layers=2, max_position_embeddings=512),
+    "chunks-qwen2-window": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=128,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=256,
+                                vocab_size=300, num_hidden_layers=2, tie_word_embeddings=True, use_sliding_window=True,
+                                sliding_window=150, max_window_layers=0, rope_theta=1000000.0,
+                                max_position_embeddings=512),
+}
+
 
 def engine_model(name: str, seed: int = 0):
     """(LlamaConfig, LlamaWeights) of ENGINE_MODELS[name], fp32 random weights. Biases are redrawn at the scale of
     the projections' outputs (std 0.5; trained Qwen2 biases are larger still): small ones would leave a bias applied
     to the wrong columns, or not at all, inside the tie tolerance of the greedy tests."""
-    cfg = LlamaConfig.from_hf(tiny_hf_config(**ENGINE_MODELS[name]))
+    cfg = LlamaConfig.from_hf(tiny_hf_config(**{**ENGINE_MODELS, **LOOP_MODELS}[name]))  # or LOOP_MODELS[name]
     w = random_weights(cfg, seed=seed)
     if cfg.qkv_bias:
         g = torch.Generator().manual_seed(1000 + seed)

@@ -1,7 +1,8 @@
 """Fuzzing bad input (issue 25): random damage to checkpoints, head files, tokenizer configs, prompts and request
 bodies. The property everywhere: a ValueError naming what is wrong (the file, for files), or a model that loads and
 decodes (the same tokens as the undamaged one where the damage cannot change the answer), never another exception
-type, a hang or a crash. Tiny random models keep CI's cost low; ADADECODE_FUZZ_EXAMPLES=500 runs longer.
+type, a hang or a crash. Every test that decodes runs on TorchEngine and on the CPU engine. Tiny random models keep
+CI's cost low; ADADECODE_FUZZ_EXAMPLES=500 runs longer.
 
 Issue 35's shapes: every count and length of a GGUF set far past the file; request strings (stop strings, prompts,
 message contents) of every length up to the body limit and lists of them past the limits; and kills at every point
@@ -65,18 +66,41 @@ def base(tmp_path_factory):
     return d, tokens, fresh
 
 
-def decode(model) -> list[int]:
-    return adadecode.LLM(model, engine="torch", device="cpu", dtype="fp32").generate("ab", max_new_tokens=3).tokens
+# every test that decodes runs on TorchEngine and on the CPU engine
+ENGINES = {"torch": dict(engine="torch", device="cpu", dtype="fp32"), "cpu": dict(engine="cpu", threads=1)}
 
 
-def load_or_refuse(path: Path, names: str):
-    """The model, or None after a ValueError / FileNotFoundError whose message names `names`."""
+@pytest.fixture(scope="module", params=sorted(ENGINES))
+def engine(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def base_tokens(base, engine) -> list[int]:
+    """The undamaged checkpoint's greedy tokens on `engine`."""
+    return decode(load_model(base[0]), engine)
+
+
+def decode(model, engine: str = "torch") -> list[int]:
+    return adadecode.LLM(model, **ENGINES[engine]).generate("ab", max_new_tokens=3).tokens
+
+
+def load_or_refuse(path: Path, names: str, fields=()):
+    """The model, or None after a ValueError / FileNotFoundError whose message names `names` and, when `fields` are
+    given (the damaged ones), one of them."""
     try:
         model = load_model(path)
     except (ValueError, FileNotFoundError) as e:
         assert names in str(e), f"error names no file: {e}"
+        assert not fields or names_one(str(e), fields), f"error names none of the damaged fields {sorted(fields)}: {e}"
         return None
     return model
+
+
+def names_one(message: str, fields) -> bool:
+    """The message names one of the fields (or, for a shape that contradicts the weights, config.json against the
+    tensor it does not fit: 'tensor ... has shape (80, 48), config.json wants (...)')."""
+    return any(f in message for f in fields) or "config.json wants" in message
 
 
 def dump(value) -> str:
@@ -87,7 +111,7 @@ def dump(value) -> str:
 @fuzz
 @given(changes=st.dictionaries(st.sampled_from(CONFIG_FIELDS), BAD | BAD | json_values, min_size=1, max_size=3),
        drop=st.lists(st.sampled_from(CONFIG_FIELDS), max_size=2))
-def test_fuzz_config_fields(base, changes, drop):
+def test_fuzz_config_fields(base, engine, changes, drop):
     d, _, fresh = base
     m = fresh()
     cfg = json.loads((m / "config.json").read_text())
@@ -95,22 +119,22 @@ def test_fuzz_config_fields(base, changes, drop):
     for k in drop:
         cfg.pop(k, None)
     (m / "config.json").write_text(dump(cfg))
-    model = load_or_refuse(m, str(m))
+    model = load_or_refuse(m, str(m), fields=[*changes, *drop])
     if model is not None:
         try:
-            decode(model)
-        except ValueError:
-            pass  # e.g. a context too short for the prompt: a request error, not a load error
+            decode(model, engine)
+        except ValueError as e:  # e.g. a context too short for the prompt: a request error, not a load error
+            assert names_one(str(e), [*changes, *drop, "context"]), f"error names no damaged field: {e}"
 
 
 @fuzz
 @given(extra=st.dictionaries(st.text(min_size=1, max_size=8).map(lambda s: "fuzz_" + s), json_values, min_size=1, max_size=4))
-def test_fuzz_config_extra_fields_change_nothing(base, extra):
-    d, tokens, fresh = base
+def test_fuzz_config_extra_fields_change_nothing(base, base_tokens, engine, extra):
+    d, _, fresh = base
     m = fresh()
     cfg = json.loads((m / "config.json").read_text())
     (m / "config.json").write_text(dump({**cfg, **extra}))
-    assert decode(load_model(m)) == tokens
+    assert decode(load_model(m), engine) == base_tokens
 
 
 @fuzz
@@ -130,8 +154,8 @@ def header_size(path: Path) -> int:
 
 @fuzz
 @given(data=st.data())
-def test_fuzz_safetensors_header(base, data):
-    d, tokens, fresh = base
+def test_fuzz_safetensors_header(base, base_tokens, engine, data):
+    d, _, fresh = base
     m = fresh()
     f = m / "model.safetensors"
     raw = bytearray(f.read_bytes())
@@ -142,12 +166,12 @@ def test_fuzz_safetensors_header(base, data):
     f.write_bytes(bytes(raw))
     model = load_or_refuse(m, str(m))
     if model is not None:  # a header that still parses to the same tensors (e.g. damage in the metadata)
-        assert decode(model) == tokens
+        assert decode(model, engine) == base_tokens
 
 
 @fuzz
 @given(data=st.data())
-def test_fuzz_safetensors_bytes_and_length(base, data):
+def test_fuzz_safetensors_bytes_and_length(base, engine, data):
     d, _, fresh = base
     m = fresh()
     f = m / "model.safetensors"
@@ -161,7 +185,7 @@ def test_fuzz_safetensors_bytes_and_length(base, data):
     model = load_or_refuse(m, str(m))
     if model is not None:  # other weights (a NaN or inf is refused at load): it must still decode
         try:
-            decode(model)
+            decode(model, engine)
         except FloatingPointError:
             pass  # finite weights whose logits overflow: an engine's error for that request, named as such
 
@@ -175,7 +199,7 @@ GGUF_NUMERIC = ["llama.block_count", "llama.context_length", "llama.embedding_le
 
 @fuzz
 @given(data=st.data())
-def test_fuzz_gguf(tiny_gguf, tmp_path_factory, data):
+def test_fuzz_gguf(tiny_gguf, tmp_path_factory, engine, data):
     import gguf
 
     f = tmp_path_factory.mktemp("g") / "x.gguf"
@@ -207,7 +231,7 @@ def test_fuzz_gguf(tiny_gguf, tmp_path_factory, data):
     model = load_or_refuse(f, str(f))
     if model is not None:
         try:
-            decode(model)
+            decode(model, engine)
         except (ValueError, FloatingPointError):
             pass  # a context too short for the prompt, or finite weights whose logits overflow
 
@@ -300,7 +324,7 @@ def test_fuzz_head_files(base, tmp_path_factory, data):
 @fuzz
 @given(changes=st.dictionaries(st.sampled_from(["bos_token", "eos_token", "add_bos_token", "chat_template", "unk_token"]),
                                BAD | json_values | odd_text, min_size=1, max_size=3))
-def test_fuzz_tokenizer_config(base, changes):
+def test_fuzz_tokenizer_config(base, engine, changes):
     d, _, fresh = base
     m = fresh()
     cfg = json.loads((m / "tokenizer_config.json").read_text())
@@ -308,7 +332,7 @@ def test_fuzz_tokenizer_config(base, changes):
     (m / "tokenizer_config.json").write_text(json.dumps(cfg, allow_nan=True).replace("\\\\ud", "\\ud"))
     model = load_or_refuse(m, str(m / "tokenizer_config.json"))
     if model is not None:
-        llm = adadecode.LLM(model, engine="torch", device="cpu", dtype="fp32")
+        llm = adadecode.LLM(model, **ENGINES[engine])
         for kwargs in ({"prompt": "ab"}, {"prompt": "ab", "chat": True}):
             try:
                 llm.generate(max_new_tokens=2, **kwargs)
@@ -318,8 +342,8 @@ def test_fuzz_tokenizer_config(base, changes):
 
 # ---- prompts -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def llm(base):
-    return adadecode.LLM(load_model(base[0]), engine="torch", device="cpu", dtype="fp32", max_seq=256)
+def llm(base, engine):
+    return adadecode.LLM(load_model(base[0]), **ENGINES[engine], max_seq=256)
 
 
 @fuzz
@@ -327,7 +351,8 @@ def llm(base):
 def test_fuzz_prompts(llm, prompt, chat):
     try:
         out = llm.generate(prompt, chat=chat, max_new_tokens=2)
-    except ValueError:
+    except ValueError as e:
+        assert "prompt" in str(e), f"error names no prompt: {e}"
         return
     assert len(out.tokens) <= 2
 
@@ -337,9 +362,11 @@ def test_fuzz_prompts(llm, prompt, chat):
                          max_size=3) | json_values)
 def test_fuzz_messages(llm, messages):
     try:
-        llm.generate(messages=messages, max_new_tokens=2)
-    except ValueError:
-        pass
+        out = llm.generate(messages=messages, max_new_tokens=2)
+    except ValueError as e:
+        assert "messages" in str(e), f"error names no messages: {e}"
+        return
+    assert 1 <= len(out.tokens) <= 2 and isinstance(out.text, str)
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------------
@@ -382,22 +409,58 @@ BODY_FIELDS = ["model", "prompt", "messages", "max_tokens", "stop", "stream", "t
                "method", "gamma", "max_pending", "k", "head_layer", "top_k", "logit_bias", "stream_options"]
 
 
-def check_answer(status: int, raw: bytes) -> None:
+# request fields whose damage cannot change a greedy answer's tokens when the request is still accepted: every
+# method is exact, the sampling knobs do nothing without a temperature, stream is set false here
+SAME_ANSWER = {"model", "stream", "seed", "top_p", "top_k", "n", "stream_options", "method", "gamma", "max_pending",
+               "k", "head_layer"}
+
+
+@pytest.fixture(scope="module")
+def answers(app) -> dict:
+    """The undamaged requests' tokens, per endpoint."""
+    out = {}
+    for path, body in VALID.items():
+        status, raw = asgi_post(app, path, json.dumps(body).encode())
+        assert status == 200, raw
+        out[path] = json.loads(raw)["adadecode"]["tokens"]
+    return out
+
+
+def check_answer(status: int, raw: bytes, path: str | None = None, changes: dict | None = None,
+                 answers: dict | None = None) -> None:
+    """An error object (naming a damaged field when `changes` says which), or a whole answer: one choice with a
+    text and a finish reason, usage that adds up, and the undamaged request's tokens where the damage cannot
+    change them."""
     assert status in (200, 400, 404, 413), (status, raw[:300])
     out = json.loads(raw) if not raw.startswith(b"data:") else None
     if status != 200:
         assert set(out["error"]) == {"message", "type", "param", "code"} and out["error"]["message"], out
+        if changes and status == 400:
+            e = out["error"]
+            assert e["param"] in changes or any(k in e["message"] for k in changes), f"names no damaged field: {e}"
+        return
+    assert out is not None, raw[:300]  # stream is false: one JSON answer
+    chat = out["object"] == "chat.completion"
+    assert out["object"] in ("chat.completion", "text_completion"), out
+    (choice,) = out["choices"]
+    text = choice["message"]["content"] if chat else choice["text"]
+    assert isinstance(text, str) and choice["finish_reason"] in ("stop", "length"), choice
+    tokens, usage = out["adadecode"]["tokens"], out["usage"]
+    assert usage["completion_tokens"] == len(tokens) >= 1, out
+    assert usage["total_tokens"] == usage["prompt_tokens"] + len(tokens), out
+    if answers is not None and changes is not None and set(changes) <= SAME_ANSWER:
+        assert tokens == answers[path], f"{sorted(changes)} changed the answer: {tokens} vs {answers[path]}"
 
 
 @fuzz
 @given(path=st.sampled_from(sorted(VALID)),
        changes=st.dictionaries(st.sampled_from(BODY_FIELDS), BAD | json_values | odd_text, max_size=3))
-def test_fuzz_request_fields(app, path, changes):
+def test_fuzz_request_fields(app, answers, path, changes):
     body = {**VALID[path], **changes}
     if body.get("stream") is True:
         body["stream"] = False  # this driver reads one answer; streaming is test_server.py's
     raw = json.dumps(body, allow_nan=True).replace("\\\\ud", "\\ud").encode()
-    check_answer(*asgi_post(app, path, raw))
+    check_answer(*asgi_post(app, path, raw), path, changes, answers)
 
 
 @fuzz

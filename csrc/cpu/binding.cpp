@@ -271,6 +271,77 @@ at::Tensor lane_dot(const at::Tensor& x, const at::Tensor& w, const std::string&
   return out;
 }
 
+// ---- test probes (issue 32: tests/test_cpu_reference.py) ------------------------------------------------------------
+// The attention kernels on raw arrays, no engine. The engine rounds attention's result to bf16 at once, which hides
+// most changes of order inside it (a reordered fp32 sum changes a bf16 value only where it crosses a rounding
+// boundary): these expose the chunk partials in fp32, and run the merge on partials the test chooses.
+
+// q [R, H, hd] fp32 (bf16 values: rotated q), k, v [T, Hkv, hd] bf16 (the cache): rows r at positions first + r
+// (first + R <= T), sliding window `window` (0: none). Every (kv head, chunk) item the engine would run for these
+// rows, through `isa`: (part_o [R, H, n_chunks, hd], part_ml [R, H, n_chunks, 2] = (max, sum of exps) in log2
+// units), NaN where no partial is written (chunks past a row or wholly before its window).
+std::tuple<at::Tensor, at::Tensor> probe_attn_partials(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       int64_t first, int64_t window, const std::string& isa) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "attn_partials: q [R, H, hd], k and v [T, Hkv, hd]");
+  const int64_t R = q.size(0), H = q.size(1), hd = q.size(2), T = k.size(0), Hkv = k.size(1);
+  check(q, "q", {R, H, hd}, at::kFloat);
+  check(k, "k", {T, Hkv, hd}, at::kBFloat16);
+  check(v, "v", {T, Hkv, hd}, at::kBFloat16);
+  TORCH_CHECK(R >= 1 && Hkv >= 1 && H % Hkv == 0 && hd % 2 == 0 && hd <= 256 && first >= 0 && first + R <= T &&
+                  window >= 0, "attn_partials: needs R >= 1, H % Hkv == 0, even hd <= 256, 0 <= first, first + R <= T");
+  const cpu::Kernels* kern = kernels_named(isa);
+  const int64_t B = cpu::kKBlock, nkb = (T + B - 1) / B, nch = (T + cpu::kAttnChunk - 1) / cpu::kAttnChunk;
+  std::vector<uint16_t> kb(static_cast<size_t>(Hkv * nkb * hd * B), 0), vb(static_cast<size_t>(Hkv * T * hd));
+  const uint16_t *ks = bf16_ptr(k), *vs = bf16_ptr(v);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t kh = 0; kh < Hkv; ++kh)
+      for (int64_t d = 0; d < hd; ++d) {
+        kb[((kh * nkb + t / B) * hd + d) * B + t % B] = ks[(t * Hkv + kh) * hd + d];
+        vb[(kh * T + t) * hd + d] = vs[(t * Hkv + kh) * hd + d];
+      }
+  at::Tensor part_o = at::full({R, H, nch, hd}, NAN, at::kFloat), part_ml = at::full({R, H, nch, 2}, NAN, at::kFloat);
+  cpu::AttnArgs a;
+  a.q = q.data_ptr<float>(), a.k_blocks = kb.data(), a.v = vb.data();
+  a.part_o = part_o.data_ptr<float>(), a.part_ml = part_ml.data_ptr<float>();
+  a.R = static_cast<int>(R), a.first = static_cast<int>(first), a.n_heads = static_cast<int>(H);
+  a.n_kv_heads = static_cast<int>(Hkv), a.head_dim = static_cast<int>(hd), a.max_seq = static_cast<int>(T);
+  a.n_chunks = static_cast<int>(nch), a.window = static_cast<int>(window);
+  a.qscale = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));  // as the engine (engine.cpp: forward)
+  const int c0 = cpu::attn_lo(a.first, a.window) / cpu::kAttnChunk, nc = (a.first + a.R - 1) / cpu::kAttnChunk + 1;
+  for (int kh = 0; kh < a.n_kv_heads; ++kh)
+    for (int c = c0; c < nc; ++c) kern->attn_chunk(a, kh, c, 0, a.R);
+  return {part_o, part_ml};
+}
+
+// The merge of given partials (part_o [R, H, n_chunks, hd], part_ml [R, H, n_chunks, 2]) for rows at positions
+// first + r with window `window`, through `isa`: out [R, H, hd] fp32 (bf16 values).
+at::Tensor probe_attn_merge(const at::Tensor& part_o, const at::Tensor& part_ml, int64_t first, int64_t window,
+                            const std::string& isa) {
+  TORCH_CHECK(part_o.dim() == 4, "attn_merge: part_o [R, H, n_chunks, hd]");
+  const int64_t R = part_o.size(0), H = part_o.size(1), nch = part_o.size(2), hd = part_o.size(3);
+  check(part_o, "part_o", {R, H, nch, hd}, at::kFloat);
+  check(part_ml, "part_ml", {R, H, nch, 2}, at::kFloat);
+  TORCH_CHECK(R >= 1 && hd <= 256 && first >= 0 && window >= 0 && (first + R - 1) / cpu::kAttnChunk < nch,
+              "attn_merge: rows first..first+R-1 must lie inside the n_chunks chunks of 128 positions, hd <= 256");
+  const cpu::Kernels* kern = kernels_named(isa);
+  at::Tensor out = at::empty({R, H, hd}, at::kFloat);
+  cpu::AttnArgs a;
+  a.part_o = part_o.data_ptr<float>(), a.part_ml = part_ml.data_ptr<float>(), a.out = out.data_ptr<float>();
+  a.R = static_cast<int>(R), a.first = static_cast<int>(first), a.n_heads = static_cast<int>(H);
+  a.head_dim = static_cast<int>(hd), a.n_chunks = static_cast<int>(nch), a.window = static_cast<int>(window);
+  for (int r = 0; r < a.R; ++r)
+    for (int h = 0; h < a.n_heads; ++h) kern->attn_merge(a, r, h);
+  return out;
+}
+
+void def_test_probes(py::module_& m) {
+  m.def("attn_partials", &probe_attn_partials, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("first"),
+        py::arg("window"), py::arg("isa"), "tests: the attention chunk partials of rows first.. (fp32)");
+  m.def("attn_merge", &probe_attn_merge, py::arg("part_o"), py::arg("part_ml"), py::arg("first"), py::arg("window"),
+        py::arg("isa"), "tests: the attention merge of given chunk partials");
+}
+// ---- end of the test probes -----------------------------------------------------------------------------------------
+
 // Read bandwidth (bytes/s) of `threads` threads summing a buffer of `mib` MiB that no cache holds, best of `reps`
 // passes: the ceiling a decode step (every weight read once) can reach on this machine, measured in the same run.
 double read_bandwidth(int64_t mib, int64_t threads, int64_t reps, const std::string& isa) {
@@ -354,4 +425,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the scalar sequences of fixed_math.h, element by element");
   t.def("lane_dot", &lane_dot, py::arg("x"), py::arg("w"), py::arg("isa"),
         "x [R, K] . w [N, K] in the CUDA skinny GEMM's order, through `isa`");
+  def_test_probes(t);  // the attention probes (the test probes block above)
 }
