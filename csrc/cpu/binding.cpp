@@ -259,15 +259,22 @@ at::Tensor lane_dot(const at::Tensor& x, const at::Tensor& w, const std::string&
   const uint16_t* wp = bf16_ptr(w);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < K; ++j) packed[n * K + j] = wp[n * K + L.wsrc[j]];
+  const float* xv = x.data_ptr<float>();
+  for (int64_t i = 0; i < R * K; ++i) {
+    uint32_t u;
+    std::memcpy(&u, xv + i, 4);
+    TORCH_CHECK((u & 0xffff) == 0, "lane_dot: x must hold bf16 values (as every activation of the engine does)");
+  }
   std::vector<float> row(K + 1, 0.f), xp(R * L.xlen);
   for (int64_t r = 0; r < R; ++r) {
-    std::memcpy(row.data(), x.data_ptr<float>() + r * K, K * sizeof(float));
-    k->permute(L, row.data(), xp.data() + r * L.xlen);
+    std::memcpy(row.data(), xv + r * K, K * sizeof(float));
+    k->permute_x(L, row.data(), xp.data() + r * L.xlen);
   }
   std::vector<const uint16_t*> ptrs(N);
   for (int64_t n = 0; n < N; ++n) ptrs[n] = packed.data() + n * K;
   at::Tensor out = at::empty({R, N}, at::kFloat);
-  k->dot_tile(L, ptrs.data(), static_cast<int>(N), xp.data(), L.xlen, static_cast<int>(R), out.data_ptr<float>());
+  k->dot_tile(L, ptrs.data(), static_cast<int>(N), xp.data(), L.xlen, static_cast<int>(R), out.data_ptr<float>(),
+              cpu::bf16_exp_range(packed.data(), packed.size()));
   return out;
 }
 
@@ -338,4 +345,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fixed_exp", &fixed_exp, py::arg("x"), py::arg("isa"), py::arg("base2"));
   m.def("fixed_exp_scalar", &fixed_exp_scalar, py::arg("x"), py::arg("base2"));
   m.def("lane_dot", &lane_dot, py::arg("x"), py::arg("w"), py::arg("isa"));
+  m.def("bf16_dot_fallbacks", &cpu::bf16_dot_fallbacks,
+        "calls of the avx512bf16 dot products that ran the FMA chains (values the instruction would flush)");
 }

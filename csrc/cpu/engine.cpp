@@ -111,6 +111,7 @@ void Weights::pack(PackedMatrix& m, int K, const std::vector<const uint16_t*>& r
     uint16_t* out = m.data + static_cast<size_t>(n) * K;
     for (int j = 0; j < K; ++j) out[j] = in[src[j]];
   }
+  m.exp = bf16_exp_range(m.data, n_elems);
   bytes_ += n_elems * sizeof(uint16_t);
 }
 
@@ -201,7 +202,7 @@ void prep_norm(const Engine& e, ThreadWs& t, const uint16_t* rows, int R, const 
     const float inv = inv_sqrt(rn::add(rn::div(ss, static_cast<float>(d)), e.dims().eps));
     k.norm_apply(t.row.data(), inv, g, t.xn.data(), d);
     t.xn[d] = 0.f;
-    k.permute(Ld, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * Ld.xlen);
+    k.permute_x(Ld, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * Ld.xlen);
   }
 }
 
@@ -210,7 +211,7 @@ void prep_plain(const Engine& e, ThreadWs& t, const float* rows, int R, int K, c
   for (int r = 0; r < R; ++r) {
     std::memcpy(t.xn.data(), rows + static_cast<size_t>(r) * K, K * sizeof(float));
     t.xn[K] = 0.f;
-    e.k_.permute(L, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * L.xlen);
+    e.k_.permute_x(L, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * L.xlen);
   }
 }
 
@@ -233,7 +234,7 @@ void qkv_item(void* ctx, int thread, int item, bool first) {
   const int hd = m.head_dim, half = hd / 2, H = m.n_heads, Hkv = m.n_kv_heads;
   const uint16_t* ptrs[256];
   for (int c = 0; c < hd; ++c) ptrs[c] = W.wqkv.row(item * hd + c);
-  e.k_.dot_tile(*e.L_d_, ptrs, hd, t.xp.data(), e.L_d_->xlen, j.R, t.out.data());
+  e.k_.dot_tile(*e.L_d_, ptrs, hd, t.xp.data(), e.L_d_->xlen, j.R, t.out.data(), W.wqkv.exp);
   float rot[256], bias[256];
   const bool has_bias = W.bqkv.size() > 0;
   if (has_bias) e.k_.bf16_to_f32(W.bqkv.data() + static_cast<size_t>(item) * hd, bias, hd);
@@ -289,7 +290,7 @@ void residual_item(Engine& e, ThreadWs& t, int R, const PackedMatrix& W, int ite
   const int n0 = item * kColsPerItem, cn = std::min(kColsPerItem, W.N - n0);
   const uint16_t* ptrs[kColsPerItem];
   for (int c = 0; c < cn; ++c) ptrs[c] = W.row(n0 + c);
-  e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, R, t.out.data());
+  e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, R, t.out.data(), W.exp);
   for (int r = 0; r < R; ++r)
     e.k_.residual_add(t.out.data() + static_cast<size_t>(r) * cn, e.hw_.data() + static_cast<size_t>(r) * W.N + n0, cn);
 }
@@ -312,7 +313,7 @@ void gate_up_item(void* ctx, int thread, int item, bool first) {
   const int ffn = e.dims().ffn, n0 = item * kGateUpBlock, cn = std::min(kGateUpBlock, ffn - n0);
   const uint16_t* ptrs[2 * kGateUpBlock];
   for (int c = 0; c < 2 * cn; ++c) ptrs[c] = W.gate_up.row(2 * n0 + c);  // cn gate rows, then the same cn up rows
-  e.k_.dot_tile(*e.L_d_, ptrs, 2 * cn, t.xp.data(), e.L_d_->xlen, j.R, t.out.data());
+  e.k_.dot_tile(*e.L_d_, ptrs, 2 * cn, t.xp.data(), e.L_d_->xlen, j.R, t.out.data(), W.gate_up.exp);
   for (int r = 0; r < j.R; ++r) {
     const float* gu = t.out.data() + static_cast<size_t>(r) * 2 * cn;
     e.k_.silu_mul(gu, gu + cn, e.act_.data() + static_cast<size_t>(r) * ffn + n0, cn);
@@ -356,7 +357,7 @@ void lm_item(void* ctx, int thread, int item, bool first) {
   const int n0 = item * kVocabPerItem, cn = std::min(kVocabPerItem, j.n - n0);
   const uint16_t* ptrs[kVocabPerItem];
   for (int c = 0; c < cn; ++c) ptrs[c] = W.row(n0 + c);
-  e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, j.R, t.out.data());
+  e.k_.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, j.R, t.out.data(), W.exp);
   for (int r = 0; r < j.R; ++r) {
     float* y = t.out.data() + static_cast<size_t>(r) * cn;
     e.k_.round_bf16(y, y, cn);
@@ -381,7 +382,7 @@ void head_t_item(void* ctx, int thread, int item, bool first) {
   const int d = e.dims().d, n0 = item * kColsPerItem, cn = std::min(kColsPerItem, d - n0);
   const uint16_t* ptrs[kColsPerItem];
   for (int c = 0; c < cn; ++c) ptrs[c] = j.T->row(n0 + c);
-  e.k_.dot_tile(*e.L_d_, ptrs, cn, t.xp.data(), e.L_d_->xlen, 1, t.out.data());
+  e.k_.dot_tile(*e.L_d_, ptrs, cn, t.xp.data(), e.L_d_->xlen, 1, t.out.data(), j.T->exp);
   e.k_.round_bf16(t.out.data(), j.z + n0, cn);
 }
 
@@ -515,7 +516,7 @@ Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* 
     t.row.assign(kmax + 1, 0.f);
     t.xn.assign(kmax + 1, 0.f);
     t.tmp.assign(std::max({L_norm_->xlen, L_rest_->xlen, L_hd_->xlen}), 0.f);
-    t.xp.assign(static_cast<size_t>(P) * xlen, 0.f);
+    t.xp = Buffer<float>(static_cast<size_t>(P) * xlen, "activations");
     t.out.assign(static_cast<size_t>(P) * std::max({hd, 2 * kColsPerItem, kVocabPerItem}), 0.f);
     t.best.assign(max_rows, 0.f);
     t.best_idx.assign(max_rows, -1);
@@ -647,6 +648,7 @@ void Engine::set_heads(std::vector<Head> heads) {
     h.E.N = static_cast<int>(h.vocab.size());
     h.E.K = W.K;
     h.E.L = W.L;
+    h.E.exp = W.exp;  // a superset of its rows' range
     h.E.own = Buffer<uint16_t>(static_cast<size_t>(h.E.N) * W.K, "head vocabulary rows");
     h.E.data = h.E.own.data();
     for (int n = 0; n < h.E.N; ++n)

@@ -74,6 +74,7 @@ struct PackedMatrix {
   int N = 0, K = 0;
   const LaneLayout* L = nullptr;
   uint16_t* data = nullptr;
+  ExpRange exp;  // of its values (lanes.h), for dot_tile
   Buffer<uint16_t> own;
   const uint16_t* row(int n) const { return data + static_cast<size_t>(n) * K; }
   size_t bytes() const { return static_cast<size_t>(N) * K * sizeof(uint16_t); }
@@ -164,7 +165,8 @@ class Engine {
 
   // per-thread scratch (public for the job functions in engine.cpp)
   struct ThreadWs {
-    std::vector<float> row, tmp, xn, xp, out;
+    std::vector<float> row, tmp, xn, out;
+    Buffer<float> xp;            // the dot products' activation rows, 64-byte aligned (whole-line vector loads)
     std::vector<float> best;     // [max_rows] this thread's running argmax per row (LM-head jobs)
     std::vector<int> best_idx;
     std::vector<char> ok;
