@@ -17,6 +17,7 @@
 #include "../kernels/fixed_math.h"
 #include "engine.h"
 #include "kernels.h"
+#include "sampling.h"
 
 namespace py = pybind11;
 namespace cpu = adadecode::cpu;
@@ -278,6 +279,27 @@ at::Tensor lane_dot(const at::Tensor& x, const at::Tensor& w, const std::string&
   return out;
 }
 
+// Seeded draws (sampling.h) from logits [R, n] fp32 at positions pos[r], the noise keyed by ids [n] (None: 0..n-1):
+// the C++ sampler against the Python reference (tests). -1: a tempered logit is not finite.
+std::vector<int32_t> sample_rows(const at::Tensor& logits, const c10::optional<at::Tensor>& ids,
+                                 const std::vector<int32_t>& pos, uint64_t seed, double inv_temperature, int64_t top_k,
+                                 double top_p) {
+  TORCH_CHECK(logits.dim() == 2, "sample_rows: logits [R, n]");
+  const int64_t R = logits.size(0), n = logits.size(1);
+  check(logits, "logits", {R, n}, at::kFloat);
+  TORCH_CHECK(static_cast<int64_t>(pos.size()) == R, "sample_rows: one position per row");
+  if (ids) check(*ids, "ids", {n}, at::kInt);
+  cpu::SampleRule rule;
+  rule.seed = seed, rule.inv_temperature = static_cast<float>(inv_temperature);
+  rule.top_k = static_cast<int32_t>(top_k), rule.top_p = top_p;
+  cpu::SampleScratch scratch;
+  std::vector<int32_t> out(R);
+  for (int64_t r = 0; r < R; ++r)
+    out[r] = cpu::sample_row(logits.data_ptr<float>() + r * n, static_cast<int>(n), ids ? ids->data_ptr<int32_t>() : nullptr,
+                             pos[r], rule, scratch);
+  return out;
+}
+
 // Read bandwidth (bytes/s) of `threads` threads summing a buffer of `mib` MiB that no cache holds, best of `reps`
 // passes: the ceiling a decode step (every weight read once) can reach on this machine, measured in the same run.
 double read_bandwidth(int64_t mib, int64_t threads, int64_t reps, const std::string& isa) {
@@ -345,6 +367,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fixed_exp", &fixed_exp, py::arg("x"), py::arg("isa"), py::arg("base2"));
   m.def("fixed_exp_scalar", &fixed_exp_scalar, py::arg("x"), py::arg("base2"));
   m.def("lane_dot", &lane_dot, py::arg("x"), py::arg("w"), py::arg("isa"));
+  m.def("sample_rows", &sample_rows, py::arg("logits"), py::arg("ids"), py::arg("pos"), py::arg("seed"),
+        py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"),
+        "seeded draws of the C++ sampler (csrc/cpu/sampling.h) from logits [R, n]: tests against sampling.py");
   m.def("bf16_dot_fallbacks", &cpu::bf16_dot_fallbacks,
         "calls of the avx512bf16 dot products that ran the FMA chains (values the instruction would flush)");
 }
