@@ -245,26 +245,45 @@ inline void dot_rows(const LaneLayout& L, const typename P::Row* w, int C, const
     dot_cols<P, RT, false>(L, w, C, x, xs, out, ldo);
 }
 
+template <class P>
+inline void dot_rows_n(int rt, const LaneLayout& L, const typename P::Row* w, int C, const float* x, int xs, float* o,
+                       int ldo, bool first) {
+  switch (rt) {
+    case 8: if constexpr (P::kMaxRows >= 8) dot_rows<P, 8>(L, w, C, x, xs, o, ldo, first); break;
+    case 7: if constexpr (P::kMaxRows >= 7) dot_rows<P, 7>(L, w, C, x, xs, o, ldo, first); break;
+    case 6: if constexpr (P::kMaxRows >= 6) dot_rows<P, 6>(L, w, C, x, xs, o, ldo, first); break;
+    case 5: if constexpr (P::kMaxRows >= 5) dot_rows<P, 5>(L, w, C, x, xs, o, ldo, first); break;
+    case 4: if constexpr (P::kMaxRows >= 4) dot_rows<P, 4>(L, w, C, x, xs, o, ldo, first); break;
+    case 3: if constexpr (P::kMaxRows >= 3) dot_rows<P, 3>(L, w, C, x, xs, o, ldo, first); break;
+    case 2: if constexpr (P::kMaxRows >= 2) dot_rows<P, 2>(L, w, C, x, xs, o, ldo, first); break;
+    default: dot_rows<P, 1>(L, w, C, x, xs, o, ldo, first); break;
+  }
+}
+
 // R rows in tiles of at most P::kMaxRows rows, as even as they come (64 rows: 12 x 5 + 4; 8: 4 + 4): each row's bits
-// are the same in any tile.
+// are the same in any tile. Few tiles (a decode step's rows): columns outside, kColBlock at a time, the row tiles
+// inside, so that the stream of weights from memory overlaps every tile's work (the first tile of a block reads the
+// block's weights with the software prefetch, the others find them in L1). Many tiles (prefill): row tiles
+// outside, so a tile's rows stay in L1 while the call's columns (in L2 after the first tile) pass.
+constexpr int kColBlock = 8;
 template <class P>
 inline void dot_all(const LaneLayout& L, const typename P::Row* w, int C, const float* xp, int xs, int R, float* out) {
   const int ntiles = (R + P::kMaxRows - 1) / P::kMaxRows, base = R / ntiles, extra = R % ntiles;
+  if (ntiles <= 2) {
+    for (int c0 = 0; c0 < C; c0 += kColBlock) {
+      const int cn = C - c0 < kColBlock ? C - c0 : kColBlock;
+      for (int i = 0, r = 0; i < ntiles; ++i) {
+        const int rt = base + (i < extra ? 1 : 0);
+        dot_rows_n<P>(rt, L, w + c0, cn, xp + static_cast<size_t>(r) * xs, xs, out + static_cast<size_t>(r) * C + c0, C,
+                      i == 0);
+        r += rt;
+      }
+    }
+    return;
+  }
   for (int i = 0, r = 0; i < ntiles; ++i) {
     const int rt = base + (i < extra ? 1 : 0);
-    const float* x = xp + static_cast<size_t>(r) * xs;
-    float* o = out + static_cast<size_t>(r) * C;
-    const bool first = r == 0;
-    switch (rt) {
-      case 8: if constexpr (P::kMaxRows >= 8) dot_rows<P, 8>(L, w, C, x, xs, o, C, first); break;
-      case 7: if constexpr (P::kMaxRows >= 7) dot_rows<P, 7>(L, w, C, x, xs, o, C, first); break;
-      case 6: if constexpr (P::kMaxRows >= 6) dot_rows<P, 6>(L, w, C, x, xs, o, C, first); break;
-      case 5: if constexpr (P::kMaxRows >= 5) dot_rows<P, 5>(L, w, C, x, xs, o, C, first); break;
-      case 4: if constexpr (P::kMaxRows >= 4) dot_rows<P, 4>(L, w, C, x, xs, o, C, first); break;
-      case 3: if constexpr (P::kMaxRows >= 3) dot_rows<P, 3>(L, w, C, x, xs, o, C, first); break;
-      case 2: if constexpr (P::kMaxRows >= 2) dot_rows<P, 2>(L, w, C, x, xs, o, C, first); break;
-      default: dot_rows<P, 1>(L, w, C, x, xs, o, C, first); break;
-    }
+    dot_rows_n<P>(rt, L, w, C, xp + static_cast<size_t>(r) * xs, xs, out + static_cast<size_t>(r) * C, C, r == 0);
     r += rt;
   }
 }

@@ -139,9 +139,17 @@ inline VS vs_dp(VS acc, VP w, VP x) {
   return {_mm512_dpbf16_ps(acc.v, reinterpret_cast<__m512bh&>(w), reinterpret_cast<__m512bh&>(x))};
 }
 // Registers: RT x CT accumulators + CT weight pairs (+ 1) or + RT activation pairs + 1.
+// Not measured where the instruction is fast (Zen 4/5): sized by registers and loads (the rows kept up to 4 rows:
+// RT + CT loads per RT x CT instructions; vdpbf16ps takes no split). Tuning: -DADA_EXP_DP_COLS etc.
+#ifdef ADA_EXP_DP_COLS
+constexpr int kDpMaxRows = ADA_EXP_DP_MAXROWS;
+constexpr int kDpCols[9] = ADA_EXP_DP_COLS;
+constexpr bool kDpXKept[9] = ADA_EXP_DP_XK;
+#else
 constexpr int kDpMaxRows = 6;
 constexpr int kDpCols[9] = {0, 4, 4, 6, 6, 5, 4, 0, 0};
 constexpr bool kDpXKept[9] = {false, true, true, true, true, false, false, false, false};
+#endif
 // The activation form of this path (kernels.inl: permute_x): word l of pair t = bf16(x[2t]) << 16 | bf16(x[2t + 1]).
 inline VP vp_pack(V even, V odd) {
   return _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(even.v), _mm512_set1_epi32(static_cast<int>(0xffff0000u))),
