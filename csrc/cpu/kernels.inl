@@ -27,7 +27,8 @@
 //   W::pair_bf16(blk, grp, p), W::tail_pair_bf16(blk, p0, t, tl)   (the avx512bf16 path) the same values as 16
 //                                 words of bf16 pairs, element 2t in the HIGH half: dequantise -> exact fp32 ->
 //                                 round to bf16 (exact: the values ARE bf16, see below) -> pack (vp_pack)
-//   W::prefetch(blk, p)           ahead of pair p in the stream (called on the first pass over the weights only)
+//   W::prefetch(blk, p, skip)     ahead of pair p in the stream, skip bytes further (on the passes that read the
+//                                 weights from memory or prefetch the next block's)
 // A source must produce exactly the bf16 values the loader would hold (today the GGUF loader dequantises to bf16
 // first): the chains' bits are then the bf16 matrix's, on every path. The matrix's ExpRange (dot_tile's wexp) is
 // that of those values, computed once at load.
@@ -72,7 +73,7 @@ struct Bf16Weights {
   static VP pair_bf16(Row r, const Group&, int p) { return vp_load(r + p * 32); }
   static VP tail_pair_bf16(Row r, int p0, int t, int tl) { return vp_load_n(r + p0 * 32 + t * 2 * tl, tl); }
 #endif
-  static void prefetch(Row r, int p) { prefetch_stream(r + p * 32); }
+  static void prefetch(Row r, int p, int skip) { prefetch_stream(reinterpret_cast<const char*>(r + p * 32) + skip); }
 };
 
 // The FMA chains: activations in the permuted fp32 form (block b at xoff[b]; pair p: steps 2p and 2p + 1, 16 floats
@@ -89,7 +90,7 @@ struct PathFma {
   static X xblock(const float* xrow, int xoff) { return xrow + xoff; }
 
   template <int RT, int CT, bool kXKept, bool kPf>
-  static void chain(const Row (&w)[CT], const X (&x)[RT], int gfull, int tl, int s, VS (&acc)[RT][CT]) {
+  static void chain(const Row (&w)[CT], const X (&x)[RT], int gfull, int tl, int s, int pf_skip, VS (&acc)[RT][CT]) {
     for (int r = 0; r < RT; ++r)
       for (int c = 0; c < CT; ++c) acc[r][c] = vs_zero();
     const int so = s * kSubLanes;
@@ -100,7 +101,7 @@ struct PathFma {
         const int p = 4 * g + t;
         if constexpr (kPf) {
           if (s == 0)
-            for (int c = 0; c < CT; ++c) W::prefetch(w[c], p);
+            for (int c = 0; c < CT; ++c) W::prefetch(w[c], p, pf_skip);
         }
         if constexpr (kXKept) {
           VS xa[RT], xb[RT];
@@ -154,7 +155,7 @@ struct PathDp {
   static X xblock(const float* xrow, int xoff) { return reinterpret_cast<const uint32_t*>(xrow) + xoff / 2; }
 
   template <int RT, int CT, bool kXKept, bool kPf>
-  static void chain(const Row (&w)[CT], const X (&x)[RT], int gfull, int tl, int, VS (&acc)[RT][CT]) {
+  static void chain(const Row (&w)[CT], const X (&x)[RT], int gfull, int tl, int, int pf_skip, VS (&acc)[RT][CT]) {
     for (int r = 0; r < RT; ++r)
       for (int c = 0; c < CT; ++c) acc[r][c] = vs_zero();
     for (int g = 0; g < gfull; ++g) {
@@ -163,7 +164,7 @@ struct PathDp {
       for (int t = 0; t < 4; ++t) {
         const int p = 4 * g + t;
         if constexpr (kPf) {
-          for (int c = 0; c < CT; ++c) W::prefetch(w[c], p);
+          for (int c = 0; c < CT; ++c) W::prefetch(w[c], p, pf_skip);
         }
         if constexpr (kXKept) {
           VP xv[RT];
@@ -197,7 +198,8 @@ struct PathDp {
 // blocks, lane-summed (the butterfly's first step), then vreduce16's tree for all RT x CT outputs at once; warps
 // added in order.
 template <class P, int RT, int CT, bool kXKept, bool kPf>
-inline void dot_tile_rc(const LaneLayout& L, const typename P::Row* w, const float* x, int xs, float* out, int ldo) {
+inline void dot_tile_rc(const LaneLayout& L, const typename P::Row* w, const float* x, int xs, float* out, int ldo,
+                        int pf_skip) {
   constexpr int N = RT * CT;
   alignas(64) float F[2][N * 16];  // the chains' lanes of blocks 2w, 2w + 1
   float total[N] = {};
@@ -210,7 +212,7 @@ inline void dot_tile_rc(const LaneLayout& L, const typename P::Row* w, const flo
       for (int r = 0; r < RT; ++r) xb[r] = P::xblock(x + static_cast<size_t>(r) * xs, L.xoff[blk]);
       for (int s = 0; s < P::kSubs; ++s) {
         VS acc[RT][CT];
-        P::template chain<RT, CT, kXKept, kPf>(wb, xb, L.gfull, L.tail_lanes[blk], s, acc);
+        P::template chain<RT, CT, kXKept, kPf>(wb, xb, L.gfull, L.tail_lanes[blk], s, pf_skip, acc);
         for (int r = 0; r < RT; ++r)
           for (int c = 0; c < CT; ++c) vs_store(F[h] + (r * CT + c) * 16 + s * kSubLanes, acc[r][c]);
       }
@@ -226,56 +228,64 @@ inline void dot_tile_rc(const LaneLayout& L, const typename P::Row* w, const flo
 // All C columns of RT rows: tiles of the path's width for RT rows, the remaining columns one at a time.
 template <class P, int RT, bool kPf>
 inline void dot_cols(const LaneLayout& L, const typename P::Row* w, int C, const float* x, int xs, float* out,
-                     int ldo) {
+                     int ldo, int pf_skip) {
   constexpr int CT = P::cols(RT);
   constexpr bool XK = P::x_kept(RT);
   int c = 0;
-  for (; c + CT <= C; c += CT) dot_tile_rc<P, RT, CT, XK, kPf>(L, w + c, x, xs, out + c, ldo);
+  for (; c + CT <= C; c += CT) dot_tile_rc<P, RT, CT, XK, kPf>(L, w + c, x, xs, out + c, ldo, pf_skip);
   if constexpr (CT > 1) {
-    for (; c < C; ++c) dot_tile_rc<P, RT, 1, false, kPf>(L, w + c, x, xs, out + c, ldo);
+    for (; c < C; ++c) dot_tile_rc<P, RT, 1, false, kPf>(L, w + c, x, xs, out + c, ldo, pf_skip);
   }
 }
 
+// pf < 0: no software prefetch (the weights are in cache); else the stream's, pf bytes further
 template <class P, int RT>
 inline void dot_rows(const LaneLayout& L, const typename P::Row* w, int C, const float* x, int xs, float* out,
-                     int ldo, bool first) {
-  if (first)
-    dot_cols<P, RT, true>(L, w, C, x, xs, out, ldo);
+                     int ldo, int pf) {
+  if (pf >= 0)
+    dot_cols<P, RT, true>(L, w, C, x, xs, out, ldo, pf);
   else
-    dot_cols<P, RT, false>(L, w, C, x, xs, out, ldo);
+    dot_cols<P, RT, false>(L, w, C, x, xs, out, ldo, 0);
 }
 
 template <class P>
 inline void dot_rows_n(int rt, const LaneLayout& L, const typename P::Row* w, int C, const float* x, int xs, float* o,
-                       int ldo, bool first) {
+                       int ldo, int pf) {
   switch (rt) {
-    case 8: if constexpr (P::kMaxRows >= 8) dot_rows<P, 8>(L, w, C, x, xs, o, ldo, first); break;
-    case 7: if constexpr (P::kMaxRows >= 7) dot_rows<P, 7>(L, w, C, x, xs, o, ldo, first); break;
-    case 6: if constexpr (P::kMaxRows >= 6) dot_rows<P, 6>(L, w, C, x, xs, o, ldo, first); break;
-    case 5: if constexpr (P::kMaxRows >= 5) dot_rows<P, 5>(L, w, C, x, xs, o, ldo, first); break;
-    case 4: if constexpr (P::kMaxRows >= 4) dot_rows<P, 4>(L, w, C, x, xs, o, ldo, first); break;
-    case 3: if constexpr (P::kMaxRows >= 3) dot_rows<P, 3>(L, w, C, x, xs, o, ldo, first); break;
-    case 2: if constexpr (P::kMaxRows >= 2) dot_rows<P, 2>(L, w, C, x, xs, o, ldo, first); break;
-    default: dot_rows<P, 1>(L, w, C, x, xs, o, ldo, first); break;
+    case 8: if constexpr (P::kMaxRows >= 8) dot_rows<P, 8>(L, w, C, x, xs, o, ldo, pf); break;
+    case 7: if constexpr (P::kMaxRows >= 7) dot_rows<P, 7>(L, w, C, x, xs, o, ldo, pf); break;
+    case 6: if constexpr (P::kMaxRows >= 6) dot_rows<P, 6>(L, w, C, x, xs, o, ldo, pf); break;
+    case 5: if constexpr (P::kMaxRows >= 5) dot_rows<P, 5>(L, w, C, x, xs, o, ldo, pf); break;
+    case 4: if constexpr (P::kMaxRows >= 4) dot_rows<P, 4>(L, w, C, x, xs, o, ldo, pf); break;
+    case 3: if constexpr (P::kMaxRows >= 3) dot_rows<P, 3>(L, w, C, x, xs, o, ldo, pf); break;
+    case 2: if constexpr (P::kMaxRows >= 2) dot_rows<P, 2>(L, w, C, x, xs, o, ldo, pf); break;
+    default: dot_rows<P, 1>(L, w, C, x, xs, o, ldo, pf); break;
   }
 }
 
 // R rows in tiles of at most P::kMaxRows rows, as even as they come (64 rows: 12 x 5 + 4; 8: 4 + 4): each row's bits
 // are the same in any tile. Few tiles (a decode step's rows): columns outside, kColBlock at a time, the row tiles
-// inside, so that the stream of weights from memory overlaps every tile's work (the first tile of a block reads the
-// block's weights with the software prefetch, the others find them in L1). Many tiles (prefill): row tiles
-// outside, so a tile's rows stay in L1 while the call's columns (in L2 after the first tile) pass.
+// inside; the first tile of a block streams the block's weights from memory (software prefetch ahead of it), the
+// second runs from L1 (prefetching the next block's weights during it was slower: kPrefetchNextBlock). Many
+// tiles (prefill): row tiles outside, so a tile's rows stay in L1 while the call's columns (in L2 after the first
+// tile) pass.
 constexpr int kColBlock = 8;
+#ifndef ADA_EXP_PF_NEXT
+constexpr bool kPrefetchNextBlock = false;  // measured slower on Sapphire Rapids (R = 6, 8: 7.9-9.4 vs 9.3-10.9 GB/s)
+#else
+constexpr bool kPrefetchNextBlock = true;
+#endif
 template <class P>
 inline void dot_all(const LaneLayout& L, const typename P::Row* w, int C, const float* xp, int xs, int R, float* out) {
   const int ntiles = (R + P::kMaxRows - 1) / P::kMaxRows, base = R / ntiles, extra = R % ntiles;
   if (ntiles <= 2) {
+    const int block_bytes = kColBlock * L.K * 2;  // the packed bf16 rows of a block (the prefetch skip)
     for (int c0 = 0; c0 < C; c0 += kColBlock) {
       const int cn = C - c0 < kColBlock ? C - c0 : kColBlock;
       for (int i = 0, r = 0; i < ntiles; ++i) {
         const int rt = base + (i < extra ? 1 : 0);
         dot_rows_n<P>(rt, L, w + c0, cn, xp + static_cast<size_t>(r) * xs, xs, out + static_cast<size_t>(r) * C + c0, C,
-                      i == 0);
+                      i == 0 ? 0 : kPrefetchNextBlock ? block_bytes : -1);
         r += rt;
       }
     }
@@ -283,7 +293,7 @@ inline void dot_all(const LaneLayout& L, const typename P::Row* w, int C, const 
   }
   for (int i = 0, r = 0; i < ntiles; ++i) {
     const int rt = base + (i < extra ? 1 : 0);
-    dot_rows_n<P>(rt, L, w, C, xp + static_cast<size_t>(r) * xs, xs, out + static_cast<size_t>(r) * C, C, r == 0);
+    dot_rows_n<P>(rt, L, w, C, xp + static_cast<size_t>(r) * xs, xs, out + static_cast<size_t>(r) * C, C, r == 0 ? 0 : -1);
     r += rt;
   }
 }

@@ -238,9 +238,9 @@ inline V vexp(V a) { ADA_BOTH(exp_8); }
 
 // The software prefetch of a weight stream, ahead of the address being read (kernels.inl: Bf16Weights::prefetch): the
 // hardware prefetchers alone leave a decode step far from the read bandwidth. AMD (Zen 1, Zen 5): prefetchnta 16 KB
-// ahead (2 KB was too close: bench/results/cpu-*.md). Intel (Sapphire Rapids): prefetcht2 4 KB ahead; its nta fills
+// ahead (2 KB was too close: bench/results/cpu-*.md). Intel (Sapphire Rapids): prefetcht2 8 KB ahead; its nta fills
 // only L1, where the line is gone before it is read: one stream of dot products ran 3x slower with it (5.7 against
-// 17.5 GB/s, one thread, interleaved runs; t0/t1 and 8-16 KB in between).
+// 17.5 GB/s, one thread, interleaved runs; t0/t1 and 4 or 16 KB in between).
 inline bool intel_cpu() {
   static const bool intel = [] {
     __builtin_cpu_init();
@@ -251,7 +251,7 @@ inline bool intel_cpu() {
 inline void prefetch_stream(const void* p) {
   const char* c = static_cast<const char*>(p);
   if (intel_cpu())
-    _mm_prefetch(c + 4096, _MM_HINT_T2);
+    _mm_prefetch(c + 8192, _MM_HINT_T2);
   else
     _mm_prefetch(c + 16384, _MM_HINT_NTA);
 }
