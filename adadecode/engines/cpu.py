@@ -62,6 +62,12 @@ def read_bandwidth(threads: int = 1, mib: int = 1024, reps: int = 5) -> float:
     return float(_ext().read_bandwidth(mib, threads, reps))
 
 
+def fma_peak(threads: int = 1, reps: int = 3) -> float:
+    """fp32 FMA FLOP/s of `threads` threads (12 independent FMA chains each on the best kernel path, best of
+    `reps`): the ceiling of the compute-bound steps (prefill, several rows), beside read_bandwidth's."""
+    return float(_ext().fma_peak(threads, reps))
+
+
 def default_threads() -> int:
     env = os.environ.get("ADADECODE_CPU_THREADS")
     if env:

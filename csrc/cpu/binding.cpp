@@ -330,6 +330,35 @@ double read_bandwidth(int64_t mib, int64_t threads, int64_t reps, const std::str
   return static_cast<double>(items) * kChunk * sizeof(float) / best;
 }
 
+// fp32 FMA FLOP/s of `threads` threads each running 12 independent FMA chains on the kernels of `isa` (best of
+// `reps`): the compute ceiling of the benchmarks, measured in the same run as the read bandwidth.
+double fma_peak(int64_t threads, int64_t reps, const std::string& isa) {
+  TORCH_CHECK(threads >= 1 && reps >= 1, "fma_peak: threads, reps must be >= 1");
+  const cpu::Kernels* k = kernels_named(isa);
+  cpu::ThreadPool pool(static_cast<int>(threads));
+  struct Ctx {
+    const cpu::Kernels* k;
+    double flops[1024];
+    float sink[1024][64];
+  };
+  auto ctx = std::make_unique<Ctx>();
+  ctx->k = k;
+  for (auto& s : ctx->sink)
+    for (int i = 0; i < 64; ++i) s[i] = 1.f + 1e-6f * static_cast<float>(i);
+  py::gil_scoped_release nogil;
+  double best = 0.0;
+  for (int64_t r = 0; r < reps + 1; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.run(static_cast<int>(threads), [](void* c, int thread, int, bool) {
+      auto& x = *static_cast<Ctx*>(c);
+      x.flops[thread & 1023] += x.k->fma_probe(2000000, x.sink[thread & 1023]);
+    }, ctx.get(), SIZE_MAX);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::max(best, ctx->flops[0] / static_cast<double>(r + 1) * static_cast<double>(threads) / s);
+  }
+  return best;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -362,6 +391,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_bandwidth", &read_bandwidth, py::arg("mib") = 1024, py::arg("threads") = 1, py::arg("reps") = 5,
         py::arg("isa") = "", "bytes/s of `threads` threads reading a buffer of `mib` MiB (best of `reps`)");
   m.def("isas", &isas, "the kernel paths this CPU runs, best first");
+  m.def("fma_peak", &fma_peak, py::arg("threads") = 1, py::arg("reps") = 3, py::arg("isa") = "",
+        "fp32 FMA FLOP/s of `threads` threads (12 independent chains each, best of `reps`)");
   m.def("available_memory", [] { return static_cast<int64_t>(std::min<size_t>(cpu::available_memory(), INT64_MAX)); },
         "bytes of memory this process may still take (MemAvailable)");
   m.def("fixed_exp", &fixed_exp, py::arg("x"), py::arg("isa"), py::arg("base2"));

@@ -84,6 +84,9 @@ struct Kernels {
   void (*exp2)(const float* x, float* y, int n);
   // sum of n floats (n % 64 == 0): the read-bandwidth probe of the benchmarks
   float (*read_sum)(const float* p, int64_t n);
+  // n steps of 12 independent FMA chains on this path's registers, returns the flops done (2 per lane per FMA):
+  // the FMA-peak probe of the benchmarks (the ceiling of the compute-bound steps, beside read_sum's)
+  double (*fma_probe)(int64_t n, float* sink);
 };
 
 // The kernels of one path: "avx512bf16" (AVX-512 with the bf16 dot-product instruction), "avx512", "avx2", "neon"

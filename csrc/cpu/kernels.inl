@@ -634,9 +634,22 @@ inline float k_read_sum(const float* p, int64_t n) {
   return vreduce16(vadd(vadd(a, b), vadd(c, d)));
 }
 
+inline double k_fma_probe(int64_t n, float* sink) {
+  VS a[12];
+  const VS x = vs_load(sink), y = vs_load(sink + kSubLanes);  // the caller's values: nothing is folded away
+  for (int j = 0; j < 12; ++j) a[j] = vs_load(sink + 2 * kSubLanes);
+  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < 12; ++j) a[j] = vs_fma(a[j], x, y);
+  VS s = a[0];
+  for (int j = 1; j < 12; ++j) s = vs_add(s, a[j]);
+  vs_store(sink, s);
+  return 2.0 * 12 * kSubLanes * static_cast<double>(n);
+}
+
 inline const Kernels* make_kernels() {
   static const Kernels k{kIsaName,     k_permute,    k_permute_x,    k_dot_tile, k_dot_f32,     k_bf16_to_f32,
                          k_f32_to_bf16, k_round_bf16, k_norm_apply,   k_residual_add, k_silu_mul, k_rope,
-                         k_attn_chunk,  k_attn_merge, k_argmax,       k_exp,      k_exp2,        k_read_sum};
+                         k_attn_chunk,  k_attn_merge, k_argmax,       k_exp,      k_exp2,        k_read_sum,
+                         k_fma_probe};
   return &k;
 }
