@@ -13,9 +13,9 @@ EngineContract's; the compute runs in `adadecode_cpu.Engine` (csrc/cpu/engine.cp
   (adadecode.engines.sampling.sample) from the same bf16-rounded logits the CUDA kernel samples from.
 
 Bitwise by construction (DESIGN.md §4): every output's reduction order is the CUDA kernels' (csrc/cpu/lanes.h),
-a function of the shapes alone, never of the rows in a call, the thread count or the instruction set (AVX-512,
-AVX2 and a portable path compute the same bits; threads split output columns and (kv head, chunk) items, never a
-reduction). So CpuEngine agrees bit for bit with CudaEngine on the emulated device wherever that one runs the same
+a function of the shapes alone, never of the rows in a call, the thread count or the instruction set (AVX-512 with
+and without the bf16 dot-product instruction, AVX2, NEON and a portable path compute the same bits; threads split
+output columns and (kv head, chunk) items, never a reduction). So CpuEngine agrees bit for bit with CudaEngine on the emulated device wherever that one runs the same
 kernels (decode, and prefill in chunks of at most 16 rows), and with itself across machines.
 
 Threads: `threads=None` takes ADADECODE_CPU_THREADS or the cores this process may use. `isa=None` takes
@@ -213,7 +213,7 @@ class CpuEngine(EngineContract):
     # ---- sizes ------------------------------------------------------------------------------------------------------
     @property
     def isa(self) -> str:
-        """The kernel path in use: avx512, avx2 or portable (all compute the same bits)."""
+        """The kernel path in use: avx512bf16, avx512, avx2, neon or portable (all compute the same bits)."""
         return self._eng.isa
 
     @property
