@@ -1,6 +1,6 @@
 // The CPU kernels, written once over the lane vector V (16 fp32 lanes) of the including translation unit:
-// kernels_avx512.cpp, kernels_avx2.cpp and kernels_portable.cpp each include their vec_<isa>.h and then this file
-// inside their own namespace. Contracts: kernels.h. The operation order of each output is the CUDA kernels'
+// kernels_avx512bf16.cpp, kernels_avx512.cpp, kernels_avx2.cpp, kernels_neon.cpp and kernels_portable.cpp each
+// include their vec_<isa>.h and then this file inside their own namespace. Contracts: kernels.h. The operation order of each output is the CUDA kernels'
 // (lanes.h for dot products; attention.cu's chunks, scores, softmax statistics and merge), so the paths agree bit
 // for bit with each other and with CudaEngine on the emulated device.
 //
@@ -49,7 +49,8 @@
 // ulp, a multiple of q): so every accumulator and every result is 0 or of magnitude >= q >= 2^-126, never
 // subnormal, and no input is. The largest |sum| is below K 2^(Ew_hi + Ex_hi - 252) <= 2^126 (with the rounding
 // slack, below 2^127): nothing overflows, no infinity or NaN arises. With no flush and no special value, each step is
-// the IEEE FMA. Weights of real models (|w| >= 2^-40) and activations (>= 2^-60) pass by far; a call that does not
+// the IEEE FMA. The default model's nonzero weights lie in 2^-18 .. 2^5 (Ew_lo = 109), so a call takes the
+// instruction unless one of its activations is nonzero below 2^-94 (or a row is huge); a call that does not pass
 // (tiny or subnormal values: tests/test_cpu_kernels.py plants them) runs the FMA chain instead, so every path gives
 // the same bits for every input.
 //
@@ -57,8 +58,7 @@
 // AVX2 one ymm of the two in V, NEON one q register of four; kRegs of them). Either the columns' weight vectors stay
 // in registers and the activations are FMA memory operands, or the rows' activations stay and each weight vector is
 // loaded and split once for all RT rows (kFmaCols / kFmaXKept in vec_<isa>.h: sized for its registers). Loop order:
-// row tiles outside, column tiles inside, so a tile's rows stay in L1 while every column of the call streams past;
-// the first row tile reads the weights from memory (with the software prefetch), the others from cache.
+// dot_all below (a decode step's few row tiles inside column blocks; prefill's row tiles outside).
 
 struct Bf16Weights {
   using Row = const uint16_t*;
