@@ -79,3 +79,43 @@ def test_cpp_sampler_matches_the_reference_everywhere(n, temperature, top_k, top
     x = x.to(torch.bfloat16).float()
     s = Sampling(temperature, top_k=top_k, top_p=top_p, seed=seed)
     assert cpp(x, s, [pos]) == sample(x, s, [pos]).tolist()
+
+
+def test_engine_draws_in_cpp_what_the_reference_draws_from_its_logits():
+    """CpuEngine.final / head with sampling: the C++ draw right after the LM head (Engine::final_sample, head) is the
+    reference's draw from the same bf16-rounded logits (final_logits, the head's logits), rows and heads alike, the
+    full vocabulary and a head's subset keyed by global ids."""
+    from adadecode.engines.cpu import CpuEngine
+    from adadecode.engines.head import Head
+    from adadecode.model.config import LlamaConfig
+
+    from conftest import random_weights, tiny_hf_config
+
+    cfg = LlamaConfig.from_hf(tiny_hf_config(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=32, intermediate_size=256, vocab_size=3000, num_hidden_layers=3))
+    g = torch.Generator().manual_seed(1)
+    vocab = torch.randperm(cfg.vocab_size, generator=g)[:400].sort().values
+    heads = [Head.identity(1, cfg.d), Head(layer=2, T=torch.eye(cfg.d) + 0.05 * torch.randn(cfg.d, cfg.d, generator=g),
+                                           vocab=vocab)]
+    e = CpuEngine(cfg, random_weights(cfg, seed=3), max_seq=64, max_rows=8)
+    e.set_heads(heads)
+    prompt = torch.randint(0, cfg.vocab_size, (20,), generator=g).tolist()
+    e.prefill(prompt)
+    for i in range(5):
+        e.embed(20 + i, prompt[i])
+    e.run_layers(20, 24, 0, cfg.n_layers)
+    logits = e.final_logits(20, 24)
+    for s in SETTINGS:
+        assert e.final(20, 24, sampling=s) == sample(logits, s, range(21, 26)).tolist(), s
+    e.truncate(20)
+    e.embed(20, prompt[3])
+    e.run_layers(20, 20, 0, 1)
+    for s in SETTINGS:
+        tok, _ = e.head(20, 0, sampling=s)
+        _, _, lg = e._eng.head(20, 0, logits=True)
+        assert tok == int(sample(lg[None], s, [21])[0]), s
+    e.run_layers(20, 20, 1, 2)
+    for s in SETTINGS:
+        tok, _ = e.head(20, 1, sampling=s)
+        _, _, lg = e._eng.head(20, 1, logits=True)
+        assert tok == int(vocab[sample(lg[None], s, [21], vocab)[0]]), s

@@ -9,8 +9,9 @@ EngineContract's; the compute runs in `adadecode_cpu.Engine` (csrc/cpu/engine.cp
 * `run_layers` on R rows reads each weight once for all R rows (the rows sit inside the weight tile), attention
   runs R rows in one pass over the cache, and the RMSNorms, RoPE, the K/V append, SiLU * up and the residual adds
   are folded into the GEMM jobs that consume or produce them, as on the GPU;
-* `final` returns the greedy tokens of the native LM head; with sampling, the token is drawn by the reference rule
-  (adadecode.engines.sampling.sample) from the same bf16-rounded logits the CUDA kernel samples from.
+* `final` returns the greedy tokens of the native LM head; with sampling, the token is drawn in C++ right after
+  the LM head (csrc/cpu/sampling.h) by the reference rule of adadecode.engines.sampling, bit for bit, from the same
+  bf16-rounded logits the CUDA kernel samples from; a head's sampled guess likewise.
 
 Bitwise by construction (DESIGN.md §4): every output's reduction order is the CUDA kernels' (csrc/cpu/lanes.h),
 a function of the shapes alone, never of the rows in a call, the thread count or the instruction set (AVX-512 with
@@ -33,8 +34,14 @@ import torch
 from ..model.config import LlamaConfig
 from ..model.weights import LlamaWeights
 from .contract import EngineContract
-from .sampling import sample
 from .torch import rope_inv_freq
+
+
+def _rule(sampling):
+    """A Sampling as the native sampler takes it (csrc/cpu/sampling.h), or None for greedy."""
+    if sampling is None:
+        return None
+    return (sampling.seed, sampling.inv_temperature, sampling.top_k, sampling.top_p)
 
 
 def cpu_unavailable_reason() -> str | None:
@@ -245,13 +252,10 @@ class CpuEngine(EngineContract):
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling` for positions
         row + 1 from the bf16-rounded logits (adadecode.engines.sampling: the CUDA epilogue's rule, bit for bit)."""
-        if sampling is not None:
-            return sample(self.final_logits(first_pos, last_pos), sampling,
-                          range(first_pos + 1, last_pos + 2)).tolist()
         self._rows(first_pos, last_pos, self.n_layers)
-        tokens, _ = self._eng.final(first_pos, last_pos)
+        tokens, _ = self._eng.final(first_pos, last_pos, sampling=_rule(sampling))
         if min(tokens) < 0:
-            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
+            raise FloatingPointError(f"non-finite {'tempered ' if sampling else ''}logits at rows {first_pos}..{last_pos}")
         return tokens
 
     def set_heads(self, heads) -> None:
@@ -268,14 +272,10 @@ class CpuEngine(EngineContract):
         hd = self.heads[head_index]
         head_index = range(len(self.heads))[head_index]
         self._row_slot(pos, hd.layer)
-        token, prob, logits = self._eng.head(pos, head_index, logits=sampling is not None)
+        token, prob, _ = self._eng.head(pos, head_index, sampling=_rule(sampling))
         if not math.isfinite(prob) or token < 0:
             raise FloatingPointError(f"non-finite head logits at row {pos} (head at layer {hd.layer})")
-        if sampling is None:
-            return int(token), float(prob)
-        ids = hd.vocab if hd.vocab is not None else torch.arange(self.cfg.vocab_size)
-        j = int(sample(logits[None], sampling, [pos + 1], ids)[0])
-        return int(ids[j]), float(prob)
+        return int(token), float(prob)
 
     def hidden(self, pos: int) -> torch.Tensor:
         """The residual stream of row `pos` (a copy), for tests."""

@@ -101,6 +101,15 @@ std::shared_ptr<cpu::Weights> make_weights(int64_t n_layers, int64_t d, int64_t 
                                         src);
 }
 
+// (seed, inv_temperature, top_k, top_p): a Sampling of adadecode/engines/sampling.py
+using SamplingArgs = std::tuple<uint64_t, double, int64_t, double>;
+cpu::SampleRule rule_of(const SamplingArgs& a) {
+  cpu::SampleRule r;
+  r.seed = std::get<0>(a), r.inv_temperature = static_cast<float>(std::get<1>(a));
+  r.top_k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(std::get<2>(a), INT32_MAX))), r.top_p = std::get<3>(a);
+  return r;
+}
+
 class PyEngine {
  public:
   PyEngine(std::shared_ptr<cpu::Weights> w, const at::Tensor& cos, const at::Tensor& sin, int64_t max_seq,
@@ -125,17 +134,23 @@ class PyEngine {
     py::gil_scoped_release nogil;
     e_->run_layers(static_cast<int>(first), static_cast<int>(last), static_cast<int>(l0), static_cast<int>(l1));
   }
-  // (tokens, logits [R, vocab] fp32 or None); token -1: the row's logits are not finite
-  std::tuple<std::vector<int32_t>, c10::optional<at::Tensor>> final(int64_t first, int64_t last, bool with_logits) {
+  // (tokens, logits [R, vocab] fp32 or None); token -1: the row's logits are not finite. sampling: (seed,
+  // inv_temperature, top_k, top_p) draws the tokens for positions row + 1 (sampling.h) instead of the argmax.
+  std::tuple<std::vector<int32_t>, c10::optional<at::Tensor>> final(int64_t first, int64_t last, bool with_logits,
+                                                                    const c10::optional<SamplingArgs>& sampling) {
     const int64_t R = last - first + 1;
     TORCH_CHECK(R >= 1 && R <= e_->max_rows(), "final: rows ", first, "..", last, " must be 1..", e_->max_rows(), " rows");
+    TORCH_CHECK(!(with_logits && sampling), "final: logits or sampling, not both");
     std::vector<int32_t> tokens(R);
     c10::optional<at::Tensor> logits;
     if (with_logits) logits = at::empty({R, e_->dims().vocab}, at::kFloat);
     {
       py::gil_scoped_release nogil;
-      e_->final_tokens(static_cast<int>(first), static_cast<int>(last), tokens.data(),
-                       with_logits ? logits->data_ptr<float>() : nullptr);
+      if (sampling)
+        e_->final_sample(static_cast<int>(first), static_cast<int>(last), rule_of(*sampling), tokens.data());
+      else
+        e_->final_tokens(static_cast<int>(first), static_cast<int>(last), tokens.data(),
+                         with_logits ? logits->data_ptr<float>() : nullptr);
     }
     return {tokens, logits};
   }
@@ -175,8 +190,11 @@ class PyEngine {
     }
     e_->set_heads(std::move(heads));
   }
-  // (token, confidence, logits over the head's real tokens or None); token -1: not finite
-  std::tuple<int32_t, float, c10::optional<at::Tensor>> head(int64_t pos, int64_t i, bool with_logits) {
+  // (token, confidence, logits over the head's real tokens or None); token -1: not finite. sampling: as final's,
+  // the head's own draw for position pos + 1.
+  std::tuple<int32_t, float, c10::optional<at::Tensor>> head(int64_t pos, int64_t i, bool with_logits,
+                                                            const c10::optional<SamplingArgs>& sampling) {
+    const cpu::SampleRule rule = sampling ? rule_of(*sampling) : cpu::SampleRule{};
     c10::optional<at::Tensor> logits;
     if (with_logits) {
       TORCH_CHECK(i >= 0 && i < e_->n_heads_set(), "head index ", i, " outside 0..", e_->n_heads_set() - 1);
@@ -186,7 +204,8 @@ class PyEngine {
     std::pair<int32_t, float> r;
     {
       py::gil_scoped_release nogil;
-      r = e_->head(static_cast<int>(pos), static_cast<int>(i), with_logits ? logits->data_ptr<float>() : nullptr);
+      r = e_->head(static_cast<int>(pos), static_cast<int>(i), with_logits ? logits->data_ptr<float>() : nullptr,
+                   sampling ? &rule : nullptr);
     }
     return {r.first, r.second, logits};
   }
@@ -378,9 +397,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("prefill", &PyEngine::prefill)
       .def("embed", &PyEngine::embed)
       .def("run_layers", &PyEngine::run_layers)
-      .def("final", &PyEngine::final, py::arg("first"), py::arg("last"), py::arg("logits") = false)
+      .def("final", &PyEngine::final, py::arg("first"), py::arg("last"), py::arg("logits") = false,
+           py::arg("sampling") = py::none())
       .def("set_heads", &PyEngine::set_heads)
-      .def("head", &PyEngine::head, py::arg("pos"), py::arg("i"), py::arg("logits") = false)
+      .def("head", &PyEngine::head, py::arg("pos"), py::arg("i"), py::arg("logits") = false,
+           py::arg("sampling") = py::none())
       .def("hidden", &PyEngine::hidden)
       .def("kv", &PyEngine::kv)
       .def("set_schedule", &PyEngine::set_schedule, py::arg("schedule"), py::arg("seed") = 0)

@@ -631,6 +631,15 @@ void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
   }
 }
 
+void Engine::final_sample(int first, int last, const SampleRule& rule, int32_t* tokens) {
+  check_rows("final", first, last);
+  const int R = last - first + 1, V = dims().vocab;
+  if (lg_rows_.size() == 0) lg_rows_ = Buffer<float>(static_cast<size_t>(max_rows_) * V, "logits");
+  final_tokens(first, last, tokens, lg_rows_.data());
+  for (int r = 0; r < R; ++r)
+    tokens[r] = sample_row(lg_rows_.data() + static_cast<size_t>(r) * V, V, nullptr, first + r + 1, rule, sample_ws_);
+}
+
 void Engine::set_heads(std::vector<Head> heads) {
   for (size_t i = 0; i < heads.size(); ++i) {
     const Head& h = heads[i];
@@ -657,7 +666,7 @@ void Engine::set_heads(std::vector<Head> heads) {
   heads_ = std::move(heads);
 }
 
-std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
+std::pair<int32_t, float> Engine::head(int pos, int i, float* logits, const SampleRule* rule) {
   if (i < 0 || i >= static_cast<int>(heads_.size()))
     throw std::out_of_range("CPU engine: head index " + std::to_string(i) + " outside 0.." +
                             std::to_string(static_cast<int>(heads_.size()) - 1));
@@ -683,7 +692,9 @@ std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
   }
   const LmStats st = lm_stats(k_, lg, n, !h.w_rest.empty(), rest);
   if (logits) std::memcpy(logits, lg, n * sizeof(float));
-  const int32_t token = st.idx < 0 ? -1 : (h.vocab.empty() ? st.idx : h.vocab[st.idx]);
+  int32_t col = st.idx;  // greedy, or the head's draw
+  if (rule && col >= 0) col = sample_row(lg, n, h.vocab.empty() ? nullptr : h.vocab.data(), pos + 1, *rule, sample_ws_);
+  const int32_t token = col < 0 ? -1 : (h.vocab.empty() ? col : h.vocab[col]);
   return {token, st.max_prob};
 }
 

@@ -27,6 +27,7 @@
 
 #include "kernels.h"
 #include "lanes.h"
+#include "sampling.h"
 #include "thread_pool.h"
 
 namespace adadecode::cpu {
@@ -143,12 +144,17 @@ class Engine {
   // Greedy tokens of rows first..last; token -1 for a row whose logits hold a NaN or no finite maximum. With
   // `logits` ([R, vocab] fp32), the bf16-rounded logits too.
   void final_tokens(int first, int last, int32_t* tokens, float* logits = nullptr);
+  // Tokens of rows first..last drawn by `rule` for positions row + 1 from the same bf16-rounded logits
+  // (sampling.h: the reference rule, bit for bit); token -1 for a row whose tempered logits are not finite.
+  void final_sample(int first, int last, const SampleRule& rule, int32_t* tokens);
   // The final-normed row (bf16 values) of pos into out [d].
   void final_normed(int pos, float* out);
   void set_heads(std::vector<Head> heads);
   // (token, confidence) of head i on row pos (token -1: non-finite); with `logits` ([n_vocab of the head] fp32),
   // the head's bf16-rounded logits over its real tokens.
-  std::pair<int32_t, float> head(int pos, int i, float* logits = nullptr);
+  // With `rule`, the token is the head's own draw for position pos + 1 over its real tokens (noise keyed by their
+  // global ids); the confidence stays the greedy statistics'.
+  std::pair<int32_t, float> head(int pos, int i, float* logits = nullptr, const SampleRule* rule = nullptr);
   void copy_row(int pos, uint16_t* dst) const;
   void copy_kv(int layer, int length, uint16_t* k_dst, uint16_t* v_dst) const;
 
@@ -179,6 +185,8 @@ class Engine {
   int max_seq_, max_rows_, chunk_, nkb_;
   Buffer<uint16_t> k_cache_, v_cache_, ring_, hw_;
   Buffer<float> cos_, sin_, q_, attn_, act_, part_o_, part_ml_, lg_;
+  Buffer<float> lg_rows_;    // [max_rows, vocab]: final_sample's logits (allocated at its first call)
+  SampleScratch sample_ws_;
   int job_counter_ = 0;
   std::vector<ThreadWs> ws_;
   std::vector<Head> heads_;
