@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 export ADADECODE_REQUIRE_CUDA ?= $(if $(shell command -v nvcc),1,0)
 CSRC := $(shell find csrc -type f)
 
-.PHONY: test bench bench-cpu bench-peers layers build cmake-check kernel-resources gpu-dry-run clean
+.PHONY: test bench bench-cpu bench-peers layers build cmake-check kernel-resources gpu-dry-run clean cross-tools
 
 $(BIN)/.deps: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,10 +28,21 @@ $(BIN)/.built: $(BIN)/.deps setup.py $(CSRC)
 
 build: $(BIN)/.built
 
+# The aarch64 cross compiler and qemu-user that tests/test_cpu_neon.py needs to check the NEON path's bits without
+# ARM hardware: installed with apt-get where this runs as root (CI), else the test skips and says why.
+cross-tools:
+	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing g++-aarch64-linux-gnu and qemu-user (tests/test_cpu_neon.py)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null 2>&1; } || \
+	  echo "note: could not install them; tests/test_cpu_neon.py will skip"; \
+	else echo "note: g++-aarch64-linux-gnu / qemu-user missing and not root: tests/test_cpu_neon.py will skip"; fi
+
 # the whole suite on the best vector kernels this CPU has (often AVX-512), then the exactness tests on AVX2's,
 # with the CPU engine's pool running every job's items shuffled over its threads (csrc/cpu/thread_pool.h: no bit
 # may depend on which thread ran an item, or when)
-test: build
+test: build cross-tools
 	$(BIN)/python -m pytest -q
 	ATEN_CPU_CAPABILITY=avx2 ADADECODE_CPU_SCHEDULE=shuffle:1 $(BIN)/python -m pytest -q -m exactness
 

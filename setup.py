@@ -156,8 +156,10 @@ def cpu_extension():
     import torch
 
     x86 = platform.machine().lower() in ("x86_64", "amd64")
+    arm = platform.machine().lower() in ("aarch64", "arm64")
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
-                     if x86 or p.name not in ("kernels_avx512.cpp", "kernels_avx2.cpp"))
+                     if (x86 or not p.name.startswith(("kernels_avx512", "kernels_avx2")))
+                     and (arm or p.name != "kernels_neon.cpp"))
     return [CppExtension(
         name="adadecode_cpu",
         sources=sources,

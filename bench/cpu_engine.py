@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from common import bytes_per_token, run_facts  # noqa: E402
 from adadecode.model.filesys import atomic_path, write_atomic  # noqa: E402
 from adadecode.decoding.vanilla import generate_vanilla  # noqa: E402
 from adadecode.engines.cpu import CpuEngine, CpuWeights, cpu_unavailable_reason  # noqa: E402
-from adadecode.testing.probes import read_bandwidth  # noqa: E402
+from adadecode.testing.probes import fma_peak, read_bandwidth  # noqa: E402
 from adadecode.engines.torch import TorchEngine  # noqa: E402
 from adadecode.heads.prompt_sets import load_prompts  # noqa: E402
 from adadecode.model.loader import default_model_dir, load_model  # noqa: E402
@@ -73,6 +74,13 @@ def decode_ms(run, prompts, n) -> tuple[float, list[float]]:
 def engine_runner(engine):
     def run(prompt, n):
         g = generate_vanilla(engine, prompt, n, eos_ids=[])  # no EOS: every prompt runs n tokens
+        return g.decode_seconds, len(g.tokens) - 1
+    return run
+
+
+def sampled_runner(engine, temperature):
+    def run(prompt, n):
+        g = generate_vanilla(engine, prompt, n, eos_ids=[], temperature=temperature, seed=1)
         return g.decode_seconds, len(g.tokens) - 1
     return run
 
@@ -118,6 +126,20 @@ def same_weights(gguf: Path, model) -> bool:
     other = load_model(str(gguf))
     a, b = model.weights.to_hf_state(model.cfg), other.weights.to_hf_state(other.cfg)
     return other.cfg == model.cfg and set(a) == set(b) and all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
+
+
+def layer_flops_bytes(cfg, R: int, context: int) -> tuple[float, float]:
+    """FLOPs and weight bytes of one decoder layer for R rows at about `context` positions: 2 per multiply-add of
+    the projections and of attention (scores and P.V over the context), the bf16 weights read once."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    params = (q + 2 * kv) * cfg.d + cfg.d * q + 3 * cfg.ffn_dim * cfg.d
+    attn = 2 * cfg.n_heads * cfg.head_dim * context
+    return 2.0 * R * (params + attn), 2.0 * params
+
+
+def prefill_flops(cfg, n: int) -> float:
+    """FLOPs of a prefill of n tokens (the layers; prefill computes no logits): the projections and causal attention."""
+    return sum(layer_flops_bytes(cfg, 1, p + 1)[0] for p in range(n)) * cfg.n_layers
 
 
 def layer_times(model, packed, threads: int, prompt: list[int]) -> dict:
@@ -228,7 +250,7 @@ def main(argv=None) -> int:
     facts = run_facts("bench/cpu_engine.py", argv)
     result = {**facts, "cpu": cpu_name(), "model": model.source, "threads": threads, "tokens": args.tokens,
               "prompts": len(prompts), "bytes_per_token": need, "rows": {}, "floor_ms": {}, "prefill": {},
-              "skipped": {}, "isa": None}
+              "skipped": {}, "isa": None, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     llama = None
     if "llama.cpp" in peers:
         exe, gguf = Path(args.llama_bench), Path(args.gguf)
@@ -243,6 +265,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(t)
         rows = {}
         bw = read_bandwidth(t)
+        peak = fma_peak(t)
+        result.setdefault("fma_peak_gflops", {})[str(t)] = peak / 1e9
         result["floor_ms"][str(t)] = 1e3 * need / bw
         eng = CpuEngine(model.cfg, packed, max_seq=max(max_seq, args.prefill + 1), threads=t)
         result["isa"] = eng.isa
@@ -255,6 +279,12 @@ def main(argv=None) -> int:
             eng.prefill(long_prompt)
             pre.append(len(long_prompt) / (time.perf_counter() - t0))
         result["prefill"].setdefault(str(t), {})["cpu (bf16)"] = max(pre)
+        result.setdefault("prefill_pct_fma_peak", {})[str(t)] = (
+            100 * max(pre) * prefill_flops(model.cfg, len(long_prompt)) / len(long_prompt) / peak)
+        # seeded sampling (temperature 0.7, drawn in C++ after the LM head) against greedy, the same prompts
+        ms_s, _ = decode_ms(sampled_runner(eng, 0.7), prompts, args.tokens)
+        result.setdefault("sampled_ms_per_token", {})[str(t)] = {"temperature 0.7": ms_s, "greedy": ms,
+                                                               "ratio": ms_s / ms}
         del eng
         if llama is not None and t in llama:
             rows["llama.cpp (BF16)"] = {"ms_per_token": llama[t]["tg_ms"]}
@@ -284,6 +314,7 @@ def main(argv=None) -> int:
     names = [k for k in result["rows"][str(threads[0])] if k != "read_GBps"]
     lines = [f"{result['model']} on {result['cpu']} ({result['isa']} kernels), {result['date'][:10]}; "
              f"{len(prompts)} chat prompts x {args.tokens} tokens, greedy; `{result['command']}`", "",
+             f"Load average at the start (other processes on this machine): {result['load_average']}", "",
              "| system | " + " | ".join(f"{t} thread{'s' if t > 1 else ''} ms/token (tok/s)" for t in threads) + " |",
              "| --- | " + " | ".join("---" for _ in threads) + " |"]
     for n in names:
@@ -298,10 +329,26 @@ def main(argv=None) -> int:
     lines += ["", f"Prefill of {len(long_prompt)} tokens (tokens/s): " + "; ".join(
         f"{t} thread{'s' if t > 1 else ''}: " + ", ".join(f"{k} {v:.0f}" for k, v in result["prefill"][str(t)].items() if v)
         for t in threads)]
+    lines += ["", "The same prefill against the FMA peak (fp32, this run's probe): " + "; ".join(
+        f"{t} thread{'s' if t > 1 else ''}: {result['prefill_pct_fma_peak'][str(t)]:.0f}% of "
+        f"{result['fma_peak_gflops'][str(t)]:.0f} GFLOP/s" for t in threads)]
+    lines += ["", "Seeded sampling (temperature 0.7) against greedy, ms/token: " + "; ".join(
+        f"{t} thread{'s' if t > 1 else ''}: {v['temperature 0.7']:.2f} vs {v['greedy']:.2f} ({v['ratio']:.3f}x)"
+        for t, v in ((t, result["sampled_ms_per_token"][str(t)]) for t in threads))]
     if args.layers:
-        lines += ["", "One layer (ms) for R rows: " + "; ".join(
-            f"{t} thread{'s' if t > 1 else ''}: " + ", ".join(f"R={r} {v:.3f}" for r, v in result["layer_ms"][str(t)].items())
-            + f" (R=4 / R=1: {result['layer_ms'][str(t)][4] / result['layer_ms'][str(t)][1]:.2f})" for t in threads)]
+        ctx = len(prompts[0])
+        lines += ["", f"One layer for R rows at {ctx} positions (ms; GFLOP/s and % of the FMA peak; GB/s of weights "
+                  "and % of the read bandwidth):"]
+        for t in threads:
+            lm = result["layer_ms"][str(t)]
+            cells = []
+            for r, v in lm.items():
+                fl, by = layer_flops_bytes(model.cfg, r, ctx)
+                cells.append(f"R={r} {v:.3f} ({fl / v / 1e6:.0f} GFLOP/s, "
+                             f"{100 * fl / v / 1e6 / result['fma_peak_gflops'][str(t)]:.0f}%; {by / v / 1e6:.1f} GB/s, "
+                             f"{100 * by / v / 1e6 / result['rows'][str(t)]['read_GBps']:.0f}%)")
+            lines.append(f"* {t} thread{'s' if t > 1 else ''}: " + ", ".join(cells)
+                         + f"; R=4 / R=1 {lm[4] / lm[1]:.2f}, R=8 / R=1 {lm[8] / lm[1]:.2f}")
     if loads:
         lines += ["", "Beside other processes that each keep a core busy (ms/token): " + "; ".join(
             f"{k}: " + ", ".join(f"{n} {v:.1f}" for n, v in row.items())

@@ -1,6 +1,6 @@
 """Independent numpy references of the native engines' arithmetic (issue 32), written from the math and the documented
 order (docs/cpu.md's table, the contracts in csrc/cpu/kernels.h and csrc/cpu/lanes.h, the CUDA kernels' definitions
-in csrc/kernels/*.cuh / *.cu, csrc/kernels/fixed_math.h), never from the CPU kernels' code: numpy arrays, one
+in csrc/cuda/kernels/*.cuh / *.cu, csrc/common/fixed_math.h), never from the CPU kernels' code: numpy arrays, one
 correctly rounded IEEE fp32 operation per numpy operation, and fp64 only where an exact result is needed.
 
 Arithmetic ground rules
@@ -417,7 +417,7 @@ def attention_fp64(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray,
     return out
 
 
-# ---- LM head statistics (csrc/kernels/lm_head.cu) ------------------------------------------------------------------
+# ---- LM head statistics (csrc/cuda/kernels/lm_head.cu) ------------------------------------------------------------------
 LM_COLS = 64
 LM_MERGE_THREADS = 256
 

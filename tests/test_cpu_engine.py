@@ -196,7 +196,7 @@ def test_weights_are_packed_once_and_shared(default_model):
 
 def test_errors_name_what_is_wrong(tiny):
     cfg, weights = tiny
-    with pytest.raises(ValueError, match=r"unknown kernels 'sse9'; the kernel paths are avx512, avx2, portable"):
+    with pytest.raises(ValueError, match=r"unknown kernels 'sse9'; the kernel paths are avx512bf16, avx512, avx2, neon, portable"):
         CpuEngine(cfg, weights, max_seq=16, isa="sse9")
     with pytest.raises(ValueError, match="threads"):
         CpuEngine(cfg, weights, max_seq=16, threads=0)

@@ -121,5 +121,55 @@ def test_every_path_gives_the_same_bits():
 
 
 def test_unknown_or_unsupported_path_is_named():
-    with pytest.raises(ValueError, match="unknown kernels 'sse9'; the kernel paths are avx512, avx2, portable"):
+    with pytest.raises(ValueError, match="unknown kernels 'sse9'; the kernel paths are avx512bf16, avx512, avx2, neon, portable"):
         adadecode_cpu.testing.lane_dot(torch.zeros(1, 8), torch.zeros(1, 8, dtype=torch.bfloat16), "sse9")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_the_bf16_dot_path_is_offered_where_the_cpu_has_the_instruction():
+    """dispatch.cpp offers avx512bf16 where the CPU has AVX512_BF16 and vdpbf16ps passes its self-test (two IEEE
+    FMAs per lane, high halves first): on such a CPU the path must be there, or that CPU family computes otherwise."""
+    flags = cpu_flags()
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags:
+        pytest.skip("this CPU has no AVX512_BF16")
+    assert "avx512bf16" in ISAS, "vdpbf16ps failed the self-test on this CPU (dispatch.cpp): it is not the FMA chain"
+
+
+def scaled_bf16(shape, g, exp: int) -> torch.Tensor:
+    return (torch.randn(shape, generator=g) * 2.0 ** exp).to(torch.bfloat16)
+
+
+@pytest.mark.skipif("avx512bf16" not in ISAS, reason="no bf16 dot-product path on this CPU")
+@pytest.mark.parametrize("wexp,xexp,fallback", [
+    (0, 0, False),        # real-model ranges: the instruction
+    (-60, -20, False),    # Ew_lo + Ex_lo well above 142
+    (-64, -50, True),     # products near 2^-126: partial sums could be subnormal, the FMA chains instead
+    (-118, 0, True),      # tiny weights
+    (-128, 0, True),      # subnormal weights
+    (0, -130, True),      # subnormal activations
+    (60, 60, True),       # products near the top of the range: the rule's overflow bound
+])
+def test_bf16_dot_path_keeps_the_fma_bits_on_adversarial_values(wexp, xexp, fallback):
+    """The avx512bf16 path's exactness rule (kernels.inl): it takes vdpbf16ps only where the instruction's flushes
+    cannot happen and gives the FMA chains' bits everywhere: tiny, subnormal and huge values across the rule's
+    edges, against the avx512 FMA path and the portable path (std::fmaf), and the rule's choice is checked."""
+    g = torch.Generator().manual_seed(wexp * 7 + xexp)
+    K, R, N = 576, 5, 11
+    x, w = scaled_bf16((R, K), g, xexp).float(), scaled_bf16((N, K), g, wexp)
+    if xexp < -126:  # make sure some values are subnormal bf16 (the normal draw has many tiny ones too)
+        assert bool(((x != 0) & (x.abs() < 2.0 ** -126)).any())
+    before = adadecode_cpu.testing.bf16_dot_fallbacks()
+    got = adadecode_cpu.testing.lane_dot(x, w, "avx512bf16")
+    took_fallback = adadecode_cpu.testing.bf16_dot_fallbacks() > before
+    assert took_fallback == fallback
+    for isa in [i for i in ISAS if i != "avx512bf16"]:
+        assert torch.equal(bits(got), bits(adadecode_cpu.testing.lane_dot(x, w, isa))), isa

@@ -9,13 +9,14 @@ EngineContract's; the compute runs in `adadecode_cpu.Engine` (csrc/cpu/engine.cp
 * `run_layers` on R rows reads each weight once for all R rows (the rows sit inside the weight tile), attention
   runs R rows in one pass over the cache, and the RMSNorms, RoPE, the K/V append, SiLU * up and the residual adds
   are folded into the GEMM jobs that consume or produce them, as on the GPU;
-* `final` returns the greedy tokens of the native LM head; with sampling, the token is drawn by the reference rule
-  (adadecode.engines.sampling.sample) from the same bf16-rounded logits the CUDA kernel samples from.
+* `final` returns the greedy tokens of the native LM head; with sampling, the token is drawn in C++ right after
+  the LM head (csrc/cpu/sampling.h) by the reference rule of adadecode.engines.sampling, bit for bit, from the same
+  bf16-rounded logits the CUDA kernel samples from; a head's sampled guess likewise.
 
 Bitwise by construction (docs/design.md#invariance): every output's reduction order is the CUDA kernels' (csrc/cpu/lanes.h),
-a function of the shapes alone, never of the rows in a call, the thread count or the instruction set (AVX-512,
-AVX2 and a portable path compute the same bits; threads split output columns and (kv head, chunk) items, never a
-reduction). So CpuEngine agrees bit for bit with CudaEngine on the emulated device wherever that one runs the same
+a function of the shapes alone, never of the rows in a call, the thread count or the instruction set (AVX-512 with
+and without the bf16 dot-product instruction, AVX2, NEON and a portable path compute the same bits; threads split
+output columns and (kv head, chunk) items, never a reduction). So CpuEngine agrees bit for bit with CudaEngine on the emulated device wherever that one runs the same
 kernels (decode, and prefill in chunks of at most 16 rows), and with itself across machines.
 
 Options (adadecode.engines.options.EngineOptions, which reads the environment for what is left unset): `threads`
@@ -35,7 +36,13 @@ from ..model.math import rope_tables
 from ..model.weights import LlamaWeights
 from .options import EngineOptions, usable_cores
 from .native import NativeEngine, check_finite_logits, family_args, model_dims
-from .sampling import sample
+
+
+def _rule(sampling):
+    """A Sampling as the native sampler takes it (csrc/cpu/sampling.h), or None for greedy."""
+    if sampling is None:
+        return None
+    return (sampling.seed, sampling.inv_temperature, sampling.top_k, sampling.top_p)
 
 
 def cpu_unavailable_reason() -> str | None:
@@ -136,7 +143,7 @@ class CpuEngine(NativeEngine):
     # ---- sizes ------------------------------------------------------------------------------------------------------
     @property
     def isa(self) -> str:
-        """The kernel path in use: avx512, avx2 or portable (all compute the same bits)."""
+        """The kernel path in use: avx512bf16, avx512, avx2, neon or portable (all compute the same bits)."""
         return self._eng.isa
 
     @property
@@ -153,13 +160,10 @@ class CpuEngine(NativeEngine):
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling` for positions
         row + 1 from the bf16-rounded logits (adadecode.engines.sampling: the CUDA epilogue's rule, bit for bit)."""
-        if sampling is not None:
-            return sample(self.final_logits(first_pos, last_pos), sampling,
-                          range(first_pos + 1, last_pos + 2)).tolist()
         self._rows(first_pos, last_pos, self.n_layers)
-        tokens, _ = self._eng.final(first_pos, last_pos)
+        tokens, _ = self._eng.final(first_pos, last_pos, sampling=_rule(sampling))
         if min(tokens) < 0:
-            raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
+            raise FloatingPointError(f"non-finite {'tempered ' if sampling else ''}logits at rows {first_pos}..{last_pos}")
         return tokens
 
     def _head_tensors(self, layer, T, ids, w_rest):
@@ -170,10 +174,5 @@ class CpuEngine(NativeEngine):
         """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer; with `sampling`
         the token is the head's own draw for position pos + 1 (over its real tokens, as TorchEngine.head)."""
         hd, head_index = self._head_call(pos, head_index)
-        token, prob, logits = self._eng.head(pos, head_index, logits=sampling is not None)
-        token, prob = self._head_result(token, prob, pos, hd)
-        if sampling is None:
-            return token, prob
-        ids = hd.vocab if hd.vocab is not None else torch.arange(self.cfg.vocab_size)
-        j = int(sample(logits[None], sampling, [pos + 1], ids)[0])
-        return int(ids[j]), prob
+        token, prob, _ = self._eng.head(pos, head_index, sampling=_rule(sampling))
+        return self._head_result(token, prob, pos, hd)

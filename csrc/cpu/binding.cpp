@@ -18,6 +18,7 @@
 #include "../common/fixed_math.h"
 #include "engine.h"
 #include "kernels.h"
+#include "sampling.h"
 
 namespace py = pybind11;
 namespace cpu = adadecode::cpu;
@@ -110,6 +111,15 @@ std::shared_ptr<cpu::Weights> make_weights(int64_t n_layers, int64_t d, int64_t 
                                         src);
 }
 
+// (seed, inv_temperature, top_k, top_p): a Sampling of adadecode/engines/sampling.py
+using SamplingArgs = std::tuple<uint64_t, double, int64_t, double>;
+cpu::SampleRule rule_of(const SamplingArgs& a) {
+  cpu::SampleRule r;
+  r.seed = std::get<0>(a), r.inv_temperature = static_cast<float>(std::get<1>(a));
+  r.top_k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(std::get<2>(a), INT32_MAX))), r.top_p = std::get<3>(a);
+  return r;
+}
+
 class PyEngine {
  public:
   PyEngine(std::shared_ptr<cpu::Weights> w, const at::Tensor& cos, const at::Tensor& sin, int64_t max_seq,
@@ -134,17 +144,23 @@ class PyEngine {
     py::gil_scoped_release nogil;
     e_->run_layers(static_cast<int>(first), static_cast<int>(last), static_cast<int>(l0), static_cast<int>(l1));
   }
-  // (tokens, logits [R, vocab] fp32 or None); token -1: the row's logits are not finite
-  std::tuple<std::vector<int32_t>, c10::optional<at::Tensor>> final(int64_t first, int64_t last, bool with_logits) {
+  // (tokens, logits [R, vocab] fp32 or None); token -1: the row's logits are not finite. sampling: (seed,
+  // inv_temperature, top_k, top_p) draws the tokens for positions row + 1 (sampling.h) instead of the argmax.
+  std::tuple<std::vector<int32_t>, c10::optional<at::Tensor>> final(int64_t first, int64_t last, bool with_logits,
+                                                                    const c10::optional<SamplingArgs>& sampling) {
     const int64_t R = last - first + 1;
     TORCH_CHECK(R >= 1 && R <= e_->max_rows(), "final: rows ", first, "..", last, " must be 1..", e_->max_rows(), " rows");
+    TORCH_CHECK(!(with_logits && sampling), "final: logits or sampling, not both");
     std::vector<int32_t> tokens(R);
     c10::optional<at::Tensor> logits;
     if (with_logits) logits = at::empty({R, e_->dims().vocab}, at::kFloat);
     {
       py::gil_scoped_release nogil;
-      e_->final_tokens(static_cast<int>(first), static_cast<int>(last), tokens.data(),
-                       with_logits ? logits->data_ptr<float>() : nullptr);
+      if (sampling)
+        e_->final_sample(static_cast<int>(first), static_cast<int>(last), rule_of(*sampling), tokens.data());
+      else
+        e_->final_tokens(static_cast<int>(first), static_cast<int>(last), tokens.data(),
+                         with_logits ? logits->data_ptr<float>() : nullptr);
     }
     return {tokens, logits};
   }
@@ -174,8 +190,11 @@ class PyEngine {
     }
     e_->set_heads(heads);
   }
-  // (token, confidence, logits over the head's real tokens or None); token -1: not finite
-  std::tuple<int32_t, float, c10::optional<at::Tensor>> head(int64_t pos, int64_t i, bool with_logits) {
+  // (token, confidence, logits over the head's real tokens or None); token -1: not finite. sampling: as final's,
+  // the head's own draw for position pos + 1.
+  std::tuple<int32_t, float, c10::optional<at::Tensor>> head(int64_t pos, int64_t i, bool with_logits,
+                                                            const c10::optional<SamplingArgs>& sampling) {
+    const cpu::SampleRule rule = sampling ? rule_of(*sampling) : cpu::SampleRule{};
     c10::optional<at::Tensor> logits;
     if (with_logits) {
       TORCH_CHECK(i >= 0 && i < e_->n_heads_set(), "head index ", i, " outside 0..", e_->n_heads_set() - 1);
@@ -184,7 +203,8 @@ class PyEngine {
     std::pair<int32_t, float> r;
     {
       py::gil_scoped_release nogil;
-      r = e_->head(static_cast<int>(pos), static_cast<int>(i), with_logits ? logits->data_ptr<float>() : nullptr);
+      r = e_->head(static_cast<int>(pos), static_cast<int>(i), with_logits ? logits->data_ptr<float>() : nullptr,
+                   sampling ? &rule : nullptr);
     }
     return {r.first, r.second, logits};
   }
@@ -259,15 +279,43 @@ at::Tensor lane_dot(const at::Tensor& x, const at::Tensor& w, const std::string&
   const uint16_t* wp = bf16_ptr(w);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < K; ++j) packed[n * K + j] = wp[n * K + L.wsrc[j]];
+  const float* xv = x.data_ptr<float>();
+  for (int64_t i = 0; i < R * K; ++i) {
+    uint32_t u;
+    std::memcpy(&u, xv + i, 4);
+    TORCH_CHECK((u & 0xffff) == 0, "lane_dot: x must hold bf16 values (as every activation of the engine does)");
+  }
   std::vector<float> row(K + 1, 0.f), xp(R * L.xlen);
   for (int64_t r = 0; r < R; ++r) {
-    std::memcpy(row.data(), x.data_ptr<float>() + r * K, K * sizeof(float));
-    k->permute(L, row.data(), xp.data() + r * L.xlen);
+    std::memcpy(row.data(), xv + r * K, K * sizeof(float));
+    k->permute_x(L, row.data(), xp.data() + r * L.xlen);
   }
   std::vector<const uint16_t*> ptrs(N);
   for (int64_t n = 0; n < N; ++n) ptrs[n] = packed.data() + n * K;
   at::Tensor out = at::empty({R, N}, at::kFloat);
-  k->dot_tile(L, ptrs.data(), static_cast<int>(N), xp.data(), L.xlen, static_cast<int>(R), out.data_ptr<float>());
+  k->dot_tile(L, ptrs.data(), static_cast<int>(N), xp.data(), L.xlen, static_cast<int>(R), out.data_ptr<float>(),
+              cpu::bf16_exp_range(packed.data(), packed.size()));
+  return out;
+}
+
+// Seeded draws (sampling.h) from logits [R, n] fp32 at positions pos[r], the noise keyed by ids [n] (None: 0..n-1):
+// the C++ sampler against the Python reference (tests). -1: a tempered logit is not finite.
+std::vector<int32_t> sample_rows(const at::Tensor& logits, const c10::optional<at::Tensor>& ids,
+                                 const std::vector<int32_t>& pos, uint64_t seed, double inv_temperature, int64_t top_k,
+                                 double top_p) {
+  TORCH_CHECK(logits.dim() == 2, "sample_rows: logits [R, n]");
+  const int64_t R = logits.size(0), n = logits.size(1);
+  check(logits, "logits", {R, n}, at::kFloat);
+  TORCH_CHECK(static_cast<int64_t>(pos.size()) == R, "sample_rows: one position per row");
+  if (ids) check(*ids, "ids", {n}, at::kInt);
+  cpu::SampleRule rule;
+  rule.seed = seed, rule.inv_temperature = static_cast<float>(inv_temperature);
+  rule.top_k = static_cast<int32_t>(top_k), rule.top_p = top_p;
+  cpu::SampleScratch scratch;
+  std::vector<int32_t> out(R);
+  for (int64_t r = 0; r < R; ++r)
+    out[r] = cpu::sample_row(logits.data_ptr<float>() + r * n, static_cast<int>(n), ids ? ids->data_ptr<int32_t>() : nullptr,
+                             pos[r], rule, scratch);
   return out;
 }
 
@@ -372,6 +420,35 @@ double read_bandwidth(int64_t mib, int64_t threads, int64_t reps, const std::str
   return static_cast<double>(items) * kChunk * sizeof(float) / best;
 }
 
+// fp32 FMA FLOP/s of `threads` threads each running 12 independent FMA chains on the kernels of `isa` (best of
+// `reps`): the compute ceiling of the benchmarks, measured in the same run as the read bandwidth.
+double fma_peak(int64_t threads, int64_t reps, const std::string& isa) {
+  TORCH_CHECK(threads >= 1 && reps >= 1, "fma_peak: threads, reps must be >= 1");
+  const cpu::Kernels* k = kernels_named(isa);
+  cpu::ThreadPool pool(static_cast<int>(threads));
+  struct Ctx {
+    const cpu::Kernels* k;
+    double flops[1024];
+    float sink[1024][64];
+  };
+  auto ctx = std::make_unique<Ctx>();
+  ctx->k = k;
+  for (auto& s : ctx->sink)
+    for (int i = 0; i < 64; ++i) s[i] = 1.f + 1e-6f * static_cast<float>(i);
+  py::gil_scoped_release nogil;
+  double best = 0.0;
+  for (int64_t r = 0; r < reps + 1; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.run(static_cast<int>(threads), [](void* c, int thread, int, bool) {
+      auto& x = *static_cast<Ctx*>(c);
+      x.flops[thread & 1023] += x.k->fma_probe(2000000, x.sink[thread & 1023]);
+    }, ctx.get(), SIZE_MAX);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::max(best, ctx->flops[0] / static_cast<double>(r + 1) * static_cast<double>(threads) / s);
+  }
+  return best;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -392,9 +469,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("prefill", &PyEngine::prefill)
       .def("embed", &PyEngine::embed)
       .def("run_layers", &PyEngine::run_layers)
-      .def("final", &PyEngine::final, py::arg("first"), py::arg("last"), py::arg("logits") = false)
+      .def("final", &PyEngine::final, py::arg("first"), py::arg("last"), py::arg("logits") = false,
+           py::arg("sampling") = py::none())
       .def("set_heads", &PyEngine::set_heads)
-      .def("head", &PyEngine::head, py::arg("pos"), py::arg("i"), py::arg("logits") = false)
+      .def("head", &PyEngine::head, py::arg("pos"), py::arg("i"), py::arg("logits") = false,
+           py::arg("sampling") = py::none())
       .def("hidden", &PyEngine::hidden)
       .def("kv", &PyEngine::kv)
       .def("set_schedule", &PyEngine::set_schedule, py::arg("schedule"), py::arg("seed") = 0)
@@ -426,4 +505,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   t.def("lane_dot", &lane_dot, py::arg("x"), py::arg("w"), py::arg("isa"),
         "x [R, K] . w [N, K] in the CUDA skinny GEMM's order, through `isa`");
   def_test_probes(t);  // the attention probes (the test probes block above)
+  t.def("fma_peak", &fma_peak, py::arg("threads") = 1, py::arg("reps") = 3, py::arg("isa") = "",
+        "fp32 FMA FLOP/s of `threads` threads (12 independent chains each, best of `reps`)");
+  t.def("sample_rows", &sample_rows, py::arg("logits"), py::arg("ids"), py::arg("pos"), py::arg("seed"),
+        py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"),
+        "seeded draws of the C++ sampler (csrc/cpu/sampling.h) from logits [R, n]: tests against sampling.py");
+  t.def("bf16_dot_fallbacks", &cpu::bf16_dot_fallbacks,
+        "calls of the avx512bf16 dot products that ran the FMA chains (values the instruction would flush)");
 }

@@ -111,6 +111,7 @@ void Weights::pack(PackedMatrix& m, int K, const std::vector<const uint16_t*>& r
     uint16_t* out = m.data + static_cast<size_t>(n) * K;
     for (int j = 0; j < K; ++j) out[j] = in[src[j]];
   }
+  m.exp = bf16_exp_range(m.data, n_elems);
   bytes_ += n_elems * sizeof(uint16_t);
 }
 
@@ -196,7 +197,7 @@ void prep_norm(const JobContext& cx, ThreadWs& t, const uint16_t* rows, int R, c
     const float inv = inv_sqrt(rn::add(rn::div(ss, static_cast<float>(d)), cx.m.eps));
     k.norm_apply(t.row.data(), inv, g, t.xn.data(), d);
     t.xn[d] = 0.f;
-    k.permute(Ld, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * Ld.xlen);
+    k.permute_x(Ld, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * Ld.xlen);
   }
 }
 
@@ -205,7 +206,7 @@ void prep_plain(const JobContext& cx, ThreadWs& t, const float* rows, int R, int
   for (int r = 0; r < R; ++r) {
     std::memcpy(t.xn.data(), rows + static_cast<size_t>(r) * K, K * sizeof(float));
     t.xn[K] = 0.f;
-    cx.k.permute(L, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * L.xlen);
+    cx.k.permute_x(L, t.xn.data(), t.xp.data() + static_cast<size_t>(r) * L.xlen);
   }
 }
 
@@ -228,7 +229,7 @@ void qkv_item(void* ctx, int thread, int item, bool first) {
   const int hd = m.head_dim, half = hd / 2, H = m.n_heads, Hkv = m.n_kv_heads;
   const uint16_t* ptrs[256];
   for (int c = 0; c < hd; ++c) ptrs[c] = W.wqkv.row(item * hd + c);
-  cx.k.dot_tile(*cx.L_d, ptrs, hd, t.xp.data(), cx.L_d->xlen, j.R, t.out.data());
+  cx.k.dot_tile(*cx.L_d, ptrs, hd, t.xp.data(), cx.L_d->xlen, j.R, t.out.data(), W.wqkv.exp);
   float rot[256], bias[256];
   const bool has_bias = W.bqkv.size() > 0;
   if (has_bias) cx.k.bf16_to_f32(W.bqkv.data() + static_cast<size_t>(item) * hd, bias, hd);
@@ -284,7 +285,7 @@ void residual_item(const JobContext& cx, ThreadWs& t, int R, const PackedMatrix&
   const int n0 = item * kColsPerItem, cn = std::min(kColsPerItem, W.N - n0);
   const uint16_t* ptrs[kColsPerItem];
   for (int c = 0; c < cn; ++c) ptrs[c] = W.row(n0 + c);
-  cx.k.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, R, t.out.data());
+  cx.k.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, R, t.out.data(), W.exp);
   for (int r = 0; r < R; ++r)
     cx.k.residual_add(t.out.data() + static_cast<size_t>(r) * cn, cx.hw + static_cast<size_t>(r) * W.N + n0, cn);
 }
@@ -307,7 +308,7 @@ void gate_up_item(void* ctx, int thread, int item, bool first) {
   const int ffn = cx.m.ffn, n0 = item * kGateUpBlock, cn = std::min(kGateUpBlock, ffn - n0);
   const uint16_t* ptrs[2 * kGateUpBlock];
   for (int c = 0; c < 2 * cn; ++c) ptrs[c] = W.gate_up.row(2 * n0 + c);  // cn gate rows, then the same cn up rows
-  cx.k.dot_tile(*cx.L_d, ptrs, 2 * cn, t.xp.data(), cx.L_d->xlen, j.R, t.out.data());
+  cx.k.dot_tile(*cx.L_d, ptrs, 2 * cn, t.xp.data(), cx.L_d->xlen, j.R, t.out.data(), W.gate_up.exp);
   for (int r = 0; r < j.R; ++r) {
     const float* gu = t.out.data() + static_cast<size_t>(r) * 2 * cn;
     cx.k.silu_mul(gu, gu + cn, cx.act + static_cast<size_t>(r) * ffn + n0, cn);
@@ -351,7 +352,7 @@ void lm_item(void* ctx, int thread, int item, bool first) {
   const int n0 = item * kVocabPerItem, cn = std::min(kVocabPerItem, j.n - n0);
   const uint16_t* ptrs[kVocabPerItem];
   for (int c = 0; c < cn; ++c) ptrs[c] = W.row(n0 + c);
-  cx.k.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, j.R, t.out.data());
+  cx.k.dot_tile(*W.L, ptrs, cn, t.xp.data(), W.L->xlen, j.R, t.out.data(), W.exp);
   for (int r = 0; r < j.R; ++r) {
     float* y = t.out.data() + static_cast<size_t>(r) * cn;
     cx.k.round_bf16(y, y, cn);
@@ -376,7 +377,7 @@ void head_t_item(void* ctx, int thread, int item, bool first) {
   const int d = cx.m.d, n0 = item * kColsPerItem, cn = std::min(kColsPerItem, d - n0);
   const uint16_t* ptrs[kColsPerItem];
   for (int c = 0; c < cn; ++c) ptrs[c] = j.T->row(n0 + c);
-  cx.k.dot_tile(*cx.L_d, ptrs, cn, t.xp.data(), cx.L_d->xlen, 1, t.out.data());
+  cx.k.dot_tile(*cx.L_d, ptrs, cn, t.xp.data(), cx.L_d->xlen, 1, t.out.data(), j.T->exp);
   cx.k.round_bf16(t.out.data(), j.z + n0, cn);
 }
 
@@ -514,7 +515,7 @@ Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* 
     t.row.assign(kmax + 1, 0.f);
     t.xn.assign(kmax + 1, 0.f);
     t.tmp.assign(std::max({L_norm_->xlen, L_rest_->xlen, L_hd_->xlen}), 0.f);
-    t.xp.assign(static_cast<size_t>(P) * xlen, 0.f);
+    t.xp = Buffer<float>(static_cast<size_t>(P) * xlen, "activations");
     t.out.assign(static_cast<size_t>(P) * std::max({hd, 2 * kColsPerItem, kVocabPerItem}), 0.f);
     t.best.assign(max_rows, 0.f);
     t.best_idx.assign(max_rows, -1);
@@ -637,6 +638,15 @@ void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
   }
 }
 
+void Engine::final_sample(int first, int last, const SampleRule& rule, int32_t* tokens) {
+  check_rows("final", first, last);
+  const int R = last - first + 1, V = dims().vocab;
+  if (lg_rows_.size() == 0) lg_rows_ = Buffer<float>(static_cast<size_t>(max_rows_) * V, "logits");
+  final_tokens(first, last, tokens, lg_rows_.data());
+  for (int r = 0; r < R; ++r)
+    tokens[r] = sample_row(lg_rows_.data() + static_cast<size_t>(r) * V, V, nullptr, first + r + 1, rule, sample_ws_);
+}
+
 void Engine::set_heads(const std::vector<HeadSource>& sources) {
   const ModelDims& m = dims();
   for (size_t i = 0; i < sources.size(); ++i) {  // bounds (the Python side checks every head first, by name)
@@ -664,6 +674,7 @@ void Engine::set_heads(const std::vector<HeadSource>& sources) {
       h.E.N = src.n_vocab;
       h.E.K = W.K;
       h.E.L = W.L;
+      h.E.exp = W.exp;  // a superset of its rows' range
       h.E.own = Buffer<uint16_t>(static_cast<size_t>(h.E.N) * W.K, "head vocabulary rows");
       h.E.data = h.E.own.data();
       for (int n = 0; n < h.E.N; ++n)
@@ -691,7 +702,7 @@ int Engine::head_vocab(int i) const {
   return heads_[i].vocab.empty() ? dims().vocab : static_cast<int>(heads_[i].vocab.size());
 }
 
-std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
+std::pair<int32_t, float> Engine::head(int pos, int i, float* logits, const SampleRule* rule) {
   if (i < 0 || i >= static_cast<int>(heads_.size()))
     throw std::out_of_range("CPU engine: head index " + std::to_string(i) + " outside 0.." +
                             std::to_string(static_cast<int>(heads_.size()) - 1));
@@ -718,7 +729,9 @@ std::pair<int32_t, float> Engine::head(int pos, int i, float* logits) {
   }
   const LmStats st = lm_stats(k_, lg, n, !h.w_rest.empty(), rest);
   if (logits) std::memcpy(logits, lg, n * sizeof(float));
-  const int32_t token = st.idx < 0 ? -1 : (h.vocab.empty() ? st.idx : h.vocab[st.idx]);
+  int32_t col = st.idx;  // greedy, or the head's draw
+  if (rule && col >= 0) col = sample_row(lg, n, h.vocab.empty() ? nullptr : h.vocab.data(), pos + 1, *rule, sample_ws_);
+  const int32_t token = col < 0 ? -1 : (h.vocab.empty() ? col : h.vocab[col]);
   return {token, st.max_prob};
 }
 

@@ -31,6 +31,7 @@
 #include "../common/model.h"
 #include "kernels.h"
 #include "lanes.h"
+#include "sampling.h"
 #include "thread_pool.h"
 
 namespace adadecode::cpu {
@@ -66,6 +67,7 @@ struct PackedMatrix {
   int N = 0, K = 0;
   const LaneLayout* L = nullptr;
   uint16_t* data = nullptr;
+  ExpRange exp;  // of its values (lanes.h), for dot_tile
   Buffer<uint16_t> own;
   const uint16_t* row(int n) const { return data + static_cast<size_t>(n) * K; }
   size_t bytes() const { return static_cast<size_t>(N) * K * sizeof(uint16_t); }
@@ -138,7 +140,8 @@ struct HeadSource {
 
 // Per-thread scratch of the jobs (engine.cpp).
 struct ThreadWs {
-  std::vector<float> row, tmp, xn, xp, out;
+  std::vector<float> row, tmp, xn, out;
+  Buffer<float> xp;            // the dot products' activation rows, 64-byte aligned (whole-line vector loads)
   std::vector<float> best;     // [max_rows] this thread's running argmax per row (LM-head jobs)
   std::vector<int> best_idx;
   std::vector<char> ok;
@@ -178,12 +181,16 @@ class Engine {
   // Greedy tokens of rows first..last; token -1 for a row whose logits hold a NaN or no finite maximum. With
   // `logits` ([R, vocab] fp32), the bf16-rounded logits too.
   void final_tokens(int first, int last, int32_t* tokens, float* logits = nullptr);
+  // Tokens of rows first..last drawn by `rule` for positions row + 1 from the same bf16-rounded logits
+  // (sampling.h: the reference rule, bit for bit); token -1 for a row whose tempered logits are not finite.
+  void final_sample(int first, int last, const SampleRule& rule, int32_t* tokens);
   // Packs the heads (T into the kernels' lane order, E: the LM head's rows of the vocabulary, w_rest into the rest
   // logit's lanes) and keeps them; the sources may be dropped afterwards.
   void set_heads(const std::vector<HeadSource>& heads);
   // (token, confidence) of head i on row pos (token -1: non-finite); with `logits` ([head_vocab(i)] fp32), the
-  // head's bf16-rounded logits over its real tokens.
-  std::pair<int32_t, float> head(int pos, int i, float* logits = nullptr);
+  // head's bf16-rounded logits over its real tokens. With `rule`, the token is the head's own draw for position
+  // pos + 1 over its real tokens (noise keyed by their global ids); the confidence stays the greedy statistics'.
+  std::pair<int32_t, float> head(int pos, int i, float* logits = nullptr, const SampleRule* rule = nullptr);
   void copy_row(int pos, uint16_t* dst) const;
   void copy_kv(int layer, int length, uint16_t* k_dst, uint16_t* v_dst) const;
 
@@ -209,6 +216,8 @@ class Engine {
   int max_seq_, max_rows_, chunk_, nkb_;
   Buffer<uint16_t> k_cache_, v_cache_, ring_, hw_;
   Buffer<float> cos_, sin_, q_, attn_, act_, part_o_, part_ml_, lg_;
+  Buffer<float> lg_rows_;    // [max_rows, vocab]: final_sample's logits (allocated at its first call)
+  SampleScratch sample_ws_;
   int job_counter_ = 0;
   std::vector<ThreadWs> ws_;
   std::vector<Head> heads_;

@@ -38,11 +38,17 @@ constexpr int kKBlock = 16;      // positions per K block (one lane vector)
 
 struct Kernels {
   const char* name;
-  // xp <- x permuted into layout L (x holds L.K values and x[L.K] == 0: the padding source)
+  // xp <- x permuted into layout L (x holds L.K values and x[L.K] == 0: the padding source): fp32, L.xlen floats
   void (*permute)(const LaneLayout& L, const float* x, float* xp);
-  // out[r * C + c] = dot(x row r, packed weight row c) for r < R, c < C; xp rows at stride xstride floats
+  // An activation row of dot_tile: x (L.K bf16 values, x[L.K] == 0) into this path's form at xp, at most L.xlen
+  // floats: the permuted fp32 row (= permute) on the FMA paths; on avx512bf16 the bf16 pairs of lanes.h and the
+  // row's ExpRange (kernels.inl: the bf16 dot product's exactness rule).
+  void (*permute_x)(const LaneLayout& L, const float* x, float* xp);
+  // out[r * C + c] = dot(x row r, packed weight row c) for r < R, c < C; xp rows from permute_x at stride xstride
+  // floats; wexp: the ExpRange of the matrix's weights (lanes.h: bf16_exp_range, once at load; a superset of the
+  // rows' ranges will do). The order is lanes.h's on every path, whatever R, C and wexp.
   void (*dot_tile)(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xstride, int R,
-                   float* out);
+                   float* out, ExpRange wexp);
   // dot of two permuted fp32 rows in layout L (RMSNorm's sum of squares, the rest logit)
   float (*dot_f32)(const LaneLayout& L, const float* a, const float* b);
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int n);
@@ -69,15 +75,22 @@ struct Kernels {
   void (*exp2)(const float* x, float* y, int n);
   // sum of n floats (n % 64 == 0): the read-bandwidth probe of the benchmarks
   float (*read_sum)(const float* p, int64_t n);
+  // n steps of 12 independent FMA chains on this path's registers, returns the flops done (2 per lane per FMA):
+  // the FMA-peak probe of the benchmarks (the ceiling of the compute-bound steps, beside read_sum's)
+  double (*fma_probe)(int64_t n, float* sink);
 };
 
-// The kernels of one instruction set: "avx512", "avx2" or "portable". nullptr when this build or CPU lacks it.
+// The kernels of one path: "avx512bf16" (AVX-512 with the bf16 dot-product instruction), "avx512", "avx2", "neon"
+// or "portable". nullptr when this build or CPU lacks it.
 const Kernels* kernels_for(const char* isa);
 // The best path this CPU runs.
 const Kernels* best_kernels();
-// Which paths this CPU supports, best first.
+// Which paths this CPU supports, fastest first (all compute the same bits; dispatch.cpp: how the order is found).
 const char* const* supported_isas();
 // Every path's name, best first (null-terminated): a name outside it is unknown, not merely unsupported here.
 const char* const* known_isas();
+// Calls of the avx512bf16 path's dot_tile that ran the FMA chains because the bf16 dot-product instruction would
+// have flushed a value (kernels.inl: the exactness rule); 0 where that path is not built. For the tests.
+long bf16_dot_fallbacks();
 
 }  // namespace adadecode::cpu

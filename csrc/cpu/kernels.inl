@@ -1,140 +1,300 @@
 // The CPU kernels, written once over the lane vector V (16 fp32 lanes) of the including translation unit:
-// kernels_avx512.cpp, kernels_avx2.cpp and kernels_portable.cpp each include their vec_<isa>.h and then this file
-// inside their own namespace. Contracts: kernels.h. The operation order of each output is the CUDA kernels'
+// kernels_avx512bf16.cpp, kernels_avx512.cpp, kernels_avx2.cpp, kernels_neon.cpp and kernels_portable.cpp each
+// include their vec_<isa>.h and then this file inside their own namespace. Contracts: kernels.h. The operation order of each output is the CUDA kernels'
 // (lanes.h for dot products; attention.cu's chunks, scores, softmax statistics and merge), so the paths agree bit
 // for bit with each other and with CudaEngine on the emulated device.
 //
-// Nothing here depends on which instruction set runs it except through V: the tile shapes (register blocking) vary
-// with kVecRegs (tile_regs), and a tile shape only decides which outputs are computed together, never an output's order.
+// Nothing here depends on which instruction set runs it except through V (and VS, VP: the dot products' sub-vector
+// and bf16 pairs): the tile shapes (register blocking) vary with the registers, and a tile shape only decides which
+// outputs are computed together, never an output's order.
 
-// Software prefetch distance in a weight stream, 16 KB ahead: the hardware prefetchers alone leave a decode step far
-// from the read bandwidth, and 2 KB ahead is too close on the EPYC machines measured (bench/results/cpu-*.md).
-constexpr int kPrefetchElems = 8192;
+// ---- the dot products -----------------------------------------------------------------------------------------------
+// out[r][c] = x_r . w_c in lanes.h's order: per block b (16 lanes) and lane l one FMA chain over the lane's elements
+// (group by group, element 2t then 2t + 1 of each pair t), from +0; block pairs (2w, 2w + 1) summed lane by lane and
+// reduced by vreduce16's tree (warp w's butterfly); the warps added in order. Everything below only decides which
+// chains run together and where their operands wait (the register tile, the loop order), never a chain's own steps.
+//
+// THE SEAM FOR WEIGHT FORMATS. The chains read weights through a weight source W (Bf16Weights below is the one
+// written; a quantized format is another struct with the same members, and the tile and loop code is not touched):
+//   W::Row                        one packed output row (a column of the product) as the source stores it
+//   W::block(row, L, b)           its block b (L.woff[b] for bf16)
+//   W::Group W::group(blk, g)     what the 4 pairs of full group g share, loaded once per group (a block format: its
+//                                 16 lanes' scales, lane l's chunk being 8 consecutive elements of one block)
+//   W::pair(blk, grp, p, s, a, b) pair p = 4 g + t of a full group, sub-vector s (lanes s kSubLanes ..): a <- the
+//                                 lanes' element 2t, b <- element 2t + 1, as fp32 (the FMA paths)
+//   W::tail_pair(blk, p0, t, tl, s, n, a, b)   pair t of the tail group (tl lanes, p0 = 4 gfull), this sub-vector's
+//                                 first n lanes (the others 0)
+//   W::pair_bf16(blk, grp, p), W::tail_pair_bf16(blk, p0, t, tl)   (the avx512bf16 path) the same values as 16
+//                                 words of bf16 pairs, element 2t in the HIGH half: dequantise -> exact fp32 ->
+//                                 round to bf16 (exact: the values ARE bf16, see below) -> pack (vp_pack)
+//   W::prefetch(blk, p, skip)     ahead of pair p in the stream, skip bytes further (on the passes that read the
+//                                 weights from memory or prefetch the next block's)
+// A source must produce exactly the bf16 values the loader would hold (today the GGUF loader dequantises to bf16
+// first): the chains' bits are then the bf16 matrix's, on every path. The matrix's ExpRange (dot_tile's wexp) is
+// that of those values, computed once at load.
+//
+// THE BF16 DOT-PRODUCT INSTRUCTION (path avx512bf16). vdpbf16ps adds to each fp32 lane the products of the high
+// halves, then of the low halves of its two bf16 pairs: two FMAs, each rounded to nearest even, with subnormal
+// inputs (the accumulator included) and results flushed to zero and MXCSR ignored (Intel SDM; probed bit for bit on
+// Zen 5 and Sapphire Rapids: ../shared/notes/bf16-dot-probe.md, and dispatch.cpp checks it on each CPU before it
+// offers the path). With element 2t in the high half (lanes.h) that is the FMA chain of the order above, as long as
+// no flush happens. The rule that guarantees it (no engine changes how it rounds; the emulated device and CUDA keep
+// IEEE subnormals):
+//   every weight and activation of the call is 0 or normal and finite (exponent field 1..254), and
+//   Ew_lo + Ex_lo >= 142 and Ew_hi + Ex_hi + ceil(log2 K) <= 378 (biased exponents: ExpRange of the matrix and of
+//   the call's rows; lo over the nonzero values)
+// Proof: a nonzero bf16 with biased exponent e is an integer times 2^(e - 134), so every product w x is an integer
+// times q = 2^(Ew_lo + Ex_lo - 268) >= 2^-126. A chain starts at +0; if the accumulator is a multiple of q, so is the
+// exact sum acc + w x, and so is its rounding (to a grid of ulp <= q it is exact; else the result is a multiple of
+// ulp, a multiple of q): so every accumulator and every result is 0 or of magnitude >= q >= 2^-126, never
+// subnormal, and no input is. The largest |sum| is below K 2^(Ew_hi + Ex_hi - 252) <= 2^126 (with the rounding
+// slack, below 2^127): nothing overflows, no infinity or NaN arises. With no flush and no special value, each step is
+// the IEEE FMA. The default model's nonzero weights lie in 2^-18 .. 2^5 (Ew_lo = 109), so a call takes the
+// instruction unless one of its activations is nonzero below 2^-94 (or a row is huge); a call that does not pass
+// (tiny or subnormal values: tests/test_cpu_kernels.py plants them) runs the FMA chain instead, so every path gives
+// the same bits for every input.
+//
+// Register tiles: the tile is RT rows x CT columns of sub-vector accumulators (VS: kSubLanes lanes; AVX-512 one zmm,
+// AVX2 one ymm of the two in V, NEON one q register of four; kRegs of them). Either the columns' weight vectors stay
+// in registers and the activations are FMA memory operands, or the rows' activations stay and each weight vector is
+// loaded and split once for all RT rows (kFmaCols / kFmaXKept in vec_<isa>.h: sized for its registers). Loop order:
+// dot_all below (a decode step's few row tiles inside column blocks; prefill's row tiles outside).
 
-// Lane vectors a register tile of RT rows x CT columns keeps live over a step pair: the accumulators, and either
-// the rows' two activation vectors (x kept, RT < CT; one weight pair at a time, converted from bf16 into two
-// transient vectors) or the columns' two weight vectors (w kept; the activations are FMA memory operands and need
-// no register of their own).
-constexpr int tile_regs(int RT, int CT) { return RT * CT + (RT < CT ? 2 * RT + 2 : 2 * CT); }
+struct Bf16Weights {
+  using Row = const uint16_t*;
+  struct Group {};
+  static Row block(Row r, const LaneLayout& L, int b) { return r + L.woff[b]; }
+  static Group group(Row, int) { return {}; }
+  static void pair(Row r, const Group&, int p, int s, VS& a, VS& b) { vs_load_pair(r + p * 32 + s * 2 * kSubLanes, a, b); }
+  static void tail_pair(Row r, int p0, int t, int tl, int s, int n, VS& a, VS& b) {
+    vs_load_pair_n(r + p0 * 32 + t * 2 * tl + s * 2 * kSubLanes, n, a, b);
+  }
+#if ADA_BF16_DOT
+  static VP pair_bf16(Row r, const Group&, int p) { return vp_load(r + p * 32); }
+  static VP tail_pair_bf16(Row r, int p0, int t, int tl) { return vp_load_n(r + p0 * 32 + t * 2 * tl, tl); }
+#endif
+  static void prefetch(Row r, int p, int skip) { prefetch_stream(reinterpret_cast<const char*>(r + p * 32) + skip); }
+};
 
-template <int RT, int CT>
-inline void block_dot(const uint16_t* const (&w)[CT], const float* x, int xs, int gfull, int tl, V (&acc)[RT][CT]) {
-  for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < CT; ++c) acc[r][c] = vzero();
-  const int pairs = gfull * 4;
-  for (int t = 0; t < pairs; ++t) {
-    const float* x0 = x + t * 32;
-    if constexpr (RT <= CT) {  // the rows' activations stay in registers
-      V xa[RT], xb[RT];
-      for (int r = 0; r < RT; ++r) xa[r] = vload(x0 + r * xs), xb[r] = vload(x0 + r * xs + 16);
-      for (int c = 0; c < CT; ++c) {
-        prefetch(w[c] + t * 32 + kPrefetchElems);
-        V wa, wb;
-        vload_bf16_pair(w[c] + t * 32, wa, wb);
-        for (int r = 0; r < RT; ++r) acc[r][c] = vfma(wb, xb[r], vfma(wa, xa[r], acc[r][c]));
+// The FMA chains: activations in the permuted fp32 form (block b at xoff[b]; pair p: steps 2p and 2p + 1, 16 floats
+// each).
+template <class W_>
+struct PathFma {
+  using W = W_;
+  using Row = typename W::Row;
+  using X = const float*;
+  static constexpr int kSubs = kSub;
+  static constexpr int kMaxRows = kFmaMaxRows;
+  static constexpr int cols(int RT) { return kFmaCols[RT]; }
+  static constexpr bool x_kept(int RT) { return kFmaXKept[RT]; }
+  static X xblock(const float* xrow, int xoff) { return xrow + xoff; }
+
+  template <int RT, int CT, bool kXKept, bool kPf>
+  static void chain(const Row (&w)[CT], const X (&x)[RT], int gfull, int tl, int s, int pf_skip, VS (&acc)[RT][CT]) {
+    for (int r = 0; r < RT; ++r)
+      for (int c = 0; c < CT; ++c) acc[r][c] = vs_zero();
+    const int so = s * kSubLanes;
+    for (int g = 0; g < gfull; ++g) {
+      typename W::Group gs[CT];
+      for (int c = 0; c < CT; ++c) gs[c] = W::group(w[c], g);
+      for (int t = 0; t < 4; ++t) {
+        const int p = 4 * g + t;
+        if constexpr (kPf) {
+          if (s == 0)
+            for (int c = 0; c < CT; ++c) W::prefetch(w[c], p, pf_skip);
+        }
+        if constexpr (kXKept) {
+          VS xa[RT], xb[RT];
+          for (int r = 0; r < RT; ++r) xa[r] = vs_load(x[r] + p * 32 + so), xb[r] = vs_load(x[r] + p * 32 + 16 + so);
+          for (int c = 0; c < CT; ++c) {
+            VS wa, wb;
+            W::pair(w[c], gs[c], p, s, wa, wb);
+            for (int r = 0; r < RT; ++r) acc[r][c] = vs_fma(wa, xa[r], acc[r][c]);
+            for (int r = 0; r < RT; ++r) acc[r][c] = vs_fma(wb, xb[r], acc[r][c]);
+          }
+        } else {
+          VS wa[CT], wb[CT];
+          for (int c = 0; c < CT; ++c) W::pair(w[c], gs[c], p, s, wa[c], wb[c]);
+          for (int r = 0; r < RT; ++r)
+            for (int c = 0; c < CT; ++c) acc[r][c] = vs_fma(wa[c], vs_load(x[r] + p * 32 + so), acc[r][c]);
+          for (int r = 0; r < RT; ++r)
+            for (int c = 0; c < CT; ++c) acc[r][c] = vs_fma(wb[c], vs_load(x[r] + p * 32 + 16 + so), acc[r][c]);
+        }
       }
-    } else {  // the columns' weights stay in registers
-      V wa[CT], wb[CT];
+    }
+    // The tail group: only lanes < tl own a chunk; a sub-vector past them has no step (its chains have ended), one
+    // that straddles tl loads weight 0 and the activation row's padding 0 in its other lanes, and a chain that
+    // starts at +0 never holds -0 (a round-to-nearest sum is -0 only when both addends are), so acc + 0 * 0 keeps
+    // them bit for bit (a plain FMA, no per-step lane mask).
+    if (tl <= so) return;
+    const int n = tl - so < kSubLanes ? tl - so : kSubLanes, p0 = 4 * gfull;
+    for (int t = 0; t < 4; ++t) {
+      const int p = p0 + t;
       for (int c = 0; c < CT; ++c) {
-        prefetch(w[c] + t * 32 + kPrefetchElems);
-        vload_bf16_pair(w[c] + t * 32, wa[c], wb[c]);
-      }
-      for (int r = 0; r < RT; ++r) {
-        const V xa = vload(x0 + r * xs), xb = vload(x0 + r * xs + 16);
-        for (int c = 0; c < CT; ++c) acc[r][c] = vfma(wb[c], xb, vfma(wa[c], xa, acc[r][c]));
+        VS wa, wb;
+        W::tail_pair(w[c], p0, t, tl, s, n, wa, wb);
+        for (int r = 0; r < RT; ++r)
+          acc[r][c] = vs_fma(wb, vs_load(x[r] + p * 32 + 16 + so), vs_fma(wa, vs_load(x[r] + p * 32 + so), acc[r][c]));
       }
     }
   }
-  if (tl == 0) return;
-  // The tail chunks: only the first tl lanes own one; the other lanes' chains have ended. Those lanes load weight 0
-  // and the activation row's padding 0, and a chain that starts at +0 never holds -0 (a round-to-nearest sum is
-  // -0 only when both addends are), so acc + 0 * 0 keeps them bit for bit: a plain FMA, no per-step lane mask
-  // (AVX2 has no masked FMA: a blend per FMA cost about as much as the FMAs themselves).
-  for (int t = 0; t < 4; ++t) {
-    const float* x0 = x + (pairs + t) * 32;
-    for (int c = 0; c < CT; ++c) {
-      V wa, wb;
-      vload_bf16_pair_n(w[c] + pairs * 32 + t * 2 * tl, tl, wa, wb);
-      for (int r = 0; r < RT; ++r) acc[r][c] = vfma(wb, vload(x0 + r * xs + 16), vfma(wa, vload(x0 + r * xs), acc[r][c]));
-    }
-  }
-}
+};
 
-// out[r * ldo + c] for a tile of RT rows and CT columns: block pairs (2w, 2w+1) are warp w; its butterfly is
-// vreduce16 of their sum; warps are added in order.
-template <int RT, int CT>
-inline void dot_tile_rc(const LaneLayout& L, const uint16_t* const* w, const float* xp, int xs, float* out, int ldo) {
-  alignas(64) float first[RT * CT * 16];
-  float total[RT][CT] = {};  // set at the first block pair
+#if ADA_BF16_DOT
+// The bf16 dot-product chains: activations as bf16 pairs (permute_x: block b at word xoff[b] / 2, pair p at + 16 p),
+// one vdpbf16ps per pair of steps.
+template <class W_>
+struct PathDp {
+  using W = W_;
+  using Row = typename W::Row;
+  using X = const uint32_t*;
+  static constexpr int kSubs = 1;
+  static constexpr int kMaxRows = kDpMaxRows;
+  static constexpr int cols(int RT) { return kDpCols[RT]; }
+  static constexpr bool x_kept(int RT) { return kDpXKept[RT]; }
+  static X xblock(const float* xrow, int xoff) { return reinterpret_cast<const uint32_t*>(xrow) + xoff / 2; }
+
+  template <int RT, int CT, bool kXKept, bool kPf>
+  static void chain(const Row (&w)[CT], const X (&x)[RT], int gfull, int tl, int, int pf_skip, VS (&acc)[RT][CT]) {
+    for (int r = 0; r < RT; ++r)
+      for (int c = 0; c < CT; ++c) acc[r][c] = vs_zero();
+    for (int g = 0; g < gfull; ++g) {
+      typename W::Group gs[CT];
+      for (int c = 0; c < CT; ++c) gs[c] = W::group(w[c], g);
+      for (int t = 0; t < 4; ++t) {
+        const int p = 4 * g + t;
+        if constexpr (kPf) {
+          for (int c = 0; c < CT; ++c) W::prefetch(w[c], p, pf_skip);
+        }
+        if constexpr (kXKept) {
+          VP xv[RT];
+          for (int r = 0; r < RT; ++r) xv[r] = vp_load(x[r] + p * 16);
+          for (int c = 0; c < CT; ++c) {
+            const VP wv = W::pair_bf16(w[c], gs[c], p);
+            for (int r = 0; r < RT; ++r) acc[r][c] = vs_dp(acc[r][c], wv, xv[r]);
+          }
+        } else {
+          VP wv[CT];
+          for (int c = 0; c < CT; ++c) wv[c] = W::pair_bf16(w[c], gs[c], p);
+          for (int r = 0; r < RT; ++r) {
+            const VP xv = vp_load(x[r] + p * 16);
+            for (int c = 0; c < CT; ++c) acc[r][c] = vs_dp(acc[r][c], wv[c], xv);
+          }
+        }
+      }
+    }
+    if (tl == 0) return;  // the tail: weights past tl load as 0, the activations' padding is 0 (as above)
+    const int p0 = 4 * gfull;
+    for (int t = 0; t < 4; ++t)
+      for (int c = 0; c < CT; ++c) {
+        const VP wv = W::tail_pair_bf16(w[c], p0, t, tl);
+        for (int r = 0; r < RT; ++r) acc[r][c] = vs_dp(acc[r][c], wv, vp_load(x[r] + (p0 + t) * 16));
+      }
+  }
+};
+#endif
+
+// out[r * ldo + c] for a tile of RT rows and CT columns: for each block pair (2w, 2w + 1) the chains of both
+// blocks, lane-summed (the butterfly's first step), then vreduce16's tree for all RT x CT outputs at once; warps
+// added in order.
+template <class P, int RT, int CT, bool kXKept, bool kPf>
+inline void dot_tile_rc(const LaneLayout& L, const typename P::Row* w, const float* x, int xs, float* out, int ldo,
+                        int pf_skip) {
+  constexpr int N = RT * CT;
+  alignas(64) float F[2][N * 16];  // the chains' lanes of blocks 2w, 2w + 1
+  float total[N] = {};
   for (int b = 0; b < L.nblk; b += 2) {
-    V acc[RT][CT];
-    const uint16_t* wb[CT];
-    for (int c = 0; c < CT; ++c) wb[c] = w[c] + L.woff[b];
-    block_dot<RT, CT>(wb, xp + L.xoff[b], xs, L.gfull, L.tail_lanes[b], acc);
-    for (int r = 0; r < RT; ++r)
-      for (int c = 0; c < CT; ++c) vstore(first + (r * CT + c) * 16, acc[r][c]);
-    for (int c = 0; c < CT; ++c) wb[c] = w[c] + L.woff[b + 1];
-    block_dot<RT, CT>(wb, xp + L.xoff[b + 1], xs, L.gfull, L.tail_lanes[b + 1], acc);
-    for (int r = 0; r < RT; ++r)
-      for (int c = 0; c < CT; ++c) {
-        const float s = vreduce16(vadd(vload(first + (r * CT + c) * 16), acc[r][c]));
-        total[r][c] = b == 0 ? s : total[r][c] + s;
+    for (int h = 0; h < 2; ++h) {
+      const int blk = b + h;
+      typename P::Row wb[CT];
+      typename P::X xb[RT];
+      for (int c = 0; c < CT; ++c) wb[c] = P::W::block(w[c], L, blk);
+      for (int r = 0; r < RT; ++r) xb[r] = P::xblock(x + static_cast<size_t>(r) * xs, L.xoff[blk]);
+      for (int s = 0; s < P::kSubs; ++s) {
+        VS acc[RT][CT];
+        P::template chain<RT, CT, kXKept, kPf>(wb, xb, L.gfull, L.tail_lanes[blk], s, pf_skip, acc);
+        for (int r = 0; r < RT; ++r)
+          for (int c = 0; c < CT; ++c) vs_store(F[h] + (r * CT + c) * 16 + s * kSubLanes, acc[r][c]);
       }
+    }
+    float sums[N];
+    vreduce16_pairs(F[0], F[1], N, sums);
+    for (int i = 0; i < N; ++i) total[i] = b == 0 ? sums[i] : total[i] + sums[i];
   }
   for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < CT; ++c) out[r * ldo + c] = total[r][c];
+    for (int c = 0; c < CT; ++c) out[r * ldo + c] = total[r * CT + c];
 }
 
-// Columns per register tile. Up to 2 rows: one column at a time, each weight row read start to end (one sequential
-// stream the prefetchers follow; measured on the default model, 1 thread: 4 columns at a time made a decode layer
-// ~1.4x slower at 1 row). From 4 rows the widest tile that fits (4, 2 or 1 columns, tile_regs < kVecRegs) shares
-// each activation load between its columns.
-constexpr int cols_for(int RT) {
-  return RT <= 2 ? 1 : tile_regs(RT, 4) < kVecRegs ? 4 : tile_regs(RT, 2) < kVecRegs ? 2 : 1;
-}
-constexpr bool rows_fit(int RT) { return tile_regs(RT, 1) < kVecRegs; }
-
-// Columns [c0, c0 + cn) of RT rows.
-template <int RT>
-inline void dot_cols(const LaneLayout& L, const uint16_t* const* w, int c0, int cn, const float* xp, int xs,
-                     float* out, int ldo) {
-  constexpr int CT = cols_for(RT);
-  int c = c0;
-  const int end = c0 + cn;
-  for (; c + CT <= end; c += CT) dot_tile_rc<RT, CT>(L, w + c, xp, xs, out + c, ldo);
-  if constexpr (CT > 2) {
-    for (; c + 2 <= end; c += 2) dot_tile_rc<RT, 2>(L, w + c, xp, xs, out + c, ldo);
+// All C columns of RT rows: tiles of the path's width for RT rows, the remaining columns one at a time.
+template <class P, int RT, bool kPf>
+inline void dot_cols(const LaneLayout& L, const typename P::Row* w, int C, const float* x, int xs, float* out,
+                     int ldo, int pf_skip) {
+  constexpr int CT = P::cols(RT);
+  constexpr bool XK = P::x_kept(RT);
+  int c = 0;
+  for (; c + CT <= C; c += CT) dot_tile_rc<P, RT, CT, XK, kPf>(L, w + c, x, xs, out + c, ldo, pf_skip);
+  if constexpr (CT > 1) {
+    for (; c < C; ++c) dot_tile_rc<P, RT, 1, false, kPf>(L, w + c, x, xs, out + c, ldo, pf_skip);
   }
-  for (; c < end; ++c) dot_tile_rc<RT, 1>(L, w + c, xp, xs, out + c, ldo);
 }
 
-// The rows of the next register tile, of the n rows left: 8, 4 or 3 where they fit this instruction set's
-// registers, else 2 or 1.
-constexpr int next_rows(int n) {
-  return n >= 8 && rows_fit(8) ? 8 : n >= 4 && rows_fit(4) ? 4 : n >= 3 && rows_fit(3) ? 3 : n >= 2 ? 2 : 1;
+// pf < 0: no software prefetch (the weights are in cache); else the stream's, pf bytes further
+template <class P, int RT>
+inline void dot_rows(const LaneLayout& L, const typename P::Row* w, int C, const float* x, int xs, float* out,
+                     int ldo, int pf) {
+  if (pf >= 0)
+    dot_cols<P, RT, true>(L, w, C, x, xs, out, ldo, pf);
+  else
+    dot_cols<P, RT, false>(L, w, C, x, xs, out, ldo, 0);
 }
 
-// Columns in the outer loop, row tiles inside: a block of kColBlock weight rows is read from memory once and stays
-// in L1 for every row tile (rows in the outer loop read the whole matrix once per row tile).
-constexpr int kColBlock = 4;
+template <class P>
+inline void dot_rows_n(int rt, const LaneLayout& L, const typename P::Row* w, int C, const float* x, int xs, float* o,
+                       int ldo, int pf) {
+  switch (rt) {
+    case 8: if constexpr (P::kMaxRows >= 8) dot_rows<P, 8>(L, w, C, x, xs, o, ldo, pf); break;
+    case 7: if constexpr (P::kMaxRows >= 7) dot_rows<P, 7>(L, w, C, x, xs, o, ldo, pf); break;
+    case 6: if constexpr (P::kMaxRows >= 6) dot_rows<P, 6>(L, w, C, x, xs, o, ldo, pf); break;
+    case 5: if constexpr (P::kMaxRows >= 5) dot_rows<P, 5>(L, w, C, x, xs, o, ldo, pf); break;
+    case 4: if constexpr (P::kMaxRows >= 4) dot_rows<P, 4>(L, w, C, x, xs, o, ldo, pf); break;
+    case 3: if constexpr (P::kMaxRows >= 3) dot_rows<P, 3>(L, w, C, x, xs, o, ldo, pf); break;
+    case 2: if constexpr (P::kMaxRows >= 2) dot_rows<P, 2>(L, w, C, x, xs, o, ldo, pf); break;
+    default: dot_rows<P, 1>(L, w, C, x, xs, o, ldo, pf); break;
+  }
+}
 
-inline void k_dot_tile(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xs, int R,
-                       float* out) {
-  for (int c0 = 0; c0 < C; c0 += kColBlock) {
-    const int cn = C - c0 < kColBlock ? C - c0 : kColBlock;
-    for (int r = 0; r < R;) {
-      const int rt = next_rows(R - r);
-      const float* x = xp + r * xs;
-      float* o = out + r * C;
-      switch (rt) {
-        case 8: if constexpr (rows_fit(8)) dot_cols<8>(L, w, c0, cn, x, xs, o, C); break;
-        case 4: if constexpr (rows_fit(4)) dot_cols<4>(L, w, c0, cn, x, xs, o, C); break;
-        case 3: if constexpr (rows_fit(3)) dot_cols<3>(L, w, c0, cn, x, xs, o, C); break;
-        case 2: dot_cols<2>(L, w, c0, cn, x, xs, o, C); break;
-        default: dot_cols<1>(L, w, c0, cn, x, xs, o, C); break;
+// R rows in tiles of at most P::kMaxRows rows, as even as they come (64 rows: 12 x 5 + 4; 8: 4 + 4): each row's bits
+// are the same in any tile. Few tiles (a decode step's rows): columns outside, kColBlock at a time, the row tiles
+// inside; the first tile of a block streams the block's weights from memory (software prefetch ahead of it), the
+// second runs from L1 (prefetching the next block's weights during it was slower: kPrefetchNextBlock). Many
+// tiles (prefill): row tiles outside, so a tile's rows stay in L1 while the call's columns (in L2 after the first
+// tile) pass.
+constexpr int kColBlock = 8;
+#ifndef ADA_EXP_PF_NEXT
+constexpr bool kPrefetchNextBlock = false;  // measured slower on Sapphire Rapids (R = 6, 8: 7.9-9.4 vs 9.3-10.9 GB/s)
+#else
+constexpr bool kPrefetchNextBlock = true;
+#endif
+template <class P>
+inline void dot_all(const LaneLayout& L, const typename P::Row* w, int C, const float* xp, int xs, int R, float* out) {
+  const int ntiles = (R + P::kMaxRows - 1) / P::kMaxRows, base = R / ntiles, extra = R % ntiles;
+  if (ntiles <= 2) {
+    const int block_bytes = kColBlock * L.K * 2;  // the packed bf16 rows of a block (the prefetch skip)
+    for (int c0 = 0; c0 < C; c0 += kColBlock) {
+      const int cn = C - c0 < kColBlock ? C - c0 : kColBlock;
+      for (int i = 0, r = 0; i < ntiles; ++i) {
+        const int rt = base + (i < extra ? 1 : 0);
+        dot_rows_n<P>(rt, L, w + c0, cn, xp + static_cast<size_t>(r) * xs, xs, out + static_cast<size_t>(r) * C + c0, C,
+                      i == 0 ? 0 : kPrefetchNextBlock ? block_bytes : -1);
+        r += rt;
       }
-      r += rt;
     }
+    return;
+  }
+  for (int i = 0, r = 0; i < ntiles; ++i) {
+    const int rt = base + (i < extra ? 1 : 0);
+    dot_rows_n<P>(rt, L, w, C, xp + static_cast<size_t>(r) * xs, xs, out + static_cast<size_t>(r) * C, C, r == 0 ? 0 : -1);
+    r += rt;
   }
 }
 
@@ -142,6 +302,72 @@ inline void k_permute(const LaneLayout& L, const float* x, float* xp) {
   const int32_t* src = L.xsrc.data();
   for (int i = 0; i < L.xlen; i += 16) vstore(xp + i, vgather(x, src + i));  // xlen is a multiple of 16
 }
+
+#if ADA_BF16_DOT
+// The pair form: word l of pair p = bf16(x[2t]) << 16 | bf16(x[2t + 1]) in lanes.h's order (xlen / 2 words), then
+// the row's ExpRange (lo | hi << 8) in word xlen / 2. x holds bf16 values (every producer rounds to bf16): the pairs
+// are exact.
+inline uint32_t& x_exp_word(const LaneLayout& L, const float* xp) {
+  return const_cast<uint32_t*>(reinterpret_cast<const uint32_t*>(xp))[L.xlen / 2];
+}
+inline void k_permute_x(const LaneLayout& L, const float* x, float* xp) {
+  const int32_t* src = L.xsrc.data();
+  uint32_t* out = reinterpret_cast<uint32_t*>(xp);
+  ExpAcc ea = exp_acc_init();
+  for (int i = 0; i < L.xlen; i += 32) {
+    const V e = vgather(x, src + i), o = vgather(x, src + i + 16);
+    vp_store(out + i / 2, vp_pack(e, o));
+    exp_acc_add(ea, e);
+    exp_acc_add(ea, o);
+  }
+  out[L.xlen / 2] = exp_acc_word(ea);
+}
+inline ExpRange x_exp(const LaneLayout& L, const float* xp) {
+  const uint32_t w = x_exp_word(L, xp);
+  ExpRange r;
+  r.lo = static_cast<int>(w & 0xff), r.hi = static_cast<int>((w >> 8) & 0xff);
+  return r;
+}
+inline std::atomic<long>& dp_fallbacks() {  // calls that took the FMA chains (tests: bf16_dot_fallbacks)
+  static std::atomic<long> n{0};
+  return n;
+}
+inline bool dp_exact(const LaneLayout& L, const float* xp, int xs, int R, ExpRange w) {
+  ExpRange x;
+  for (int r = 0; r < R; ++r) x.merge(x_exp(L, xp + static_cast<size_t>(r) * xs));
+  int log2k = 0;
+  while ((1 << log2k) < L.K) ++log2k;
+  return x.lo >= 1 && w.lo >= 1 && x.hi <= 254 && w.hi <= 254 && x.lo + w.lo >= 142 && x.hi + w.hi + log2k <= 378;
+}
+inline void k_dot_tile(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xs, int R,
+                       float* out, ExpRange wexp) {
+  if (dp_exact(L, xp, xs, R, wexp)) {
+    dot_all<PathDp<Bf16Weights>>(L, w, C, xp, xs, R, out);
+    return;
+  }
+  // Values the instruction would flush: the FMA chains on the fp32 rows, unpacked from the pairs (exact).
+  dp_fallbacks().fetch_add(1, std::memory_order_relaxed);
+  thread_local std::vector<float> unpacked;
+  unpacked.resize(static_cast<size_t>(R) * L.xlen);
+  for (int r = 0; r < R; ++r) {
+    const uint32_t* in = reinterpret_cast<const uint32_t*>(xp + static_cast<size_t>(r) * xs);
+    float* o = unpacked.data() + static_cast<size_t>(r) * L.xlen;
+    for (int i = 0; i < L.xlen; i += 32) {
+      V a, b;
+      vload_bf16_pair(reinterpret_cast<const uint16_t*>(in + i / 2), a, b);
+      vstore(o + i, a);
+      vstore(o + i + 16, b);
+    }
+  }
+  dot_all<PathFma<Bf16Weights>>(L, w, C, unpacked.data(), L.xlen, R, out);
+}
+#else
+inline void k_permute_x(const LaneLayout& L, const float* x, float* xp) { k_permute(L, x, xp); }
+inline void k_dot_tile(const LaneLayout& L, const uint16_t* const* w, int C, const float* xp, int xs, int R,
+                       float* out, ExpRange) {
+  dot_all<PathFma<Bf16Weights>>(L, w, C, xp, xs, R, out);
+}
+#endif
 
 inline float k_dot_f32(const LaneLayout& L, const float* a, const float* b) {
   float total = 0.f;
@@ -270,7 +496,7 @@ inline bool k_argmax(const float* v, int n, int base, float* best, int* best_idx
 // 6 are lanes 0-15, vectors 1, 3, 5, 7 lanes 16-31); o = sum_t p_t v_t (one FMA chain per dim over positions in
 // order). A sliding window (a.window > 0) masks the positions before attn_lo(p) to -inf as the causal mask masks
 // those past p, drops their P.V terms, and gives no partial for a chunk wholly before the window.
-constexpr int kMaxQ = 4;  // queries scored together (they share the K loads)
+constexpr int kMaxQ = kAttnQueries;  // queries scored together (they share the K loads; vec_<isa>.h)
 
 inline void k_attn_chunk(const AttnArgs& a, int kh, int c, int r0, int r1) {
   const int hd = a.head_dim, H = a.n_heads, G = H / a.n_kv_heads, t0 = c * kAttnChunk;
@@ -408,9 +634,22 @@ inline float k_read_sum(const float* p, int64_t n) {
   return vreduce16(vadd(vadd(a, b), vadd(c, d)));
 }
 
+inline double k_fma_probe(int64_t n, float* sink) {
+  VS a[12];
+  const VS x = vs_load(sink), y = vs_load(sink + kSubLanes);  // the caller's values: nothing is folded away
+  for (int j = 0; j < 12; ++j) a[j] = vs_load(sink + 2 * kSubLanes);
+  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < 12; ++j) a[j] = vs_fma(a[j], x, y);
+  VS s = a[0];
+  for (int j = 1; j < 12; ++j) s = vs_add(s, a[j]);
+  vs_store(sink, s);
+  return 2.0 * 12 * kSubLanes * static_cast<double>(n);
+}
+
 inline const Kernels* make_kernels() {
-  static const Kernels k{kIsaName,       k_permute,  k_dot_tile,     k_dot_f32, k_bf16_to_f32, k_f32_to_bf16,
-                         k_round_bf16,   k_norm_apply, k_residual_add, k_silu_mul, k_rope,       k_attn_chunk,
-                         k_attn_merge,   k_argmax,   k_exp,          k_exp2,       k_read_sum};
+  static const Kernels k{kIsaName,     k_permute,    k_permute_x,    k_dot_tile, k_dot_f32,     k_bf16_to_f32,
+                         k_f32_to_bf16, k_round_bf16, k_norm_apply,   k_residual_add, k_silu_mul, k_rope,
+                         k_attn_chunk,  k_attn_merge, k_argmax,       k_exp,      k_exp2,        k_read_sum,
+                         k_fma_probe};
   return &k;
 }

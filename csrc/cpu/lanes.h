@@ -12,10 +12,12 @@
 // groups g = 0 .. gfull-1 (each thread's g-th chunk), then, if the block has tail lanes (threads with one more
 // chunk, tail = nchunk % NT of them in all), the tail group of tail_lanes[b] lanes. Within a group the 8 steps
 // (e = element of the chunk) come in pairs (e, e + 1) = (2t, 2t + 1), interleaved per lane: 32-bit word l of pair
-// t holds lane l's element 2t in its low half and 2t + 1 in its high half. So one 64-byte load gives both steps'
-// 16 lanes by a shift and a mask (no shuffle), on AVX-512 as on two AVX2 loads. Lane l <- element
-// 8 * (g * NT + 16 b + l) + e. Nothing is padded: a packed row is K values, a permutation of the row (the weights
-// are held once, in this order).
+// t holds lane l's element 2t in its HIGH half and 2t + 1 in its LOW half (the lane's FMA order is element 2t, then
+// 2t + 1). So one 64-byte load gives both steps' 16 lanes by a mask and a shift (no shuffle), on AVX-512 as on two
+// AVX2 loads or four NEON loads; and the word is what the bf16 dot-product instruction (AVX512_BF16 vdpbf16ps)
+// takes: it multiplies and adds the high (odd-slot) halves first, then the low halves, i.e. element 2t then 2t + 1
+// (kernels.inl: when its rounding is that of the FMAs). Lane l <- element 8 * (g * NT + 16 b + l) + e. Nothing is
+// padded: a packed row is K values, a permutation of the row (the weights are held once, in this order).
 // A permuted activation row (fp32) has the same order, with each block's tail group padded to 16 lanes (slot K
 // of the source is a 0) so that every vector load is whole.
 #pragma once
@@ -62,7 +64,7 @@ struct LaneLayout {
       auto group = [&](int g, int lanes) {  // lanes active (16 but in the tail)
         for (int t = 0; t < 4; ++t)
           for (int l = 0; l < lanes; ++l)
-            for (int h = 0; h < 2; ++h) wsrc.push_back(8 * (g * NT + 16 * b + l) + 2 * t + h);
+            for (int h = 0; h < 2; ++h) wsrc.push_back(8 * (g * NT + 16 * b + l) + 2 * t + 1 - h);  // low: 2t + 1
         for (int e = 0; e < 8; ++e)
           for (int l = 0; l < 16; ++l) xsrc.push_back(l < lanes ? 8 * (g * NT + 16 * b + l) + e : K);
       };
@@ -75,5 +77,27 @@ struct LaneLayout {
     if (w != K) throw std::logic_error("lane layout: packed row of " + std::to_string(w) + " values, K = " + std::to_string(K));
   }
 };
+
+// The range of the biased exponent fields (bits 7..14 of a bf16 value, 23..30 of an fp32 one) over a set of
+// values: lo = the smallest over the nonzero ones (0 when one is subnormal; 255 when all are zero), hi = the largest
+// over all (255: an infinity or NaN). The bf16 dot-product path needs this of a matrix (once, at load) and of each
+// activation row (kernels.inl: when its flushes cannot differ from the FMAs).
+struct ExpRange {
+  int lo = 255, hi = 0;
+  void add_bits16(uint16_t h) {
+    const int e = (h >> 7) & 0xff;
+    if (h & 0x7fff) lo = e < lo ? e : lo;
+    hi = e > hi ? e : hi;
+  }
+  void merge(const ExpRange& o) {
+    lo = o.lo < lo ? o.lo : lo;
+    hi = o.hi > hi ? o.hi : hi;
+  }
+};
+inline ExpRange bf16_exp_range(const uint16_t* p, size_t n) {
+  ExpRange r;
+  for (size_t i = 0; i < n; ++i) r.add_bits16(p[i]);
+  return r;
+}
 
 }  // namespace adadecode::cpu

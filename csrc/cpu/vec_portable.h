@@ -12,11 +12,12 @@
 
 namespace adadecode::cpu::portable {
 
-// No register file to fit (the compiler allocates the arrays): a bound that lets every register tile shape through
-// (kernels.inl: tile_regs, cols_for). Tile shapes decide which outputs are computed together, never their bits.
+// Lane vectors a register tile may count on (no register file here: the compiler's choice), and the accumulators
+// attention's P.V may keep.
 constexpr int kVecRegs = 64;
 // Accumulator lane vectors a pass may keep live (kernels.inl: attention's P.V).
 constexpr int kAccBudget = 16;
+constexpr int kAttnQueries = 4;  // attention: queries scored together over one K load (as the reference)
 constexpr const char* kIsaName = "portable";
 
 struct V {
@@ -46,15 +47,15 @@ inline V vload_bf16(const uint16_t* p) { ADA_LANES(bf16_to_f32(p[j])); }
 inline V vload_bf16_n(const uint16_t* p, int n) { ADA_LANES(j < n ? bf16_to_f32(p[j]) : 0.f); }
 inline V vload_n(const float* p, int n) { ADA_LANES(j < n ? p[j] : 0.f); }
 inline void vstore_n(float* p, V a, int n) { for (int j = 0; j < n; ++j) p[j] = a.f[j]; }
-// Two steps' 16 lanes from 16 words (the pair layout of lanes.h): a <- the low halves, b <- the high halves. _n:
-// the first n words, the other lanes 0.
+// Two steps' 16 lanes from 16 words (the pair layout of lanes.h): a <- the high halves (element 2t, the word's second
+// uint16), b <- the low halves (2t + 1). _n: the first n words, the other lanes 0.
 inline void vload_bf16_pair(const uint16_t* p, V& a, V& b) {
-  for (int j = 0; j < 16; ++j) a.f[j] = bf16_to_f32(p[2 * j]), b.f[j] = bf16_to_f32(p[2 * j + 1]);
+  for (int j = 0; j < 16; ++j) a.f[j] = bf16_to_f32(p[2 * j + 1]), b.f[j] = bf16_to_f32(p[2 * j]);
 }
 inline void vload_bf16_pair_n(const uint16_t* p, int n, V& a, V& b) {
   for (int j = 0; j < 16; ++j) {
-    a.f[j] = j < n ? bf16_to_f32(p[2 * j]) : 0.f;
-    b.f[j] = j < n ? bf16_to_f32(p[2 * j + 1]) : 0.f;
+    a.f[j] = j < n ? bf16_to_f32(p[2 * j + 1]) : 0.f;
+    b.f[j] = j < n ? bf16_to_f32(p[2 * j]) : 0.f;
   }
 }
 inline V vfma(V a, V b, V c) { ADA_LANES(std::fmaf(a.f[j], b.f[j], c.f[j])); }  // a * b + c, one rounding
@@ -113,11 +114,30 @@ inline void vstore_bf16(uint16_t* p, V a) {
     p[j] = static_cast<uint16_t>(u >> 16);
   }
 }
+// ---- the dot products' register tiles (kernels.inl) -------------------------------------------------------------
+constexpr int kSub = 1, kSubLanes = 16, kRegs = 64;
+using VS = V;
+inline VS vs_zero() { return vzero(); }
+inline VS vs_load(const float* p) { return vload(p); }
+inline void vs_store(float* p, VS a) { vstore(p, a); }
+inline VS vs_add(VS a, VS b) { return vadd(a, b); }
+inline VS vs_fma(VS a, VS b, VS c) { return vfma(a, b, c); }
+inline void vs_load_pair(const uint16_t* p, VS& a, VS& b) { vload_bf16_pair(p, a, b); }
+inline void vs_load_pair_n(const uint16_t* p, int n, VS& a, VS& b) { vload_bf16_pair_n(p, n, a, b); }
+constexpr int kFmaMaxRows = 8;
+constexpr int kFmaCols[9] = {0, 1, 1, 2, 2, 2, 2, 2, 2};
+constexpr bool kFmaXKept[9] = {false, false, false, false, false, false, false, false, false};
+// sums[i] = vreduce16(f0 row i + f1 row i), n rows of 16 floats (the butterfly's first step, then its tree)
+inline void vreduce16_pairs(const float* f0, const float* f1, int n, float* sums) {
+  for (int i = 0; i < n; ++i) sums[i] = vreduce16(vadd(vload(f0 + 16 * i), vload(f1 + 16 * i)));
+}
+
 inline V vexp2(V a) { ADA_LANES(exp2_fixed(a.f[j])); }
 inline V vexp(V a) { ADA_LANES(exp_fixed(a.f[j])); }
 
 #undef ADA_LANES
 
-inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 0); }
+// The software prefetch of a weight stream, 16 KB ahead of the address being read (kernels.inl: Bf16Weights::prefetch).
+inline void prefetch_stream(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + 16384, 0, 0); }
 
 }  // namespace adadecode::cpu::portable
