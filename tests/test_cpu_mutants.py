@@ -77,9 +77,11 @@ ENGINE = "csrc/cpu/engine.cpp"
 # kind "expr": the original text is an expression, "stmt": whole statements, "raw": the mutated text holds the
 # switch itself ({on}) and reads as the original when the switch is off.
 MUTANTS = [
-    ("C1", 1, "multi-row tile: a step pair in the other order", KINELS, "expr",
-     "vfma(wb, xb[r], vfma(wa, xa[r], acc[r][c]))",
-     "(RT > 1 ? vfma(wa, xa[r], vfma(wb, xb[r], acc[r][c])) : vfma(wb, xb[r], vfma(wa, xa[r], acc[r][c])))",
+    ("C1", 1, "multi-row tile: a step pair in the other order", KINELS, "stmt",
+     "            for (int r = 0; r < RT; ++r) acc[r][c] = vs_fma(wa, xa[r], acc[r][c]);\n"
+     "            for (int r = 0; r < RT; ++r) acc[r][c] = vs_fma(wb, xb[r], acc[r][c]);\n",
+     "            for (int r = 0; r < RT; ++r) acc[r][c] = RT > 1 ? vs_fma(wa, xa[r], vs_fma(wb, xb[r], acc[r][c]))\n"
+     "                                                            : vs_fma(wb, xb[r], vs_fma(wa, xa[r], acc[r][c]));\n",
      [DOT, "tests/test_cpu_kernels.py::test_dot_rows_are_batch_invariant[portable]", ABSORB]),
     ("C2", 2, "RMSNorm's sum of squares in another order on threads other than the first", ENGINE, "expr",
      "k.dot_f32(Ln, t.tmp.data(), t.tmp.data())",
@@ -107,8 +109,8 @@ MUTANTS = [
      "vadd(vadd(vadd(P[0], P[2]), P[4]), P[6])", "vadd(vadd(P[0], P[2]), vadd(P[4], P[6]))",
      [f"{ATTN}[portable]", ATTN_EMU]),
     ("C8", 8, "dot product tail: a step pair in the other order", KINELS, "expr",
-     "vfma(wb, vload(x0 + r * xs + 16), vfma(wa, vload(x0 + r * xs), acc[r][c]))",
-     "vfma(wa, vload(x0 + r * xs), vfma(wb, vload(x0 + r * xs + 16), acc[r][c]))",
+     "vs_fma(wb, vs_load(x[r] + p * 32 + 16 + so), vs_fma(wa, vs_load(x[r] + p * 32 + so), acc[r][c]))",
+     "vs_fma(wa, vs_load(x[r] + p * 32 + so), vs_fma(wb, vs_load(x[r] + p * 32 + 16 + so), acc[r][c]))",
      [f"{KDOT}[72-portable]", DOT, ABSORB]),
     ("C9", 9, "dot product lanes capped at 2 warps", "csrc/cpu/lanes.h", "stmt",
      "  if (warps > 8) warps = 8;\n", "  if (warps > 2) warps = 2;\n",

@@ -2,6 +2,7 @@
 a method comes from its registration, so a method registered there is one that every face takes."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
 
@@ -16,7 +17,7 @@ from conftest import tiny_chat_model
 
 
 def test_the_faces_offer_every_registered_method_and_option():
-    assert adadecode.METHODS == methods.names() == ("vanilla", "adadecode", "layerskip")
+    assert adadecode.METHODS == methods.names() == ("vanilla", "adadecode", "layerskip", "lookup")
     fields = server._Common.model_fields
     assert set(typing.get_args(typing.get_args(fields["method"].annotation)[0])) == set(methods.names())
     for name in ("generate", "serve"):
@@ -25,9 +26,13 @@ def test_the_faces_offer_every_registered_method_and_option():
         assert flags["method"].choices == list(methods.names())
         for o in methods.options().values():
             assert o.name in fields and fields[o.name].default is None, o.name  # the server's defaults: the flags'
-            assert flags[o.name].default == o.default and flags[o.name].type is o.type, o.name
+            if o.type is bool:  # --name / --no-name
+                assert isinstance(flags[o.name], argparse.BooleanOptionalAction), o.name
+                assert flags[o.name].default == o.default, o.name
+            else:
+                assert flags[o.name].default == o.default and flags[o.name].type is o.type, o.name
             assert o.flag in flags[o.name].option_strings and o.doc in flags[o.name].help
-    assert server.METHOD_FIELDS == ("method", "gamma", "max_pending", "k", "head_layer")
+    assert server.METHOD_FIELDS == ("method", "gamma", "max_pending", "context", "max_chain", "k", "head_layer")
 
 
 def test_an_option_is_checked_by_its_registration_and_named():
@@ -41,9 +46,10 @@ def test_an_option_is_checked_by_its_registration_and_named():
     with pytest.raises(BadOption) as e:
         methods.GAMMA.check(1.5, ctx)
     assert e.value.param == "gamma"
-    with pytest.raises(BadOption, match="method must be one of vanilla, adadecode, layerskip; got 'beam'"):
+    with pytest.raises(BadOption, match="method must be one of vanilla, adadecode, layerskip, lookup; got 'beam'"):
         methods.get("beam")
-    assert methods.rows_needed({"max_pending": 7, "k": 2}) == 8
+    assert methods.rows_needed({"max_pending": 7, "k": 2}) == 9  # lookup's default max_chain 8: 9 rows
+    assert methods.rows_needed({"max_pending": 7, "k": 2, "max_chain": 3}) == 8
 
 
 def test_registering_a_method_is_all_the_api_needs(monkeypatch):

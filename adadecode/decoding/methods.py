@@ -195,10 +195,10 @@ register(Method("adadecode", generate_adadecode, "AdaDecode: early exits at conf
                 needs_heads=True, speculative=True, options=(GAMMA, MAX_PENDING, CONTEXT, MAX_CHAIN),
                 rows=_adadecode_rows, bind=_adadecode_bind,
                 rows_option=lambda v: "max_chain" if v["context"] and v["max_chain"] > v["max_pending"] else "max_pending"))
-register(Method("lookup", generate_lookup, "guesses from the context alone (no heads), verified by the last layer",
-                speculative=True, options=(MAX_CHAIN,), rows=lambda v: v["max_chain"] + 1, rows_option="max_chain"))
 register(Method("layerskip", generate_layerskip, "LayerSkip-style drafting from one head, verified by the last layer",
                 needs_heads=True, speculative=True, options=(K, HEAD_LAYER), rows=lambda v: v["k"] + 1,
                 rows_option="k", binds=("head_index",),
                 bind=lambda v, ctx: (dict(head_index=ctx.layers.index(v["head_layer"]), k=v["k"]),
                                      dict(head_layer=v["head_layer"], k=v["k"]))))
+register(Method("lookup", generate_lookup, "guesses from the context alone (no heads), verified by the last layer",
+                speculative=True, options=(MAX_CHAIN,), rows=lambda v: v["max_chain"] + 1, rows_option="max_chain"))
