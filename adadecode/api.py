@@ -218,6 +218,177 @@ class _Request:
     rows: int  # rows in flight the engine must hold
 
 
+class _Run:
+    """One request's text side while it decodes: its stop strings and streamed Deltas (on_token, called with each
+    verified token), and its Completion at the end (finish)."""
+
+    def __init__(self, llm: "LLM", req: _Request, on_text, cancel):
+        self.llm, self.req, self.on_text, self.cancel = llm, req, on_text, cancel
+        self.live = on_text is not None or bool(req.stop)
+        self.text = TextStream(llm.tokenizer, req.stop) if self.live and llm.tokenizer is not None else None
+        self.tokens: list[int] = []
+        self.fresh: list[int] = []  # tokens not yet handed out in a Delta
+        self.times: list[float] = []
+        self.t0 = time.perf_counter()
+
+    @property
+    def on_token_arg(self):
+        """What the method's function gets as on_token (None: nothing to do per token, as a bare call would)."""
+        return self.on_token if (self.live or self.cancel is not None) else None
+
+    def on_token(self, t: int) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(len(self.tokens))
+        self.tokens.append(t)
+        if len(self.times) < 2:
+            self.times.append(time.perf_counter())
+        else:
+            self.times[1] = time.perf_counter()
+        if not self.live:
+            return
+        self.fresh.append(t)
+        text = self.text
+        piece = text.push(t) if text is not None else ""  # no tokenizer: a Delta per token, no text
+        if self.on_text is not None and (piece or text is None):
+            self.on_text(Delta(piece, self.fresh[:]))
+            self.fresh.clear()
+        if text is not None and text.hit is not None:
+            raise _StopStringHit()
+
+    def finish(self, gen) -> Completion:
+        """The Completion of the generation `gen` (None: cut by a stop string)."""
+        llm, req, text, tokens, times = self.llm, self.req, self.text, self.tokens, self.times
+        if gen is not None:
+            tokens, stats, seconds, ms = gen.tokens, dict(gen.stats), gen.seconds, gen.ms_per_token
+        else:
+            stats = {"tokens": len(tokens), "cut_by_stop_string": True}
+            seconds = times[-1] - self.t0
+            ms = 1e3 * (times[-1] - times[0]) / (len(tokens) - 1) if len(tokens) > 1 else float("nan")
+        if not methods.get(req.method).speculative:  # the same keys as a speculative method's, for every caller
+            stats = {"tokens": len(tokens), "early": 0, "accepted": 0, "rejected": 0, **stats}
+        tail = text.finish() if text is not None else ""
+        if text is not None and text.hit is not None:
+            finish, out_text = "stop", text.text
+        else:
+            finish = "stop" if tokens and tokens[-1] in llm.model.eos_ids else "length"
+            out_text = text.text if text is not None else (llm.decode(tokens) if llm.tokenizer else "")
+        done = Completion(text=out_text, tokens=list(tokens), prompt_tokens=req.prompt, finish_reason=finish,
+                          method=req.method, engine=llm._engine.name, options=req.options, stats=stats,
+                          seconds=seconds, ms_per_token=ms, stop=text.hit if text is not None else None)
+        if self.on_text is not None:
+            self.on_text(Delta(tail, self.fresh[:], completion=done))
+        return done
+
+
+class _Batcher:
+    """The requests of an LLM with max_seqs > 1, decoded together on one thread (decoding/batch.py): each
+    request joins at the next step once a sequence is free, leaves when it ends or is cancelled; its caller waits
+    for its Completion (or exception) and gets its Deltas from this thread as they come."""
+
+    def __init__(self, llm: "LLM"):
+        from .decoding.batch import Batch
+
+        self.llm = llm
+        self.batch = Batch(llm._engine)
+        self.cv = threading.Condition()
+        self.pending: list[tuple[_Run, dict]] = []  # waiting for a sequence, in arrival order
+        self.running: dict[int, tuple[_Run, dict]] = {}  # by sequence
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="adadecode-batch", daemon=True)
+        self.thread.start()
+
+    def run(self, req: _Request, on_text, cancel) -> Completion:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(0)
+        e = self.llm._engine
+        if req.rows > e.max_rows or len(req.prompt) + req.max_new_tokens > e.max_seq:
+            raise BadOption(f"the request needs {req.rows} rows and {len(req.prompt) + req.max_new_tokens} positions;"
+                            f" this LLM's sequences hold max_rows={e.max_rows}, max_seq={e.max_seq}",
+                            param="max_tokens" if req.rows <= e.max_rows else "max_pending")
+        r = _Run(self.llm, req, on_text, cancel)
+        slot = {"done": threading.Event(), "result": None, "error": None}
+        with self.cv:
+            if self.stopping:
+                raise RuntimeError("the LLM's batching thread has stopped")
+            self.pending.append((r, slot))
+            self.cv.notify()
+        slot["done"].wait()
+        if slot["error"] is not None:
+            raise slot["error"]
+        return slot["result"]
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        self.thread.join(10)
+
+    @staticmethod
+    def _end(slot: dict, result=None, error=None) -> None:
+        slot["result"], slot["error"] = result, error
+        slot["done"].set()
+
+    def _finish(self, r: _Run, slot: dict, gen) -> None:
+        try:
+            self._end(slot, result=r.finish(gen))
+        except BaseException as e:  # noqa: BLE001 (the caller's on_text failed: its error, not the batch's)
+            self._end(slot, error=e)
+
+    def _loop(self) -> None:
+        batch, llm = self.batch, self.llm
+        while True:
+            with self.cv:
+                while not self.stopping and not self.pending and not batch.busy:
+                    self.cv.wait()
+                if self.stopping:
+                    for r, slot in self.pending + list(self.running.values()):
+                        self._end(slot, error=Cancelled(len(r.tokens)))
+                    for seq in list(self.running):
+                        batch.cancel(seq)
+                    self.pending.clear()
+                    self.running.clear()
+                    return
+                admit = []
+                while self.pending and len(self.running) + len(admit) < llm.max_seqs:
+                    admit.append(self.pending.pop(0))
+            free = batch.free_seqs()
+            for (r, slot), seq in zip(admit, free):
+                if r.cancel is not None and r.cancel.is_set():
+                    self._end(slot, error=Cancelled(0))
+                    continue
+                req = r.req
+                try:
+                    batch.add(seq, methods.get(req.method).function.steps, req.prompt, req.max_new_tokens,
+                              eos_ids=llm.model.eos_ids, on_token=r.on_token_arg, **req.kwargs)
+                except BaseException as e:  # noqa: BLE001 (this request's own bad arguments)
+                    self._end(slot, error=e)
+                    continue
+                self.running[seq] = (r, slot)
+            for seq, (r, slot) in list(self.running.items()):  # cancelled between steps: free the sequence now
+                if r.cancel is not None and r.cancel.is_set():
+                    batch.cancel(seq)
+                    del self.running[seq]
+                    self._end(slot, error=Cancelled(len(r.tokens)))
+            if not batch.busy:
+                continue
+            try:
+                ended = batch.step()
+            except BaseException as e:  # noqa: BLE001 (a failure of the batch itself: every request in it)
+                for seq, (r, slot) in list(self.running.items()):
+                    batch.cancel(seq)
+                    self._end(slot, error=e)
+                self.running.clear()
+                continue
+            for job in ended:
+                r, slot = self.running.pop(job.seq)
+                if job.error is None:
+                    self._finish(r, slot, job.generation)
+                elif isinstance(job.error, _StopStringHit):
+                    self._finish(r, slot, None)
+                else:
+                    self._end(slot, error=job.error)
+
+
 class LLM:
     """A model on an engine, with optional intermediate heads, ready to decode.
 
@@ -233,12 +404,17 @@ class LLM:
     max_seq: the KV cache length. None: min(the model's context, 4096), grown (up to the model's context) when a
         request needs more; a number: fixed, and longer requests are refused.
     max_rows: rows in flight (AdaDecode's max_pending + 1, LayerSkip's k + 1). None: 16, grown as needed.
+    max_seqs: sequences decoded at once. 1 (the default): one request at a time, in arrival order. More: requests
+        from any number of threads share the engine's steps (decoding/batch.py: each step runs the rows of every
+        active request together), each getting exactly the tokens it gets alone; the engine then holds max_seqs
+        KV caches of max_seq positions and max_rows rows, fixed when it is built (max_seq None: min(the model's
+        context, 4096)), and a request that needs more is refused; requests beyond max_seqs wait for a free one.
     """
 
     def __init__(self, model: str | Model = "default", *, heads=None, engine: str | EngineOptions = "auto",
                  device: str | None = None,
                  dtype: str | None = None, max_seq: int | None = None, max_rows: int | None = None,
-                 threads: int | None = None, release_weights: bool | None = None):
+                 threads: int | None = None, release_weights: bool | None = None, max_seqs: int = 1):
         self._release = (not isinstance(model, Model)) if release_weights is None else bool(release_weights)
         self.model = model if isinstance(model, Model) else load_model(model)
         self.tokenizer = self.model.tokenizer
@@ -253,11 +429,17 @@ class LLM:
         opts = engine if isinstance(engine, EngineOptions) else EngineOptions(engine=engine)
         given = dict(device=device, dtype=dtype, threads=threads)
         self.engine_options = opts.replace(**{k: v for k, v in given.items() if v is not None})
-        self._fixed_seq, self._fixed_rows = max_seq is not None, max_rows is not None
+        if isinstance(max_seqs, bool) or not isinstance(max_seqs, int) or max_seqs < 1:
+            raise BadOption(f"max_seqs must be an integer >= 1, got {max_seqs!r}", param="max_seqs")
+        self.max_seqs = max_seqs
+        # several sequences share one engine, which cannot grow under them: its sizes are fixed at the first use
+        self._fixed_seq = max_seq is not None or max_seqs > 1
+        self._fixed_rows = max_rows is not None or max_seqs > 1
         self._max_seq = max_seq if max_seq is not None else min(self.model.cfg.max_position, 4096)
         self._max_rows = max_rows if max_rows is not None else 16
         self._engine = None
         self._lock = threading.Lock()
+        self._batcher = None
 
     @property
     def cfg(self):
@@ -284,7 +466,8 @@ class LLM:
             return
         self._max_seq, self._max_rows = max(self._max_seq, seq), max(self._max_rows, rows)
         self._engine = None  # free the old cache first
-        self._engine = make_engine(self.model, self.engine_options, max_seq=self._max_seq, max_rows=self._max_rows)
+        opts = self.engine_options if self.max_seqs == 1 else self.engine_options.replace(max_seqs=self.max_seqs)
+        self._engine = make_engine(self.model, opts, max_seq=self._max_seq, max_rows=self._max_rows)
         if self._release and self._engine.name == "cpu":
             self.model.release_weights("the CPU engine's packed copy")
         if self.heads:
@@ -369,60 +552,36 @@ class LLM:
 
     def run(self, req: _Request, *, on_text: Callable[[Delta], None] | None = None,
             cancel: threading.Event | None = None) -> Completion:
-        """Decode a prepared request on the engine (one caller at a time). `on_text` gets each Delta as soon as its
-        text is final (the last one carries the Completion); `cancel` set -> Cancelled after the current token."""
+        """Decode a prepared request on the engine. `on_text` gets each Delta as soon as its text is final (the last
+        one carries the Completion); `cancel` set -> Cancelled after the current token. With max_seqs > 1 the
+        request joins the requests in flight (its steps are theirs); else callers take the engine one at a time."""
+        if self.max_seqs > 1:
+            return self._batched().run(req, on_text, cancel)
         with self._lock:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(0)
             self._fit(len(req.prompt) + req.max_new_tokens, req.rows)
-            live = on_text is not None or bool(req.stop)
-            text = TextStream(self.tokenizer, req.stop) if live and self.tokenizer is not None else None
-            tokens: list[int] = []
-            fresh: list[int] = []  # tokens not yet handed out in a Delta
-            times: list[float] = []
-
-            def on_token(t: int) -> None:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(len(tokens))
-                tokens.append(t)
-                if len(times) < 2:
-                    times.append(time.perf_counter())
-                else:
-                    times[1] = time.perf_counter()
-                if not live:
-                    return
-                fresh.append(t)
-                piece = text.push(t) if text is not None else ""  # no tokenizer: a Delta per token, no text
-                if on_text is not None and (piece or text is None):
-                    on_text(Delta(piece, fresh[:]))
-                    fresh.clear()
-                if text is not None and text.hit is not None:
-                    raise _StopStringHit()
-
-            t0 = time.perf_counter()
-            m = methods.get(req.method)
+            r = _Run(self, req, on_text, cancel)
             try:
-                gen = m.function(self._engine, req.prompt, req.max_new_tokens, eos_ids=self.model.eos_ids,
-                         on_token=on_token if (live or cancel is not None) else None, **req.kwargs)
-                tokens, stats, seconds, ms = gen.tokens, dict(gen.stats), gen.seconds, gen.ms_per_token
+                gen = methods.get(req.method).function(self._engine, req.prompt, req.max_new_tokens,
+                                                       eos_ids=self.model.eos_ids, on_token=r.on_token_arg,
+                                                       **req.kwargs)
             except _StopStringHit:
-                stats = {"tokens": len(tokens), "cut_by_stop_string": True}
-                seconds = times[-1] - t0
-                ms = 1e3 * (times[-1] - times[0]) / (len(tokens) - 1) if len(tokens) > 1 else float("nan")
-        if not m.speculative:  # the same keys as a speculative method's, for every caller's convenience
-            stats = {"tokens": len(tokens), "early": 0, "accepted": 0, "rejected": 0, **stats}
-        tail = text.finish() if text is not None else ""
-        if text is not None and text.hit is not None:
-            finish, out_text = "stop", text.text
-        else:
-            finish = "stop" if tokens and tokens[-1] in self.model.eos_ids else "length"
-            out_text = text.text if text is not None else (self.decode(tokens) if self.tokenizer else "")
-        done = Completion(text=out_text, tokens=list(tokens), prompt_tokens=req.prompt, finish_reason=finish,
-                          method=req.method, engine=self._engine.name, options=req.options, stats=stats,
-                          seconds=seconds, ms_per_token=ms, stop=text.hit if text is not None else None)
-        if on_text is not None:
-            on_text(Delta(tail, fresh[:], completion=done))
-        return done
+                gen = None
+        return r.finish(gen)
+
+    def _batched(self) -> "_Batcher":
+        with self._lock:
+            if self._batcher is None:
+                self._fit(0, 0)
+                self._batcher = _Batcher(self)
+            return self._batcher
+
+    def close(self) -> None:
+        """Stop the batching thread (max_seqs > 1), cancelling what is in flight; the LLM can be used again."""
+        b, self._batcher = self._batcher, None
+        if b is not None:
+            b.stop()
 
     # ---- the two entry points ------------------------------------------------------------------------------------
     def generate(self, prompt=None, *, messages=None, on_text: Callable[[Delta], None] | None = None,

@@ -105,7 +105,8 @@ def _serve(args) -> int:
 
     model = load_model(args.model)  # a server's cache is fixed: requests that do not fit are refused, not grown for
     llm = LLM(model, heads=args.heads, engine=_engine_options(args), max_seq=args.max_seq or min(model.cfg.max_position, 4096),
-              max_rows=_max_rows(args), release_weights=True)  # the server's model is its own: the CPU engine's packed copy is the only one
+              max_rows=_max_rows(args), release_weights=True,  # the server's model is its own: the CPU engine's packed copy is the only one
+              max_seqs=args.max_seqs)
     return serve_main(args, llm)
 
 

@@ -4,9 +4,13 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (JSON
 "stream": true), GET /health. The response's extra field "adadecode" holds the method, its options, the
 generated token ids and the decoding statistics.
 
-One model, one sequence at a time: requests take the engine in arrival order (an asyncio.Lock is FIFO) and
-decode on one worker thread (`LLM.run`); a client that disconnects sets the generation's cancel event, which
-stops it after the current token, and the next request starts at once. Bad requests get OpenAI's error object
+With --max-seqs 1, one sequence at a time: requests take the engine in arrival order (an asyncio.Lock is FIFO) and
+decode on one worker thread (`LLM.run`). With --max-seqs N > 1, up to N requests decode together, their rows in the
+same engine steps (`LLM(max_seqs=N)`, decoding/batch.py), each getting exactly the tokens it gets alone; up to
+--max-queue more wait for a free sequence, and beyond that a request is refused at once with a 429 (code
+"server_busy"): the KV caches are allocated once, for N sequences, and never grow. Either way a client that
+disconnects sets its generation's cancel event, which stops it after the current token (its sequence is free at
+the next step). Bad requests get OpenAI's error object
 ({"error": {"message", "type", "param", "code"}}) with a 4xx status; an engine failure is a 500 for that request
 only (mid-stream: an error event, then the end of the stream). The server keeps serving either way.
 """
@@ -275,9 +279,14 @@ def _sse(obj) -> str:
 
 
 class Server:
-    def __init__(self, llm: LLM, model_name: str, defaults: dict | None = None):
+    def __init__(self, llm: LLM, model_name: str, defaults: dict | None = None, max_queue: int = 64):
         self.llm, self.model_name, self.defaults = llm, model_name, dict(defaults or {})
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adadecode-engine")
+        self.batched = llm.max_seqs > 1
+        self.capacity = llm.max_seqs + max_queue  # requests in the server at once (batched): decoding or waiting
+        self.inflight = 0
+        # one thread per request in flight when batched (each waits in LLM.run while the batch decodes it)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.capacity if self.batched else 1,
+                                                              thread_name_prefix="adadecode-engine")
         # tokenising and checking a request takes time in proportion to its prompt: on its own threads, never on the
         # event loop (health checks and streams go on meanwhile); two: a long prompt does not hold up a short one
         self.preparer = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="adadecode-prepare")
@@ -336,6 +345,8 @@ class Server:
     # -- decoding
     async def complete(self, request: Request, req, chat: bool, body: _Common):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if self.batched:
+            return await self._complete_batched(request, req, chat, body, rid)
         if self.lock.locked():
             self.waiting += 1
             log.info("%s: queued, %d waiting", rid, self.waiting)
@@ -360,6 +371,43 @@ class Server:
             outcome = await job.stop()
             self.active = None
             self.lock.release()
+            if isinstance(outcome, Cancelled):
+                log.info("%s: cancelled (client disconnected) after %d tokens", rid, outcome.tokens)
+
+        if not body.stream:
+            watch = asyncio.create_task(self._watch(request, job.cancel))
+            try:
+                item = await job.queue.get()
+            finally:
+                watch.cancel()
+                await release()
+            if isinstance(item, BaseException):
+                return self._failed(rid, item)
+            return JSONResponse(self._body(rid, chat, item))
+        first = await job.queue.get()
+        if isinstance(first, BaseException):
+            await release()
+            return self._failed(rid, first)
+        return _EngineStream(self._events(rid, chat, body, job, first), release)
+
+    async def _complete_batched(self, request: Request, req, chat: bool, body: _Common, rid: str):
+        if self.inflight >= self.capacity:
+            log.info("%s: refused: %d requests in the server (--max-seqs + --max-queue)", rid, self.inflight)
+            return error_response(429, f"the server is busy: {self.inflight} requests are decoding or waiting "
+                                       f"(--max-seqs {self.llm.max_seqs} + --max-queue {self.capacity - self.llm.max_seqs});"
+                                       f" retry later", type_="server_error", code="server_busy")
+        self.inflight += 1
+        log.info("%s: joins the batch: prompt_tokens=%d max_tokens=%d method=%s (%d in the server)", rid,
+                 len(req.prompt), req.max_new_tokens, req.method, self.inflight)
+        try:
+            job = _Job(self, req, body.stream)
+        except BaseException:
+            self.inflight -= 1
+            raise
+
+        async def release():
+            outcome = await job.stop()
+            self.inflight -= 1
             if isinstance(outcome, Cancelled):
                 log.info("%s: cancelled (client disconnected) after %d tokens", rid, outcome.tokens)
 
@@ -480,16 +528,18 @@ def _completion_prompt(body: CompletionRequest):
 
 
 def create_app(llm: LLM, model_name: str, defaults: dict | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queue: int = 64):
     """The ASGI app serving `llm` as `model_name`; `defaults`: method options for requests that give none; a POST
-    body over `max_request_bytes` is a 413."""
-    server = Server(llm, model_name, defaults)
+    body over `max_request_bytes` is a 413; with llm.max_seqs > 1, more than llm.max_seqs + max_queue requests in
+    the server at once is a 429."""
+    server = Server(llm, model_name, defaults, max_queue=max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         if server.active is not None:  # shutting down: stop the generation so that its thread ends now
             server.active.cancel.set()
+        llm.close()  # the batching thread, with whatever it holds
         server.executor.shutdown(wait=False)
         server.preparer.shutdown(wait=False)
 
@@ -553,6 +603,11 @@ def add_arguments(p) -> None:
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="a request body over this many bytes is refused with a 413 before it is parsed (default 4 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-seqs", type=int, default=1,
+                   help="requests decoded together, their rows in the same steps, each answer the one it gets alone "
+                        "(default 1: one at a time); the engine holds a KV cache of --max-seq positions for each")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="with --max-seqs > 1: requests that may wait for a free sequence; one more is a 429")
 
 
 def main(args, llm: LLM) -> int:
@@ -563,7 +618,10 @@ def main(args, llm: LLM) -> int:
     defaults = {k: getattr(args, k) for k in METHOD_FIELDS}
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
-    app = create_app(llm, args.served_model_name or args.model, defaults, max_request_bytes=args.max_request_bytes)
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    app = create_app(llm, args.served_model_name or args.model, defaults, max_request_bytes=args.max_request_bytes,
+                     max_queue=args.max_queue)
     log.info("serving %s as %r on engine %s (max_seq %d), methods %s", llm.model.source,
              args.served_model_name or args.model, engine.name, llm.max_context,
              ", ".join(m for m in METHODS if not methods.get(m).needs_heads or llm.heads))

@@ -434,3 +434,80 @@ def test_default_model_matches_the_cli(default_model, tmp_path, capsys):
         assert text == chat["text"]
     finally:
         srv.stop()
+
+
+# ---- several requests in one step (--max-seqs, issue 36) -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def batched(tiny_dir, tmp_path_factory):
+    srv = Server(["--model", str(tiny_dir), "--heads", str(tiny_dir / "heads.safetensors"), "--method", "vanilla",
+                  "--served-model-name", "tiny", "--max-seqs", "4", "--max-queue", "4"],
+                 tmp_path_factory.mktemp("log") / "batched.log")
+    yield srv
+    srv.stop()
+
+
+def test_batched_requests_get_their_answers_alone(batched, tiny_llm):
+    """8 concurrent clients on a server that decodes 4 at once (streamed and not; vanilla, AdaDecode, lookup,
+    AdaDecode with context, seeded sampling): every answer is the one the request gets alone, and the log shows the
+    requests sharing the batch."""
+    kinds = [dict(method="vanilla"), dict(method="adadecode"), dict(method="lookup"),
+             dict(method="adadecode", context=True), dict(method="vanilla", temperature=0.8, seed=5)]
+    want = {}
+    for i, p in enumerate(PROMPTS):
+        k = kinds[i % len(kinds)]
+        opts = {key: v for key, v in k.items() if key not in ("temperature", "seed")}
+        extra = dict(temperature=k["temperature"], seed=k["seed"]) if "temperature" in k else {}
+        want[p] = tiny_llm.generate(p, max_new_tokens=40, **opts, **extra).text
+    mark = batched.mark()
+    got, errors = {}, []
+
+    def ask(i, p):
+        k = dict(kinds[i % len(kinds)])
+        sampling = {key: k.pop(key) for key in ("temperature", "seed") if key in k}
+        try:
+            c = batched.client()
+            if i % 2:
+                got[p] = "".join(ch.choices[0].text for ch in c.completions.create(
+                    model="tiny", prompt=p, max_tokens=40, stream=True, extra_body=k, **sampling))
+            else:
+                got[p] = c.completions.create(model="tiny", prompt=p, max_tokens=40, extra_body=k,
+                                              **sampling).choices[0].text
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i, p)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and got == want
+    joined = [int(m) for m in re.findall(r"joins the batch: .* \((\d+) in the server\)", batched.log_since(mark))]
+    assert len(joined) == len(PROMPTS) and max(joined) > 1  # some requests were in the server together
+
+
+def test_batched_server_refuses_past_its_queue_and_frees_cancelled_sequences(batched, tiny_llm):
+    """4 decoding + 4 waiting: a 9th request at once is a 429 naming the limits; clients that disconnect free
+    their sequences, and the server answers the next request right."""
+    mark = batched.mark()
+    go = threading.Event()
+
+    def hold():
+        stream = batched.client().completions.create(model="tiny", prompt="ping", max_tokens=CONTEXT - 8, stream=True)
+        for _ in stream:
+            if go.is_set():
+                break
+            time.sleep(0.05)  # a slow reader: its request stays in the server
+        stream.close()
+
+    threads = [threading.Thread(target=hold) for _ in range(8)]
+    for t in threads:
+        t.start()
+    batched.wait_for_log(r"joins the batch: .* \(8 in the server\)", mark)
+    status, body = batched.post("/v1/completions", {"model": "tiny", "prompt": "abc", "max_tokens": 4})
+    go.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert status == 429 and body["error"]["code"] == "server_busy" and "--max-seqs 4" in body["error"]["message"]
+    batched.wait_for_log(r"cancelled \(client disconnected\)", mark, count=4)
+    out = batched.client().completions.create(model="tiny", prompt="abc", max_tokens=8)
+    assert out.choices[0].text == tiny_llm.generate("abc", max_new_tokens=8, method="vanilla").text

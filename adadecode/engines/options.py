@@ -13,6 +13,7 @@ accesses safe.
     schedule       the CPU pool's test schedule: natural | reverse | shuffle[:seed]; None: $ADADECODE_CPU_SCHEDULE
     max_rows       rows in flight the engine holds (default 16; at most 256 on the CPU, 16 on CUDA)
     prefill_chunk  rows per prefill step (default 64 on the CPU, at most 1024; 256 on CUDA)
+    max_seqs       sequences the engine holds at once, each its own KV cache and rows (default 1)
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class EngineOptions:
     schedule: str | None = None
     max_rows: int | None = None
     prefill_chunk: int | None = None
+    max_seqs: int | None = None
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -95,6 +97,8 @@ class EngineOptions:
             raise BadOption(f"max_rows={self.max_rows!r} must be an integer >= 1", param="max_rows")
         if self.prefill_chunk is not None and (not _is_int(self.prefill_chunk) or self.prefill_chunk < 1):
             raise BadOption(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}", param="prefill_chunk")
+        if self.max_seqs is not None and (not _is_int(self.max_seqs) or self.max_seqs < 1):
+            raise BadOption(f"max_seqs must be an integer >= 1, got {self.max_seqs!r}", param="max_seqs")
 
     def replace(self, **changes) -> "EngineOptions":
         return dataclasses.replace(self, **changes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import BadOption
 from ..model.loader import Model
 from .cpu import CpuEngine, CpuWeights, cpu_unavailable_reason
 from .cuda import CudaEngine, cuda_unavailable_reason
@@ -36,6 +37,8 @@ def make_engine(model: Model, engine: str | EngineOptions = "auto", *, max_seq: 
     if max_rows is not None:
         opts = opts.replace(max_rows=max_rows)
     kind = auto_engine() if opts.engine == "auto" else opts.engine
+    if (opts.max_seqs or 1) > 1 and kind != "torch":
+        raise BadOption(f"max_seqs={opts.max_seqs}: the {kind} engine holds one sequence", param="max_seqs")
     if kind == "cpu":
         return CpuEngine(model.cfg, cpu_weights(model), max_seq=max_seq, options=opts)
     if kind == "cuda":
@@ -48,7 +51,7 @@ def make_engine(model: Model, engine: str | EngineOptions = "auto", *, max_seq: 
         return CudaEngine(model.cfg, model.weights, max_seq=max_seq, options=opts.replace(device="emu"))
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return TorchEngine(model.cfg, model.weights, device=device, dtype=opts.torch_dtype(device), max_seq=max_seq,
-                       max_rows=opts.rows("torch"))
+                       max_rows=opts.rows("torch"), max_seqs=opts.max_seqs or 1)
 
 
 def cpu_weights(model: Model) -> CpuWeights:
