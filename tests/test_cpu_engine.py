@@ -248,7 +248,7 @@ def test_an_unknown_isa_variable_is_named_unknown(tiny, monkeypatch):
     cfg, weights = tiny
     monkeypatch.setenv("ADADECODE_CPU_ISA", "bogus")
     with pytest.raises(ValueError, match=r"unknown kernels 'bogus' \(ADADECODE_CPU_ISA\); the kernel paths are "
-                                         r"avx512, avx2, portable \(this CPU runs: .*portable\)"):
+                                         r"avx512bf16, avx512, avx2, neon, portable \(this CPU runs: .*portable\)"):
         CpuEngine(cfg, weights, max_seq=16)
     monkeypatch.setenv("ADADECODE_CPU_ISA", "portable")
     assert CpuEngine(cfg, weights, max_seq=16, threads=1).isa == "portable"

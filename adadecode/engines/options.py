@@ -9,7 +9,7 @@ accesses safe.
     engine         auto | cuda | cpu | torch | emu (docs/design.md#engines)
     device, dtype  the torch engine's (the CPU engine runs on the CPU in bf16: anything else is refused by name)
     threads        the CPU engine's pool: 1..1024; None: $ADADECODE_CPU_THREADS, else the cores this process may use
-    isa            the CPU engine's kernel path: avx512 | avx2 | portable; None: $ADADECODE_CPU_ISA, else the best
+    isa            the CPU engine's kernel path: avx512bf16 | avx512 | avx2 | neon | portable; None: $ADADECODE_CPU_ISA, else the best
     schedule       the CPU pool's test schedule: natural | reverse | shuffle[:seed]; None: $ADADECODE_CPU_SCHEDULE
     max_rows       rows in flight the engine holds (default 16; at most 256 on the CPU, 16 on CUDA)
     prefill_chunk  rows per prefill step (default 64 on the CPU, at most 1024; 256 on CUDA)
@@ -26,7 +26,7 @@ from ..errors import BadOption
 
 ENGINES = ("auto", "cuda", "cpu", "torch", "emu")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-ISAS = ("avx512", "avx2", "portable")
+ISAS = ("avx512bf16", "avx512", "avx2", "neon", "portable")
 SCHEDULES = ("natural", "reverse", "shuffle")
 ENV = {"threads": "ADADECODE_CPU_THREADS", "isa": "ADADECODE_CPU_ISA", "schedule": "ADADECODE_CPU_SCHEDULE"}
 MAX_THREADS = 1024
