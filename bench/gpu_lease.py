@@ -200,6 +200,10 @@ def plan(call: str) -> list[Step]:
                 f"mkdir -p \"$LEASE/model\" \"$LEASE/site\"\ncp {PART1} \"$LEASE/model/\"\n"
                 f"{wheels}\nls -l \"$LEASE/model\" \"$LEASE/site\""), 40, codes=no_wheels),
             build,
+            Step("cost-8b", "the measured step cost of R = 1..16 rows on the 8B shape (random bf16): what the "
+                 "context guesses' schedule prices its chains with", "python",
+                 ["bench/step_cost.py", "--model", "8b", "--out", "bench/results/step-cost-8b-gpu.json"], 45,
+                 min_time=15, needs=("build",)),
             Step("tests-kernels", "kernels against fp64/fp32 references, SmolLM2 / 8B / odd shapes; fused kernels",
                  "pytest", pytest_args("gpu", ["tests/test_kernels.py", "tests/test_fused_kernels.py"]), 100,
                  needs=("build",)),
@@ -220,6 +224,8 @@ def plan(call: str) -> list[Step]:
     if call == "call2":
         humaneval = ["bench/latency.py", "--prompts", "humaneval", "--n-prompts", "8", "--max-new-tokens", "128",
                      "--methods", "vanilla,adadecode", "--temperatures", ""]
+        # first of the speed runs: the methods with guesses from the context beside vanilla and AdaDecode (issue 31)
+        context = humaneval[:7] + ["--methods", "vanilla,adadecode,lookup,adadecode+context", "--temperatures", ""]
         return [
             facts,
             Step("stage2", "the model's halves joined in $LEASE/model and checked (sha256); wheels", "shell", (
@@ -240,8 +246,9 @@ def plan(call: str) -> list[Step]:
                  90, needs=("stage2",),
                  dry=["-c", "import adadecode, os; p = os.environ['ADADECODE_DEFAULT_GGUF']; "
                             "assert os.path.isfile(p), p; print('would convert', p)"]),
-            Step("parity-humaneval-fused", "vanilla and AdaDecode (default:code), 8 HumanEval prompts x 128 tokens, "
-                 "fused path, 8B-shape trace replay", "python", humaneval, 110, min_time=50, needs=("build", "model")),
+            Step("parity-humaneval-fused", "vanilla, AdaDecode (default:code), lookup and AdaDecode + context, 8 "
+                 "HumanEval prompts x 128 tokens, fused path, 8B-shape trace replay", "python", context, 110,
+                 min_time=50, needs=("build", "model")),
             Step("parity-humaneval-unfused", "the same on the unfused path", "python", humaneval + ["--unfused"], 90,
                  min_time=50, needs=("build", "model")),
             Step("speed-default-engine", "vanilla decode, the default model, contexts 128 / 2048, fused and unfused",
