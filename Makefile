@@ -49,8 +49,9 @@ test: build cross-tools
 bench: build
 	$(BIN)/python bench/latency.py $(BENCH_ARGS)
 
-# llama.cpp (llama-bench, llama-quantize) from the llama-cpp-python source package, and BF16 / Q8_0 GGUFs of the
-# default model, in .peers/ (about 15 minutes on 2 cores): the peer of bench-cpu; never part of make test
+# llama.cpp (llama-bench, llama-quantize, llama-server) from the llama-cpp-python source package, and BF16 / Q8_0 /
+# Q4_K_M GGUFs of the default model, in .peers/ (about 20 minutes on 2 cores): the peer of bench-cpu and of
+# bench/latency.py's llama.cpp rows; never part of make test
 bench-peers: build
 	PY=$(abspath $(BIN)/python) bash bench/peers.sh
 
