@@ -11,7 +11,9 @@ accesses safe.
     threads        the CPU engine's pool: 1..1024; None: $ADADECODE_CPU_THREADS, else the cores this process may use
     isa            the CPU engine's kernel path: avx512 | avx2 | portable; None: $ADADECODE_CPU_ISA, else the best
     schedule       the CPU pool's test schedule: natural | reverse | shuffle[:seed]; None: $ADADECODE_CPU_SCHEDULE
-    max_rows       rows in flight the engine holds (default 16; at most 256 on the CPU, 16 on CUDA)
+    max_rows       rows in flight the engine holds per sequence (default 16; at most 256 on the CPU, 16 on CUDA)
+    max_seqs       sequences the engine holds, each with its own KV cache and rows in flight (default 1; the KV
+                   memory grows with it: engines/contract.py, "Sequences")
     prefill_chunk  rows per prefill step (default 64 on the CPU, at most 1024; 256 on CUDA)
 """
 from __future__ import annotations
@@ -81,6 +83,7 @@ class EngineOptions:
     schedule: str | None = None
     max_rows: int | None = None
     prefill_chunk: int | None = None
+    max_seqs: int | None = None
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -95,6 +98,8 @@ class EngineOptions:
             raise BadOption(f"max_rows={self.max_rows!r} must be an integer >= 1", param="max_rows")
         if self.prefill_chunk is not None and (not _is_int(self.prefill_chunk) or self.prefill_chunk < 1):
             raise BadOption(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}", param="prefill_chunk")
+        if self.max_seqs is not None and (not _is_int(self.max_seqs) or self.max_seqs < 1):
+            raise BadOption(f"max_seqs={self.max_seqs!r} must be an integer >= 1", param="max_seqs")
 
     def replace(self, **changes) -> "EngineOptions":
         return dataclasses.replace(self, **changes)
@@ -109,6 +114,10 @@ class EngineOptions:
             raise BadOption(f"max_rows={rows!r} must be an integer in 1..{most} for the "
                             f"{'CPU' if kind == 'cpu' else 'CUDA'} engine{why}", param="max_rows")
         return rows
+
+    def seqs(self) -> int:
+        """max_seqs, 1 when unset (any engine kind: the memory check of its KV caches is the engine's)."""
+        return 1 if self.max_seqs is None else self.max_seqs
 
     def chunk(self, kind: str) -> int:
         """prefill_chunk for an engine of `kind`, its default when unset."""
@@ -139,7 +148,8 @@ class EngineOptions:
             raise BadOption(f"CPU engine: kernels '{isa}' do not run on this CPU (it runs: {', '.join(available_isas)})",
                             param=what)
         return dict(threads=default_threads() if self.threads is None else self.threads, isa=isa,
-                    schedule=parse_schedule(self.schedule), max_rows=self.rows("cpu"), prefill_chunk=self.chunk("cpu"))
+                    schedule=parse_schedule(self.schedule), max_rows=self.rows("cpu"), prefill_chunk=self.chunk("cpu"),
+                    max_seqs=self.seqs())
 
     def torch_dtype(self, device: str) -> torch.dtype:
         dtype = self.dtype or ("bf16" if device.startswith("cuda") else "fp32")

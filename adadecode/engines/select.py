@@ -27,7 +27,8 @@ def auto_engine() -> str:
 def make_engine(model: Model, engine: str | EngineOptions = "auto", *, max_seq: int | None = None,
                 max_rows: int | None = None, **options):
     """An engine for `model`, of the options `engine` (an EngineOptions, or its `engine` field with the others as
-    keyword arguments: device, dtype, threads, isa, schedule, prefill_chunk); max_rows overrides the options'.
+    keyword arguments: device, dtype, threads, isa, schedule, prefill_chunk, max_seqs); max_rows overrides the
+    options'.
     cpu: the weights are packed once per model (Model.cpu_weights() keeps the pack, so an engine rebuilt for a
     longer context reuses it)."""
     opts = engine if isinstance(engine, EngineOptions) else EngineOptions(engine=engine, **options)
@@ -48,7 +49,7 @@ def make_engine(model: Model, engine: str | EngineOptions = "auto", *, max_seq: 
         return CudaEngine(model.cfg, model.weights, max_seq=max_seq, options=opts.replace(device="emu"))
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return TorchEngine(model.cfg, model.weights, device=device, dtype=opts.torch_dtype(device), max_seq=max_seq,
-                       max_rows=opts.rows("torch"))
+                       max_rows=opts.rows("torch"), max_seqs=opts.seqs())
 
 
 def cpu_weights(model: Model) -> CpuWeights:
