@@ -358,25 +358,25 @@ def emu_launches() -> list[dict]:
                     emu.set_launch_log(False)
 
                 prompt = [1] * 300
-                logged("prefill 300 tokens", None, lambda: eng.prefill(prompt))
+                logged("prefill 300 tokens", None, lambda: eng.prefill(0, prompt))
                 for R in range(1, MAX_ROWS + 1):
                     first = len(prompt)
 
                     def decode(R=R, first=first):
                         for r in range(R):
-                            eng.embed(first + r, 1)
-                        eng.run_layers(first, first + R - 1, 0, L)
+                            eng.embed(0, first + r, 1)
+                        eng.run_layers(0, first, first + R - 1, 0, L)
 
                     logged("decode run_layers", R, decode)
-                    logged("final greedy", R, lambda R=R, first=first: eng.final(first, first + R - 1))
-                    logged("final sampled", R, lambda R=R, first=first: eng.final(first, first + R - 1,
+                    logged("final greedy", R, lambda R=R, first=first: eng.final(0, first, first + R - 1))
+                    logged("final sampled", R, lambda R=R, first=first: eng.final(0, first, first + R - 1,
                                                                                     sampling=sampling))
                 pos = len(prompt)
-                eng.embed(pos, 1)
-                eng.run_layers(pos, pos, 0, L // 2)
+                eng.embed(0, pos, 1)
+                eng.run_layers(0, pos, pos, 0, L // 2)
                 for i, what in enumerate(("head (full vocabulary)", "head (1024-token subset + rest)")):
-                    logged(what + " greedy", 1, lambda i=i: eng.head(pos, i))
-                    logged(what + " sampled", 1, lambda i=i: eng.head(pos, i, sampling=sampling))
+                    logged(what + " greedy", 1, lambda i=i: eng.head(0, pos, i))
+                    logged(what + " sampled", 1, lambda i=i: eng.head(0, pos, i, sampling=sampling))
                 eng = None  # the next engine reuses its memory
     finally:
         emu.set_execute(True)

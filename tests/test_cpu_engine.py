@@ -207,9 +207,9 @@ def test_errors_name_what_is_wrong(tiny):
         CpuEngine(big, random_weights(big), max_seq=1 << 30)
     e = CpuEngine(cfg, weights, max_seq=16)
     with pytest.raises(IndexError):  # past max_rows: the runtime's own bounds check
-        e._eng.run_layers(0, 20, 0, 1)
+        e._eng.run_layers(0, 0, 20, 0, 1)
     with pytest.raises(IndexError, match="head index"):
-        e._eng.head(0, 0)
+        e._eng.head(0, 0, 0)
 
 
 @pytest.mark.parametrize("kind", ["cpu", "emu"])

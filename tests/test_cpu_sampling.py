@@ -112,10 +112,10 @@ def test_engine_draws_in_cpp_what_the_reference_draws_from_its_logits():
     e.run_layers(20, 20, 0, 1)
     for s in SETTINGS:
         tok, _ = e.head(20, 0, sampling=s)
-        _, _, lg = e._eng.head(20, 0, logits=True)
+        _, _, lg = e._eng.head(0, 20, 0, logits=True)
         assert tok == int(sample(lg[None], s, [21])[0]), s
     e.run_layers(20, 20, 1, 2)
     for s in SETTINGS:
         tok, _ = e.head(20, 1, sampling=s)
-        _, _, lg = e._eng.head(20, 1, logits=True)
+        _, _, lg = e._eng.head(0, 20, 1, logits=True)
         assert tok == int(vocab[sample(lg[None], s, [21], vocab)[0]]), s

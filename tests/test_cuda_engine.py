@@ -51,7 +51,7 @@ class FakeBackend:
         def call(*args, **kw):
             self.calls.append((name, args, kw) if kw else (name, args))
             if name == "final":
-                n = args[1] - args[0] + 1
+                n = args[2] - args[1] + 1  # (seq, first, last)
                 return [7] * n, [0.5] * n
             if name == "head":
                 return 3, 0.25
@@ -104,8 +104,8 @@ def test_contract_checks_are_torch_engines(tiny):
     assert sum(r is not None for r in ref) >= 14  # the scenario does exercise the checks
     # only calls that passed the checks reach the backend, with the contract's arguments
     names = [c for c in backend.calls if c[0] in ("prefill", "embed", "run_layers", "final")]
-    assert names == [("prefill", ([1, 2, 3],)), ("embed", (3, 4)), ("embed", (5, 4)),
-                     ("run_layers", (3, 3, 0, 4)), ("final", (3, 3))]
+    assert names == [("prefill", (0, [1, 2, 3], 0)), ("embed", (0, 3, 4)), ("embed", (0, 5, 4)),
+                     ("run_layers", (0, 3, 3, 0, 4)), ("final", (0, 3, 3))]
 
 
 def test_head_checks(tiny):
@@ -132,7 +132,7 @@ def test_head_checks(tiny):
         e.head(2, 0)
     assert e.head(2, 1) == (3, 0.25)
     assert e.head(2, -1) == (3, 0.25)
-    assert backend.calls[-1] == ("head", (2, 1))  # negative index resolved as a list does
+    assert backend.calls[-1] == ("head", (0, 2, 1))  # negative index resolved as a list does
 
 
 def test_sampling_reaches_the_backend(tiny):
@@ -145,12 +145,12 @@ def test_sampling_reaches_the_backend(tiny):
     e.set_heads([Head.identity(1, cfg.d)])
     e.prefill([1, 2])
     s = Sampling(0.7, top_k=5, top_p=0.9, seed=2**64 - 1)
-    assert e.final(1, 1, sampling=s) == [7] and backend.calls[-1] == ("final", (1, 1), {"sampling": (2**64 - 1, s.inv_temperature, 5, 0.9)})
-    assert e.final(1, 1) == [7] and backend.calls[-1] == ("final", (1, 1))
+    assert e.final(1, 1, sampling=s) == [7] and backend.calls[-1] == ("final", (0, 1, 1), {"sampling": (2**64 - 1, s.inv_temperature, 5, 0.9)})
+    assert e.final(1, 1) == [7] and backend.calls[-1] == ("final", (0, 1, 1))
     e.embed(2, 3)
     e.run_layers(2, 2, 0, 1)
     assert e.head(2, 0, sampling=s) == (3, 0.25)
-    assert backend.calls[-1] == ("head", (2, 0), {"sampling": (2**64 - 1, s.inv_temperature, 5, 0.9)})
+    assert backend.calls[-1] == ("head", (0, 2, 0), {"sampling": (2**64 - 1, s.inv_temperature, 5, 0.9)})
 
 
 def test_final_refuses_non_finite(tiny):
@@ -159,9 +159,9 @@ def test_final_refuses_non_finite(tiny):
     class NaNBackend(FakeBackend):
         def __getattr__(self, name):
             if name == "final":
-                return lambda a, b: ([-1] * (b - a + 1), [math.nan] * (b - a + 1))
+                return lambda seq, a, b: ([-1] * (b - a + 1), [math.nan] * (b - a + 1))
             if name == "head":
-                return lambda pos, i: (-1, math.nan)
+                return lambda seq, pos, i: (-1, math.nan)
             return super().__getattr__(name)
 
     e = CudaEngine._with_backend(cfg, NaNBackend(), max_seq=32, max_rows=4)

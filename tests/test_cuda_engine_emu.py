@@ -84,9 +84,9 @@ def test_make_engine_and_runtime_errors():
     assert isinstance(e, CudaEngine) and e.name == "emu" and e.device.type == "cpu"
     e.prefill([1, 2, 3])
     with pytest.raises(IndexError):  # rows past max_rows reach the C++ runtime's own check
-        e._eng.run_layers(2, 8, 0, 1)
+        e._eng.run_layers(0, 2, 8, 0, 1)
     with pytest.raises(IndexError, match="head index"):
-        e._eng.head(2, 0)
+        e._eng.head(0, 2, 0)
     assert e.final(2, 2) == generate_vanilla(e, [1, 2, 3], 1).tokens
 
 

@@ -11,8 +11,9 @@ Every decoding method is a schedule (decoding/common.py): a generator that yield
 sent their results. A Batch holds one schedule per sequence, each on the engine's view of its own sequence
 (EngineContract.sequence), and advances them together: in a step every schedule runs its cheap calls (embed,
 truncate, head, a prefill piece) at once and then waits at its next run_layers or final; the run_layers of every
-sequence go to the engine as one `run_batch` (the rows of all sequences in one pass over the weights, layer by layer)
-and the finals as one `final_batch`. Each sequence's schedule makes exactly the calls it makes alone, in the same
+sequence go to the engine as one `run_batch` (the rows of all sequences in one pass over the weights, layer by layer),
+the schedules that ran go on to their next call (a vanilla step's final, so every sequence's final of the step is in
+it whatever the phase it joined in), and the finals go as one `final_batch`. Each sequence's schedule makes exactly the calls it makes alone, in the same
 order, and the engines compute each row's bits independently of the other rows of a call (batch invariance): so
 every sequence's tokens are those it gets alone, whatever joins or leaves the batch, and at whatever step.
 
@@ -133,6 +134,10 @@ class Batch:
                     j.error = e
             for j in runs:
                 j.call = None
+                if j.error is None:  # on to its next call: a final joins this step's, anything else waits a step
+                    j.advance(self.piece)
+                    if j.call is not None and j.call[0] == "final":
+                        finals.append(j)
         if finals:
             self._finals(finals)
         ended = [j for j in self.jobs.values() if j.done]

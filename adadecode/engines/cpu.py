@@ -12,6 +12,11 @@ EngineContract's; the compute runs in `adadecode_cpu.Engine` (csrc/cpu/engine.cp
 * `final` returns the greedy tokens of the native LM head; with sampling, the token is drawn in C++ right after
   the LM head (csrc/cpu/sampling.h) by the reference rule of adadecode.engines.sampling, bit for bit, from the same
   bf16-rounded logits the CUDA kernel samples from; a head's sampled guess likewise.
+* `max_seqs` sequences, each with its own KV cache region and ring of rows (csrc/cpu/engine.h): `run_batch` is one
+  forward whose 5 jobs per layer take the rows of every segment that runs the layer, `final_batch` one LM-head job over
+  every item's rows (each sampled item then drawn in C++ by its own rule at its own positions); `prefill(tokens,
+  start)` continues a prompt in the cache, and any piece size gives the bits of one call (prefill is decode on more
+  rows).
 
 Bitwise by construction (docs/design.md#invariance): every output's reduction order is the CUDA kernels' (csrc/cpu/lanes.h),
 a function of the shapes alone, never of the rows in a call, the thread count or the instruction set (AVX-512 with
@@ -112,8 +117,10 @@ class CpuEngine(NativeEngine):
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | CpuWeights, *, max_seq: int | None = None,
                  max_rows: int | None = None, threads: int | None = None, isa: str | None = None,
-                 prefill_chunk: int | None = None, schedule: str | None = None, options: EngineOptions | None = None):
-        given = dict(max_rows=max_rows, threads=threads, isa=isa, prefill_chunk=prefill_chunk, schedule=schedule)
+                 prefill_chunk: int | None = None, schedule: str | None = None, max_seqs: int | None = None,
+                 options: EngineOptions | None = None):
+        given = dict(max_rows=max_rows, threads=threads, isa=isa, prefill_chunk=prefill_chunk, schedule=schedule,
+                     max_seqs=max_seqs)
         opts = (options or EngineOptions(engine="cpu")).replace(**{k: v for k, v in given.items() if v is not None})
         ext = _ext()
         cpu = opts.cpu(ext.isas(), ext.known_isas())  # checked, the environment read for what is unset (EngineOptions)
@@ -122,21 +129,24 @@ class CpuEngine(NativeEngine):
             warnings.warn(f"CpuEngine: threads={cpu['threads']} on {cores} usable cores; each step waits for threads "
                           f"that have no core to run on (64 on 2 cores ran 6.5-7.5x slower than 2): use threads <= "
                           f"{cores}", RuntimeWarning, stacklevel=2)
-        self._init_contract(cfg, max_seq, cpu["max_rows"])
+        self._init_contract(cfg, max_seq, cpu["max_rows"], cpu["max_seqs"])
         self.device = torch.device("cpu")
         if not isinstance(weights, CpuWeights):
             weights = CpuWeights(cfg, weights)
         elif weights.cfg != cfg:
             raise ValueError("CpuWeights were packed for another model config")
         self.packed = weights
-        kv, free = ext.kv_cache_bytes(weights._w, self.max_seq), ext.available_memory()
+        kv, free = ext.kv_cache_bytes(weights._w, self.max_seq, self.max_seqs), ext.available_memory()
         if kv > free:  # before the RoPE tables of max_seq rows are built
-            raise MemoryError(f"KV cache of max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads x "
-                              f"head_dim {cfg.head_dim} ({kv / 2**30:.2f} GiB, bf16) does not fit in the "
+            seqs = "" if self.max_seqs == 1 else f"{self.max_seqs} sequences x "
+            raise MemoryError(f"KV cache of {seqs}max_seq={self.max_seq} x {cfg.n_layers} layers x {cfg.n_kv_heads} kv "
+                              f"heads x head_dim {cfg.head_dim} ({kv / 2**30:.2f} GiB, bf16) does not fit in the "
                               f"{free / 2**30:.2f} GiB of memory available")
         cos, sin = rope_tables(cfg, self.max_seq)
         self._eng = ext.Engine(weights._w, cos, sin, max_seq=self.max_seq, max_rows=self.max_rows,
-                               prefill_chunk=cpu["prefill_chunk"], threads=cpu["threads"], isa=cpu["isa"])
+                               prefill_chunk=cpu["prefill_chunk"], threads=cpu["threads"], isa=cpu["isa"],
+                               max_seqs=self.max_seqs)
+        self.prefill_chunk = self._eng.prefill_chunk
         self.schedule = cpu["schedule"]
         self._eng.set_schedule(*self.schedule)
 
@@ -154,17 +164,33 @@ class CpuEngine(NativeEngine):
     def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
         """fp32 logits [rows, vocab] of rows at depth L: the native LM head's, rounded to bf16 as the CUDA kernel's."""
         self._rows(first_pos, last_pos, self.n_layers)
-        _, logits = self._eng.final(first_pos, last_pos, logits=True)
+        _, logits = self._eng.final(self.seq, first_pos, last_pos, logits=True)
         return check_finite_logits(logits, first_pos, last_pos)
 
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling` for positions
         row + 1 from the bf16-rounded logits (adadecode.engines.sampling: the CUDA epilogue's rule, bit for bit)."""
         self._rows(first_pos, last_pos, self.n_layers)
-        tokens, _ = self._eng.final(first_pos, last_pos, sampling=_rule(sampling))
+        tokens, _ = self._eng.final(self.seq, first_pos, last_pos, sampling=_rule(sampling))
         if min(tokens) < 0:
             raise FloatingPointError(f"non-finite {'tempered ' if sampling else ''}logits at rows {first_pos}..{last_pos}")
         return tokens
+
+    def _final_batch(self, items: list[tuple]) -> list[list[int]]:
+        """One LM-head job over every item's rows; a sampled item's tokens drawn in C++ at its own positions by its
+        own rule, as final draws them."""
+        rules = [_rule(sampling) for *_, sampling in items]
+        tokens, _ = self._eng.final_batch([(seq, a, b) for seq, a, b, _ in items],
+                                          sampling=rules if any(r is not None for r in rules) else None)
+        out, r = [], 0
+        for seq, a, b, sampling in items:
+            n = b - a + 1
+            got = tokens[r:r + n]
+            if min(got) < 0:
+                raise FloatingPointError(f"non-finite {'tempered ' if sampling else ''}logits at rows {a}..{b}")
+            out.append(list(got))
+            r += n
+        return out
 
     def _head_tensors(self, layer, T, ids, w_rest):
         return layer, _bf16(T), None if ids is None else ids.to(torch.int32).contiguous(), \
@@ -174,5 +200,5 @@ class CpuEngine(NativeEngine):
         """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer; with `sampling`
         the token is the head's own draw for position pos + 1 (over its real tokens, as TorchEngine.head)."""
         hd, head_index = self._head_call(pos, head_index)
-        token, prob, _ = self._eng.head(pos, head_index, sampling=_rule(sampling))
+        token, prob, _ = self._eng.head(self.seq, pos, head_index, sampling=_rule(sampling))
         return self._head_result(token, prob, pos, hd)

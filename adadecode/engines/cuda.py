@@ -9,7 +9,11 @@ compute runs in `adadecode_cuda.Engine` (csrc/cuda/runtime/engine.cu):
   workspace are allocated for `max_seq` up front (MemoryError naming the sizes when they do not fit);
 * `run_layers` is one replay of a CUDA graph captured per (rows, l0, l1), the positions in device memory;
 * `final` and `head` read back only their (token, confidence) pairs;
-* `prefill` runs the tensor-core GEMMs in chunks of `prefill_chunk` rows.
+* `prefill` runs the tensor-core GEMMs in chunks of `prefill_chunk` rows; `prefill(tokens, start)` continues a
+  prompt in the cache, with the bits of one call when the pieces are whole chunks (decoding/batch.py cuts them so);
+* `max_seqs` sequences, each with its own KV cache region and ring of rows (csrc/cuda/runtime/engine.h): `run_batch`
+  launches layer by layer over the rows of every segment that runs the layer (the GEMMs over all of them, attention
+  per sequence), `final_batch` one LM head over every greedy item's rows and a launch per sampled item.
 
 `device="emu"` runs the same C++ runtime and kernels on the emulated device (`adadecode_emu`, csrc/emu: the CUDA
 execution model on the CPU, for CI): its memory is guarded host memory, so its tensors are CPU tensors.
@@ -99,9 +103,11 @@ class CudaEngine(NativeEngine):
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, *, max_seq: int | None = None,
                  max_rows: int | None = None, prefill_chunk: int | None = None,
-                 device: str | torch.device | None = None, options: EngineOptions | None = None):
+                 device: str | torch.device | None = None, max_seqs: int | None = None,
+                 options: EngineOptions | None = None):
         opts = options or EngineOptions(engine="cuda")
-        given = dict(max_rows=max_rows, prefill_chunk=prefill_chunk, device=None if device is None else str(device))
+        given = dict(max_rows=max_rows, prefill_chunk=prefill_chunk, device=None if device is None else str(device),
+                     max_seqs=max_seqs)
         opts = opts.replace(**{k: v for k, v in given.items() if v is not None})
         device = opts.device
         if str(device) == "emu":  # the emulated device: adadecode_emu, CPU tensors
@@ -128,7 +134,8 @@ class CudaEngine(NativeEngine):
         max_rows = DEFAULT_MAX_ROWS if opts.max_rows is None else opts.max_rows
         check_supported(cfg, max_rows)  # the shapes, then max_rows
         prefill_chunk = opts.chunk("cuda")
-        self._init_contract(cfg, max_seq, max_rows)
+        self._init_contract(cfg, max_seq, max_rows, opts.seqs())
+        self.prefill_chunk = prefill_chunk
 
         put = self._put
         with on_device:
@@ -150,15 +157,16 @@ class CudaEngine(NativeEngine):
                 torch.cuda.empty_cache()  # the runtime allocates with cudaMalloc, outside torch's cache
             self._eng = ext.Engine(
                 **model_dims(cfg), embed=embed, norm=norm, lm_head=lm_head, layers=layers, cos=cos, sin=sin,
-                max_seq=self.max_seq, max_rows=self.max_rows, prefill_chunk=prefill_chunk, **fam)
+                max_seq=self.max_seq, max_rows=self.max_rows, prefill_chunk=prefill_chunk, max_seqs=self.max_seqs, **fam)
 
     @classmethod
     def _with_backend(cls, cfg: LlamaConfig, backend, *, max_seq: int, max_rows: int = 16,
-                      device: str = "cpu") -> "CudaEngine":
+                      device: str = "cpu", max_seqs: int = 1) -> "CudaEngine":
         """The host-side contract over any object with adadecode_cuda.Engine's methods (tests without a GPU)."""
         e = cls.__new__(cls)
-        e._init_contract(cfg, max_seq, max_rows)
+        e._init_contract(cfg, max_seq, max_rows, max_seqs)
         e.device, e._eng, e._lm_head, e._ext = torch.device(device), backend, None, None
+        e.prefill_chunk = LIMITS["cuda"][1]
         return e
 
     def _put(self, t: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -206,17 +214,31 @@ class CudaEngine(NativeEngine):
     def final_logits(self, first_pos: int, last_pos: int) -> torch.Tensor:
         """fp32 logits [rows, vocab] of rows at depth L (final norm on the GPU kernels, LM head by torch)."""
         self._rows(first_pos, last_pos, self.n_layers)
-        x = self._eng.final_normed(first_pos, last_pos)
+        x = self._eng.final_normed(self.seq, first_pos, last_pos)
         return check_finite_logits((x @ self._lm_head.T).float(), first_pos, last_pos)
 
     def final(self, first_pos: int, last_pos: int, sampling=None) -> list[int]:
         """Tokens of rows at depth L: greedy (ties go to the lowest token id), or drawn by `sampling`
         (adadecode.engines.sampling.Sampling) for positions row + 1, in the LM-head kernel's epilogue."""
         self._rows(first_pos, last_pos, self.n_layers)
-        tokens, probs = self._eng.final(first_pos, last_pos, **_sampling_kw(sampling))
+        tokens, probs = self._eng.final(self.seq, first_pos, last_pos, **_sampling_kw(sampling))
         if not all(math.isfinite(p) for p in probs) or min(tokens) < 0:
             raise FloatingPointError(f"non-finite logits at rows {first_pos}..{last_pos}")
         return tokens
+
+    def _final_batch(self, items: list[tuple]) -> list[list[int]]:
+        """One binding call: the greedy items' rows in LM-head launches of up to 16 rows, each sampled item's in its
+        own launch (the kernel's epilogue draws them), one read-back."""
+        tokens, probs = self._eng.final_batch([(seq, a, b, _sampling_kw(s).get("sampling")) for seq, a, b, s in items])
+        out, r = [], 0
+        for seq, a, b, _ in items:
+            n = b - a + 1
+            got, p = tokens[r:r + n], probs[r:r + n]
+            if not all(math.isfinite(x) for x in p) or min(got) < 0:
+                raise FloatingPointError(f"non-finite logits at rows {a}..{b}")
+            out.append(list(got))
+            r += n
+        return out
 
     def _head_tensors(self, layer, T, ids, w_rest):
         return layer, self._put(T), None if ids is None else self._put(ids, torch.int32), \
@@ -226,5 +248,5 @@ class CudaEngine(NativeEngine):
         """(token, confidence) of head `head_index` on row `pos`, which must be at that head's layer; with
         `sampling` the token is the head's own draw for position pos + 1 (as TorchEngine.head)."""
         hd, head_index = self._head_call(pos, head_index)
-        token, prob = self._eng.head(pos, head_index, **_sampling_kw(sampling))
+        token, prob = self._eng.head(self.seq, pos, head_index, **_sampling_kw(sampling))
         return self._head_result(token, prob, pos, hd)

@@ -1,10 +1,17 @@
 """NativeEngine: what the two native engines (CpuEngine, CudaEngine) share on top of EngineContract.
 
 Both hand the compute to a binding's `Engine` (`self._eng`: adadecode_cpu.Engine, or adadecode_cuda.Engine /
-adadecode_emu.Engine) with the same calls: prefill, embed, run_layers, set_heads, head, hidden, kv. This class
-forwards the contract's compute hooks to it, builds the family arguments both bindings take (`family_args`), checks
-a head's result, and keeps the heads; an engine says only where its tensors go (`_head_tensors`) and how it reads
-tokens and logits back. The RoPE tables come from adadecode.model.math.rope_tables, the same bits as TorchEngine's.
+adadecode_emu.Engine) with the same calls: prefill, embed, run_layers, run_batch, final_batch, set_heads, head, hidden,
+kv. This class forwards the contract's compute hooks to it, builds the family arguments both bindings take
+(`family_args`), checks a head's result, and keeps the heads; an engine says only where its tensors go
+(`_head_tensors`) and how it reads tokens and logits back. The RoPE tables come from adadecode.model.math.rope_tables,
+the same bits as TorchEngine's.
+
+Sequences: every per-sequence call of the binding takes the sequence first, and this class passes the selected one
+(`self.seq`); the binding's Engine holds each sequence's KV cache region and ring of rows (csrc/cpu/engine.h,
+csrc/cuda/runtime/engine.h). `run_batch` is one binding call (one forward over the rows of every segment), and
+`final_batch` one LM-head pass per group of items on distinct sequences (`_final_batch`: the engine's readback).
+`prefill_chunk` is the engine's own prefill chunk (decoding/batch.py cuts a prompt into whole chunks of it).
 """
 from __future__ import annotations
 
@@ -57,19 +64,49 @@ class NativeEngine(EngineContract):
 
     dtype = torch.bfloat16
     device: torch.device
+    prefill_chunk: int  # rows per prefill step of this engine (a prefill in pieces of whole chunks keeps its bits)
     _eng: object
 
     # ---- the contract's compute (checks and bookkeeping: EngineContract) -----------------------------------------
     def _prefill(self, tokens: list[int], start: int) -> None:
-        if start:
-            raise NotImplementedError(f"the {self.name} engine prefills from position 0 only")
-        self._eng.prefill(tokens)
+        self._eng.prefill(self.seq, tokens, start)
 
     def _embed(self, pos: int, token: int, slot: int) -> None:
-        self._eng.embed(pos, token)
+        self._eng.embed(self.seq, pos, token)
 
     def _run_layers(self, first_pos: int, last_pos: int, l0: int, l1: int, slots: list[int]) -> None:
-        self._eng.run_layers(first_pos, last_pos, l0, l1)
+        self._eng.run_layers(self.seq, first_pos, last_pos, l0, l1)
+
+    def _run_batch(self, segments) -> None:
+        """One forward over the rows of every segment (the binding's run_batch: layer by layer, the rows of every
+        segment that runs the layer together)."""
+        self._eng.run_batch([seg for seg, _ in segments])
+
+    def final_batch(self, items) -> list[list[int]]:
+        """final of several sequences: items (seq, first_pos, last_pos, sampling or None), one token list per item,
+        each item's rows in one LM-head pass with the others' (a group per run of items on distinct sequences). Every
+        item is checked before any runs; a non-finite row raises FloatingPointError, as final does."""
+        items = [(int(seq), int(first), int(last), sampling) for seq, first, last, sampling in items]
+        keep = self.seq
+        try:
+            for seq, first, last, _ in items:
+                self.select(seq)
+                self._rows(first_pos=first, last_pos=last, depth=self.n_layers)
+        finally:
+            self.select(keep)
+        out, group = [], []
+        for item in items + [None]:  # the binding takes at most one item per sequence (its rows fit the workspace)
+            if item is None or any(g[0] == item[0] for g in group):
+                if group:
+                    out += self._final_batch(group)
+                group = []
+            if item is not None:
+                group.append(item)
+        return out
+
+    def _final_batch(self, items: list[tuple]) -> list[list[int]]:
+        """The tokens of items (seq, first, last, sampling or None) on distinct sequences, checked: one binding call."""
+        raise NotImplementedError
 
     @property
     def kv_bytes(self) -> int:
@@ -103,10 +140,10 @@ class NativeEngine(EngineContract):
     def hidden(self, pos: int) -> torch.Tensor:
         """The residual stream of row `pos` (a copy), for tests."""
         self._row_slot(pos)
-        return self._eng.hidden(pos)
+        return self._eng.hidden(self.seq, pos)
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of K and V [kv_len, n_kv_heads, head_dim] of `layer` (its valid cache entries), for tests."""
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
-        return self._eng.kv(layer, self.kv_len[layer])
+        return self._eng.kv(self.seq, layer, self.kv_len[layer])

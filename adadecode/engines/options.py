@@ -11,9 +11,10 @@ accesses safe.
     threads        the CPU engine's pool: 1..1024; None: $ADADECODE_CPU_THREADS, else the cores this process may use
     isa            the CPU engine's kernel path: avx512bf16 | avx512 | avx2 | neon | portable; None: $ADADECODE_CPU_ISA, else the best
     schedule       the CPU pool's test schedule: natural | reverse | shuffle[:seed]; None: $ADADECODE_CPU_SCHEDULE
-    max_rows       rows in flight the engine holds (default 16; at most 256 on the CPU, 16 on CUDA)
+    max_rows       rows in flight the engine holds per sequence (default 16; at most 256 on the CPU, 16 on CUDA)
+    max_seqs       sequences the engine holds, each with its own KV cache and rows in flight (default 1; the KV
+                   memory grows with it: engines/contract.py, "Sequences")
     prefill_chunk  rows per prefill step (default 64 on the CPU, at most 1024; 256 on CUDA)
-    max_seqs       sequences the engine holds at once, each its own KV cache and rows (default 1)
 """
 from __future__ import annotations
 
@@ -114,6 +115,10 @@ class EngineOptions:
                             f"{'CPU' if kind == 'cpu' else 'CUDA'} engine{why}", param="max_rows")
         return rows
 
+    def seqs(self) -> int:
+        """max_seqs, 1 when unset (any engine kind: the memory check of its KV caches is the engine's)."""
+        return 1 if self.max_seqs is None else self.max_seqs
+
     def chunk(self, kind: str) -> int:
         """prefill_chunk for an engine of `kind`, its default when unset."""
         _, default, most = LIMITS["cuda" if kind == "emu" else kind]
@@ -143,7 +148,8 @@ class EngineOptions:
             raise BadOption(f"CPU engine: kernels '{isa}' do not run on this CPU (it runs: {', '.join(available_isas)})",
                             param=what)
         return dict(threads=default_threads() if self.threads is None else self.threads, isa=isa,
-                    schedule=parse_schedule(self.schedule), max_rows=self.rows("cpu"), prefill_chunk=self.chunk("cpu"))
+                    schedule=parse_schedule(self.schedule), max_rows=self.rows("cpu"), prefill_chunk=self.chunk("cpu"),
+                    max_seqs=self.seqs())
 
     def torch_dtype(self, device: str) -> torch.dtype:
         dtype = self.dtype or ("bf16" if device.startswith("cuda") else "fp32")

@@ -28,7 +28,8 @@ def auto_engine() -> str:
 def make_engine(model: Model, engine: str | EngineOptions = "auto", *, max_seq: int | None = None,
                 max_rows: int | None = None, **options):
     """An engine for `model`, of the options `engine` (an EngineOptions, or its `engine` field with the others as
-    keyword arguments: device, dtype, threads, isa, schedule, prefill_chunk); max_rows overrides the options'.
+    keyword arguments: device, dtype, threads, isa, schedule, prefill_chunk, max_seqs); max_rows overrides the
+    options'.
     cpu: the weights are packed once per model (Model.cpu_weights() keeps the pack, so an engine rebuilt for a
     longer context reuses it)."""
     opts = engine if isinstance(engine, EngineOptions) else EngineOptions(engine=engine, **options)
@@ -37,8 +38,9 @@ def make_engine(model: Model, engine: str | EngineOptions = "auto", *, max_seq: 
     if max_rows is not None:
         opts = opts.replace(max_rows=max_rows)
     kind = auto_engine() if opts.engine == "auto" else opts.engine
-    if (opts.max_seqs or 1) > 1 and kind != "torch":
-        raise BadOption(f"max_seqs={opts.max_seqs}: the {kind} engine holds one sequence", param="max_seqs")
+    if (opts.max_seqs or 1) > 1 and kind == "cuda":  # its sequences run on the emulated device; no GPU check yet
+        raise BadOption(f"max_seqs={opts.max_seqs}: the cuda engine holds one sequence here (its sequences are checked "
+                        f"on the emulated device only: engine='emu'); use engine='torch' or 'cpu'", param="max_seqs")
     if kind == "cpu":
         return CpuEngine(model.cfg, cpu_weights(model), max_seq=max_seq, options=opts)
     if kind == "cuda":
@@ -51,7 +53,7 @@ def make_engine(model: Model, engine: str | EngineOptions = "auto", *, max_seq: 
         return CudaEngine(model.cfg, model.weights, max_seq=max_seq, options=opts.replace(device="emu"))
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return TorchEngine(model.cfg, model.weights, device=device, dtype=opts.torch_dtype(device), max_seq=max_seq,
-                       max_rows=opts.rows("torch"), max_seqs=opts.max_seqs or 1)
+                       max_rows=opts.rows("torch"), max_seqs=opts.seqs())
 
 
 def cpu_weights(model: Model) -> CpuWeights:

@@ -123,44 +123,84 @@ cpu::SampleRule rule_of(const SamplingArgs& a) {
 class PyEngine {
  public:
   PyEngine(std::shared_ptr<cpu::Weights> w, const at::Tensor& cos, const at::Tensor& sin, int64_t max_seq,
-           int64_t max_rows, int64_t prefill_chunk, int64_t threads, const std::string& isa) {
+           int64_t max_rows, int64_t prefill_chunk, int64_t threads, const std::string& isa, int64_t max_seqs) {
     TORCH_CHECK(w != nullptr, "weights must be given");
     const int64_t half = w->dims().head_dim / 2;
     check(cos, "cos", {max_seq, half}, at::kFloat);
     check(sin, "sin", {max_seq, half}, at::kFloat);
+    TORCH_CHECK(max_seqs >= 1 && max_seqs <= INT_MAX, "max_seqs must be >= 1, got ", max_seqs);
     const cpu::Kernels* k = kernels_named(isa);
     py::gil_scoped_release nogil;
     e_ = std::make_unique<cpu::Engine>(std::move(w), cos.data_ptr<float>(), sin.data_ptr<float>(),
                                        static_cast<int>(max_seq), static_cast<int>(max_rows),
-                                       static_cast<int>(prefill_chunk), static_cast<int>(threads), k);
+                                       static_cast<int>(prefill_chunk), static_cast<int>(threads), k,
+                                       static_cast<int>(max_seqs));
   }
 
-  void prefill(const std::vector<int32_t>& tokens) {
+  // Every per-sequence call takes the sequence first (engine.h).
+  void prefill(int64_t seq, const std::vector<int32_t>& tokens, int64_t start) {
+    TORCH_CHECK(start >= 0 && start <= INT_MAX, "prefill: start must be >= 0, got ", start);
     py::gil_scoped_release nogil;
-    e_->prefill(tokens.data(), static_cast<int>(tokens.size()));
+    e_->prefill(static_cast<int>(seq), tokens.data(), static_cast<int>(tokens.size()), static_cast<int>(start));
   }
-  void embed(int64_t pos, int64_t token) { e_->embed(static_cast<int>(pos), static_cast<int>(token)); }
-  void run_layers(int64_t first, int64_t last, int64_t l0, int64_t l1) {
+  void embed(int64_t seq, int64_t pos, int64_t token) {
+    e_->embed(static_cast<int>(seq), static_cast<int>(pos), static_cast<int>(token));
+  }
+  void run_layers(int64_t seq, int64_t first, int64_t last, int64_t l0, int64_t l1) {
     py::gil_scoped_release nogil;
-    e_->run_layers(static_cast<int>(first), static_cast<int>(last), static_cast<int>(l0), static_cast<int>(l1));
+    e_->run_layers(static_cast<int>(seq), static_cast<int>(first), static_cast<int>(last), static_cast<int>(l0),
+                   static_cast<int>(l1));
+  }
+  // segments: (seq, first, last, l0, l1) each, at most one per sequence
+  void run_batch(const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>>& segments) {
+    std::vector<cpu::Segment> segs;
+    for (const auto& [seq, first, last, l0, l1] : segments)
+      segs.push_back(cpu::Segment{static_cast<int>(seq), static_cast<int>(first), static_cast<int>(last),
+                                  static_cast<int>(l0), static_cast<int>(l1)});
+    py::gil_scoped_release nogil;
+    e_->run_batch(segs);
   }
   // (tokens, logits [R, vocab] fp32 or None); token -1: the row's logits are not finite. sampling: (seed,
   // inv_temperature, top_k, top_p) draws the tokens for positions row + 1 (sampling.h) instead of the argmax.
-  std::tuple<std::vector<int32_t>, c10::optional<at::Tensor>> final(int64_t first, int64_t last, bool with_logits,
+  std::tuple<std::vector<int32_t>, c10::optional<at::Tensor>> final(int64_t seq, int64_t first, int64_t last,
+                                                                    bool with_logits,
                                                                     const c10::optional<SamplingArgs>& sampling) {
-    const int64_t R = last - first + 1;
-    TORCH_CHECK(R >= 1 && R <= e_->max_rows(), "final: rows ", first, "..", last, " must be 1..", e_->max_rows(), " rows");
-    TORCH_CHECK(!(with_logits && sampling), "final: logits or sampling, not both");
+    return final_batch({{seq, first, last}}, with_logits, std::vector<c10::optional<SamplingArgs>>{sampling});
+  }
+  // The rows of spans (seq, first, last) in one LM-head pass: (tokens, logits [rows, vocab] or None), in span order;
+  // sampling: none, or one per span (None: that span's greedy tokens), each span drawn as final's
+  std::tuple<std::vector<int32_t>, c10::optional<at::Tensor>> final_batch(
+      const std::vector<std::tuple<int64_t, int64_t, int64_t>>& spans, bool with_logits,
+      const c10::optional<std::vector<c10::optional<SamplingArgs>>>& sampling) {
+    std::vector<cpu::RowSpan> rows;
+    int64_t R = 0;
+    for (const auto& [seq, first, last] : spans) {
+      TORCH_CHECK(last - first + 1 >= 1 && last - first + 1 <= e_->max_rows(), "final: rows ", first, "..", last,
+                  " must be 1..", e_->max_rows(), " rows");
+      rows.push_back(cpu::RowSpan{static_cast<int>(seq), static_cast<int>(first), static_cast<int>(last)});
+      R += last - first + 1;
+    }
+    TORCH_CHECK(R >= 1 && R <= static_cast<int64_t>(e_->max_seqs()) * e_->max_rows(), "final: ", R,
+                " rows, must be 1..", static_cast<int64_t>(e_->max_seqs()) * e_->max_rows());
+    TORCH_CHECK(!sampling || sampling->size() == spans.size(), "final: ", sampling ? sampling->size() : 0,
+                " sampling rules for ", spans.size(), " spans");
+    std::vector<cpu::SampleRule> rule_store;
+    std::vector<const cpu::SampleRule*> rules;
+    bool any = false;
+    if (sampling) {
+      rule_store.reserve(spans.size());
+      for (const auto& a : *sampling) {
+        rule_store.push_back(a ? rule_of(*a) : cpu::SampleRule{});
+        rules.push_back(a ? &rule_store.back() : nullptr);
+        any = any || a.has_value();
+      }
+    }
     std::vector<int32_t> tokens(R);
     c10::optional<at::Tensor> logits;
     if (with_logits) logits = at::empty({R, e_->dims().vocab}, at::kFloat);
     {
       py::gil_scoped_release nogil;
-      if (sampling)
-        e_->final_sample(static_cast<int>(first), static_cast<int>(last), rule_of(*sampling), tokens.data());
-      else
-        e_->final_tokens(static_cast<int>(first), static_cast<int>(last), tokens.data(),
-                         with_logits ? logits->data_ptr<float>() : nullptr);
+      e_->final_batch(rows, tokens.data(), with_logits ? logits->data_ptr<float>() : nullptr, any ? &rules : nullptr);
     }
     return {tokens, logits};
   }
@@ -192,7 +232,7 @@ class PyEngine {
   }
   // (token, confidence, logits over the head's real tokens or None); token -1: not finite. sampling: as final's,
   // the head's own draw for position pos + 1.
-  std::tuple<int32_t, float, c10::optional<at::Tensor>> head(int64_t pos, int64_t i, bool with_logits,
+  std::tuple<int32_t, float, c10::optional<at::Tensor>> head(int64_t seq, int64_t pos, int64_t i, bool with_logits,
                                                             const c10::optional<SamplingArgs>& sampling) {
     const cpu::SampleRule rule = sampling ? rule_of(*sampling) : cpu::SampleRule{};
     c10::optional<at::Tensor> logits;
@@ -203,23 +243,23 @@ class PyEngine {
     std::pair<int32_t, float> r;
     {
       py::gil_scoped_release nogil;
-      r = e_->head(static_cast<int>(pos), static_cast<int>(i), with_logits ? logits->data_ptr<float>() : nullptr,
-                   sampling ? &rule : nullptr);
+      r = e_->head(static_cast<int>(seq), static_cast<int>(pos), static_cast<int>(i),
+                   with_logits ? logits->data_ptr<float>() : nullptr, sampling ? &rule : nullptr);
     }
     return {r.first, r.second, logits};
   }
-  at::Tensor hidden(int64_t pos) {
+  at::Tensor hidden(int64_t seq, int64_t pos) {
     at::Tensor out = at::empty({e_->dims().d}, at::kBFloat16);
-    e_->copy_row(static_cast<int>(pos), reinterpret_cast<uint16_t*>(out.data_ptr()));
+    e_->copy_row(static_cast<int>(seq), static_cast<int>(pos), reinterpret_cast<uint16_t*>(out.data_ptr()));
     return out;
   }
-  std::tuple<at::Tensor, at::Tensor> kv(int64_t layer, int64_t length) {
+  std::tuple<at::Tensor, at::Tensor> kv(int64_t seq, int64_t layer, int64_t length) {
     const auto& m = e_->dims();
     TORCH_CHECK(length >= 0 && length <= e_->max_seq(), "kv: length ", length, " outside 0..", e_->max_seq());
     at::Tensor k = at::empty({length, m.n_kv_heads, m.head_dim}, at::kBFloat16);
     at::Tensor v = at::empty({length, m.n_kv_heads, m.head_dim}, at::kBFloat16);
-    e_->copy_kv(static_cast<int>(layer), static_cast<int>(length), reinterpret_cast<uint16_t*>(k.data_ptr()),
-                reinterpret_cast<uint16_t*>(v.data_ptr()));
+    e_->copy_kv(static_cast<int>(seq), static_cast<int>(layer), static_cast<int>(length),
+                reinterpret_cast<uint16_t*>(k.data_ptr()), reinterpret_cast<uint16_t*>(v.data_ptr()));
     return {k, v};
   }
 
@@ -233,6 +273,8 @@ class PyEngine {
   }
   std::string isa() const { return e_->isa(); }
   int threads() const { return e_->threads(); }
+  int max_seqs() const { return e_->max_seqs(); }
+  int prefill_chunk() const { return e_->prefill_chunk(); }
   int64_t kv_bytes() const { return static_cast<int64_t>(e_->kv_bytes()); }
   int64_t weight_bytes() const { return static_cast<int64_t>(e_->weights().bytes()); }
 
@@ -463,22 +505,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("bytes", [](const cpu::Weights& w) { return static_cast<int64_t>(w.bytes()); });
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<std::shared_ptr<cpu::Weights>, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
-                    int64_t, const std::string&>(),
+                    int64_t, const std::string&, int64_t>(),
            py::arg("weights"), py::arg("cos"), py::arg("sin"), py::arg("max_seq"), py::arg("max_rows"),
-           py::arg("prefill_chunk"), py::arg("threads"), py::arg("isa") = "")
-      .def("prefill", &PyEngine::prefill)
-      .def("embed", &PyEngine::embed)
-      .def("run_layers", &PyEngine::run_layers)
-      .def("final", &PyEngine::final, py::arg("first"), py::arg("last"), py::arg("logits") = false,
+           py::arg("prefill_chunk"), py::arg("threads"), py::arg("isa") = "", py::arg("max_seqs") = 1)
+      .def("prefill", &PyEngine::prefill, py::arg("seq"), py::arg("tokens"), py::arg("start") = 0)
+      .def("embed", &PyEngine::embed, py::arg("seq"), py::arg("pos"), py::arg("token"))
+      .def("run_layers", &PyEngine::run_layers, py::arg("seq"), py::arg("first"), py::arg("last"), py::arg("l0"),
+           py::arg("l1"))
+      .def("run_batch", &PyEngine::run_batch, py::arg("segments"),
+           "run_layers of several sequences as one forward: segments (seq, first, last, l0, l1)")
+      .def("final", &PyEngine::final, py::arg("seq"), py::arg("first"), py::arg("last"), py::arg("logits") = false,
            py::arg("sampling") = py::none())
+      .def("final_batch", &PyEngine::final_batch, py::arg("spans"), py::arg("logits") = false,
+           py::arg("sampling") = py::none(),
+           "the rows of spans (seq, first, last) in one LM-head pass: (tokens, logits or None) in span order; "
+           "sampling: None or one rule (or None) per span")
       .def("set_heads", &PyEngine::set_heads)
-      .def("head", &PyEngine::head, py::arg("pos"), py::arg("i"), py::arg("logits") = false,
+      .def("head", &PyEngine::head, py::arg("seq"), py::arg("pos"), py::arg("i"), py::arg("logits") = false,
            py::arg("sampling") = py::none())
-      .def("hidden", &PyEngine::hidden)
-      .def("kv", &PyEngine::kv)
+      .def("hidden", &PyEngine::hidden, py::arg("seq"), py::arg("pos"))
+      .def("kv", &PyEngine::kv, py::arg("seq"), py::arg("layer"), py::arg("length"))
       .def("set_schedule", &PyEngine::set_schedule, py::arg("schedule"), py::arg("seed") = 0)
       .def_property_readonly("isa", &PyEngine::isa)
       .def_property_readonly("threads", &PyEngine::threads)
+      .def_property_readonly("max_seqs", &PyEngine::max_seqs)
+      .def_property_readonly("prefill_chunk", &PyEngine::prefill_chunk)
       .def_property_readonly("kv_bytes", &PyEngine::kv_bytes)
       .def_property_readonly("weight_bytes", &PyEngine::weight_bytes);
   m.def("isas", &isas, "the kernel paths this CPU runs, best first");
@@ -487,10 +538,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const char* const* p = cpu::known_isas(); *p; ++p) out.emplace_back(*p);
     return out;
   }, "every kernel path this build knows, whether or not this CPU runs it");
-  m.def("kv_cache_bytes", [](const cpu::Weights& w, int64_t max_seq) {
+  m.def("kv_cache_bytes", [](const cpu::Weights& w, int64_t max_seq, int64_t max_seqs) {
           TORCH_CHECK(max_seq >= 1, "max_seq must be >= 1, got ", max_seq);
-          return static_cast<int64_t>(cpu::kv_cache_bytes(w.dims(), max_seq));
-        }, py::arg("weights"), py::arg("max_seq"), "bytes of the KV cache of an Engine of max_seq positions");
+          TORCH_CHECK(max_seqs >= 1, "max_seqs must be >= 1, got ", max_seqs);
+          return static_cast<int64_t>(cpu::kv_cache_bytes(w.dims(), max_seq, max_seqs));
+        }, py::arg("weights"), py::arg("max_seq"), py::arg("max_seqs") = 1,
+        "bytes of the KV caches of an Engine of max_seqs sequences of max_seq positions");
   m.def("available_memory", [] { return static_cast<int64_t>(std::min<size_t>(cpu::available_memory(), INT64_MAX)); },
         "bytes of memory this process may still take (MemAvailable)");
 

@@ -46,10 +46,10 @@ size_t available_memory() {
   return SIZE_MAX;  // unknown: the allocation itself decides
 }
 
-size_t kv_cache_bytes(const ModelDims& m, int64_t max_seq) {
+size_t kv_cache_bytes(const ModelDims& m, int64_t max_seq, int64_t max_seqs) {
   const size_t per_position = static_cast<size_t>(m.n_layers) * m.n_kv_heads * m.head_dim * sizeof(uint16_t);
   const size_t k_positions = static_cast<size_t>((max_seq + kKBlock - 1) / kKBlock) * kKBlock;  // whole K blocks
-  return per_position * (k_positions + static_cast<size_t>(max_seq));
+  return static_cast<size_t>(max_seqs) * per_position * (k_positions + static_cast<size_t>(max_seq));  // every region
 }
 
 // ---- buffers ------------------------------------------------------------------------------------------------------
@@ -181,6 +181,24 @@ void Weights::embedding(int token, uint16_t* out) const {
 }
 
 // ---- the jobs -------------------------------------------------------------------------------------------------------
+// A layer's 5 jobs over the rows of some spans (engine.h: RowSpan), laid end to end in hw: row r of hw is position
+// row_pos[r] of sequence row_seq[r]. One span for run_layers and a prefill chunk; one per segment running the layer
+// for run_batch.
+struct LayerJob {
+  const JobContext* c = nullptr;
+  int R = 0, layer = 0;
+  std::vector<int> row_seq, row_pos;  // per row of hw
+  std::vector<int> span_seq;          // per span
+  std::vector<AttnArgs> attn;         // per span: its rows' q, partials and output; its sequence's cache of the layer
+  // attention items: (row block, kv head, chunk); a row block is up to kRowBlock rows of one span (rows rb_r0..rb_r1-1
+  // of the span: the span's own indices, as its AttnArgs take them); a (row block, kv head)'s last chunk to finish
+  // merges
+  std::vector<int> rb_span, rb_r0, rb_r1, need;
+  std::vector<int> item_rb, item_kh, item_c;
+  std::unique_ptr<std::atomic<int>[]> count;
+  size_t kv_read = 0;  // K and V bytes the attention job reads (the pool's size hint)
+};
+
 namespace {
 
 // Row r of `rows` (bf16, stride d) RMS-normalised (rmsnorm_core.cuh: the sum of squares in the 32-lane order, then
@@ -210,15 +228,6 @@ void prep_plain(const JobContext& cx, ThreadWs& t, const float* rows, int R, int
   }
 }
 
-struct LayerJob {
-  const JobContext* c;
-  int R, first, layer;
-  AttnArgs attn;
-  // attention items: (row block, kv head, chunk); a (row block, kv head)'s last chunk to finish merges
-  std::vector<int> item_rb, item_kh, item_c, need;
-  std::unique_ptr<std::atomic<int>[]> count;
-};
-
 void qkv_item(void* ctx, int thread, int item, bool first) {
   auto& j = *static_cast<LayerJob*>(ctx);
   const JobContext& cx = *j.c;
@@ -236,7 +245,7 @@ void qkv_item(void* ctx, int thread, int item, bool first) {
   const uint16_t* head_g = item >= H + Hkv || W.q_norm.size() == 0 ? nullptr
                            : item < H ? W.q_norm.data() : W.k_norm.data();
   for (int r = 0; r < j.R; ++r) {
-    const int pos = j.first + r;
+    const int pos = j.row_pos[r], seq = j.row_seq[r];  // its K/V go to its own sequence's cache
     float* y = t.out.data() + static_cast<size_t>(r) * hd;
     // the bias joins the fp32 sum, then one rounding to bf16 (skinny_gemm.cu's epilogue: bf16(acc + b))
     if (has_bias)
@@ -244,7 +253,7 @@ void qkv_item(void* ctx, int thread, int item, bool first) {
     cx.k.round_bf16(y, y, hd);
     if (item >= H + Hkv) {  // v: into the cache as it is
       const int kh = item - H - Hkv;
-      cx.k.f32_to_bf16(y, cx.v_layer(j.layer) + (static_cast<size_t>(kh) * cx.max_seq + pos) * hd, hd);
+      cx.k.f32_to_bf16(y, cx.v_layer(seq, j.layer) + (static_cast<size_t>(kh) * cx.max_seq + pos) * hd, hd);
       continue;
     }
     if (head_g) {  // Qwen3's q/k norm over the head: rope_kv.cu's order (the sum of squares on 32 lanes)
@@ -261,7 +270,7 @@ void qkv_item(void* ctx, int thread, int item, bool first) {
       std::memcpy(cx.q + (static_cast<size_t>(r) * H + item) * hd, rot, hd * sizeof(float));
     } else {  // k: lane pos % 16 of its position block
       const int kh = item - H;
-      uint16_t* kb = cx.k_layer(j.layer) + ((static_cast<size_t>(kh) * cx.nkb + pos / kKBlock) * hd) * kKBlock;
+      uint16_t* kb = cx.k_layer(seq, j.layer) + ((static_cast<size_t>(kh) * cx.nkb + pos / kKBlock) * hd) * kKBlock;
       for (int dd = 0; dd < hd; ++dd) kb[dd * kKBlock + pos % kKBlock] = bf16_bits(rot[dd]);
     }
   }
@@ -271,13 +280,14 @@ void attn_item(void* ctx, int, int item, bool) {
   auto& j = *static_cast<LayerJob*>(ctx);
   const JobContext& cx = *j.c;
   const int rb = j.item_rb[item], kh = j.item_kh[item], c = j.item_c[item];
-  const int r0 = rb * kRowBlock, r1 = std::min(j.R, r0 + kRowBlock);
-  cx.k.attn_chunk(j.attn, kh, c, r0, r1);
+  const AttnArgs& a = j.attn[j.rb_span[rb]];  // the span's rows, its sequence's cache
+  const int r0 = j.rb_r0[rb], r1 = j.rb_r1[rb];
+  cx.k.attn_chunk(a, kh, c, r0, r1);
   const int slot = rb * cx.m.n_kv_heads + kh;
   if (j.count[slot].fetch_add(1, std::memory_order_acq_rel) + 1 != j.need[rb]) return;
   const int G = cx.m.n_heads / cx.m.n_kv_heads;
   for (int r = r0; r < r1; ++r)
-    for (int g = 0; g < G; ++g) cx.k.attn_merge(j.attn, r, kh * G + g);
+    for (int g = 0; g < G; ++g) cx.k.attn_merge(a, r, kh * G + g);
 }
 
 // Column items of a residual GEMM: h[:, n0:n1] = bf16(h + bf16(x W^T)).
@@ -468,19 +478,21 @@ LmStats lm_stats(const Kernels& k, const float* lg, int n, bool has_rest, float 
 
 // ---- the engine ---------------------------------------------------------------------------------------------------
 Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* sin, int max_seq, int max_rows,
-               int prefill_chunk, int threads, const Kernels* kernels)
+               int prefill_chunk, int threads, const Kernels* kernels, int max_seqs)
     : k_(kernels ? *kernels : *kernels_for("portable")), w_(std::move(weights)), max_seq_(max_seq),
-      max_rows_(max_rows), chunk_(prefill_chunk), pool_(threads) {
+      max_rows_(max_rows), chunk_(prefill_chunk), max_seqs_(max_seqs), pool_(threads) {
   if (kernels == nullptr) bad("no kernels for this instruction set on this CPU");
   if (!w_) bad("no weights");
   const ModelDims& m = dims();
   // bounds only: the ranges a caller may ask for are EngineOptions' (adadecode/engines/options.py)
-  if (max_seq < 1 || max_rows < 1 || prefill_chunk < 1) bad("max_seq, max_rows and prefill_chunk must be >= 1");
+  if (max_seq < 1 || max_rows < 1 || prefill_chunk < 1 || max_seqs < 1)
+    bad("max_seq, max_rows, prefill_chunk and max_seqs must be >= 1");
+  if (static_cast<int64_t>(max_seqs) * max_rows > (int64_t{1} << 20)) bad("max_seqs x max_rows above 2^20 rows");
   nkb_ = (max_seq + kKBlock - 1) / kKBlock;
   const int hd = m.head_dim, H = m.n_heads, Hkv = m.n_kv_heads, q = H * hd;
-  const size_t kv_elems = static_cast<size_t>(m.n_layers) * Hkv * hd;
+  const size_t kv_elems = static_cast<size_t>(max_seqs) * m.n_layers * Hkv * hd;  // every sequence's region
   const size_t k_elems = kv_elems * nkb_ * kKBlock, v_elems = kv_elems * max_seq;
-  const size_t kv_bytes = kv_cache_bytes(m, max_seq);
+  const size_t kv_bytes = kv_cache_bytes(m, max_seq, max_seqs);
   // Refused before it is touched: a cache larger than the free memory would be killed mid-fill, not refused (the
   // Python side refuses it first, with the sizes; this is the runtime's own guard).
   if (kv_bytes > available_memory())
@@ -488,8 +500,9 @@ Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* 
                       " of memory available");
   k_cache_ = Buffer<uint16_t>(k_elems, "K cache");
   v_cache_ = Buffer<uint16_t>(v_elems, "V cache");
-  const int P = std::max(max_rows, prefill_chunk);
-  ring_ = Buffer<uint16_t>(static_cast<size_t>(max_rows) * m.d, "rows");
+  const int B = max_seqs * max_rows;  // the most rows one step runs: every sequence's rows in flight
+  const int P = std::max(B, prefill_chunk);
+  ring_ = Buffer<uint16_t>(static_cast<size_t>(B) * m.d, "rows");
   hw_ = Buffer<uint16_t>(static_cast<size_t>(P) * m.d, "rows");
   q_ = Buffer<float>(static_cast<size_t>(P) * std::max(q, m.d), "activations");
   attn_ = Buffer<float>(static_cast<size_t>(P) * q, "activations");
@@ -517,9 +530,9 @@ Engine::Engine(std::shared_ptr<Weights> weights, const float* cos, const float* 
     t.tmp.assign(std::max({L_norm_->xlen, L_rest_->xlen, L_hd_->xlen}), 0.f);
     t.xp = Buffer<float>(static_cast<size_t>(P) * xlen, "activations");
     t.out.assign(static_cast<size_t>(P) * std::max({hd, 2 * kColsPerItem, kVocabPerItem}), 0.f);
-    t.best.assign(max_rows, 0.f);
-    t.best_idx.assign(max_rows, -1);
-    t.ok.assign(max_rows, 1);
+    t.best.assign(B, 0.f);
+    t.best_idx.assign(B, -1);
+    t.ok.assign(B, 1);
   }
 }
 
@@ -527,6 +540,12 @@ JobContext Engine::context() {
   return JobContext{k_, dims(), *w_, k_cache_.data(), v_cache_.data(), max_seq_, nkb_, hw_.data(), cos_.data(),
                     sin_.data(), q_.data(), attn_.data(), act_.data(), ws_, L_d_, L_norm_, L_rest_, L_q_, L_ffn_,
                     L_hd_};
+}
+
+void Engine::check_seq(const char* what, int seq) const {
+  if (seq < 0 || seq >= max_seqs_)
+    throw std::out_of_range(std::string("CPU engine: ") + what + ": sequence " + std::to_string(seq) + " outside 0.." +
+                            std::to_string(max_seqs_ - 1));
 }
 
 void Engine::check_rows(const char* what, int first, int last) const {
@@ -537,92 +556,184 @@ void Engine::check_rows(const char* what, int first, int last) const {
                             std::to_string(max_seq_ - 1));
 }
 
-void Engine::forward(int R, int first, int l0, int l1) {
-  const ModelDims& m = dims();
-  const int H = m.n_heads, Hkv = m.n_kv_heads, hd = m.head_dim;
-  const JobContext cx = context();
-  LayerJob j;
-  j.c = &cx;
-  j.R = R;
-  j.first = first;
-  const int n_rb = (R + kRowBlock - 1) / kRowBlock;
-  for (int rb = 0; rb < n_rb; ++rb) {
-    const int last = first + std::min(R, (rb + 1) * kRowBlock) - 1;
-    const int nc = last / kAttnChunk + 1;
-    // chunks before the window of the block's first row hold no position any of its rows attends to
-    const int c0 = attn_lo(first + rb * kRowBlock, m.window) / kAttnChunk;
-    j.need.push_back(nc - c0);
-    for (int kh = 0; kh < Hkv; ++kh)
-      for (int c = c0; c < nc; ++c) j.item_rb.push_back(rb), j.item_kh.push_back(kh), j.item_c.push_back(c);
-  }
-  j.count = std::make_unique<std::atomic<int>[]>(static_cast<size_t>(n_rb) * Hkv);
-  AttnArgs& a = j.attn;
-  a.q = q_.data();
-  a.part_o = part_o_.data();
-  a.part_ml = part_ml_.data();
-  a.out = attn_.data();
-  a.R = R, a.first = first, a.n_heads = H, a.n_kv_heads = Hkv, a.head_dim = hd, a.max_seq = max_seq_;
-  a.n_chunks = (max_seq_ + kAttnChunk - 1) / kAttnChunk;
-  a.window = m.window;
-  a.qscale = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));  // attention.cu's launcher, the same bits
-  const size_t kv_read = 4 * static_cast<size_t>(Hkv) * hd * (first + R);  // K and V bf16 of every position read
-  for (int l = l0; l < l1; ++l) {
-    j.layer = l;
-    a.k_blocks = cx.k_layer(l);
-    a.v = cx.v_layer(l);
-    for (size_t i = 0; i < static_cast<size_t>(n_rb) * Hkv; ++i) j.count[i].store(0);
-    const Weights::Layer& W = w_->layers[l];
-    pool_.run(H + 2 * Hkv, qkv_item, &j, W.wqkv.bytes());
-    pool_.run(static_cast<int>(j.item_c.size()), attn_item, &j, kv_read);
-    pool_.run(col_items(m.d, kColsPerItem), o_item, &j, W.wo.bytes());
-    pool_.run(col_items(m.ffn, kGateUpBlock), gate_up_item, &j, W.gate_up.bytes());
-    pool_.run(col_items(m.d, kColsPerItem), down_item, &j, W.w_down.bytes());
-  }
+void Engine::stage(const std::vector<RowSpan>& spans) {
+  const int d = dims().d;
+  uint16_t* dst = hw_.data();
+  for (const RowSpan& sp : spans)
+    for (int p = sp.first; p <= sp.last; ++p, dst += d) std::memcpy(dst, ring_row(sp.seq, p), d * sizeof(uint16_t));
 }
 
-void Engine::prefill(const int32_t* tokens, int n) {
+void Engine::unstage(const std::vector<RowSpan>& spans) {
+  const int d = dims().d;
+  const uint16_t* src = hw_.data();
+  for (const RowSpan& sp : spans)
+    for (int p = sp.first; p <= sp.last; ++p, src += d) std::memcpy(ring_row(sp.seq, p), src, d * sizeof(uint16_t));
+}
+
+std::unique_ptr<LayerJob> Engine::layer_job(const JobContext& cx, const std::vector<RowSpan>& spans) {
   const ModelDims& m = dims();
-  if (n < 1 || n > max_seq_)
-    throw std::out_of_range("CPU engine: prefill of " + std::to_string(n) + " tokens: need 1.." + std::to_string(max_seq_));
+  const int H = m.n_heads, Hkv = m.n_kv_heads, hd = m.head_dim, q = H * hd;
+  const int n_chunks = (max_seq_ + kAttnChunk - 1) / kAttnChunk;
+  auto job = std::make_unique<LayerJob>();
+  LayerJob& j = *job;
+  j.c = &cx;
+  int r0 = 0;  // the span's first row in hw
+  for (size_t s = 0; s < spans.size(); ++s) {
+    const RowSpan& sp = spans[s];
+    const int R = sp.rows();
+    for (int r = 0; r < R; ++r) j.row_seq.push_back(sp.seq), j.row_pos.push_back(sp.first + r);
+    j.span_seq.push_back(sp.seq);
+    AttnArgs a;  // the span's rows of q, the partials and the output; k_blocks and v: run_layer, per layer
+    a.q = q_.data() + static_cast<size_t>(r0) * q;
+    a.part_o = part_o_.data() + static_cast<size_t>(r0) * H * n_chunks * hd;
+    a.part_ml = part_ml_.data() + static_cast<size_t>(r0) * H * n_chunks * 2;
+    a.out = attn_.data() + static_cast<size_t>(r0) * q;
+    a.R = R, a.first = sp.first, a.n_heads = H, a.n_kv_heads = Hkv, a.head_dim = hd, a.max_seq = max_seq_;
+    a.n_chunks = n_chunks;
+    a.window = m.window;
+    a.qscale = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));  // attention.cu's launcher, the same bits
+    j.attn.push_back(a);
+    for (int b = 0; b < R; b += kRowBlock) {
+      const int rb = static_cast<int>(j.rb_span.size()), e = std::min(R, b + kRowBlock);
+      const int nc = (sp.first + e - 1) / kAttnChunk + 1;
+      // chunks before the window of the block's first row hold no position any of its rows attends to
+      const int c0 = attn_lo(sp.first + b, m.window) / kAttnChunk;
+      j.rb_span.push_back(static_cast<int>(s)), j.rb_r0.push_back(b), j.rb_r1.push_back(e), j.need.push_back(nc - c0);
+      for (int kh = 0; kh < Hkv; ++kh)
+        for (int c = c0; c < nc; ++c) j.item_rb.push_back(rb), j.item_kh.push_back(kh), j.item_c.push_back(c);
+    }
+    j.kv_read += 4 * static_cast<size_t>(Hkv) * hd * (sp.first + R);  // K and V bf16 of every position read
+    r0 += R;
+  }
+  j.R = r0;
+  j.count = std::make_unique<std::atomic<int>[]>(j.rb_span.size() * Hkv);
+  return job;
+}
+
+void Engine::run_layer(LayerJob& j, int l) {
+  const ModelDims& m = dims();
+  const int H = m.n_heads, Hkv = m.n_kv_heads;
+  const JobContext& cx = *j.c;
+  j.layer = l;
+  for (size_t s = 0; s < j.attn.size(); ++s) {
+    j.attn[s].k_blocks = cx.k_layer(j.span_seq[s], l);
+    j.attn[s].v = cx.v_layer(j.span_seq[s], l);
+  }
+  for (size_t i = 0; i < j.rb_span.size() * Hkv; ++i) j.count[i].store(0);
+  const Weights::Layer& W = w_->layers[l];
+  pool_.run(H + 2 * Hkv, qkv_item, &j, W.wqkv.bytes());
+  pool_.run(static_cast<int>(j.item_c.size()), attn_item, &j, j.kv_read);
+  pool_.run(col_items(m.d, kColsPerItem), o_item, &j, W.wo.bytes());
+  pool_.run(col_items(m.ffn, kGateUpBlock), gate_up_item, &j, W.gate_up.bytes());
+  pool_.run(col_items(m.d, kColsPerItem), down_item, &j, W.w_down.bytes());
+}
+
+void Engine::forward(const std::vector<RowSpan>& spans, int l0, int l1) {
+  const JobContext cx = context();
+  const std::unique_ptr<LayerJob> j = layer_job(cx, spans);
+  for (int l = l0; l < l1; ++l) run_layer(*j, l);
+}
+
+void Engine::prefill(int seq, const int32_t* tokens, int n, int start) {
+  const ModelDims& m = dims();
+  check_seq("prefill", seq);
+  if (n < 1 || start < 0 || start > max_seq_ - n)
+    throw std::out_of_range("CPU engine: prefill of " + std::to_string(n) + " tokens from position " +
+                            std::to_string(start) + ": need 1.." + std::to_string(max_seq_) + " positions in all");
   for (int i = 0; i < n; ++i)
     if (tokens[i] < 0 || tokens[i] >= m.vocab)
       throw std::out_of_range("CPU engine: token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
   int s = 0;
-  for (; s < n; s += chunk_) {
+  for (; s < n; s += chunk_) {  // the decode step on R rows: any chunking (and any piece of a prompt) the same bits
     const int R = std::min(chunk_, n - s);
     for (int r = 0; r < R; ++r) w_->embedding(tokens[s + r], hw_.data() + static_cast<size_t>(r) * m.d);
-    forward(R, s, 0, m.n_layers);
+    forward({RowSpan{seq, start + s, start + s + R - 1}}, 0, m.n_layers);
   }
   s -= chunk_;
-  std::memcpy(ring_row(n - 1), hw_.data() + static_cast<size_t>(n - 1 - s) * m.d, m.d * sizeof(uint16_t));
+  std::memcpy(ring_row(seq, start + n - 1), hw_.data() + static_cast<size_t>(n - 1 - s) * m.d, m.d * sizeof(uint16_t));
 }
 
-void Engine::embed(int pos, int token) {
+void Engine::embed(int seq, int pos, int token) {
+  check_seq("embed", seq);
   if (pos < 0 || pos >= max_seq_)
     throw std::out_of_range("CPU engine: embed at position " + std::to_string(pos) + " outside 0.." +
                             std::to_string(max_seq_ - 1));
   if (token < 0 || token >= dims().vocab)
     throw std::out_of_range("CPU engine: token id " + std::to_string(token) + " is outside the vocabulary");
-  w_->embedding(token, ring_row(pos));
+  w_->embedding(token, ring_row(seq, pos));
 }
 
-void Engine::run_layers(int first, int last, int l0, int l1) {
-  check_rows("run_layers", first, last);
-  if (l0 < 0 || l0 >= l1 || l1 > dims().n_layers)
-    throw std::out_of_range("CPU engine: run_layers: layers [" + std::to_string(l0) + ", " + std::to_string(l1) +
-                            ") outside 0.." + std::to_string(dims().n_layers));
-  const int R = last - first + 1, d = dims().d;
-  for (int r = 0; r < R; ++r) std::memcpy(hw_.data() + static_cast<size_t>(r) * d, ring_row(first + r), d * sizeof(uint16_t));
-  forward(R, first, l0, l1);
-  for (int r = 0; r < R; ++r) std::memcpy(ring_row(first + r), hw_.data() + static_cast<size_t>(r) * d, d * sizeof(uint16_t));
-}
+void Engine::run_layers(int seq, int first, int last, int l0, int l1) { run_batch({Segment{seq, first, last, l0, l1}}); }
 
-void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
-  check_rows("final", first, last);
-  const int R = last - first + 1, d = dims().d, V = dims().vocab;
-  for (int r = 0; r < R; ++r) std::memcpy(hw_.data() + static_cast<size_t>(r) * d, ring_row(first + r), d * sizeof(uint16_t));
+void Engine::run_batch(const std::vector<Segment>& segs) {
+  if (segs.empty()) throw std::out_of_range("CPU engine: run_batch: no segments");
+  std::vector<char> seen(max_seqs_, 0);
+  int lo = dims().n_layers, hi = 0;
+  for (const Segment& g : segs) {  // every segment checked before any runs
+    check_seq("run_layers", g.seq);
+    check_rows("run_layers", g.first, g.last);
+    if (g.l0 < 0 || g.l0 >= g.l1 || g.l1 > dims().n_layers)
+      throw std::out_of_range("CPU engine: run_layers: layers [" + std::to_string(g.l0) + ", " + std::to_string(g.l1) +
+                              ") outside 0.." + std::to_string(dims().n_layers));
+    if (seen[g.seq]++) throw std::out_of_range("CPU engine: run_batch: two segments of sequence " + std::to_string(g.seq));
+    lo = std::min(lo, g.l0), hi = std::max(hi, g.l1);
+  }
+  // Layer by layer, the rows of the segments that run it sit end to end in hw_ (in the segments' order) and go
+  // through its jobs together; where that set changes, the rows go back to their rings and the new set is staged.
   const JobContext cx = context();
-  LmJob j{&cx, R, V, ++job_counter_, &w_->lm_head, hw_.data(), nullptr, logits};
+  std::vector<int> active, want;
+  std::vector<RowSpan> spans;
+  std::unique_ptr<LayerJob> j;
+  for (int l = lo; l < hi; ++l) {
+    want.clear();
+    for (int i = 0; i < static_cast<int>(segs.size()); ++i)
+      if (segs[i].l0 <= l && l < segs[i].l1) want.push_back(i);
+    if (want != active) {
+      unstage(spans);
+      active = want;
+      spans.clear();
+      for (int i : active) spans.push_back(RowSpan{segs[i].seq, segs[i].first, segs[i].last});
+      stage(spans);
+      j = active.empty() ? nullptr : layer_job(cx, spans);
+    }
+    if (j) run_layer(*j, l);
+  }
+  unstage(spans);
+}
+
+void Engine::final_tokens(int seq, int first, int last, int32_t* tokens, float* logits) {
+  final_batch({RowSpan{seq, first, last}}, tokens, logits);
+}
+
+void Engine::final_sample(int seq, int first, int last, const SampleRule& rule, int32_t* tokens) {
+  const std::vector<const SampleRule*> rules{&rule};
+  final_batch({RowSpan{seq, first, last}}, tokens, nullptr, &rules);
+}
+
+void Engine::final_batch(const std::vector<RowSpan>& spans, int32_t* tokens, float* logits,
+                         const std::vector<const SampleRule*>* rules) {
+  if (spans.empty()) throw std::out_of_range("CPU engine: final: no rows");
+  if (rules && rules->size() != spans.size()) bad("final: one sampling rule (or none) per span");
+  int R = 0;
+  for (const RowSpan& sp : spans) {
+    check_seq("final", sp.seq);
+    check_rows("final", sp.first, sp.last);
+    R += sp.rows();
+  }
+  if (R < 1 || R > max_seqs_ * max_rows_)
+    throw std::out_of_range("CPU engine: final: " + std::to_string(R) + " rows, must be 1.." +
+                            std::to_string(max_seqs_ * max_rows_) + " (max_seqs x max_rows)");
+  const int V = dims().vocab;
+  bool draw = false;
+  for (size_t s = 0; rules && s < spans.size(); ++s) draw = draw || (*rules)[s] != nullptr;
+  float* lg = logits;  // a draw reads the logits rows: the caller's, or lg_rows_
+  if (draw && lg == nullptr) {
+    if (lg_rows_.size() == 0) lg_rows_ = Buffer<float>(static_cast<size_t>(max_seqs_) * max_rows_ * V, "logits");
+    lg = lg_rows_.data();
+  }
+  stage(spans);
+  const JobContext cx = context();
+  LmJob j{&cx, R, V, ++job_counter_, &w_->lm_head, hw_.data(), nullptr, lg};
   pool_.run(col_items(V, kVocabPerItem), lm_item, &j, w_->lm_head.bytes());
   for (int r = 0; r < R; ++r) {
     float best = -INFINITY;
@@ -636,15 +747,14 @@ void Engine::final_tokens(int first, int last, int32_t* tokens, float* logits) {
     }
     tokens[r] = ok && idx >= 0 && std::isfinite(best) ? idx : -1;
   }
-}
-
-void Engine::final_sample(int first, int last, const SampleRule& rule, int32_t* tokens) {
-  check_rows("final", first, last);
-  const int R = last - first + 1, V = dims().vocab;
-  if (lg_rows_.size() == 0) lg_rows_ = Buffer<float>(static_cast<size_t>(max_rows_) * V, "logits");
-  final_tokens(first, last, tokens, lg_rows_.data());
-  for (int r = 0; r < R; ++r)
-    tokens[r] = sample_row(lg_rows_.data() + static_cast<size_t>(r) * V, V, nullptr, first + r + 1, rule, sample_ws_);
+  int r0 = 0;  // a sampled span's rows drawn for positions row + 1 (sampling.h), each from its own logits row
+  for (size_t s = 0; s < spans.size(); r0 += spans[s].rows(), ++s) {
+    const SampleRule* rule = rules ? (*rules)[s] : nullptr;
+    if (rule == nullptr) continue;
+    for (int r = 0; r < spans[s].rows(); ++r)
+      tokens[r0 + r] = sample_row(lg + static_cast<size_t>(r0 + r) * V, V, nullptr, spans[s].first + r + 1, *rule,
+                                  sample_ws_);
+  }
 }
 
 void Engine::set_heads(const std::vector<HeadSource>& sources) {
@@ -702,14 +812,15 @@ int Engine::head_vocab(int i) const {
   return heads_[i].vocab.empty() ? dims().vocab : static_cast<int>(heads_[i].vocab.size());
 }
 
-std::pair<int32_t, float> Engine::head(int pos, int i, float* logits, const SampleRule* rule) {
+std::pair<int32_t, float> Engine::head(int seq, int pos, int i, float* logits, const SampleRule* rule) {
   if (i < 0 || i >= static_cast<int>(heads_.size()))
     throw std::out_of_range("CPU engine: head index " + std::to_string(i) + " outside 0.." +
                             std::to_string(static_cast<int>(heads_.size()) - 1));
+  check_seq("head", seq);
   check_rows("head", pos, pos);
   const Head& h = heads_[i];
   const int d = dims().d;
-  std::memcpy(hw_.data(), ring_row(pos), d * sizeof(uint16_t));
+  std::memcpy(hw_.data(), ring_row(seq, pos), d * sizeof(uint16_t));
   float* z = q_.data();
   const JobContext cx = context();
   HeadTJob tj{&cx, &h.T, hw_.data(), z};
@@ -735,13 +846,15 @@ std::pair<int32_t, float> Engine::head(int pos, int i, float* logits, const Samp
   return {token, st.max_prob};
 }
 
-void Engine::copy_row(int pos, uint16_t* dst) const {
+void Engine::copy_row(int seq, int pos, uint16_t* dst) const {
+  check_seq("hidden", seq);
   check_rows("hidden", pos, pos);
-  std::memcpy(dst, ring_.data() + static_cast<size_t>(pos % max_rows_) * dims().d, dims().d * sizeof(uint16_t));
+  std::memcpy(dst, ring_row(seq, pos), dims().d * sizeof(uint16_t));
 }
 
-void Engine::copy_kv(int layer, int length, uint16_t* k_dst, uint16_t* v_dst) const {
+void Engine::copy_kv(int seq, int layer, int length, uint16_t* k_dst, uint16_t* v_dst) const {
   const ModelDims& m = dims();
+  check_seq("kv", seq);
   if (layer < 0 || layer >= m.n_layers || length < 0 || length > max_seq_)
     throw std::out_of_range("CPU engine: kv of layer " + std::to_string(layer) + ", length " + std::to_string(length) +
                             " is outside the cache");
@@ -749,11 +862,11 @@ void Engine::copy_kv(int layer, int length, uint16_t* k_dst, uint16_t* v_dst) co
   const JobContext cx = const_cast<Engine*>(this)->context();  // only read here
   for (int p = 0; p < length; ++p)
     for (int kh = 0; kh < Hkv; ++kh) {
-      const uint16_t* kb = cx.k_layer(layer) + ((static_cast<size_t>(kh) * nkb_ + p / kKBlock) * hd) * kKBlock;
+      const uint16_t* kb = cx.k_layer(seq, layer) + ((static_cast<size_t>(kh) * nkb_ + p / kKBlock) * hd) * kKBlock;
       uint16_t* ko = k_dst + (static_cast<size_t>(p) * Hkv + kh) * hd;
       for (int dd = 0; dd < hd; ++dd) ko[dd] = kb[dd * kKBlock + p % kKBlock];
       std::memcpy(v_dst + (static_cast<size_t>(p) * Hkv + kh) * hd,
-                  cx.v_layer(layer) + (static_cast<size_t>(kh) * max_seq_ + p) * hd, hd * sizeof(uint16_t));
+                  cx.v_layer(seq, layer) + (static_cast<size_t>(kh) * max_seq_ + p) * hd, hd * sizeof(uint16_t));
     }
 }
 

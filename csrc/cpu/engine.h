@@ -2,17 +2,27 @@
 // Torch-free: the caller hands over bf16 weights (HF layout, [out, in] row-major) once; they are packed into the
 // kernels' lane order (lanes.h) and held here, once (the caller may drop its copy).
 //
-// State of one sequence:
-//   K cache   layer l, kv head j: [ceil(max_seq / 16)] blocks of [head_dim][16] bf16 (lane = position: scores of 16
-//             positions are one vector FMA chain over the head dims)
-//   V cache   layer l, kv head j: [max_seq][head_dim] bf16
-//   ring      [max_rows][d] bf16: the residual stream of the rows in flight, slot = pos % max_rows
+// Sequences (docs/design.md#contract, "Sequences"): an Engine of max_seqs sequences holds, for each, its own KV cache
+// and its own ring of rows in flight, in fixed slots: sequence s owns region s of one cache allocation (the layout
+// below, sequence-major), and slots s * max_rows .. s * max_rows + max_rows - 1 of the ring. A row only ever reads its
+// own sequence's region. Every per-sequence call takes the sequence; run_batch runs run_layers of several sequences
+// as one forward: for each layer, the rows of every segment that runs it go through its 5 jobs together (one pass
+// over the weights), each row attending to its own sequence's cache up to its own position and appending K/V there.
+// A row's bits are those it gets alone (the kernels' order is a function of the shapes alone).
+//
+// State, per sequence s (S = max_seqs; nkb = ceil(max_seq / 16)):
+//   K cache   [S][n_layers][n_kv_heads][nkb blocks][head_dim][16] bf16 (lane = position: scores of 16 positions are
+//             one vector FMA chain over the head dims)
+//   V cache   [S][n_layers][n_kv_heads][max_seq][head_dim] bf16
+//   ring      [S][max_rows][d] bf16: the residual stream of the rows in flight, slot = pos % max_rows
+// The workspace takes max(S * max_rows, prefill_chunk) rows: the most one step runs (every sequence's rows in flight).
 // Host-side bookkeeping (which rows are live, their depth, the valid cache length) is the caller's (the Python
 // CpuEngine, with TorchEngine's checks); this layer checks what keeps memory accesses in bounds.
 //
 // A decode layer is 5 jobs on the pool, each the CUDA fused launch it mirrors, bit for bit: (1) RMSNorm + QKV +
-// RoPE + K/V append, items = heads; (2) attention, items = (kv head, 128-position chunk), the last item of a kv head
-// merges its chunks; (3) o_proj + residual; (4) RMSNorm + gate/up + SiLU * up; (5) down + residual: items = column
+// RoPE + K/V append, items = heads, each row's K/V into its own sequence's region at its own position; (2) attention,
+// items = (row block, kv head, 128-position chunk), a row block being up to 16 rows of one segment (one sequence,
+// contiguous positions), the last item of a (row block, kv head) merges its chunks; (3) o_proj + residual; (4) RMSNorm + gate/up + SiLU * up; (5) down + residual: items = column
 // ranges. Each thread prepares its own copy of a job's inputs (the norm, the lane permutation) before its first
 // item: nothing waits for a thread that never comes.
 //
@@ -114,9 +124,9 @@ class Weights {
   std::map<std::pair<int, int>, std::unique_ptr<LaneLayout>> layouts_;
 };
 
-// Bytes of the K and V caches of an Engine of max_seq positions (K in whole blocks of kKBlock positions): the one
-// formula, which the Python side checks against available_memory() before it builds an Engine.
-size_t kv_cache_bytes(const ModelDims& dims, int64_t max_seq);
+// Bytes of the K and V caches of an Engine of max_seqs sequences of max_seq positions (K in whole blocks of kKBlock
+// positions): the one formula, which the Python side checks against available_memory() before it builds an Engine.
+size_t kv_cache_bytes(const ModelDims& dims, int64_t max_seq, int64_t max_seqs = 1);
 
 constexpr int kGateUpBlock = 16;  // = the gate/up job's columns per item (engine.cpp: kColsPerItem)
 
@@ -142,7 +152,7 @@ struct HeadSource {
 struct ThreadWs {
   std::vector<float> row, tmp, xn, out;
   Buffer<float> xp;            // the dot products' activation rows, 64-byte aligned (whole-line vector loads)
-  std::vector<float> best;     // [max_rows] this thread's running argmax per row (LM-head jobs)
+  std::vector<float> best;     // [max_seqs * max_rows] this thread's running argmax per row (LM-head jobs)
   std::vector<int> best_idx;
   std::vector<char> ok;
   int job = -1;                // the LM-head job those belong to (a thread that took no item keeps an old one)
@@ -154,10 +164,10 @@ struct JobContext {
   const Kernels& k;
   const ModelDims& m;
   const Weights& w;
-  uint16_t* k_cache;  // [n_layers][n_kv_heads][nkb blocks][head_dim][kKBlock]
-  uint16_t* v_cache;  // [n_layers][n_kv_heads][max_seq][head_dim]
+  uint16_t* k_cache;  // [max_seqs][n_layers][n_kv_heads][nkb blocks][head_dim][kKBlock]
+  uint16_t* v_cache;  // [max_seqs][n_layers][n_kv_heads][max_seq][head_dim]
   int max_seq, nkb;
-  uint16_t* hw;       // [P, d] bf16: the rows being run (P = max(max_rows, prefill_chunk))
+  uint16_t* hw;       // [P, d] bf16: the rows being run (P = max(max_seqs * max_rows, prefill_chunk))
   const float* cos;   // [max_seq, head_dim / 2]
   const float* sin;
   float* q;           // [P, max(H hd, d)]: rotated q (a head's z)
@@ -166,38 +176,68 @@ struct JobContext {
   std::vector<ThreadWs>& ws;
   const LaneLayout *L_d, *L_norm, *L_rest, *L_q, *L_ffn, *L_hd;  // L_hd: a head's norm (32 lanes)
 
-  uint16_t* k_layer(int l) const { return k_cache + static_cast<size_t>(l) * m.n_kv_heads * nkb * kKBlock * m.head_dim; }
-  uint16_t* v_layer(int l) const { return v_cache + static_cast<size_t>(l) * m.n_kv_heads * max_seq * m.head_dim; }
+  // layer l of sequence seq's region
+  uint16_t* k_layer(int seq, int l) const {
+    return k_cache + (static_cast<size_t>(seq) * m.n_layers + l) * m.n_kv_heads * nkb * kKBlock * m.head_dim;
+  }
+  uint16_t* v_layer(int seq, int l) const {
+    return v_cache + (static_cast<size_t>(seq) * m.n_layers + l) * m.n_kv_heads * max_seq * m.head_dim;
+  }
 };
+
+// Rows first..last (positions) of sequence seq: a prefill chunk, a final, one segment's rows in a layer's jobs.
+struct RowSpan {
+  int seq = 0, first = 0, last = 0;
+  int rows() const { return last - first + 1; }
+};
+
+// One sequence's run_layers in a run_batch: rows first..last of sequence seq, layers [l0, l1).
+struct Segment {
+  int seq = 0, first = 0, last = 0, l0 = 0, l1 = 0;
+};
+
+struct LayerJob;  // engine.cpp: a layer's 5 jobs over the rows of some spans
 
 class Engine {
  public:
   Engine(std::shared_ptr<Weights> weights, const float* cos, const float* sin, int max_seq, int max_rows,
-         int prefill_chunk, int threads, const Kernels* kernels);
+         int prefill_chunk, int threads, const Kernels* kernels, int max_seqs = 1);
 
-  void prefill(const int32_t* tokens, int n);
-  void embed(int pos, int token);
-  void run_layers(int first, int last, int l0, int l1);
+  // Every call below acts on one sequence `seq` (0..max_seqs-1) but run_batch and final_batch, which take several.
+  // prefill: tokens at positions start..start+n-1, the cache holding 0..start-1 (a prefill in pieces); any piece
+  // size gives the bits of one call (prefill is the decode step on more rows).
+  void prefill(int seq, const int32_t* tokens, int n, int start = 0);
+  void embed(int seq, int pos, int token);
+  void run_layers(int seq, int first, int last, int l0, int l1);
+  // Several sequences' run_layers as one forward (at most one segment per sequence; all checked before any runs):
+  // layer by layer, the rows of every segment with l0 <= l < l1 run the layer's jobs together.
+  void run_batch(const std::vector<Segment>& segments);
   // Greedy tokens of rows first..last; token -1 for a row whose logits hold a NaN or no finite maximum. With
   // `logits` ([R, vocab] fp32), the bf16-rounded logits too.
-  void final_tokens(int first, int last, int32_t* tokens, float* logits = nullptr);
+  void final_tokens(int seq, int first, int last, int32_t* tokens, float* logits = nullptr);
   // Tokens of rows first..last drawn by `rule` for positions row + 1 from the same bf16-rounded logits
   // (sampling.h: the reference rule, bit for bit); token -1 for a row whose tempered logits are not finite.
-  void final_sample(int first, int last, const SampleRule& rule, int32_t* tokens);
+  void final_sample(int seq, int first, int last, const SampleRule& rule, int32_t* tokens);
+  // The rows of several spans in one LM-head pass (at most max_seqs * max_rows rows in all): tokens and logits rows
+  // in span order. With `rules` (one per span, nullptr: greedy), a span's tokens are drawn as final_sample's.
+  void final_batch(const std::vector<RowSpan>& spans, int32_t* tokens, float* logits = nullptr,
+                   const std::vector<const SampleRule*>* rules = nullptr);
   // Packs the heads (T into the kernels' lane order, E: the LM head's rows of the vocabulary, w_rest into the rest
   // logit's lanes) and keeps them; the sources may be dropped afterwards.
   void set_heads(const std::vector<HeadSource>& heads);
   // (token, confidence) of head i on row pos (token -1: non-finite); with `logits` ([head_vocab(i)] fp32), the
   // head's bf16-rounded logits over its real tokens. With `rule`, the token is the head's own draw for position
   // pos + 1 over its real tokens (noise keyed by their global ids); the confidence stays the greedy statistics'.
-  std::pair<int32_t, float> head(int pos, int i, float* logits = nullptr, const SampleRule* rule = nullptr);
-  void copy_row(int pos, uint16_t* dst) const;
-  void copy_kv(int layer, int length, uint16_t* k_dst, uint16_t* v_dst) const;
+  std::pair<int32_t, float> head(int seq, int pos, int i, float* logits = nullptr, const SampleRule* rule = nullptr);
+  void copy_row(int seq, int pos, uint16_t* dst) const;
+  void copy_kv(int seq, int layer, int length, uint16_t* k_dst, uint16_t* v_dst) const;
 
   const ModelDims& dims() const { return w_->dims(); }
   const Weights& weights() const { return *w_; }
   int max_seq() const { return max_seq_; }
   int max_rows() const { return max_rows_; }
+  int max_seqs() const { return max_seqs_; }
+  int prefill_chunk() const { return chunk_; }
   int threads() const { return pool_.size(); }
   void set_schedule(ThreadPool::Schedule s, uint64_t seed) { pool_.set_schedule(s, seed); }
   const char* isa() const { return k_.name; }
@@ -207,16 +247,26 @@ class Engine {
 
  private:
   JobContext context();
-  uint16_t* ring_row(int pos) { return ring_.data() + static_cast<size_t>(pos % max_rows_) * dims().d; }
+  uint16_t* ring_row(int seq, int pos) {
+    return ring_.data() + (static_cast<size_t>(seq) * max_rows_ + pos % max_rows_) * dims().d;
+  }
+  const uint16_t* ring_row(int seq, int pos) const {
+    return ring_.data() + (static_cast<size_t>(seq) * max_rows_ + pos % max_rows_) * dims().d;
+  }
+  void check_seq(const char* what, int seq) const;
   void check_rows(const char* what, int first, int last) const;
-  void forward(int R, int first, int l0, int l1);  // layers [l0, l1) over hw_[0..R) at positions first + r
+  void stage(const std::vector<RowSpan>& spans);    // their ring rows -> hw_, end to end
+  void unstage(const std::vector<RowSpan>& spans);  // hw_ -> their ring rows
+  std::unique_ptr<LayerJob> layer_job(const JobContext& cx, const std::vector<RowSpan>& spans);
+  void run_layer(LayerJob& j, int l);  // layer l over the spans' rows in hw_
+  void forward(const std::vector<RowSpan>& spans, int l0, int l1);  // layers [l0, l1) over hw_
 
   const Kernels& k_;
   std::shared_ptr<Weights> w_;
-  int max_seq_, max_rows_, chunk_, nkb_;
+  int max_seq_, max_rows_, chunk_, nkb_, max_seqs_;
   Buffer<uint16_t> k_cache_, v_cache_, ring_, hw_;
   Buffer<float> cos_, sin_, q_, attn_, act_, part_o_, part_ml_, lg_;
-  Buffer<float> lg_rows_;    // [max_rows, vocab]: final_sample's logits (allocated at its first call)
+  Buffer<float> lg_rows_;    // [max_seqs * max_rows, vocab]: sampled rows' logits (allocated at the first draw)
   SampleScratch sample_ws_;
   int job_counter_ = 0;
   std::vector<ThreadWs> ws_;

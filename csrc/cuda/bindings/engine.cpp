@@ -51,7 +51,7 @@ class PyEngine {
            int64_t vocab, double eps, at::Tensor embed, at::Tensor norm, at::Tensor lm_head,
            std::vector<std::vector<at::Tensor>> layers, at::Tensor cos, at::Tensor sin, int64_t max_seq,
            int64_t max_rows, int64_t prefill_chunk, bool qkv_bias, bool qk_norm, int64_t sliding_window,
-           std::vector<std::vector<at::Tensor>> extras) {
+           std::vector<std::vector<at::Tensor>> extras, int64_t max_seqs) {
     adadecode::rt::ModelDims m;
     m.n_layers = static_cast<int>(n_layers);
     m.d = static_cast<int>(d);
@@ -129,29 +129,46 @@ class PyEngine {
     dev_ = dev;
     // The weights may have been written on torch's streams: finish that before the engine's stream reads them.
     ADA_CHECK_LAUNCH(cudaDeviceSynchronize());
+    TORCH_CHECK(max_seqs >= 1 && max_seqs <= 65536, "max_seqs must be in 1..65536, got ", max_seqs);
     eng_ = std::make_unique<adadecode::rt::Engine>(m, std::move(w), static_cast<int>(max_seq),
                                                    static_cast<int>(max_rows), static_cast<int>(prefill_chunk),
-                                                   static_cast<int>(dev.index() < 0 ? 0 : dev.index()));
+                                                   static_cast<int>(dev.index() < 0 ? 0 : dev.index()),
+                                                   static_cast<int>(max_seqs));
   }
 
-  void prefill(const std::vector<int64_t>& tokens) {
+  // Every per-sequence call takes the sequence first (csrc/cuda/runtime/engine.h).
+  void prefill(int64_t seq, const std::vector<int64_t>& tokens, int64_t start) {
     std::vector<int32_t> t(tokens.size());
     for (size_t i = 0; i < tokens.size(); ++i) {
       TORCH_CHECK(tokens[i] >= 0 && tokens[i] < eng_->dims().vocab, "token id ", tokens[i],
                   " is outside the vocabulary (0..", eng_->dims().vocab - 1, ")");
       t[i] = static_cast<int32_t>(tokens[i]);
     }
+    TORCH_CHECK(start >= 0 && start <= INT32_MAX, "prefill: start must be >= 0, got ", start);
     py::gil_scoped_release nogil;
-    eng_->prefill(t.data(), static_cast<int>(t.size()));
+    eng_->prefill(static_cast<int>(seq), t.data(), static_cast<int>(t.size()), static_cast<int>(start));
   }
 
-  void embed(int64_t pos, int64_t token) { eng_->embed(static_cast<int>(pos), static_cast<int>(token)); }
-
-  void run_layers(int64_t first, int64_t last, int64_t l0, int64_t l1) {
-    eng_->run_layers(static_cast<int>(first), static_cast<int>(last), static_cast<int>(l0), static_cast<int>(l1));
+  void embed(int64_t seq, int64_t pos, int64_t token) {
+    eng_->embed(static_cast<int>(seq), static_cast<int>(pos), static_cast<int>(token));
   }
 
-  std::pair<std::vector<int64_t>, std::vector<double>> final(int64_t first, int64_t last,
+  void run_layers(int64_t seq, int64_t first, int64_t last, int64_t l0, int64_t l1) {
+    eng_->run_layers(static_cast<int>(seq), static_cast<int>(first), static_cast<int>(last), static_cast<int>(l0),
+                     static_cast<int>(l1));
+  }
+
+  // segments: (seq, first, last, l0, l1) each, at most one per sequence
+  void run_batch(const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>>& segments) {
+    std::vector<adadecode::rt::Engine::Segment> segs;
+    for (const auto& [seq, first, last, l0, l1] : segments)
+      segs.push_back({static_cast<int>(seq), static_cast<int>(first), static_cast<int>(last), static_cast<int>(l0),
+                      static_cast<int>(l1)});
+    py::gil_scoped_release nogil;
+    eng_->run_batch(segs);
+  }
+
+  std::pair<std::vector<int64_t>, std::vector<double>> final(int64_t seq, int64_t first, int64_t last,
                                                               const c10::optional<SamplingArg>& sampling) {
     const int R = static_cast<int>(last - first + 1);
     std::vector<int32_t> tok(R > 0 ? R : 0);
@@ -159,34 +176,57 @@ class PyEngine {
     const auto p = sample_params(sampling);
     {
       py::gil_scoped_release nogil;
-      eng_->final_tokens(static_cast<int>(first), static_cast<int>(last), tok.data(), prob.data(),
-                         p ? &*p : nullptr);
+      eng_->final_tokens(static_cast<int>(seq), static_cast<int>(first), static_cast<int>(last), tok.data(),
+                         prob.data(), p ? &*p : nullptr);
     }
     return {std::vector<int64_t>(tok.begin(), tok.end()), std::vector<double>(prob.begin(), prob.end())};
   }
 
-  at::Tensor final_normed(int64_t first, int64_t last) {
+  // items: (seq, first, last, sampling or None) on distinct sequences -> (tokens, max_probs) of every row, in order
+  std::pair<std::vector<int64_t>, std::vector<double>> final_batch(
+      const std::vector<std::tuple<int64_t, int64_t, int64_t, c10::optional<SamplingArg>>>& items) {
+    std::vector<adadecode::rt::Engine::FinalItem> its;
+    std::vector<c10::optional<adadecode::SampleParams>> params(items.size());  // stable: its pointers are taken
+    int64_t R = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const auto& [seq, first, last, sampling] = items[i];
+      params[i] = sample_params(sampling);
+      its.push_back({static_cast<int>(seq), static_cast<int>(first), static_cast<int>(last),
+                     params[i] ? &*params[i] : nullptr});
+      R += last >= first ? last - first + 1 : 0;  // the runtime checks every item's rows before anything runs
+    }
+    std::vector<int32_t> tok(R);
+    std::vector<float> prob(R);
+    {
+      py::gil_scoped_release nogil;
+      eng_->final_batch(its, tok.data(), prob.data());
+    }
+    return {std::vector<int64_t>(tok.begin(), tok.end()), std::vector<double>(prob.begin(), prob.end())};
+  }
+
+  at::Tensor final_normed(int64_t seq, int64_t first, int64_t last) {
     const int64_t R = last - first + 1;
     TORCH_CHECK(R >= 1, "final_normed: empty row range ", first, "..", last);
     at::Tensor out = at::empty({R, eng_->dims().d}, at::TensorOptions().device(dev_).dtype(at::kBFloat16));
     ada_wait_for_torch(dev_);
-    eng_->final_normed(static_cast<int>(first), static_cast<int>(last), ada_ptr<bf16>(out));
+    eng_->final_normed(static_cast<int>(seq), static_cast<int>(first), static_cast<int>(last), ada_ptr<bf16>(out));
     return out;
   }
 
-  at::Tensor hidden(int64_t pos) {
+  at::Tensor hidden(int64_t seq, int64_t pos) {
     at::Tensor out = at::empty({eng_->dims().d}, at::TensorOptions().device(dev_).dtype(at::kBFloat16));
     ada_wait_for_torch(dev_);
-    eng_->copy_row(static_cast<int>(pos), ada_ptr<bf16>(out));
+    eng_->copy_row(static_cast<int>(seq), static_cast<int>(pos), ada_ptr<bf16>(out));
     return out;
   }
 
-  std::pair<at::Tensor, at::Tensor> kv(int64_t layer, int64_t length) {
+  std::pair<at::Tensor, at::Tensor> kv(int64_t seq, int64_t layer, int64_t length) {
     const auto& m = eng_->dims();
     auto opt = at::TensorOptions().device(dev_).dtype(at::kBFloat16);
     at::Tensor k = at::empty({length, m.n_kv_heads, m.head_dim}, opt), v = at::empty_like(k);
     ada_wait_for_torch(dev_);
-    eng_->copy_kv(static_cast<int>(layer), static_cast<int>(length), ada_ptr<bf16>(k), ada_ptr<bf16>(v));
+    eng_->copy_kv(static_cast<int>(seq), static_cast<int>(layer), static_cast<int>(length), ada_ptr<bf16>(k),
+                  ada_ptr<bf16>(v));
     return {k, v};
   }
 
@@ -228,12 +268,12 @@ class PyEngine {
     head_keep_ = std::move(keep);  // after the runtime dropped its graphs of the old heads
   }
 
-  std::pair<int64_t, double> head(int64_t pos, int64_t i, const c10::optional<SamplingArg>& sampling) {
+  std::pair<int64_t, double> head(int64_t seq, int64_t pos, int64_t i, const c10::optional<SamplingArg>& sampling) {
     std::pair<int32_t, float> r;
     const auto p = sample_params(sampling);
     {
       py::gil_scoped_release nogil;
-      r = eng_->head(static_cast<int>(pos), static_cast<int>(i), p ? &*p : nullptr);
+      r = eng_->head(static_cast<int>(seq), static_cast<int>(pos), static_cast<int>(i), p ? &*p : nullptr);
     }
     return {r.first, r.second};
   }
@@ -258,32 +298,41 @@ void register_engine(pybind11::module_& m) {
   py::register_local_exception<adadecode::rt::OutOfMemory>(m, "DeviceOutOfMemory", PyExc_MemoryError);
   py::class_<PyEngine>(m, "Engine",
                        "The CUDA engine runtime (docs/design.md#contract): weights, KV cache and workspace on one device, "
-                       "run_layers replayed from CUDA graphs cached per (rows, l0, l1). Host-side contract checks "
-                       "live in adadecode.engines.cuda.CudaEngine; this class only keeps memory accesses in bounds.")
+                       "run_layers replayed from CUDA graphs cached per (seq, rows, l0, l1); max_seqs sequences, each "
+                       "with its own KV cache and rows; every per-sequence call takes the sequence first. Host-side "
+                       "contract checks live in adadecode.engines.cuda.CudaEngine; this class only keeps memory "
+                       "accesses in bounds.")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor,
                     at::Tensor, std::vector<std::vector<at::Tensor>>, at::Tensor, at::Tensor, int64_t, int64_t,
-                    int64_t, bool, bool, int64_t, std::vector<std::vector<at::Tensor>>>(),
+                    int64_t, bool, bool, int64_t, std::vector<std::vector<at::Tensor>>, int64_t>(),
            py::arg("n_layers"), py::arg("d"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),
            py::arg("ffn"), py::arg("vocab"), py::arg("eps"), py::arg("embed"), py::arg("norm"), py::arg("lm_head"),
            py::arg("layers"), py::arg("cos"), py::arg("sin"), py::arg("max_seq"), py::arg("max_rows"),
            py::arg("prefill_chunk") = 256, py::arg("qkv_bias") = false, py::arg("qk_norm") = false,
-           py::arg("sliding_window") = 0, py::arg("extras") = std::vector<std::vector<at::Tensor>>{})
-      .def("prefill", &PyEngine::prefill, py::arg("tokens"))
-      .def("embed", &PyEngine::embed, py::arg("pos"), py::arg("token"))
-      .def("run_layers", &PyEngine::run_layers, py::arg("first_pos"), py::arg("last_pos"), py::arg("l0"),
-           py::arg("l1"))
+           py::arg("sliding_window") = 0, py::arg("extras") = std::vector<std::vector<at::Tensor>>{},
+           py::arg("max_seqs") = 1)
+      .def("prefill", &PyEngine::prefill, py::arg("seq"), py::arg("tokens"), py::arg("start") = 0)
+      .def("embed", &PyEngine::embed, py::arg("seq"), py::arg("pos"), py::arg("token"))
+      .def("run_layers", &PyEngine::run_layers, py::arg("seq"), py::arg("first_pos"), py::arg("last_pos"),
+           py::arg("l0"), py::arg("l1"))
+      .def("run_batch", &PyEngine::run_batch, "run_layers of several sequences in one step: (seq, first, last, l0, l1)",
+           py::arg("segments"))
       .def("final", &PyEngine::final,
            "(tokens, max_probs) of rows first..last; sampling (seed, inv_temperature, top_k, top_p) draws the tokens",
-           py::arg("first_pos"), py::arg("last_pos"), py::arg("sampling") = py::none())
-      .def("final_normed", &PyEngine::final_normed, "final-normed rows [R, d] bf16 (a new tensor)",
+           py::arg("seq"), py::arg("first_pos"), py::arg("last_pos"), py::arg("sampling") = py::none())
+      .def("final_batch", &PyEngine::final_batch,
+           "(tokens, max_probs) of the rows of items (seq, first, last, sampling or None) on distinct sequences",
+           py::arg("items"))
+      .def("final_normed", &PyEngine::final_normed, "final-normed rows [R, d] bf16 (a new tensor)", py::arg("seq"),
            py::arg("first_pos"), py::arg("last_pos"))
-      .def("hidden", &PyEngine::hidden, "the residual stream of row pos [d] bf16 (a new tensor)", py::arg("pos"))
-      .def("kv", &PyEngine::kv, "copies of K and V [length, n_kv_heads, head_dim] of a layer", py::arg("layer"),
-           py::arg("length"))
+      .def("hidden", &PyEngine::hidden, "the residual stream of row pos [d] bf16 (a new tensor)", py::arg("seq"),
+           py::arg("pos"))
+      .def("kv", &PyEngine::kv, "copies of K and V [length, n_kv_heads, head_dim] of a layer", py::arg("seq"),
+           py::arg("layer"), py::arg("length"))
       .def("set_heads", &PyEngine::set_heads, "list of (layer, T, vocab int32 or None, w_rest or None)",
            py::arg("heads"))
       .def("head", &PyEngine::head, "(token, max_prob) of head i on row pos; with sampling, the head's own draw",
-           py::arg("pos"), py::arg("i"), py::arg("sampling") = py::none())
+           py::arg("seq"), py::arg("pos"), py::arg("i"), py::arg("sampling") = py::none())
       .def("synchronize", &PyEngine::synchronize)
       .def_property("use_graphs", [](PyEngine& e) { return e.eng().use_graphs(); },
                     [](PyEngine& e, bool on) { e.eng().set_use_graphs(on); })
@@ -292,5 +341,7 @@ void register_engine(pybind11::module_& m) {
                     [](PyEngine& e, bool on) { e.eng().set_fused(on); })
       .def_property_readonly("pdl", [](PyEngine& e) { return e.eng().pdl(); })
       .def_property_readonly("kv_bytes", [](PyEngine& e) { return e.eng().kv_bytes(); })
+      .def_property_readonly("max_seqs", [](PyEngine& e) { return e.eng().max_seqs(); })
+      .def_property_readonly("prefill_chunk", [](PyEngine& e) { return e.eng().prefill_chunk(); })
       .def_property_readonly("workspace_bytes", [](PyEngine& e) { return e.eng().workspace_bytes(); });
 }
