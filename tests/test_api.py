@@ -267,3 +267,38 @@ def test_a_model_without_tokenizer_decodes_token_ids(model):
     for kwargs, msg in ((dict(prompt="hi"), "no tokenizer.json"), (dict(prompt=[1], stop="x"), "stop strings need")):
         with pytest.raises(ValueError, match=msg):
             bare.generate(max_new_tokens=4, **kwargs)
+
+
+def test_requests_together_on_the_cpu_engine_get_their_tokens_alone(llm, model):
+    """LLM(engine="cpu", max_seqs=4) (issue 36): 6 requests from 6 threads (every method, one seeded sampling) share
+    the CPU engine's steps (its sequences: run_batch, final_batch); each gets the tokens it gets alone."""
+    kinds = [dict(method="vanilla"), dict(method="adadecode"), dict(method="lookup"),
+             dict(method="adadecode", context=True), dict(method="layerskip"),
+             dict(method="vanilla", temperature=0.8, seed=5)]
+    prompts = ["Grüße aus Köln", "hello", "1 2 3 4 1 2 3 4", "abc", "The quick brown fox", "zz top"]
+    solo = adadecode.LLM(model, heads=llm.heads_spec, engine="cpu", threads=1, max_seq=256)
+    want = [solo.generate(p, max_new_tokens=24, **k).tokens for p, k in zip(prompts, kinds)]
+    batched = adadecode.LLM(model, heads=llm.heads_spec, engine="cpu", threads=1, max_seq=256, max_seqs=4)
+    engine, mixed = batched.engine, []
+    run_batch = engine.run_batch
+    engine.run_batch = lambda segments: (mixed.append(len({s[0] for s in segments}) > 1), run_batch(segments))[1]
+    go = threading.Barrier(len(prompts))
+    got, errors = {}, []
+
+    def ask(i):
+        try:
+            go.wait(timeout=60)
+            got[i] = batched.generate(prompts[i], max_new_tokens=24, **kinds[i]).tokens
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        batched.close()
+    assert not errors and [got.get(i) for i in range(len(prompts))] == want
+    assert engine.name == "cpu" and engine.max_seqs == 4 and any(mixed)  # steps with rows of several requests

@@ -101,6 +101,35 @@ def test_every_path_and_thread_count_gives_the_same_bits(name):
 
 
 @pytest.mark.exactness
+@OVERSUBSCRIBED
+@pytest.mark.parametrize("name", ["hd8-gqa", "qwen2-bias-window"])
+def test_sequences_in_one_step_keep_each_ones_bits_on_every_path(name):
+    """tests/test_batch.py's scenario (three sequences: prefills in pieces, run_batch with segments of other rows and
+    layer ranges, heads, final_batch greedy and sampled, truncate) on every kernel path x 1, 2 (shuffled pool) and 3
+    threads: each sequence's hidden states, K/V, logits, tokens and head outputs == its calls alone on a one-sequence
+    engine (portable, 1 thread), bitwise."""
+    from test_batch import alone, assert_same_bits, run_scenario, scenario
+
+    cfg, weights = engine_model(name, seed=4)
+    g = torch.Generator().manual_seed(5)
+    heads = two_heads(cfg, g)
+    ops = scenario(cfg, heads, g, pieces=lambda n: [n // 3, n // 3 + 1, n - 2 * (n // 3) - 1])
+    packed = CpuWeights(cfg, weights)
+
+    def make(max_seqs, isa=ISAS[-1], threads=1, schedule=None):
+        e = CpuEngine(cfg, packed, max_seq=160, max_rows=8, threads=threads, isa=isa, prefill_chunk=16,
+                      schedule=schedule, max_seqs=max_seqs)
+        e.set_heads(heads)
+        return e
+
+    want = alone(make, ops)
+    for isa in ISAS[::-1]:
+        for threads, schedule in ((1, None), (2, "shuffle:1"), (3, None)):
+            got = run_scenario(make(3, isa, threads, schedule), ops)
+            assert_same_bits(got, want, f"{isa} x {threads} threads ({schedule or 'natural'})")
+
+
+@pytest.mark.exactness
 @pytest.mark.parametrize("name", list(ENGINE_MODELS))
 def test_matches_the_emulated_cuda_engine_bit_for_bit(name):
     from adadecode.engines.cuda import CudaEngine
