@@ -17,6 +17,7 @@ import torch
 
 from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.cuda import CudaEngine, emu_unavailable_reason
+from adadecode.engines.head import Head
 from adadecode.engines.sampling import make_sampling
 from adadecode.engines.select import make_engine
 from adadecode.engines.torch import TorchEngine
@@ -140,3 +141,27 @@ def test_fused_engine_equals_unfused(name):
         assert out[True][key] == out[False][key], f"fused vs unfused: {key} differ"
     assert out[True]["launched"]["launches"] < out[False]["launched"]["launches"]
     assert out[True]["launched"]["pdl_launches"] > 0 and out[False]["launched"]["pdl_launches"] == 0
+
+
+@pytest.mark.exactness
+def test_sequences_in_one_step_keep_each_ones_bits():
+    """tests/test_batch.py's scenario (three sequences: prefills in pieces of whole chunks, run_batch with segments of
+    other rows and layer ranges, heads, final_batch greedy and sampled, truncate) on the emulated device, its threads
+    in a random order: each sequence's hidden states, K/V, logits, tokens and head outputs == its calls alone on a
+    one-sequence engine, bitwise (issue 36)."""
+    from test_batch import alone, assert_same_bits, run_scenario, scenario
+
+    cfg, weights = engine_model("gqa-untied", seed=4)
+    g = torch.Generator().manual_seed(5)
+    vocab = torch.randperm(cfg.vocab_size, generator=g)[:100].sort().values
+    heads = [Head.identity(1, cfg.d), Head(layer=2, T=torch.eye(cfg.d) + 0.05 * torch.randn(cfg.d, cfg.d, generator=g),
+                                           vocab=vocab, w_rest=0.05 * torch.randn(cfg.d, generator=g))]
+    # every piece but the last a whole number of 16-row chunks: the chunks start where one call's do
+    ops = scenario(cfg, heads, g, pieces=lambda n: [n] if n < 32 else [16 * (n // 32), n - 16 * (n // 32)])
+
+    def make(max_seqs):
+        e = CudaEngine(cfg, weights, max_seq=160, max_rows=8, device="emu", prefill_chunk=16, max_seqs=max_seqs)
+        e.set_heads(heads)
+        return e
+
+    assert_same_bits(run_scenario(make(3), ops), alone(make, ops), "emulated device, 3 sequences")
