@@ -26,7 +26,7 @@ from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.cost import StepCost, step_cost
 from adadecode.engines.head import Head
 
-from test_driver import CHECKED, ENGINES, cases, scripted, tiny_model
+from test_driver import CHECKED, ENGINES, cases, reference, scripted, tiny_model
 
 FREE = StepCost(layer=(0.0,) + (1.0,) * 16, final=(0.0,) + (1.0,) * 16, source="given")  # an extra row costs nothing
 DEAR = StepCost(layer=tuple(float(r) for r in range(17)), final=tuple(float(r) for r in range(17)), source="given")
@@ -178,13 +178,7 @@ chain_entry = st.tuples(st.sampled_from(["right", "right", "partly", "wrong", "e
 
 
 def run_chains(c, chains, *, kind="torch", method="adadecode", gamma=0.5, max_chain=8, **sampling):
-    cfg, w = tiny_model(c["L"], c["seed"])
-    n, M = len(c["prompt"]), c["max_new"]
-    ref = ENGINES[kind](cfg, w, max_seq=64)
-    vs = {k: v for k, v in sampling.items() if k != "head_guess"}
-    truth = c["prompt"] + generate_vanilla(ref, c["prompt"], M, **vs).tokens
-    eos_tok = truth[n + c["eos_at"]] if c["eos_at"] is not None and c["eos_at"] < M else 2
-    van = generate_vanilla(ref, c["prompt"], M, eos_ids=[eos_tok], **vs)
+    cfg, w, n, M, ref, vs, truth, eos_tok, van = reference(c, kind, sampling)
     P = c["max_pending"]
     max_rows = max(P, max_chain) + 1 if c["tight_rows"] else 16
     extra = {"threads": 2} if kind == "cpu" else {}
