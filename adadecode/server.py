@@ -374,21 +374,7 @@ class Server:
             if isinstance(outcome, Cancelled):
                 log.info("%s: cancelled (client disconnected) after %d tokens", rid, outcome.tokens)
 
-        if not body.stream:
-            watch = asyncio.create_task(self._watch(request, job.cancel))
-            try:
-                item = await job.queue.get()
-            finally:
-                watch.cancel()
-                await release()
-            if isinstance(item, BaseException):
-                return self._failed(rid, item)
-            return JSONResponse(self._body(rid, chat, item))
-        first = await job.queue.get()
-        if isinstance(first, BaseException):
-            await release()
-            return self._failed(rid, first)
-        return _EngineStream(self._events(rid, chat, body, job, first), release)
+        return await self._respond(request, chat, body, rid, job, release)
 
     async def _complete_batched(self, request: Request, req, chat: bool, body: _Common, rid: str):
         if self.inflight >= self.capacity:
@@ -411,6 +397,11 @@ class Server:
             if isinstance(outcome, Cancelled):
                 log.info("%s: cancelled (client disconnected) after %d tokens", rid, outcome.tokens)
 
+        return await self._respond(request, chat, body, rid, job, release)
+
+    async def _respond(self, request: Request, chat: bool, body: _Common, rid: str, job, release):
+        """The job's answer: one JSON body (the client watched for a disconnect meanwhile) or the event stream;
+        `release` runs once the job is done either way."""
         if not body.stream:
             watch = asyncio.create_task(self._watch(request, job.cancel))
             try:

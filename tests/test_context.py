@@ -26,7 +26,7 @@ from adadecode.decoding.vanilla import generate_vanilla
 from adadecode.engines.cost import StepCost, step_cost
 from adadecode.engines.head import Head
 
-from test_driver import CHECKED, ENGINES, cases, scripted, tiny_model
+from test_driver import CHECKED, ENGINES, cases, reference, scripted, tiny_model
 
 FREE = StepCost(layer=(0.0,) + (1.0,) * 16, final=(0.0,) + (1.0,) * 16, source="given")  # an extra row costs nothing
 DEAR = StepCost(layer=tuple(float(r) for r in range(17)), final=tuple(float(r) for r in range(17)), source="given")
@@ -90,6 +90,50 @@ def test_guesser_learns_and_fades():
     assert g.declined > 0
 
 
+def test_exit_over_a_chain_is_priced():
+    """A head's exit while a chain is in flight: taken when the head and the chain are likely right and the layer is
+    early (p * (L - d) against (1 - p) * d and the extra row), not when the chain or the head is doubtful."""
+    cheap = StepCost(layer=(0.0,) + tuple(1 + 0.05 * r for r in range(16)), final=(0.0,) + (1.0,) * 16)
+    g = ContextGuesser(cheap, 30, max_chain=6)
+    chain = [("context", 3, j) for j in range(4)]
+    for _ in range(40):
+        g.record(8, True)  # a head's kind is its layer
+        g.record(24, False)
+        for k in chain:
+            g.record(k, True)
+    assert g.exit_pays(chain, 8, rows=5)       # a sure chain, a right head early: pays
+    assert not g.exit_pays(chain, 24, rows=5)  # a head that is mostly wrong
+    for _ in range(200):
+        g.record(chain[2], False)              # the chain's third token is mostly wrong
+    assert not g.exit_pays(chain, 8, rows=5)
+    assert g.exit_pays([], 8, rows=1)          # nothing pending: the head's own rate decides
+    dear = ContextGuesser(DEAR, 30)
+    assert not dear.exit_pays([], 1, rows=1)    # a row costs a whole layer: an exit never pays
+
+
+def test_combined_schedule_prices_exits_over_chains():
+    """With the real guesser, an exit is asked for over a chain only where exit_pays says so, and the tokens are
+    vanilla's either way."""
+    cfg, w = tiny_model(4, 1)
+    heads = [Head.identity(1, cfg.d), Head.identity(2, cfg.d)]
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+    ref = ENGINES["torch"](cfg, w, max_seq=64)
+    van = generate_vanilla(ref, prompt, 24)
+    asked = []
+
+    class Watching(ContextGuesser):
+        def exit_pays(self, kinds, layer, rows):
+            ok = super().exit_pays(kinds, layer, rows)
+            asked.append(ok)
+            return ok
+
+    eng = CHECKED["torch"](cfg, w, max_seq=64, max_rows=16)
+    g = Watching(FREE, cfg.n_layers, max_chain=4)
+    gen = generate_adadecode(eng, prompt, 24, heads=heads, gamma=0.0, context=g)
+    assert gen.tokens == van.tokens
+    assert gen.stats["sources"]["context"]["guesses"] > 0 and asked
+
+
 # ---- the schedule: scripted chains ------------------------------------------------------------------------------------
 class ScriptedGuesser(ContextGuesser):
     """Chains from a script instead of the index: entries (kind, length, r): "right" (the vanilla continuation of the
@@ -99,6 +143,9 @@ class ScriptedGuesser(ContextGuesser):
     def __init__(self, truth, eos_tok, entries, vocab, **kw):
         super().__init__(FREE, 2, **kw)
         self.truth, self.eos_tok, self.entries, self.vocab, self.calls = truth, eos_tok, entries, vocab, 0
+
+    def exit_pays(self, kinds, layer, rows):
+        return True  # every confident exit, on a chain's rows too: the schedule's every path (the rule: below)
 
     def propose(self, tail, room, *, rows, p_front=1.0):
         kind, length, r = self.entries[self.calls % len(self.entries)]
@@ -131,13 +178,7 @@ chain_entry = st.tuples(st.sampled_from(["right", "right", "partly", "wrong", "e
 
 
 def run_chains(c, chains, *, kind="torch", method="adadecode", gamma=0.5, max_chain=8, **sampling):
-    cfg, w = tiny_model(c["L"], c["seed"])
-    n, M = len(c["prompt"]), c["max_new"]
-    ref = ENGINES[kind](cfg, w, max_seq=64)
-    vs = {k: v for k, v in sampling.items() if k != "head_guess"}
-    truth = c["prompt"] + generate_vanilla(ref, c["prompt"], M, **vs).tokens
-    eos_tok = truth[n + c["eos_at"]] if c["eos_at"] is not None and c["eos_at"] < M else 2
-    van = generate_vanilla(ref, c["prompt"], M, eos_ids=[eos_tok], **vs)
+    cfg, w, n, M, ref, vs, truth, eos_tok, van = reference(c, kind, sampling)
     P = c["max_pending"]
     max_rows = max(P, max_chain) + 1 if c["tight_rows"] else 16
     extra = {"threads": 2} if kind == "cpu" else {}

@@ -192,17 +192,24 @@ def cases(draw):
     )
 
 
-def run_case(c, method, gamma=0.5, head_index=None, kind="torch", **sampling):
-    """sampling: temperature, top_k, top_p, seed, head_guess for the drivers (vanilla gets all but head_guess).
-    kind: the engine, torch or cpu (vanilla decoding on the same kind is the reference)."""
+def reference(c, kind, sampling):
+    """A case's model and its vanilla run on `kind`: (cfg, w, n, M, ref engine, vanilla's sampling args, truth:
+    prompt + vanilla's continuation without EOS (what a "right" guess says), the EOS token placed in the middle,
+    vanilla's Generation with that EOS)."""
     cfg, w = tiny_model(c["L"], c["seed"])
     n, M = len(c["prompt"]), c["max_new"]
     ref = ENGINES[kind](cfg, w, max_seq=64)
     vs = {k: v for k, v in sampling.items() if k != "head_guess"}
-    # vanilla's continuation without EOS: what a "right" guess says; then an EOS somewhere in the middle
     truth = c["prompt"] + generate_vanilla(ref, c["prompt"], M, **vs).tokens
     eos_tok = truth[n + c["eos_at"]] if c["eos_at"] is not None and c["eos_at"] < M else 2
     van = generate_vanilla(ref, c["prompt"], M, eos_ids=[eos_tok], **vs)
+    return cfg, w, n, M, ref, vs, truth, eos_tok, van
+
+
+def run_case(c, method, gamma=0.5, head_index=None, kind="torch", **sampling):
+    """sampling: temperature, top_k, top_p, seed, head_guess for the drivers (vanilla gets all but head_guess).
+    kind: the engine, torch or cpu (vanilla decoding on the same kind is the reference)."""
+    cfg, w, n, M, ref, vs, truth, eos_tok, van = reference(c, kind, sampling)
     P = c["max_pending"] if method == "adadecode" else c["k"]
     max_rows = P + 1 if c["tight_rows"] else 16
     extra = {"threads": 2} if kind == "cpu" else {}

@@ -185,18 +185,22 @@ def test_stop_strings(server, tiny_llm):
     assert c.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=3).choices[0].finish_reason == "length"
 
 
-def test_concurrent_clients_all_answered_correctly(server, tiny_llm):
-    want = {p: tiny_llm.generate(p, max_new_tokens=24, method="vanilla").text for p in PROMPTS}
+def ask_all(srv, max_tokens: int, request) -> dict:
+    """Every prompt of PROMPTS from its own thread and client at once, the odd ones streamed; request(i) gives the
+    i-th one's extra_body (None: none) and sampling fields. Returns {prompt: text}; any client error fails."""
     got, errors = {}, []
 
     def ask(i, p):
+        extra, sampling = request(i)
+        kw = dict(model="tiny", prompt=p, max_tokens=max_tokens, **sampling)
+        if extra is not None:
+            kw["extra_body"] = extra
         try:
-            c = server.client()
+            c = srv.client()
             if i % 2:
-                got[p] = "".join(ch.choices[0].text for ch in c.completions.create(
-                    model="tiny", prompt=p, max_tokens=24, stream=True, extra_body={"method": "adadecode"}))
+                got[p] = "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw))
             else:
-                got[p] = c.completions.create(model="tiny", prompt=p, max_tokens=24).choices[0].text
+                got[p] = c.completions.create(**kw).choices[0].text
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
@@ -205,7 +209,14 @@ def test_concurrent_clients_all_answered_correctly(server, tiny_llm):
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert not errors and got == want
+    assert not errors, errors
+    return got
+
+
+def test_concurrent_clients_all_answered_correctly(server, tiny_llm):
+    want = {p: tiny_llm.generate(p, max_new_tokens=24, method="vanilla").text for p in PROMPTS}
+    got = ask_all(server, 24, lambda i: ({"method": "adadecode"}, {}) if i % 2 else (None, {}))
+    assert got == want
 
 
 def test_requests_take_the_engine_in_arrival_order(server):
@@ -459,28 +470,13 @@ def test_batched_requests_get_their_answers_alone(batched, tiny_llm):
         extra = dict(temperature=k["temperature"], seed=k["seed"]) if "temperature" in k else {}
         want[p] = tiny_llm.generate(p, max_new_tokens=40, **opts, **extra).text
     mark = batched.mark()
-    got, errors = {}, []
 
-    def ask(i, p):
+    def request(i):
         k = dict(kinds[i % len(kinds)])
-        sampling = {key: k.pop(key) for key in ("temperature", "seed") if key in k}
-        try:
-            c = batched.client()
-            if i % 2:
-                got[p] = "".join(ch.choices[0].text for ch in c.completions.create(
-                    model="tiny", prompt=p, max_tokens=40, stream=True, extra_body=k, **sampling))
-            else:
-                got[p] = c.completions.create(model="tiny", prompt=p, max_tokens=40, extra_body=k,
-                                              **sampling).choices[0].text
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
+        return k, {key: k.pop(key) for key in ("temperature", "seed") if key in k}
 
-    threads = [threading.Thread(target=ask, args=(i, p)) for i, p in enumerate(PROMPTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors and got == want
+    got = ask_all(batched, 40, request)
+    assert got == want
     joined = [int(m) for m in re.findall(r"joins the batch: .* \((\d+) in the server\)", batched.log_since(mark))]
     assert len(joined) == len(PROMPTS) and max(joined) > 1  # some requests were in the server together
 

@@ -69,6 +69,9 @@ class ContextGuesser:
     probability p(n, j), estimated from the chains verified so far (a Beta prior, counts that fade while no chain
     of that kind is tried, so a context that starts to repeat itself is tried again). `propose` drafts the k that
     maximises expected gain minus cost, and nothing when no k gains: then the method is what it is without context.
+
+    A head's exit is priced the same way (`exit_pays`), since with a chain in flight it is no longer nearly free: the
+    rows at the head's layer wait while the new row runs the layers below it alone.
     """
 
     PRIOR = (1.0, 1.0)  # Beta(accepted, rejected) pseudo-counts: 0.5 before any evidence
@@ -80,7 +83,7 @@ class ContextGuesser:
             raise ValueError(f"max_chain must be an integer >= 1, got {max_chain!r}")
         self.cost, self.n_layers, self.max_chain, self.max_n = cost, n_layers, max_chain, max_n
         self.index = NgramIndex(max_n=max_n)
-        self.counts: dict[tuple, list[float]] = {}  # (n, j) -> [accepted, verified]; "head" -> the heads'
+        self.counts: dict[tuple, list[float]] = {}  # (n, j) -> [accepted, verified]; ("head", layer) -> a head's
         self.proposals = self.drafted = self.declined = 0
 
     def start(self, tokens: Sequence[int]) -> None:
@@ -96,8 +99,9 @@ class ContextGuesser:
         return (acc + a0) / (seen + a0 + b0)
 
     @staticmethod
-    def _key(kind) -> tuple | str:
-        return (kind[1], min(kind[2] + 1, ContextGuesser.MAX_J)) if isinstance(kind, tuple) else "head"
+    def _key(kind) -> tuple:
+        """("context", n, j) -> (n, j) with j capped; a head's layer d -> ("head", d): each head its own rate."""
+        return (kind[1], min(kind[2] + 1, ContextGuesser.MAX_J)) if isinstance(kind, tuple) else ("head", kind)
 
     def record(self, kind, accepted: bool) -> None:
         c = self.counts.setdefault(self._key(kind), [0.0, 0.0])
@@ -110,6 +114,20 @@ class ContextGuesser:
         for k in kinds:
             p *= self.p(self._key(k))
         return p
+
+    def exit_pays(self, kinds, layer: int, rows: int) -> bool:
+        """Whether to ask the head at `layer` for an exit at the frontier (rows in flight: `rows`; the pending guesses'
+        kinds: `kinds`). Right (the head's guess and every pending one, probability p), the exit has the next token's
+        row through `layer` already when the others reach the last layer: L - layer layers of one row saved. Wrong,
+        the rows in flight waited `layer` layers for a row that is dropped. Either way the rows above `layer` run with
+        one row more. The driver asks only while a chain is in flight (without one, an exit is AdaDecode's, taken on
+        the head's confidence alone): p is then the chain's too, and an exit that would hold a long, likely chain
+        back is not taken; with free rows it is taken when p > layer / L."""
+        c, L = self.cost, self.n_layers
+        p = self.p_inputs(kinds) * self.p(("head", layer))
+        one = c.layer_s(1)
+        extra = (L - layer) * (c.layer_s(rows + 1) - c.layer_s(rows)) + c.final_s(rows + 1) - c.final_s(rows)
+        return p * (L - layer) * one >= (1 - p) * layer * one + extra
 
     def propose(self, tail: Sequence[int], room: int, *, rows: int, p_front: float = 1.0) -> tuple[list[int], int]:
         """The chain to embed after the frontier (rows in flight now: `rows`, the frontier included), at most
@@ -142,5 +160,5 @@ class ContextGuesser:
 
     def summary(self) -> dict:
         return {"proposals": self.proposals, "drafted": self.drafted, "declined": self.declined,
-                "p": {f"{k[0]}:{k[1]}" if isinstance(k, tuple) else k: round(self.p(k), 3)
+                "p": {f"{k[0]}:{k[1]}": round(self.p(k), 3)
                       for k in sorted(self.counts, key=str)}}

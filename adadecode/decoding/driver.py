@@ -318,7 +318,10 @@ def schedule(engine, prompt: list[int], max_new_tokens: int, *, heads, active, g
         # tokens so far + pending guesses + the new guess + the new frontier's token must fit the budget
         can_exit = (head_pending < max_pending and len(tokens) + pending + 2 <= M and front + 1 < engine.max_seq
                     and front - first + 2 <= engine.max_rows)
-        if can_exit and d in head_at:
+        # with a context chain in flight an exit is priced too (ContextGuesser.exit_pays): the head is not even
+        # asked when the chain's rows would wait longer for it than its guess is worth; without one, AdaDecode's rule
+        if can_exit and d in head_at and (context is None or not any(isinstance(k, tuple) for k in kind)
+                                          or context.exit_pays(kind, d, front - first + 1)):
             hi = head_at[d]
             if sampling is not None and head_guess == "sample":  # its own draw, with the final layer's noise
                 tok, conf = yield "head", (front, hi), {"sampling": sampling}
